@@ -1,0 +1,345 @@
+"""A fake Ollama for piagent's tests and benchmark: a real HTTP/1.1 server on a loopback port.
+
+It follows shared/reference/ollama-api.md: chunked NDJSON with one compact JSON object per line and a final
+`done` line carrying metrics; no response headers until the first token (as Ollama, which commits the status on
+the first write); 404 `{"error":"model 'x' not found"}`; 503 with Ollama's queue-full text; `{"error": ...}` lines
+mid-stream; abrupt connection drops. It records every request it received and every client that hung up, and it
+stops "generating" the moment its client goes away, as Ollama does.
+
+    fake = FakeOllama(models=["qwen2.5:3b-instruct"]).start()
+    fake.script = Script(tokens=["Hi", "!"], token_delay_s=0.01)
+    ... fake.url, fake.requests, fake.hangups ...
+    fake.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+#: Ollama's queue-full message, verbatim (note the two spaces).
+BUSY_TEXT = "server busy, please try again.  maximum pending requests exceeded"
+#: Upper bound for any wait inside the fake, so a broken test can never hang it forever.
+MAX_WAIT_S = 30.0
+
+
+@dataclass
+class Script:
+    """How the fake answers the next generation requests."""
+
+    tokens: list[str] = field(default_factory=lambda: ["Hello", " from", " the", " Pi", "!"])
+    token_delay_s: float = 0.0  # pause between tokens (decode speed)
+    first_byte_delay_s: float = 0.0  # pause before headers + first token (model load, prompt eval)
+    status: int | None = None  # answer every generation with this HTTP status and `error_text`
+    error_text: str = "the model failed to generate a response"
+    error_after: int | None = None  # after this many tokens, send an {"error"} line and end
+    drop_after: int | None = None  # after this many tokens, close the socket with no done line
+    hold_after: int | None = None  # after this many tokens, wait until `release` is set
+    release: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class Received:
+    """One request the fake received."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: dict | None
+    at: float
+
+
+class FakeOllama:
+    """A protocol-faithful stand-in for Ollama, run on its own thread and event loop."""
+
+    def __init__(self, models: list[str] | None = None, version: str = "0.12.6"):
+        self.models = list(models or ["qwen2.5:3b-instruct"])
+        self.version = version
+        self.script = Script()
+        self.requests: list[Received] = []
+        self.hangups: list[float] = []  # monotonic times at which a client closed mid-response
+        self.tokens_sent = 0
+        self.completed = 0  # generations that reached their done line
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._thread: threading.Thread | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def generations(self) -> list[Received]:
+        """The /api/chat and /api/generate requests received so far."""
+        return [r for r in list(self.requests) if r.path in ("/api/chat", "/api/generate")]
+
+    # -- lifecycle ---------------------------------------------------------
+    def start(self) -> "FakeOllama":
+        ready = threading.Event()
+
+        def run() -> None:
+            self._loop = asyncio.new_event_loop()
+            self._server = self._loop.run_until_complete(
+                asyncio.start_server(self._connection, "127.0.0.1", 0)
+            )
+            self.port = self._server.sockets[0].getsockname()[1]
+            ready.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="fake-ollama", daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("fake Ollama did not start")
+        return self
+
+    def stop(self) -> None:
+        self.script.release.set()
+        if self._loop is None:
+            return
+
+        async def shutdown() -> None:
+            self._server.close()
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    # -- HTTP plumbing -------------------------------------------------------
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                request = await _read_request(reader)
+                if request is None or not await self._dispatch(request, reader, writer):
+                    break
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def _dispatch(self, req: Received, reader, writer) -> bool:
+        """Answer one request; False means the connection is finished."""
+        self.requests.append(req)
+        routes = {
+            ("GET", "/"): lambda: _text(200, "Ollama is running"),
+            ("HEAD", "/"): lambda: _text(200, ""),
+            ("GET", "/api/version"): lambda: _json(200, {"version": self.version}),
+            ("GET", "/api/tags"): lambda: _json(200, {"models": [_tag(m) for m in self.models]}),
+        }
+        if (req.method, req.path) in routes:
+            writer.write(routes[(req.method, req.path)]())
+            await writer.drain()
+            return True
+        if req.path in ("/api/chat", "/api/generate"):
+            if req.method != "POST":
+                writer.write(_text(405, "405 method not allowed"))
+                return True
+            return await self._generate(req, reader, writer)
+        writer.write(_text(404, "404 page not found"))
+        await writer.drain()
+        return True
+
+    # -- generation ----------------------------------------------------------
+    async def _generate(self, req: Received, reader, writer) -> bool:
+        body, script = req.body, self.script
+        if not body:
+            writer.write(_json(400, {"error": "missing request body"}))
+            return True
+        model = body.get("model") or ""
+        if not model:
+            writer.write(_json(400, {"error": "model is required"}))
+            return True
+        if model not in self.models and f"{model}:latest" not in self.models:
+            writer.write(_json(404, {"error": f"model '{model}' not found"}))
+            return True
+        if script.status is not None:
+            writer.write(_json(script.status, {"error": script.error_text}))
+            return True
+        gone = _Hangup()
+        watcher = asyncio.ensure_future(_watch_hangup(reader, gone))
+        try:
+            if body.get("stream", True):
+                return await self._stream(req, script, writer, gone)
+            return await self._whole(req, script, writer, gone)
+        finally:
+            watcher.cancel()
+
+    async def _pause(self, seconds: float, gone: asyncio.Event) -> bool:
+        """Wait `seconds`; True if the client hung up meanwhile (recorded once)."""
+        if seconds > 0 and not gone.is_set():
+            try:
+                await asyncio.wait_for(gone.wait(), seconds)
+            except asyncio.TimeoutError:
+                pass
+        return self._note_hangup(gone)
+
+    async def _hold(self, script: Script, gone: asyncio.Event) -> bool:
+        deadline = time.monotonic() + MAX_WAIT_S
+        while not script.release.is_set() and not gone.is_set() and time.monotonic() < deadline:
+            await self._pause(0.005, gone)
+        return self._note_hangup(gone)
+
+    def _note_hangup(self, gone: "_Hangup") -> bool:
+        if gone.is_set() and not gone.recorded:
+            self.hangups.append(time.monotonic())
+            gone.recorded = True
+        return gone.is_set()
+
+    async def _stream(self, req: Received, script: Script, writer, gone: asyncio.Event) -> bool:
+        if await self._pause(script.first_byte_delay_s, gone):
+            return False
+        writer.write(_head(200, "application/x-ndjson", chunked=True))
+        model, chat, started = req.body["model"], req.path == "/api/chat", time.monotonic()
+        for i, token in enumerate(script.tokens):
+            if i == script.error_after:
+                writer.write(_chunk(_line({"error": "an error was encountered while running the model"})))
+                writer.write(b"0\r\n\r\n")
+                await writer.drain()
+                return True
+            if i == script.drop_after:
+                await writer.drain()
+                writer.transport.abort()
+                return False
+            if i == script.hold_after and await self._hold(script, gone):
+                return False
+            if i and await self._pause(script.token_delay_s, gone):
+                return False
+            writer.write(_chunk(_line(_piece(model, token, chat))))
+            await writer.drain()
+            self.tokens_sent += 1
+        if self._note_hangup(gone):
+            return False
+        writer.write(_chunk(_line(_final(model, "", chat, req.body, script.tokens, started))))
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        self.completed += 1
+        return True
+
+    async def _whole(self, req: Received, script: Script, writer, gone: asyncio.Event) -> bool:
+        if await self._pause(script.first_byte_delay_s, gone):
+            return False
+        started = time.monotonic()
+        for i in range(len(script.tokens)):
+            if i == script.error_after:
+                writer.write(_json(500, {"error": "an error was encountered while running the model"}))
+                return True
+            if i == script.drop_after:
+                writer.transport.abort()
+                return False
+            if i == script.hold_after and await self._hold(script, gone):
+                return False
+            if i and await self._pause(script.token_delay_s, gone):
+                return False
+        text = "".join(script.tokens)
+        writer.write(_json(200, _final(req.body["model"], text, req.path == "/api/chat", req.body,
+                                        script.tokens, started)))
+        await writer.drain()
+        self.tokens_sent += len(script.tokens)
+        self.completed += 1
+        return True
+
+
+# -- wire helpers -------------------------------------------------------------
+
+
+class _Hangup(asyncio.Event):
+    """Set when the client hangs up; `recorded` once the fake has counted it."""
+
+    recorded = False
+
+
+REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+           429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}
+
+
+async def _read_request(reader: asyncio.StreamReader) -> Received | None:
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError:
+        return None
+    lines = head.decode("latin-1").split("\r\n")
+    method, target, _ = lines[0].split(" ", 2)
+    headers = {}
+    for line in lines[1:]:
+        if ":" in line:
+            k, v = line.split(":", 1)
+            headers[k.strip().lower()] = v.strip()
+    raw = await reader.readexactly(int(headers.get("content-length", "0")))
+    try:
+        body = json.loads(raw) if raw else None  # like gin: JSON whatever the Content-Type says
+    except ValueError:
+        body = None
+    return Received(method, target.split("?")[0], headers, body, time.monotonic())
+
+
+async def _watch_hangup(reader: asyncio.StreamReader, gone: asyncio.Event) -> None:
+    """Set `gone` when the client closes its side (EOF) while the fake is answering."""
+    try:
+        while await reader.read(1024):
+            pass
+    except ConnectionError:
+        pass
+    gone.set()
+
+
+def _head(status: int, content_type: str, length: int | None = None, chunked: bool = False) -> bytes:
+    lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}", f"Content-Type: {content_type}",
+             "Date: " + datetime.now(timezone.utc).strftime("%a, %d %b %Y %H:%M:%S GMT")]
+    lines.append("Transfer-Encoding: chunked" if chunked else f"Content-Length: {length or 0}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def _json(status: int, value: dict) -> bytes:
+    # gin's c.JSON: compact, no trailing newline, charset in the type
+    data = json.dumps(value, separators=(",", ":")).encode()
+    return _head(status, "application/json; charset=utf-8", len(data)) + data
+
+
+def _text(status: int, text: str) -> bytes:
+    data = text.encode()
+    return _head(status, "text/plain; charset=utf-8", len(data)) + data
+
+
+def _chunk(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+def _line(value: dict) -> bytes:
+    # Go's json.Marshal escapes <, > and & in strings; mimic it so clients must decode JSON properly
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return (text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026") + "\n").encode()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _piece(model: str, text: str, chat: bool) -> dict:
+    if chat:
+        return {"model": model, "created_at": _now(), "message": {"role": "assistant", "content": text},
+                "done": False}
+    return {"model": model, "created_at": _now(), "response": text, "done": False}
+
+
+def _final(model: str, text: str, chat: bool, body: dict, tokens: list[str], started: float) -> dict:
+    final = _piece(model, text, chat)
+    prompt = body.get("messages") or body.get("prompt") or ""
+    eval_ns = int((time.monotonic() - started) * 1e9) or 1
+    final.update(done=True, done_reason="stop", total_duration=eval_ns + 2_000_000, load_duration=1_334_875,
+                 prompt_eval_count=max(1, len(json.dumps(prompt)) // 4), prompt_eval_duration=1_000_000,
+                 eval_count=len(tokens), eval_duration=eval_ns)
+    return final
+
+
+def _tag(name: str) -> dict:
+    full = name if ":" in name else f"{name}:latest"
+    return {"name": full, "model": full, "modified_at": "2025-05-04T17:37:44.706015396-07:00",
+            "size": 1_929_912_432, "digest": "0" * 64,
+            "details": {"parent_model": "", "format": "gguf", "family": "qwen2", "families": ["qwen2"],
+                        "parameter_size": "3.1B", "quantization_level": "Q4_K_M"}}

@@ -1,0 +1,777 @@
+"""piagent's specification, as tests. Sectioned like piagent.py.
+
+Behaviour is tested through real HTTP: piagent runs under uvicorn on a free loopback port and talks to
+fake_ollama.FakeOllama, a real HTTP server on another port that follows the Ollama wire protocol and records
+what it received and when a client hung up. Nothing here mocks piagent's own functions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+import piagent
+from fake_ollama import BUSY_TEXT, FakeOllama, Script
+from piagent import (Config, ConfigError, ConversationLocks, InProcessStore, Prompt, Turn, build_messages,
+                     create_app, load_config, parse_env_file, render_prompt)
+
+HERE = Path(__file__).resolve().parent
+MODEL = "qwen2.5:3b-instruct"
+DEADLINE_S = 10.0  # upper bound for any poll in this file
+
+
+def wait_until(predicate, timeout: float = DEADLINE_S, what: str = "condition") -> None:
+    """Poll `predicate` until true; fail after `timeout` seconds."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """piagent's app under a real uvicorn on a free loopback port, in a thread."""
+
+    def __init__(self, app):
+        self.app = app
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> "LiveServer":
+        self.thread.start()
+        wait_until(lambda: self.server.started, what="piagent to start")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(DEADLINE_S)
+        self.sock.close()
+
+
+@pytest.fixture
+def fake():
+    server = FakeOllama(models=[MODEL, "tiny:latest"]).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def serve(fake):
+    """serve(**env) -> LiveServer of piagent configured from env (OLLAMA_HOST = the fake)."""
+    servers = []
+
+    def start(clock=time.monotonic, **env):
+        config = load_config({"OLLAMA_HOST": fake.url, **{k: str(v) for k, v in env.items()}})
+        server = LiveServer(create_app(config, clock=clock)).__enter__()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.__exit__(None, None, None)
+
+
+def chat(server, **body) -> httpx.Response:
+    return httpx.post(f"{server.url}/chat", json=body, timeout=DEADLINE_S)
+
+
+def raw_post(port: int, path: str, body: dict) -> socket.socket:
+    """Send a POST on a raw socket (so the test can hang up whenever it likes)."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S)
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
+def read_until(sock: socket.socket, marker: bytes) -> bytes:
+    data = b""
+    end = time.monotonic() + DEADLINE_S
+    while marker not in data:
+        assert time.monotonic() < end, f"never saw {marker!r} in {data!r}"
+        part = sock.recv(4096)
+        assert part, f"connection closed before {marker!r}: {data!r}"
+        data += part
+    return data
+
+
+def error_of(response: httpx.Response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+    return body["error"]
+
+
+# ---------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------
+
+
+def test_defaults_are_the_documented_ones():
+    c = load_config({})
+    assert (c.provider, c.ollama_host, c.ctx_tokens, c.max_tokens, c.temperature) == (
+        "ollama", "http://127.0.0.1:11434", 2048, 200, 0.7)
+    assert (c.enable_memory, c.memory_max_turns, c.memory_ttl_min, c.memory_max_conversations) == (True, 8, 60, 500)
+    assert (c.host, c.port, c.log_level, c.ollama_connect_timeout_s, c.ollama_timeout_s) == (
+        "127.0.0.1", 8000, "info", 5, 300)
+    assert [(a.name, a.model) for a in c.agents] == [("general", "qwen2.5:3b-instruct")]
+    assert c.agents[0].system  # a sensible default prompt
+
+
+def test_env_file_reads_values_quotes_and_whole_line_comments():
+    text = "# comment\n\nPORT=9000\nAGENT_GENERAL_SYSTEM=\"Be brief # not a comment\"\nOLLAMA_MODEL_GENERAL='tiny'\n"
+    assert parse_env_file(text) == {"PORT": "9000", "AGENT_GENERAL_SYSTEM": "Be brief # not a comment",
+                                    "OLLAMA_MODEL_GENERAL": "tiny"}
+
+
+@pytest.mark.parametrize("line", ["export PORT=1", "PORT = 1", "PORT", "PORT='1", "PORT=", "A=${B}", "A=x\\y",
+                                  "9X=1"])
+def test_env_file_line_that_systemd_would_read_differently_is_an_error_naming_the_line(line):
+    with pytest.raises(ConfigError, match=r"line 3"):
+        parse_env_file(f"# ok\nHOST=127.0.0.1\n{line}\n")
+
+
+def test_real_environment_beats_env_file_beats_default(tmp_path):
+    env_file = tmp_path / "piagent.env"
+    env_file.write_text("PORT=9001\nMAX_TOKENS=50\n")
+    c = load_config({"PORT": "9002"}, env_file)
+    assert (c.port, c.max_tokens, c.ctx_tokens) == (9002, 50, 2048)
+
+
+def test_env_file_location_from_piagent_env_file(tmp_path):
+    assert piagent.default_env_file({"PIAGENT_ENV_FILE": str(tmp_path / "x.env")}) == tmp_path / "x.env"
+    assert piagent.default_env_file({}) == HERE / "piagent.env"  # the template beside piagent.py
+
+
+@pytest.mark.parametrize("key,value", [("PORT", "abc"), ("PORT", "70000"), ("TEMPERATURE", "hot"),
+                                       ("MEMORY_MAX_TURNS", "-1"), ("PROVIDER", "skynet"),
+                                       ("OLLAMA_HOST", "127.0.0.1:11434"), ("ENABLE_MEMORY", "yes"),
+                                       ("OLLAMA_KEEP_ALIVE", "forever"), ("AGENTS", "general,general"),
+                                       ("LOG_LEVEL", "loud"), ("OLLAMA_API", "completions")])
+def test_bad_value_is_one_error_naming_variable_value_and_expectation(key, value):
+    with pytest.raises(ConfigError) as info:
+        load_config({key: value})
+    message = str(info.value)
+    assert key in message and repr(value) in message and "expected" in message and "\n" not in message
+
+
+def test_agents_have_their_own_model_and_system_prompt_with_fallbacks():
+    c = load_config({"AGENTS": "general, Coder", "OLLAMA_MODEL_GENERAL": "tiny", "OLLAMA_MODEL_CODER": "coder:1b",
+                     "AGENT_CODER_SYSTEM": "Write code."})
+    assert [(a.name, a.model) for a in c.agents] == [("general", "tiny"), ("coder", "coder:1b")]
+    assert c.agent("coder").system == "Write code." and c.agent("general").system == piagent.DEFAULT_SYSTEM_PROMPT
+    assert load_config({"AGENTS": "poet", "OLLAMA_MODEL_GENERAL": "tiny"}).agent("poet").model == "tiny"
+
+
+def test_env_template_parses_and_holds_exactly_the_defaults():
+    # piagent.env is the file systemd reads too: it must parse, and change nothing from the defaults
+    path = HERE / "piagent.env"
+    assert load_config({}, path) == Config()
+    keys = set(parse_env_file(path.read_text()))
+    commented = set(re.findall(r"^#\s?([A-Z_]+)=", path.read_text(), re.M))
+    documented = {"PROVIDER", "OLLAMA_HOST", "OLLAMA_API", "OLLAMA_MODEL_GENERAL", "OLLAMA_KEEP_ALIVE",
+                  "OLLAMA_CONNECT_TIMEOUT_S", "OLLAMA_TIMEOUT_S", "CTX_TOKENS", "MAX_TOKENS", "TEMPERATURE",
+                  "ENABLE_MEMORY", "MEMORY_MAX_TURNS", "MEMORY_TTL_MIN", "MEMORY_MAX_CONVERSATIONS", "HOST",
+                  "PORT", "LOG_LEVEL", "AGENTS", "AGENT_GENERAL_SYSTEM"}
+    assert documented <= keys | commented
+
+
+def test_every_provider_name_has_a_provider_class():
+    assert set(piagent.PROVIDERS) == set(piagent.PROVIDER_NAMES)
+
+
+def run_piagent(*args, env=None, timeout=20) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(HERE / "piagent.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("env", [{"PORT": "abc"}, {"TEMPERATURE": "hot"}, {"PIAGENT_ENV_FILE": "/nonexistent.env"}])
+def test_start_up_with_bad_config_exits_2_with_one_line_and_no_traceback(env):
+    result = run_piagent(env=env)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("piagent: ")
+
+
+def test_malformed_env_file_line_stops_start_up_naming_the_line(tmp_path):
+    bad = tmp_path / "bad.env"
+    bad.write_text("PORT=8000\nexport HOST=0.0.0.0\n")
+    result = run_piagent("--env-file", str(bad))
+    assert result.returncode == 2 and f"{bad} line 2" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_import_defines_things_and_does_nothing_else():
+    code = "import threading, piagent; print(threading.active_count(), hasattr(piagent, 'app'))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE, timeout=20)
+    assert result.returncode == 0 and result.stdout == "1 False\n" and result.stderr == ""
+
+
+# ---------------------------------------------------------------------------
+# Memory
+# ---------------------------------------------------------------------------
+
+
+class Clock:
+    """An injectable clock: tests move time instead of sleeping."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_store_keeps_only_the_last_max_turns():
+    store = InProcessStore(max_turns=2, ttl_s=60, max_conversations=10, clock=Clock())
+    for i in range(5):
+        run(store.append("c", Turn(f"u{i}", f"a{i}")))
+    assert run(store.history("c")) == [Turn("u3", "a3"), Turn("u4", "a4")]
+
+
+def test_store_forgets_idle_conversations_after_ttl_and_use_refreshes_it():
+    clock = Clock()
+    store = InProcessStore(max_turns=8, ttl_s=60, max_conversations=10, clock=clock)
+    run(store.append("old", Turn("u", "a")))
+    run(store.append("used", Turn("u", "a")))
+    clock.now += 50
+    assert run(store.history("used"))  # reading is a use: its idle time starts again
+    clock.now += 15
+    assert run(store.history("old")) == [] and run(store.history("used")) == [Turn("u", "a")]
+    assert len(store) == 1
+
+
+def test_store_evicts_least_recently_used_beyond_max_conversations():
+    clock = Clock()
+    store = InProcessStore(max_turns=8, ttl_s=600, max_conversations=3, clock=clock)
+    for cid in "abc":
+        run(store.append(cid, Turn(cid, cid)))
+        clock.now += 1
+    run(store.history("a"))  # a is now the most recently used, b the least
+    run(store.append("d", Turn("d", "d")))
+    assert [bool(run(store.history(c))) for c in "abcd"] == [True, False, True, True]
+
+
+def test_store_stays_bounded_whatever_the_traffic():
+    store = InProcessStore(max_turns=3, ttl_s=600, max_conversations=50, clock=Clock())
+    for i in range(5000):
+        run(store.append(f"c{i % 700}", Turn("u", "a")))
+    assert len(store) == 50
+    assert all(len(c.turns) <= 3 for c in store._conversations.values())
+
+
+def test_conversation_locks_serialise_one_conversation_and_leave_no_entries():
+    async def scenario():
+        locks, order = ConversationLocks(), []
+
+        async def use(cid, tag, hold):
+            await locks.acquire(cid)
+            order.append(f"{tag}+")
+            await hold.wait()
+            order.append(f"{tag}-")
+            locks.release(cid)
+
+        gate_a, gate_other = asyncio.Event(), asyncio.Event()
+        gate_other.set()
+        a = asyncio.create_task(use("x", "a", gate_a))
+        b = asyncio.create_task(use("x", "b", gate_other))
+        c = asyncio.create_task(use("y", "c", gate_other))
+        await asyncio.wait_for(c, DEADLINE_S)  # another conversation never waits for x
+        assert order == ["a+", "c+", "c-"] and locks.users("x") == 2
+        gate_a.set()
+        await asyncio.wait_for(asyncio.gather(a, b), DEADLINE_S)
+        assert order[3:] == ["a-", "b+", "b-"] and len(locks) == 0
+
+    run(scenario())
+
+
+# ---------------------------------------------------------------------------
+# Prompt
+# ---------------------------------------------------------------------------
+
+
+def test_build_messages_is_system_then_history_then_user():
+    assert build_messages(Prompt("Be brief.", [Turn("hi", "hello")], "bye")) == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"}]
+
+
+def test_render_prompt_uses_user_and_assistant_blocks():
+    assert render_prompt(Prompt("Be brief.", [Turn("hi", "hello")], "bye")) == (
+        "<user>\nhi\n</user>\n<assistant>\nhello\n</assistant>\n<user>\nbye\n</user>\n<assistant>\n")
+
+
+# ---------------------------------------------------------------------------
+# API: the seed's contract
+# ---------------------------------------------------------------------------
+
+
+def test_health_is_liveness_only_and_never_calls_upstream(serve, fake):
+    server = serve()
+    response = httpx.get(f"{server.url}/health")
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
+    assert fake.requests == []
+
+
+def test_health_answers_even_with_no_upstream():
+    config = load_config({"OLLAMA_HOST": f"http://127.0.0.1:{free_port()}"})
+    with LiveServer(create_app(config)) as server:
+        assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+
+
+def test_agents_lists_configured_agents(serve):
+    server = serve(AGENTS="general,coder")
+    assert httpx.get(f"{server.url}/agents").json() == {"agents": ["general", "coder"]}
+
+
+def test_chat_returns_reply_new_conversation_id_model_and_provider(serve, fake):
+    response = chat(serve(), message="say hello", agent="general", stream=False)
+    assert response.status_code == 200
+    body = response.json()
+    assert body["reply"] == "Hello from the Pi!" and body["model"] == MODEL and body["provider"] == "ollama"
+    assert re.fullmatch(r"[0-9a-f]{32}", body["conversation_id"])  # uuid4 hex
+    assert response.headers["x-conversation-id"] == body["conversation_id"]
+
+
+def test_chat_sends_system_and_user_with_configured_options(serve, fake):
+    chat(serve(CTX_TOKENS=1024, MAX_TOKENS=64, TEMPERATURE=0.2, AGENT_GENERAL_SYSTEM="Be terse."), message="hi")
+    (request,) = fake.generations()
+    assert request.path == "/api/chat" and request.body["stream"] is False and request.body["model"] == MODEL
+    assert request.body["messages"] == [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hi"}]
+    assert request.body["options"] == {"num_ctx": 1024, "num_predict": 64, "temperature": 0.2}
+    assert "keep_alive" not in request.body
+
+
+@pytest.mark.parametrize("value,sent", [("30m", "30m"), ("-1", -1), ("600", 600)])
+def test_keep_alive_is_sent_when_set(serve, fake, value, sent):
+    chat(serve(OLLAMA_KEEP_ALIVE=value), message="hi")
+    assert fake.generations()[0].body["keep_alive"] == sent
+
+
+def test_stream_sends_tokens_as_plain_text_with_conversation_header(serve, fake):
+    server = serve()
+    with httpx.stream("POST", f"{server.url}/chat", json={"message": "count", "stream": True}) as response:
+        text = "".join(response.iter_text())
+    assert response.status_code == 200 and text == "Hello from the Pi!"
+    h = response.headers
+    assert h["content-type"] == "text/plain; charset=utf-8" and h["transfer-encoding"] == "chunked"
+    assert h["cache-control"] == "no-cache" and h["x-accel-buffering"] == "no"
+    assert re.fullmatch(r"[0-9a-f]{32}", h["x-conversation-id"])
+    assert fake.generations()[0].body["stream"] is True
+
+
+def test_stream_writes_each_token_before_the_next_exists(serve, fake):
+    # The fake holds token 2 until released; the client must already have token 1 by then.
+    fake.script = Script(tokens=["first", " second"], hold_after=1)
+    server = serve()
+    with httpx.stream("POST", f"{server.url}/chat", json={"message": "x", "stream": True}) as response:
+        pieces = response.iter_text()
+        assert next(pieces) == "first"
+        fake.script.release.set()
+        assert "".join(pieces) == " second"
+
+
+def test_stream_decodes_go_escaped_json_and_utf8(serve, fake):
+    fake.script = Script(tokens=["<think>", " café & ☕"])
+    with httpx.stream("POST", f"{serve().url}/chat", json={"message": "x", "stream": True}) as response:
+        assert response.read().decode() == "<think> café & ☕"
+
+
+def test_second_turn_sends_first_turn_as_history(serve, fake):
+    server = serve()
+    cid = chat(server, message="one").json()["conversation_id"]
+    with httpx.stream("POST", f"{server.url}/chat", json={"message": "two", "stream": True,
+                                                           "conversation_id": cid}) as r:
+        r.read()
+    assert r.headers["x-conversation-id"] == cid
+    chat(server, message="three", conversation_id=cid)
+    messages = fake.generations()[2].body["messages"]
+    assert [m["content"] for m in messages[1:]] == ["one", "Hello from the Pi!", "two", "Hello from the Pi!", "three"]
+
+
+def test_client_chosen_conversation_id_is_kept(serve, fake):
+    body = chat(serve(), message="hi", conversation_id="kitchen-pi:chat.1").json()
+    assert body["conversation_id"] == "kitchen-pi:chat.1"
+
+
+def test_history_is_capped_at_max_turns(serve, fake):
+    server = serve(MEMORY_MAX_TURNS=2)
+    for i in range(4):
+        chat(server, message=f"m{i}", conversation_id="c")
+    users = [m["content"] for m in fake.generations()[3].body["messages"] if m["role"] == "user"]
+    assert users == ["m1", "m2", "m3"]
+
+
+def test_ttl_expiry_over_http_uses_the_injected_clock(serve, fake):
+    clock = Clock()
+    server = serve(clock=clock, MEMORY_TTL_MIN=1)
+    chat(server, message="one", conversation_id="c")
+    clock.now += 61
+    chat(server, message="two", conversation_id="c")
+    assert len(fake.generations()[1].body["messages"]) == 2  # system + new message: history forgotten
+
+
+def test_memory_off_keeps_and_sends_no_history(serve, fake):
+    server = serve(ENABLE_MEMORY="false")
+    body = chat(server, message="one", conversation_id="c").json()
+    chat(server, message="two", conversation_id=body["conversation_id"])
+    assert len(fake.generations()[1].body["messages"]) == 2
+
+
+def test_generate_mode_posts_rendered_prompt_with_system(serve, fake):
+    server = serve(OLLAMA_API="generate", AGENT_GENERAL_SYSTEM="Be terse.")
+    chat(server, message="one", conversation_id="g")
+    with httpx.stream("POST", f"{server.url}/chat", json={"message": "two", "stream": True,
+                                                           "conversation_id": "g"}) as r:
+        assert r.read().decode() == "Hello from the Pi!"
+    first, second = fake.generations()
+    assert first.path == second.path == "/api/generate"
+    assert first.body["system"] == "Be terse." and first.body["prompt"] == "<user>\none\n</user>\n<assistant>\n"
+    assert second.body["prompt"].startswith("<user>\none\n</user>\n<assistant>\nHello from the Pi!\n</assistant>\n")
+
+
+def test_same_conversation_waits_its_turn_and_others_do_not(serve, fake):
+    fake.script = Script(tokens=["A1", "A2"], hold_after=1)
+    server = serve()
+    locks = server.app.state.locks
+    with httpx.stream("POST", f"{server.url}/chat", json={"message": "a", "stream": True,
+                                                           "conversation_id": "x"}) as first:
+        pieces = first.iter_text()
+        assert next(pieces) == "A1"
+        results = {}
+        second = threading.Thread(target=lambda: results.update(b=chat(server, message="b", conversation_id="x")))
+        second.start()
+        wait_until(lambda: locks.users("x") == 2, what="second request to queue on the conversation")
+        assert len(fake.generations()) == 1  # it waits in piagent, not at the model
+        fake.script = Script(tokens=["C"], hold_after=None, release=fake.script.release)
+        assert chat(server, message="c", conversation_id="y").json()["reply"] == "C"  # y never waits for x
+        fake.script.release.set()
+        assert "".join(pieces) == "A2"
+    second.join(DEADLINE_S)
+    assert results["b"].status_code == 200
+    history = [m["content"] for m in fake.generations()[2].body["messages"][1:]]
+    assert history == ["a", "A1A2", "b"]
+
+
+# ---------------------------------------------------------------------------
+# API: errors (one shape, never a 500 with a stack trace)
+# ---------------------------------------------------------------------------
+
+
+def test_unknown_agent_is_404_listing_available_agents(serve):
+    response = chat(serve(AGENTS="general,coder"), message="hi", agent="poet")
+    assert response.status_code == 404
+    error = error_of(response)
+    assert error["code"] == "unknown_agent" and "general, coder" in error["message"]
+
+
+@pytest.mark.parametrize("body", [{"message": ""}, {"message": "  \n\t"}, {}, {"message": "hi", "stream": "maybe"},
+                                  {"message": "hi", "conversation_id": "has space"},
+                                  {"message": "hi", "conversation_id": "x" * 129},
+                                  {"message": "hi", "conversation_id": "../etc"}])
+def test_invalid_body_is_422_in_the_error_shape(serve, fake, body):
+    response = chat(serve(), **body)
+    assert response.status_code == 422 and error_of(response)["code"] == "invalid_request"
+    assert fake.generations() == []
+
+
+def test_malformed_json_is_422_in_the_error_shape(serve):
+    response = httpx.post(f"{serve().url}/chat", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert response.status_code == 422 and error_of(response)["code"] == "invalid_request"
+
+
+def test_unknown_route_and_wrong_method_use_the_error_shape(serve):
+    server = serve()
+    assert error_of(httpx.get(f"{server.url}/nope"))["code"] == "not_found"
+    response = httpx.get(f"{server.url}/chat")
+    assert response.status_code == 405 and error_of(response)["code"] == "method_not_allowed"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_upstream_unreachable_is_503_naming_the_url(stream):
+    host = f"http://127.0.0.1:{free_port()}"
+    with LiveServer(create_app(load_config({"OLLAMA_HOST": host}))) as server:
+        response = chat(server, message="hi", stream=stream)
+    error = error_of(response)
+    assert response.status_code == 503 and error["code"] == "upstream_unavailable"
+    assert host in error["message"] and "start" in error["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("wording", ["model '{m}' not found", 'model "{m}" not found, try pulling it first'])
+def test_model_not_pulled_is_502_with_the_pull_command(serve, fake, stream, wording):
+    fake.script = Script(status=404, error_text=wording.format(m="missing:1b"))
+    response = chat(serve(OLLAMA_MODEL_GENERAL="missing:1b"), message="hi", stream=stream)
+    assert response.status_code == 502
+    error = error_of(response)
+    assert error["code"] == "model_not_found" and "ollama pull missing:1b" in error["message"]
+
+
+def test_model_not_pulled_as_the_fake_reports_an_unknown_model(serve, fake):
+    response = chat(serve(OLLAMA_MODEL_GENERAL="llama3.2"), message="hi")  # the fake has no such model
+    assert response.status_code == 502 and "ollama pull llama3.2" in error_of(response)["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_upstream_busy_is_503_with_retry_after(serve, fake, stream):
+    fake.script = Script(status=503, error_text=BUSY_TEXT)
+    response = chat(serve(), message="hi", stream=stream)
+    assert response.status_code == 503 and error_of(response)["code"] == "upstream_busy"
+    assert int(response.headers["retry-after"]) > 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_no_first_byte_in_time_is_504_and_the_upstream_is_let_go(serve, fake, stream):
+    fake.script = Script(first_byte_delay_s=20)
+    response = chat(serve(OLLAMA_TIMEOUT_S=0.5), message="hi", stream=stream)
+    assert response.status_code == 504 and error_of(response)["code"] == "upstream_timeout"
+    wait_until(lambda: len(fake.hangups) == 1, timeout=1.0, what="the fake to see piagent hang up")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_other_upstream_error_before_first_token_is_502_with_its_message(serve, fake, stream):
+    fake.script = Script(status=500, error_text="model requires more system memory (5.6 GiB) than is available")
+    response = chat(serve(), message="hi", stream=stream)
+    error = error_of(response)
+    assert response.status_code == 502 and error["code"] == "upstream_error"
+    assert "more system memory" in error["message"]
+
+
+def test_error_line_before_any_token_is_502(serve, fake):
+    fake.script = Script(error_after=0)
+    response = chat(serve(), message="hi", stream=True)
+    assert response.status_code == 502 and "error was encountered" in error_of(response)["message"]
+
+
+@pytest.mark.parametrize("fault", [{"error_after": 2}, {"drop_after": 2}])
+def test_upstream_failure_mid_stream_ends_without_the_closing_chunk_and_stores_nothing(serve, fake, fault):
+    fake.script = Script(**fault)
+    server = serve()
+    received = []
+    with httpx.stream("POST", f"{server.url}/chat", json={"message": "hi", "stream": True,
+                                                           "conversation_id": "c"}) as response:
+        with pytest.raises(httpx.RemoteProtocolError):  # incomplete chunked transfer, not a clean end
+            for piece in response.iter_text():
+                received.append(piece)
+    assert "".join(received) == "Hello from"
+    fake.script = Script()
+    chat(server, message="again", conversation_id="c")
+    assert len(fake.generations()[1].body["messages"]) == 2  # no half turn in history
+
+
+def test_upstream_failure_without_stream_stores_nothing(serve, fake):
+    fake.script = Script(error_after=3)
+    server = serve()
+    assert chat(server, message="hi", conversation_id="c").status_code == 502
+    fake.script = Script()
+    chat(server, message="again", conversation_id="c")
+    assert len(fake.generations()[1].body["messages"]) == 2
+
+
+# ---------------------------------------------------------------------------
+# API: disconnects (real sockets; the fake must see the hang-up within a second)
+# ---------------------------------------------------------------------------
+
+
+def test_client_leaving_mid_stream_stops_the_upstream_and_keeps_what_it_received(serve, fake):
+    fake.script = Script(tokens=["Hello", " there"] + [" more"] * 50, token_delay_s=0.05, hold_after=2)
+    server = serve()
+    sock = raw_post(server.port, "/chat", {"message": "tell me", "stream": True, "conversation_id": "c"})
+    read_until(sock, b"there")
+    sock.close()
+    gone_at = time.monotonic()
+    wait_until(lambda: fake.hangups, timeout=1.0, what="the fake to see the hang-up")
+    assert fake.hangups[0] - gone_at < 1.0 and fake.completed == 0
+    wait_until(lambda: len(server.app.state.locks) == 0, what="the turn to be stored")
+    fake.script = Script()
+    chat(server, message="next", conversation_id="c")
+    history = [m["content"] for m in fake.generations()[1].body["messages"][1:]]
+    assert history == ["tell me", "Hello there", "next"]
+
+
+def test_client_leaving_before_first_token_stops_the_upstream(serve, fake):
+    fake.script = Script(first_byte_delay_s=20)
+    server = serve()
+    sock = raw_post(server.port, "/chat", {"message": "hi", "stream": True})
+    wait_until(lambda: fake.generations(), what="the request to reach the fake")
+    sock.close()
+    wait_until(lambda: fake.hangups, timeout=1.0, what="the fake to see the hang-up")
+
+
+def test_client_leaving_a_non_stream_request_cancels_the_upstream_call(serve, fake):
+    fake.script = Script(tokens=["t"] * 100, token_delay_s=0.05)
+    server = serve()
+    sock = raw_post(server.port, "/chat", {"message": "hi", "conversation_id": "c"})
+    wait_until(lambda: fake.generations(), what="the request to reach the fake")
+    sock.close()
+    wait_until(lambda: fake.hangups, timeout=1.0, what="the fake to see the hang-up")
+    assert fake.completed == 0
+    wait_until(lambda: len(server.app.state.locks) == 0, what="the conversation to be released")
+    fake.script = Script()
+    chat(server, message="next", conversation_id="c")
+    assert len(fake.generations()[1].body["messages"]) == 2  # nothing was delivered, nothing stored
+
+
+# ---------------------------------------------------------------------------
+# Logging
+# ---------------------------------------------------------------------------
+
+
+def test_one_log_line_per_request_with_fields_and_never_the_message(serve, fake, caplog):
+    caplog.set_level("INFO", logger="piagent")
+    server = serve()
+    chat(server, message="my secret words", conversation_id="log-1")
+    with httpx.stream("POST", f"{server.url}/chat", json={"message": "my secret words", "stream": True,
+                                                           "conversation_id": "log-1"}) as r:
+        r.read()
+    wait_until(lambda: len([r for r in caplog.records if r.name == "piagent"]) >= 2, what="two log lines")
+    lines = [r.getMessage() for r in caplog.records if r.name == "piagent"]
+    assert all("secret" not in line for line in lines)
+    plain, streamed = lines
+    assert re.match(r"POST /chat 200 \d+ms agent=general model=qwen2.5:3b-instruct conversation=log-1 tokens=5", plain)
+    assert "ttft_ms=" in streamed and "tokens=5" in streamed
+
+
+# ---------------------------------------------------------------------------
+# Entry point and files, as a new user would meet them
+# ---------------------------------------------------------------------------
+
+
+@contextmanager
+def piagent_process(env: dict):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(HERE / "piagent.py"), "--port", str(port)],
+                            env={**os.environ, **env}, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def up():
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.stdout.read()
+                return False
+        wait_until(up, what="python piagent.py to answer /health")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(DEADLINE_S)
+
+
+def seed_curls(readme: str) -> list[str]:
+    """The three curl commands of the seed, as written in README.md."""
+    commands = re.findall(r"^(curl .*?(?:\n  .*?)*)\n(?!  )", readme, re.M)
+    return [c for c in commands if "/chat" in c and "127.0.0.1:8000" in c][:3]
+
+
+def readme_test_command() -> str:
+    readme = (HERE / "README.md").read_text()
+    return re.search(r"Set up and run the tests.*?```bash\n(.*?)\n```", readme, re.S).group(1)
+
+
+def test_ci_runs_the_readme_test_command():
+    assert readme_test_command() in (HERE / ".ci/run").read_text().splitlines()
+
+
+@pytest.mark.skipif(shutil.which("curl") is None and os.environ.get("CI") != "true", reason="curl is not installed")
+def test_readme_seed_curls_work_verbatim_against_python_piagent_py(fake):
+    curls = seed_curls((HERE / "README.md").read_text())
+    assert len(curls) == 3
+    with piagent_process({"OLLAMA_HOST": fake.url}) as url:
+        outputs = []
+        for command in curls:
+            if "<id>" in command:
+                command = command.replace("<id>", json.loads(outputs[0])["conversation_id"])
+            command = command.replace("http://127.0.0.1:8000", url)
+            outputs.append(subprocess.run(command, shell=True, capture_output=True, text=True, timeout=20).stdout)
+    assert json.loads(outputs[0])["reply"] == "Hello from the Pi!"
+    assert "x-conversation-id:" in outputs[1].lower() and outputs[1].endswith("Hello from the Pi!")
+    assert outputs[2] == "Hello from the Pi!"
+    assert len(fake.generations()[2].body["messages"]) == 4  # the reused conversation carried history
+
+
+def test_python_piagent_py_with_no_upstream_gives_the_documented_error():
+    with piagent_process({"OLLAMA_HOST": f"http://127.0.0.1:{free_port()}"}) as url:
+        response = httpx.post(f"{url}/chat", json={"message": "hi"})
+    assert response.status_code == 503 and error_of(response)["code"] == "upstream_unavailable"
+
+
+def test_flags_override_environment(fake):
+    port = free_port()
+    env = {"OLLAMA_HOST": fake.url, "PORT": "1"}
+    proc = subprocess.Popen([sys.executable, str(HERE / "piagent.py"), "--host", "127.0.0.1", "--port", str(port)],
+                            env={**os.environ, **env}, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        def up():
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+            except httpx.TransportError:
+                return False
+        wait_until(up, what="piagent on the --port given")
+    finally:
+        proc.terminate()
+        proc.wait(DEADLINE_S)
+
+
+def test_requirements_are_the_three_runtime_packages_with_lower_bounds():
+    lines = [l for l in (HERE / "requirements.txt").read_text().splitlines() if l and not l.startswith("#")]
+    assert sorted(re.match(r"[a-z]+", l).group() for l in lines) == ["fastapi", "httpx", "uvicorn"]
+    assert all(">=" in l for l in lines)
+
+
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+
+
+def test_service_unit_runs_the_venv_python_from_opt_with_the_optional_env_file():
+    unit = (HERE / "piagent.service").read_text()
+    assert "ExecStart=/opt/piagent/.venv/bin/python /opt/piagent/piagent.py\n" in unit
+    assert "EnvironmentFile=-/etc/piagent/piagent.env\n" in unit and "Restart=on-failure\n" in unit
+    assert "Wants=ollama.service\n" in unit and "After=network.target ollama.service\n" in unit
+
+
+@pytest.mark.skipif(SYSTEMD_ANALYZE is None and os.environ.get("CI") != "true", reason="no systemd-analyze")
+def test_service_unit_verifies_clean(tmp_path):
+    # verify insists that ExecStart exists, so check a copy whose /opt/piagent is a scratch folder
+    opt = tmp_path / "opt-piagent"
+    (opt / ".venv/bin").mkdir(parents=True)
+    (opt / ".venv/bin/python").symlink_to(sys.executable)
+    unit = tmp_path / "piagent.service"
+    unit.write_text((HERE / "piagent.service").read_text().replace("/opt/piagent", str(opt)))
+    result = subprocess.run([SYSTEMD_ANALYZE, "verify", "--man=no", str(unit)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout + result.stderr == "", result.stdout + result.stderr
+
+
+@pytest.mark.skipif(SYSTEMD_ANALYZE is None and os.environ.get("CI") != "true", reason="no systemd-analyze")
+def test_service_unit_exposure_is_at_most_2(tmp_path):
+    result = subprocess.run([SYSTEMD_ANALYZE, "security", "--offline=true", str(HERE / "piagent.service")],
+                            capture_output=True, text=True, timeout=60)
+    match = re.search(r"Overall exposure level for piagent\.service: (\d+\.\d+)", result.stdout + result.stderr)
+    assert match, result.stdout + result.stderr
+    assert float(match.group(1)) <= 2.0, result.stdout[-3000:]
