@@ -40,6 +40,9 @@ class Script:
     drop_after: int | None = None  # after this many tokens, close the socket with no done line
     hold_after: int | None = None  # after this many tokens, wait until `release` is set
     release: threading.Event = field(default_factory=threading.Event)
+    retry_after: str | None = None  # Retry-After header sent with `status`
+    sse_comments: bool = False  # /v1: put an SSE comment line before every event
+    split_writes: bool = False  # write every line or event in two TCP writes, split mid-line
 
 
 @dataclass
@@ -56,8 +59,9 @@ class Received:
 class FakeOllama:
     """A protocol-faithful stand-in for Ollama, run on its own thread and event loop."""
 
-    def __init__(self, models: list[str] | None = None, version: str = "0.12.6"):
+    def __init__(self, models: list[str] | None = None, version: str = "0.12.6", api_key: str | None = None):
         self.models = list(models or ["qwen2.5:3b-instruct"])
+        self.api_key = api_key  # /v1 only: demand "Authorization: Bearer <key>" like a hosted server
         self.version = version
         self.script = Script()
         self.requests: list[Received] = []
@@ -75,7 +79,7 @@ class FakeOllama:
 
     def generations(self) -> list[Received]:
         """The /api/chat and /api/generate requests received so far."""
-        return [r for r in list(self.requests) if r.path in ("/api/chat", "/api/generate")]
+        return [r for r in list(self.requests) if r.path in ("/api/chat", "/api/generate", "/v1/chat/completions")]
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> "FakeOllama":
@@ -131,12 +135,15 @@ class FakeOllama:
             ("HEAD", "/"): lambda: _text(200, ""),
             ("GET", "/api/version"): lambda: _json(200, {"version": self.version}),
             ("GET", "/api/tags"): lambda: _json(200, {"models": [_tag(m) for m in self.models]}),
+            ("GET", "/v1/models"): lambda: _json(200, {"object": "list", "data": [
+                {"id": _tag(m)["name"], "object": "model", "created": 1746405464, "owned_by": "library"}
+                for m in self.models]}),
         }
         if (req.method, req.path) in routes:
             writer.write(routes[(req.method, req.path)]())
             await writer.drain()
             return True
-        if req.path in ("/api/chat", "/api/generate"):
+        if req.path in ("/api/chat", "/api/generate", "/v1/chat/completions"):
             if req.method != "POST":
                 writer.write(_text(405, "405 method not allowed"))
                 return True
@@ -147,30 +154,34 @@ class FakeOllama:
 
     # -- generation ----------------------------------------------------------
     async def _generate(self, req: Received, reader, writer) -> bool:
-        body, script = req.body, self.script
+        body, script, openai = req.body, self.script, req.path.startswith("/v1/")
+        wire = OpenAIWire(req, script) if openai else NDJSONWire(req, script)
+        if openai and self.api_key and req.headers.get("authorization") != f"Bearer {self.api_key}":
+            writer.write(wire.error(401, "Incorrect API key provided", "invalid_api_key"))
+            return True
         if not body:
-            writer.write(_json(400, {"error": "missing request body"}))
+            writer.write(wire.error(400, "missing request body"))
             return True
         model = body.get("model") or ""
         if not model:
-            writer.write(_json(400, {"error": "model is required"}))
+            writer.write(wire.error(400, "model is required"))
             return True
         if model not in self.models and f"{model}:latest" not in self.models:
-            writer.write(_json(404, {"error": f"model '{model}' not found"}))
+            writer.write(wire.error(404, f"model '{model}' not found"))
             return True
         if script.status is not None:
-            writer.write(_json(script.status, {"error": script.error_text}))
+            writer.write(wire.error(script.status, script.error_text, retry_after=script.retry_after))
             return True
         gone = _Hangup()
         watcher = asyncio.ensure_future(_watch_hangup(reader, gone))
         try:
-            if body.get("stream", True):
-                return await self._stream(req, script, writer, gone)
-            return await self._whole(req, script, writer, gone)
+            if body.get("stream", not openai):  # native API streams by default, /v1 does not
+                return await self._stream(wire, script, writer, gone)
+            return await self._whole(wire, script, writer, gone)
         finally:
             watcher.cancel()
 
-    async def _pause(self, seconds: float, gone: asyncio.Event) -> bool:
+    async def _pause(self, seconds: float, gone: "_Hangup") -> bool:
         """Wait `seconds`; True if the client hung up meanwhile (recorded once)."""
         if seconds > 0 and not gone.is_set():
             try:
@@ -179,7 +190,7 @@ class FakeOllama:
                 pass
         return self._note_hangup(gone)
 
-    async def _hold(self, script: Script, gone: asyncio.Event) -> bool:
+    async def _hold(self, script: Script, gone: "_Hangup") -> bool:
         deadline = time.monotonic() + MAX_WAIT_S
         while not script.release.is_set() and not gone.is_set() and time.monotonic() < deadline:
             await self._pause(0.005, gone)
@@ -191,43 +202,44 @@ class FakeOllama:
             gone.recorded = True
         return gone.is_set()
 
-    async def _stream(self, req: Received, script: Script, writer, gone: asyncio.Event) -> bool:
+    async def _stream(self, wire, script: Script, writer, gone: "_Hangup") -> bool:
         if await self._pause(script.first_byte_delay_s, gone):
             return False
-        writer.write(_head(200, "application/x-ndjson", chunked=True))
-        model, chat, started = req.body["model"], req.path == "/api/chat", time.monotonic()
+        head = wire.head()  # like Ollama: no headers until the first token is ready
         for i, token in enumerate(script.tokens):
+            if i == script.hold_after and await self._hold(script, gone):
+                return False
+            if i and await self._pause(script.token_delay_s, gone):
+                return False
             if i == script.error_after:
-                writer.write(_chunk(_line({"error": "an error was encountered while running the model"})))
-                writer.write(b"0\r\n\r\n")
+                if i == 0:  # nothing written yet: a real HTTP error, as Ollama does
+                    writer.write(wire.error(500, "an error was encountered while running the model"))
+                    return True
+                writer.write(wire.chunk(wire.mid_stream_error()) + b"0\r\n\r\n")
                 await writer.drain()
                 return True
             if i == script.drop_after:
                 await writer.drain()
                 writer.transport.abort()
                 return False
-            if i == script.hold_after and await self._hold(script, gone):
-                return False
-            if i and await self._pause(script.token_delay_s, gone):
-                return False
-            writer.write(_chunk(_line(_piece(model, token, chat))))
-            await writer.drain()
+            for part in wire.piece(token, i, script.split_writes):
+                writer.write(head + wire.chunk(part))
+                head = b""
+                await writer.drain()
             self.tokens_sent += 1
         if self._note_hangup(gone):
             return False
-        writer.write(_chunk(_line(_final(model, "", chat, req.body, script.tokens, started))))
-        writer.write(b"0\r\n\r\n")
+        writer.write(head + wire.chunk(wire.final()) + b"0\r\n\r\n")
         await writer.drain()
         self.completed += 1
         return True
 
-    async def _whole(self, req: Received, script: Script, writer, gone: asyncio.Event) -> bool:
+    async def _whole(self, wire, script: Script, writer, gone: "_Hangup") -> bool:
         if await self._pause(script.first_byte_delay_s, gone):
             return False
-        started = time.monotonic()
         for i in range(len(script.tokens)):
             if i == script.error_after:
-                writer.write(_json(500, {"error": "an error was encountered while running the model"}))
+                writer.write(wire.error(500, "an error was encountered while running the model"))
                 return True
             if i == script.drop_after:
                 writer.transport.abort()
@@ -236,13 +248,88 @@ class FakeOllama:
                 return False
             if i and await self._pause(script.token_delay_s, gone):
                 return False
-        text = "".join(script.tokens)
-        writer.write(_json(200, _final(req.body["model"], text, req.path == "/api/chat", req.body,
-                                        script.tokens, started)))
+        writer.write(wire.whole())
         await writer.drain()
         self.tokens_sent += len(script.tokens)
         self.completed += 1
         return True
+
+
+class NDJSONWire:
+    """Ollama's native /api/chat and /api/generate framing."""
+
+    def __init__(self, req: Received, script: Script):
+        self.model, self.chat, self.body, self.script = req.body.get("model"), req.path == "/api/chat", req.body, script
+        self.started = time.monotonic()
+
+    def error(self, status: int, message: str, code: str | None = None, retry_after: str | None = None) -> bytes:
+        return _json(status, {"error": message}, retry_after)
+
+    def head(self) -> bytes:
+        return _head(200, "application/x-ndjson", chunked=True)
+
+    chunk = staticmethod(lambda data: _chunk(data))
+
+    def piece(self, token: str, i: int, split: bool) -> list[bytes]:
+        return _split(_line(_piece(self.model, token, self.chat)), split)
+
+    def mid_stream_error(self) -> bytes:
+        return _line({"error": "an error was encountered while running the model"})
+
+    def final(self) -> bytes:
+        return _line(_final(self.model, "", self.chat, self.body, self.script.tokens, self.started))
+
+    def whole(self) -> bytes:
+        text = "".join(self.script.tokens)
+        return _json(200, _final(self.model, text, self.chat, self.body, self.script.tokens, self.started))
+
+
+class OpenAIWire(NDJSONWire):
+    """Ollama's /v1/chat/completions (OpenAI-compatible) framing: SSE, current (v0.32.6+) chunk format."""
+
+    def __init__(self, req: Received, script: Script):
+        super().__init__(req, script)
+        self.id, self.created = "chatcmpl-42", int(time.time())
+
+    def error(self, status: int, message: str, code: str | None = None, retry_after: str | None = None) -> bytes:
+        kind = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
+        return _json(status, {"error": {"message": message, "type": kind, "param": None, "code": code}}, retry_after)
+
+    def head(self) -> bytes:
+        return _head(200, "text/event-stream", chunked=True)
+
+    def _event(self, choices: list, **extra) -> bytes:
+        value = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                 "system_fingerprint": "fp_ollama", "choices": choices, **extra}
+        return b"data: " + json.dumps(value, separators=(",", ":")).encode() + b"\n\n"
+
+    def piece(self, token: str, i: int, split: bool) -> list[bytes]:
+        delta = {"role": "assistant", "content": token} if i == 0 else {"content": token}
+        event = self._event([{"index": 0, "delta": delta, "finish_reason": None}])
+        if self.script.sse_comments:
+            event = b": keep-alive\n\n" + event
+        return _split(event, split)
+
+    def mid_stream_error(self) -> bytes:
+        return b'data: {"error":{"message":"an error was encountered while running the model","type":"api_error"}}\n\n'
+
+    def _usage(self) -> dict:
+        prompt = max(1, len(json.dumps(self.body.get("messages"))) // 4)
+        return {"prompt_tokens": prompt, "completion_tokens": len(self.script.tokens),
+                "total_tokens": prompt + len(self.script.tokens)}
+
+    def final(self) -> bytes:
+        out = self._event([{"index": 0, "delta": {}, "finish_reason": "stop"}])
+        if (self.body.get("stream_options") or {}).get("include_usage"):
+            out += self._event([], usage=self._usage())
+        return out + b"data: [DONE]\n\n"
+
+    def whole(self) -> bytes:
+        return _json(200, {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                           "system_fingerprint": "fp_ollama",
+                           "choices": [{"index": 0, "message": {"role": "assistant",
+                                                                "content": "".join(self.script.tokens)},
+                                        "finish_reason": "stop"}], "usage": self._usage()})
 
 
 # -- wire helpers -------------------------------------------------------------
@@ -295,10 +382,18 @@ def _head(status: int, content_type: str, length: int | None = None, chunked: bo
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-def _json(status: int, value: dict) -> bytes:
+def _json(status: int, value: dict, retry_after: str | None = None) -> bytes:
     # gin's c.JSON: compact, no trailing newline, charset in the type
     data = json.dumps(value, separators=(",", ":")).encode()
-    return _head(status, "application/json; charset=utf-8", len(data)) + data
+    head = _head(status, "application/json; charset=utf-8", len(data))
+    if retry_after is not None:
+        head = head[:-2] + f"Retry-After: {retry_after}\r\n\r\n".encode()
+    return head + data
+
+
+def _split(data: bytes, split: bool) -> list[bytes]:
+    """One write, or two cut in the middle of the line (a client must reassemble lines)."""
+    return [data[: len(data) // 2], data[len(data) // 2:]] if split else [data]
 
 
 def _text(status: int, text: str) -> bytes:

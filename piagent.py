@@ -29,7 +29,7 @@ from collections import OrderedDict, deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, NamedTuple, Protocol, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Literal, Mapping, NamedTuple, Protocol, TypeVar
 
 import httpx
 from fastapi import FastAPI, Request
@@ -56,7 +56,7 @@ KEEP_ALIVE_PATTERN = re.compile(r"^-?\d+$|^-?(\d+(\.\d+)?(ns|us|ms|s|m|h))+$")
 ENV_KEY_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 #: Values of PROVIDER; each names a class in the PROVIDERS mapping of the Providers section.
-PROVIDER_NAMES = ("ollama",)
+PROVIDER_NAMES = ("ollama", "openai")
 OLLAMA_APIS = ("chat", "generate")
 
 
@@ -78,6 +78,8 @@ class Config:
     """Every setting piagent reads, with the default used when the variable is not set."""
 
     provider: str = "ollama"  # which entry of PROVIDERS talks to the model
+    openai_base_url: str = "http://127.0.0.1:8080/v1"  # for PROVIDER=openai: llama.cpp's server by default
+    openai_api_key: str | None = None  # sent as Authorization: Bearer; local servers need none
     ollama_host: str = "http://127.0.0.1:11434"  # Ollama's base URL (loopback: Ollama's own default)
     ollama_api: str = "chat"  # "chat" applies the model's template; "generate" for models without one
     ollama_keep_alive: str | None = None  # e.g. "30m" so the Pi does not unload the model between chats
@@ -93,6 +95,7 @@ class Config:
     host: str = "127.0.0.1"  # loopback by default: exposing it on the LAN is a choice
     port: int = 8000
     log_level: str = "info"
+    sse_ping_s: float = 15.0  # SSE comment heartbeat while waiting for the first token, so proxies don't time out
     agents: tuple[Agent, ...] = field(
         default=(Agent("general", "qwen2.5:3b-instruct", DEFAULT_SYSTEM_PROMPT),)
     )
@@ -215,15 +218,19 @@ class _Settings:
         return value.rstrip("/")
 
 
-def _read_agents(settings: _Settings, default_model: str) -> tuple[Agent, ...]:
-    """AGENTS=a,b plus OLLAMA_MODEL_<NAME> and AGENT_<NAME>_SYSTEM for each."""
+def _read_agents(settings: _Settings, prefix: str, default_model: str) -> tuple[Agent, ...]:
+    """AGENTS=a,b plus <prefix><NAME> (the model) and AGENT_<NAME>_SYSTEM for each.
+
+    An agent without its own model uses <prefix>GENERAL, then `default_model`.
+    """
     names = [n.strip().lower() for n in (settings.text("AGENTS", "general") or "general").split(",")]
     if not all(AGENT_NAME_PATTERN.match(n) for n in names) or len(set(names)) != len(names):
         raise settings.fail("AGENTS", "distinct comma-separated names of lowercase letters, digits and _")
     agents = []
+    general = settings.text(f"{prefix}GENERAL", default_model) or default_model
     for name in names:
         upper = name.upper()
-        model = settings.text(f"OLLAMA_MODEL_{upper}", default_model) or default_model
+        model = settings.text(f"{prefix}{upper}", general) or general
         system = settings.text(f"AGENT_{upper}_SYSTEM", DEFAULT_SYSTEM_PROMPT) or DEFAULT_SYSTEM_PROMPT
         agents.append(Agent(name, model, system))
     return tuple(agents)
@@ -237,11 +244,14 @@ def load_config(environ: Mapping[str, str], env_file: Path | None = None) -> Con
     file_values = read_env_file(env_file) if env_file is not None else {}
     s = _Settings({**file_values, **environ})
     d = Config()
+    provider = s.choice("PROVIDER", d.provider, PROVIDER_NAMES)
     keep_alive = s.text("OLLAMA_KEEP_ALIVE", None)
     if keep_alive is not None and not KEEP_ALIVE_PATTERN.match(keep_alive):
         raise s.fail("OLLAMA_KEEP_ALIVE", "seconds or a duration such as 30m, 1h, -1 (forever)")
     return Config(
-        provider=s.choice("PROVIDER", d.provider, PROVIDER_NAMES),
+        provider=provider,
+        openai_base_url=s.url("OPENAI_BASE_URL", d.openai_base_url),
+        openai_api_key=s.text("OPENAI_API_KEY", None),
         ollama_host=s.url("OLLAMA_HOST", d.ollama_host),
         ollama_api=s.choice("OLLAMA_API", d.ollama_api, OLLAMA_APIS),
         ollama_keep_alive=keep_alive,
@@ -257,7 +267,8 @@ def load_config(environ: Mapping[str, str], env_file: Path | None = None) -> Con
         host=s.text("HOST", d.host) or d.host,
         port=s.integer("PORT", d.port, 1, 65535),
         log_level=s.choice("LOG_LEVEL", d.log_level, LOG_LEVELS),
-        agents=_read_agents(s, s.text("OLLAMA_MODEL_GENERAL", d.agents[0].model) or d.agents[0].model),
+        sse_ping_s=s.number("SSE_PING_S", d.sse_ping_s, 0.01, 3600),
+        agents=_read_agents(s, "OPENAI_MODEL_" if provider == "openai" else "OLLAMA_MODEL_", d.agents[0].model),
     )
 
 
@@ -419,43 +430,59 @@ class PendingTurn:
 # Prompt: system prompt + history + new message -> upstream messages
 # ---------------------------------------------------------------------------
 
+#: A chat message as upstreams take it: {"role": "user" | "assistant" | "system", "content": "..."}.
+Message = dict[str, str]
+
 
 class Prompt(NamedTuple):
-    """What an agent is asked: its system prompt, the kept history and the new message."""
+    """What an agent is asked: its system prompt, the history as messages, and the new user message."""
 
     system: str
-    history: list[Turn]
+    history: list[Message]
     message: str
 
 
-def build_messages(prompt: Prompt) -> list[dict[str, str]]:
-    """Chat messages for /api/chat (the model's own template renders them).
+class Sampling(NamedTuple):
+    """How long and how random a reply may be (config defaults, or a client's own within bounds)."""
 
-    Example: Prompt("Be brief.", [Turn("hi", "hello")], "bye") ->
-      [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
-       {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"}]
+    max_tokens: int
+    temperature: float
+
+
+def turns_as_messages(turns: list[Turn]) -> list[Message]:
+    """Stored turns as alternating user/assistant messages.
+
+    Example: [Turn("hi", "hello")] -> [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     """
-    messages = [{"role": "system", "content": prompt.system}]
-    for turn in prompt.history:
-        messages.append({"role": "user", "content": turn.user})
-        messages.append({"role": "assistant", "content": turn.assistant})
-    messages.append({"role": "user", "content": prompt.message})
+    messages: list[Message] = []
+    for turn in turns:
+        messages += [{"role": "user", "content": turn.user}, {"role": "assistant", "content": turn.assistant}]
     return messages
+
+
+def build_messages(prompt: Prompt) -> list[Message]:
+    """Chat messages for /api/chat or /v1/chat/completions (the model's own template renders them).
+
+    Example: Prompt("Be brief.", [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+    "bye") -> [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+               {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"}]
+    """
+    return [{"role": "system", "content": prompt.system}, *prompt.history, {"role": "user", "content": prompt.message}]
 
 
 def render_prompt(prompt: Prompt) -> str:
     """One text prompt for /api/generate, for models without a chat template (system goes separately).
 
-    Example: Prompt("Be brief.", [Turn("hi", "hello")], "bye") ->
-      "<user>\\nhi\\n</user>\\n<assistant>\\nhello\\n</assistant>\\n<user>\\nbye\\n</user>\\n<assistant>\\n"
+    Example: Prompt("Be brief.", [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+    "bye") -> "<user>\\nhi\\n</user>\\n<assistant>\\nhello\\n</assistant>\\n<user>\\nbye\\n</user>\\n<assistant>\\n"
     """
-    blocks = [f"<user>\n{t.user}\n</user>\n<assistant>\n{t.assistant}\n</assistant>\n" for t in prompt.history]
+    blocks = [f"<{m['role']}>\n{m['content']}\n</{m['role']}>\n" for m in prompt.history]
     blocks.append(f"<user>\n{prompt.message}\n</user>\n<assistant>\n")
     return "".join(blocks)
 
 
 # ---------------------------------------------------------------------------
-# Providers: Ollama (NDJSON)
+# Providers: Ollama (NDJSON) and OpenAI-compatible servers (SSE)
 # ---------------------------------------------------------------------------
 
 
@@ -483,6 +510,10 @@ class ModelNotFound(UpstreamFailure):
     status, code = 502, "model_not_found"
 
 
+class UpstreamAuth(UpstreamFailure):
+    status, code = 502, "upstream_auth"
+
+
 class UpstreamBusy(UpstreamFailure):
     status, code = 503, "upstream_busy"
 
@@ -501,13 +532,12 @@ DEFAULT_RETRY_AFTER_S = 5
 
 @dataclass
 class Usage:
-    """What the upstream reported about one generation, for the request log."""
+    """What the upstream reported about one generation, for logs and the end of a stream."""
 
     model: str = ""
-    done_reason: str | None = None
+    done_reason: str | None = None  # "stop", "length", ...
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
-    eval_duration_ns: int | None = None
 
 
 class Provider(Protocol):
@@ -515,29 +545,110 @@ class Provider(Protocol):
 
     name: str
 
-    async def complete(self, agent: Agent, prompt: Prompt, usage: Usage) -> str:
-        """The whole reply at once."""
+    async def complete(self, agent: Agent, prompt: Prompt, sampling: Sampling, usage: Usage) -> str:
+        """The whole reply at once; raises UpstreamFailure."""
 
-    def stream(self, agent: Agent, prompt: Prompt, usage: Usage) -> AsyncIterator[str]:
+    def stream(self, agent: Agent, prompt: Prompt, sampling: Sampling, usage: Usage) -> AsyncIterator[str]:
         """The reply as text pieces, each yielded as soon as it arrives; raises UpstreamFailure."""
 
 
-class OllamaProvider:
-    """Ollama's native API: /api/chat (or /api/generate), streamed as NDJSON."""
+class HTTPProvider:
+    """What both providers share: the shared client, the error mapping, and the two request shapes."""
 
-    name = "ollama"
+    name = ""
+    label = ""  # how messages name the server, e.g. "Ollama"
 
     def __init__(self, client: httpx.AsyncClient, config: Config):
         self.client = client
         self.config = config
 
-    def _request(self, agent: Agent, prompt: Prompt, stream: bool) -> tuple[str, dict[str, Any]]:
+    @property
+    def base_url(self) -> str:
+        raise NotImplementedError
+
+    def not_found(self, model: str) -> str:
+        raise NotImplementedError
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+    async def raise_for_status(self, response: httpx.Response, model: str) -> None:
+        """Turn an HTTP error from the upstream into the typed error a caller can act on."""
+        status = response.status_code
+        if status < 400:
+            return
+        detail = upstream_error_text(await response.aread(), status)
+        if status == 404:  # the wording varies between servers and versions: never parse it
+            raise ModelNotFound(self.not_found(model))
+        if status in (401, 403):
+            raise UpstreamAuth(f"{self.label} refused the credentials ({detail}); check OPENAI_API_KEY")
+        if status in (429, 503):
+            retry = response.headers.get("retry-after", str(DEFAULT_RETRY_AFTER_S))
+            raise UpstreamBusy(f"{self.label} is busy ({detail}); retry shortly", {"Retry-After": retry})
+        raise UpstreamError(f"{self.label} answered HTTP {status}: {detail}")
+
+    def transport_error(self, exc: httpx.HTTPError, started: bool) -> UpstreamFailure:
+        """The typed error for a connection that failed or went quiet."""
+        url = self.base_url
+        if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+            return UpstreamUnavailable(f"cannot reach {self.label} at {url}; {self.start_hint}")
+        if isinstance(exc, httpx.ReadTimeout):
+            wait = self.config.ollama_timeout_s
+            if started:
+                return UpstreamError(f"{self.label} at {url} stopped sending for {wait:g} s mid-reply")
+            return UpstreamTimeout(
+                f"{self.label} at {url} sent nothing for {wait:g} s (OLLAMA_TIMEOUT_S); is the model too big for this machine?")
+        return UpstreamError(f"connection to {self.label} at {url} failed: {exc.__class__.__name__}")
+
+    start_hint = "start it"
+
+    async def post_json(self, path: str, body: dict[str, Any], model: str) -> dict[str, Any]:
+        """POST a non-streaming request and return its JSON object."""
+        try:
+            response = await self.client.post(self.base_url + path, json=body, headers=self.headers())
+            await self.raise_for_status(response, model)
+            data = response.json()
+        except httpx.HTTPError as exc:
+            raise self.transport_error(exc, started=False) from None
+        except ValueError:
+            raise UpstreamError(f"{self.label} sent a reply that is not JSON") from None
+        if not isinstance(data, dict) or data.get("error"):
+            raise UpstreamError(f"{self.label}: {upstream_error_text(json.dumps(data).encode(), 200)}")
+        return data
+
+    async def stream_lines(self, path: str, body: dict[str, Any], model: str) -> AsyncIterator[str]:
+        """POST a streaming request and yield its body line by line (closing it if the caller stops)."""
+        started = False
+        try:
+            async with self.client.stream("POST", self.base_url + path, json=body, headers=self.headers()) as response:
+                await self.raise_for_status(response, model)
+                async for line in response.aiter_lines():
+                    started = True
+                    yield line
+        except httpx.HTTPError as exc:
+            raise self.transport_error(exc, started) from None
+
+
+class OllamaProvider(HTTPProvider):
+    """Ollama's native API: /api/chat (or /api/generate), streamed as NDJSON."""
+
+    name, label = "ollama", "Ollama"
+    start_hint = "start it (sudo systemctl start ollama, or ollama serve)"
+
+    @property
+    def base_url(self) -> str:
+        return self.config.ollama_host
+
+    def not_found(self, model: str) -> str:
+        return f"model {model!r} is not available in Ollama; run: ollama pull {model}"
+
+    def _request(self, agent: Agent, prompt: Prompt, sampling: Sampling, stream: bool) -> tuple[str, dict[str, Any]]:
         """(path, JSON body) for one generation."""
         c = self.config
         body: dict[str, Any] = {
             "model": agent.model,
             "stream": stream,
-            "options": {"num_ctx": c.ctx_tokens, "num_predict": c.max_tokens, "temperature": c.temperature},
+            "options": {"num_ctx": c.ctx_tokens, "num_predict": sampling.max_tokens, "temperature": sampling.temperature},
         }
         if c.ollama_keep_alive is not None:
             ka = c.ollama_keep_alive
@@ -548,82 +659,48 @@ class OllamaProvider:
         body["messages"] = build_messages(prompt)
         return "/api/chat", body
 
-    async def _raise_for_status(self, response: httpx.Response, model: str) -> None:
-        """Turn an HTTP error from Ollama into the typed error a caller can act on."""
-        if response.status_code < 400:
-            return
-        detail = _error_text(await response.aread(), response.status_code)
-        if response.status_code == 404:  # both "model 'x' not found" and the older wording exist
-            raise ModelNotFound(f"model {model!r} is not available in Ollama; run: ollama pull {model}")
-        if response.status_code in (429, 503):
-            retry = response.headers.get("retry-after", str(DEFAULT_RETRY_AFTER_S))
-            raise UpstreamBusy(f"Ollama is busy ({detail}); retry shortly", {"Retry-After": retry})
-        raise UpstreamError(f"Ollama answered HTTP {response.status_code}: {detail}")
+    async def complete(self, agent: Agent, prompt: Prompt, sampling: Sampling, usage: Usage) -> str:
+        path, body = self._request(agent, prompt, sampling, stream=False)
+        data = await self.post_json(path, body, agent.model)
+        _record_ollama_usage(usage, data)
+        return _ollama_text(data)
 
-    def _transport_error(self, exc: httpx.HTTPError, started: bool) -> UpstreamFailure:
-        host = self.config.ollama_host
-        if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
-            return UpstreamUnavailable(f"cannot reach Ollama at {host}; start it (systemctl start ollama or ollama serve)")
-        if isinstance(exc, httpx.ReadTimeout):
-            wait = self.config.ollama_timeout_s
-            if started:
-                return UpstreamError(f"Ollama at {host} stopped sending for {wait:g} s mid-reply")
-            return UpstreamTimeout(f"Ollama at {host} sent nothing for {wait:g} s (OLLAMA_TIMEOUT_S); is the model too big for this machine?")
-        return UpstreamError(f"connection to Ollama at {host} failed: {exc.__class__.__name__}")
-
-    async def complete(self, agent: Agent, prompt: Prompt, usage: Usage) -> str:
-        path, body = self._request(agent, prompt, stream=False)
+    async def stream(self, agent: Agent, prompt: Prompt, sampling: Sampling, usage: Usage) -> AsyncIterator[str]:
+        path, body = self._request(agent, prompt, sampling, stream=True)
+        lines = self.stream_lines(path, body, agent.model)
         try:
-            response = await self.client.post(path, json=body)
-            await self._raise_for_status(response, agent.model)
-            data = response.json()
-        except httpx.HTTPError as exc:
-            raise self._transport_error(exc, started=False) from None
-        except ValueError:
-            raise UpstreamError("Ollama sent a reply that is not JSON") from None
-        if data.get("error"):
-            raise UpstreamError(f"Ollama: {data['error']}")
-        _record_usage(usage, data)
-        return _chunk_text(data)
-
-    async def stream(self, agent: Agent, prompt: Prompt, usage: Usage) -> AsyncIterator[str]:
-        path, body = self._request(agent, prompt, stream=True)
-        started = False
-        try:
-            async with self.client.stream("POST", path, json=body) as response:
-                await self._raise_for_status(response, agent.model)
-                async for line in response.aiter_lines():
-                    chunk = _parse_ndjson_line(line)
-                    if chunk is None:
-                        continue
-                    text = _chunk_text(chunk)
-                    if text:
-                        started = True
-                        yield text
-                    if chunk.get("done"):
-                        _record_usage(usage, chunk)
-                        return
-        except httpx.HTTPError as exc:
-            raise self._transport_error(exc, started) from None
-        raise UpstreamError(f"Ollama at {self.config.ollama_host} ended the reply early (no done line)")
+            async for line in lines:
+                chunk = parse_ndjson_line(line)
+                if chunk is None:
+                    continue
+                text = _ollama_text(chunk)
+                if text:
+                    yield text
+                if chunk.get("done"):
+                    _record_ollama_usage(usage, chunk)
+                    return
+        finally:
+            await lines.aclose()
+        raise UpstreamError(f"Ollama at {self.base_url} ended the reply early (no done line)")
 
 
-def _error_text(body: bytes, status: int) -> str:
-    """The message inside an Ollama error body {"error": "..."}, else the body's start.
+def upstream_error_text(body: bytes, status: int) -> str:
+    """The message inside an error body: Ollama's {"error": "..."} or OpenAI's {"error": {"message": ...}}.
 
     Example: b'{"error":"model \\'x\\' not found"}' -> "model 'x' not found"
     """
     try:
-        data = json.loads(body)
-        if isinstance(data, dict) and data.get("error"):
-            error = data["error"]
-            return error if isinstance(error, str) else str(error.get("message", error))
+        error = json.loads(body).get("error")
+        if isinstance(error, dict):
+            error = error.get("message") or json.dumps(error)
+        if error:
+            return str(error)
     except (ValueError, AttributeError):
         pass
     return body[:200].decode("utf-8", "replace").strip() or f"HTTP {status}"
 
 
-def _parse_ndjson_line(line: str) -> dict[str, Any] | None:
+def parse_ndjson_line(line: str) -> dict[str, Any] | None:
     """One NDJSON line -> dict; None for a blank line; an {"error"} line raises UpstreamError."""
     if not line.strip():
         return None
@@ -638,7 +715,7 @@ def _parse_ndjson_line(line: str) -> dict[str, Any] | None:
     return chunk
 
 
-def _chunk_text(chunk: Mapping[str, Any]) -> str:
+def _ollama_text(chunk: Mapping[str, Any]) -> str:
     """The text in a chat chunk (message.content) or a generate chunk (response)."""
     message = chunk.get("message")
     if isinstance(message, dict):
@@ -646,16 +723,131 @@ def _chunk_text(chunk: Mapping[str, Any]) -> str:
     return chunk.get("response") or ""
 
 
-def _record_usage(usage: Usage, final: Mapping[str, Any]) -> None:
+def _record_ollama_usage(usage: Usage, final: Mapping[str, Any]) -> None:
     usage.model = final.get("model") or usage.model
     usage.done_reason = final.get("done_reason")
     usage.prompt_tokens = final.get("prompt_eval_count")
     usage.completion_tokens = final.get("eval_count")
-    usage.eval_duration_ns = final.get("eval_duration")
+
+
+class SSEDecoder:
+    """Server-sent events from lines: `data:` lines gather until a blank line ends the event.
+
+    Comment lines (starting with ':') and unknown fields are skipped.
+    Example: feed("event: done"), feed("data: {}"), feed("") -> ("done", "{}") on the blank line
+    """
+
+    def __init__(self) -> None:
+        self.event = ""
+        self.data: list[str] = []
+
+    def feed(self, line: str) -> tuple[str, str] | None:
+        """Take one line (without its line ending); return (event, data) when an event is complete."""
+        if line == "":
+            return self.flush()
+        if line.startswith(":"):
+            return None
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if name == "data":
+            self.data.append(value)
+        elif name == "event":
+            self.event = value
+        return None
+
+    def flush(self) -> tuple[str, str] | None:
+        """The pending event, if any (also used at end of stream, for a last event with no blank line)."""
+        if not self.data:
+            self.event = ""
+            return None
+        event = (self.event or "message", "\n".join(self.data))
+        self.event, self.data = "", []
+        return event
+
+
+def sse_event(data: Any, event: str | None = None) -> str:
+    """Encode one server-sent event; dicts become compact JSON.
+
+    Example: sse_event({"text": "hi"}, "token") -> 'event: token\\ndata: {"text":"hi"}\\n\\n'
+    """
+    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    lines = "".join(f"data: {line}\n" for line in text.split("\n"))
+    return (f"event: {event}\n" if event else "") + lines + "\n"
+
+
+class OpenAIProvider(HTTPProvider):
+    """An OpenAI-style /v1/chat/completions: OpenAI, llama.cpp's server, LM Studio, vLLM, Ollama's /v1."""
+
+    name, label = "openai", "the OpenAI-compatible server"
+    start_hint = "start it, or check OPENAI_BASE_URL"
+
+    @property
+    def base_url(self) -> str:
+        return self.config.openai_base_url
+
+    def headers(self) -> dict[str, str]:
+        key = self.config.openai_api_key
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def not_found(self, model: str) -> str:
+        return (f"model {model!r} was not found at {self.base_url} (or OPENAI_BASE_URL is wrong: it usually ends "
+                f"in /v1); set OPENAI_MODEL_<AGENT> to one of {self.base_url}/models")
+
+    def _body(self, agent: Agent, prompt: Prompt, sampling: Sampling, stream: bool) -> dict[str, Any]:
+        body = {"model": agent.model, "messages": build_messages(prompt), "stream": stream,
+                "max_tokens": sampling.max_tokens, "temperature": sampling.temperature}
+        if stream:
+            body["stream_options"] = {"include_usage": True}  # servers that do not know it ignore it
+        return body
+
+    async def complete(self, agent: Agent, prompt: Prompt, sampling: Sampling, usage: Usage) -> str:
+        data = await self.post_json("/chat/completions", self._body(agent, prompt, sampling, False), agent.model)
+        choice = (data.get("choices") or [{}])[0]
+        _record_openai_usage(usage, data, choice)
+        return (choice.get("message") or {}).get("content") or ""
+
+    async def stream(self, agent: Agent, prompt: Prompt, sampling: Sampling, usage: Usage) -> AsyncIterator[str]:
+        lines = self.stream_lines("/chat/completions", self._body(agent, prompt, sampling, True), agent.model)
+        decoder = SSEDecoder()
+        try:
+            async for line in lines:
+                event = decoder.feed(line)
+                if event is None:
+                    continue
+                if event[1].strip() == "[DONE]":
+                    return
+                text = self._chunk_text(event[1], usage)
+                if text:
+                    yield text
+        finally:
+            await lines.aclose()
+        last = decoder.flush()
+        if last is None or last[1].strip() != "[DONE]":
+            if usage.done_reason is None:  # some servers end with no [DONE] after the finish_reason
+                raise UpstreamError(f"{self.label} at {self.base_url} ended the reply early (no [DONE])")
+
+    def _chunk_text(self, data: str, usage: Usage) -> str:
+        """The delta text of one chat.completion.chunk; an error object raises UpstreamError."""
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            raise UpstreamError(f"{self.label} sent an event that is not JSON: {data[:80]!r}") from None
+        if not isinstance(chunk, dict) or chunk.get("error"):
+            raise UpstreamError(f"{self.label}: {upstream_error_text(data.encode(), 200)}")
+        choices = chunk.get("choices") or [{}]
+        _record_openai_usage(usage, chunk, choices[0])
+        return (choices[0].get("delta") or {}).get("content") or ""
+
+
+def _record_openai_usage(usage: Usage, data: Mapping[str, Any], choice: Mapping[str, Any]) -> None:
+    usage.done_reason = choice.get("finish_reason") or usage.done_reason
+    counts = data.get("usage") or {}
+    usage.prompt_tokens = counts.get("prompt_tokens", usage.prompt_tokens)
+    usage.completion_tokens = counts.get("completion_tokens", usage.completion_tokens)
 
 
 #: PROVIDER name -> class, built as cls(httpx.AsyncClient, Config). Keys are Config's PROVIDER_NAMES.
-PROVIDERS: dict[str, type] = {"ollama": OllamaProvider}
+PROVIDERS: dict[str, type] = {"ollama": OllamaProvider, "openai": OpenAIProvider}
 
 
 # ---------------------------------------------------------------------------
@@ -668,6 +860,9 @@ CONVERSATION_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 #: The ASGI scope key where a request's log fields are gathered.
 LOG_FIELDS_KEY = "piagent.log"
+#: OpenAI error "type" by HTTP status, for the /v1 front door.
+OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                      422: "invalid_request_error", 429: "rate_limit_error"}
 
 log = logging.getLogger("piagent")
 T = TypeVar("T")
@@ -691,8 +886,47 @@ class ChatResponse(BaseModel):
     provider: str | None = None
 
 
+class TextPart(BaseModel):
+    """One part of an OpenAI message's content list; only text is supported."""
+
+    type: Literal["text"]
+    text: str
+
+
+class OpenAIMessage(BaseModel):
+    """One message of an OpenAI chat request."""
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class OpenAIChatRequest(BaseModel):
+    """POST /v1/chat/completions body (the fields piagent uses; others are ignored)."""
+
+    model: str = Field(min_length=1, max_length=64)
+    messages: list[OpenAIMessage] = Field(min_length=1, max_length=1000)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+
+
 class UnknownAgent(PiagentError):
     status, code = 404, "unknown_agent"
+
+
+class InvalidRequest(PiagentError):
+    status, code = 422, "invalid_request"
 
 
 class ClientGone(Exception):
@@ -702,7 +936,7 @@ class ClientGone(Exception):
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     """Await `work`, but cancel it the moment the client disconnects (then raise ClientGone).
 
-    This is what stops Ollama generating for a client that has gone while it waited for a reply.
+    This is what stops the model generating for a client that has gone while it waited for a reply.
     """
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_wait_for_disconnect(request.receive))
@@ -723,11 +957,106 @@ async def _wait_for_disconnect(receive: Callable[[], Awaitable[dict]]) -> None:
         pass
 
 
-class TokenStream(Response):
-    """ASGI response that writes each text piece the moment it arrives.
+@dataclass
+class Exchange:
+    """One request's generation: who answers, what is asked, how, and where its turn is stored."""
 
-    Unlike Starlette's StreamingResponse it can end WITHOUT the closing zero-length chunk, so a client
-    sees an upstream failure mid-reply as an incomplete transfer, never as a clean end; and it stops
+    request: Request
+    agent: Agent
+    prompt: Prompt
+    sampling: Sampling
+    turn: PendingTurn
+    fields: dict[str, Any]  # the request's log fields
+    usage: Usage = field(default_factory=Usage)
+
+    @property
+    def provider(self) -> Provider:
+        return self.request.app.state.provider
+
+    def elapsed_ms(self) -> int:
+        return round((time.perf_counter() - self.fields["start"]) * 1000)
+
+
+class PlainText:
+    """The seed's stream: the bare text, and a cut transfer (no closing chunk) if the upstream fails."""
+
+    media_type = "text/plain; charset=utf-8"
+    ping_s: float | None = None  # nothing can be sent before the first token in plain text
+
+    def piece(self, text: str, index: int) -> str:
+        return text
+
+    def end(self, x: Exchange) -> str:
+        return ""
+
+    def failure(self, exc: PiagentError) -> str | None:
+        return None
+
+
+class ChatEvents(PlainText):
+    """SSE on /chat: `token` events, then `done` with counts and timings, or `error` with the error shape."""
+
+    media_type = "text/event-stream; charset=utf-8"
+
+    def __init__(self, ping_s: float):
+        self.ping_s = ping_s
+
+    def piece(self, text: str, index: int) -> str:
+        return sse_event({"text": text}, "token")
+
+    def end(self, x: Exchange) -> str:
+        u = x.usage
+        return sse_event({"conversation_id": x.turn.conversation_id, "agent": x.agent.name,
+                          "model": u.model or x.agent.model, "provider": x.provider.name,
+                          "done_reason": u.done_reason, "tokens": x.fields.get("tokens"),
+                          "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                          "ttft_ms": x.fields.get("ttft_ms"), "duration_ms": x.elapsed_ms()}, "done")
+
+    def failure(self, exc: PiagentError) -> str | None:
+        return sse_event(_error_body(exc.code, exc.message), "error")
+
+
+class OpenAIChunks(PlainText):
+    """OpenAI's chat.completion.chunk stream: role first, finish_reason last, optional usage, [DONE]."""
+
+    media_type = "text/event-stream; charset=utf-8"
+
+    def __init__(self, ping_s: float, model: str, include_usage: bool):
+        self.ping_s, self.model, self.include_usage = ping_s, model, include_usage
+        self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> str:
+        return sse_event({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                          "model": self.model, "choices": choices, **extra})
+
+    def piece(self, text: str, index: int) -> str:
+        delta = {"role": "assistant", "content": text} if index == 0 else {"content": text}
+        return self._chunk([{"index": 0, "delta": delta, "finish_reason": None}])
+
+    def end(self, x: Exchange) -> str:
+        delta = {} if x.fields.get("tokens") else {"role": "assistant", "content": ""}
+        out = self._chunk([{"index": 0, "delta": delta, "finish_reason": x.usage.done_reason or "stop"}])
+        if self.include_usage:
+            out += self._chunk([], usage=openai_usage(x))
+        return out + sse_event("[DONE]")
+
+    def failure(self, exc: PiagentError) -> str | None:
+        return sse_event(_openai_error_body(exc.status, exc.code, exc.message))  # and no [DONE]
+
+
+def openai_usage(x: Exchange) -> dict[str, int] | None:
+    """OpenAI's usage object, when the upstream reported counts."""
+    prompt, completion = x.usage.prompt_tokens, x.usage.completion_tokens
+    if prompt is None or completion is None:
+        return None
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class TokenStream(Response):
+    """ASGI response that writes each piece the moment it arrives.
+
+    Unlike Starlette's StreamingResponse it can end WITHOUT the closing zero-length chunk, so a plain-text
+    client sees an upstream failure mid-reply as an incomplete transfer, never as a clean end; and it stops
     the source (closing the upstream request) the instant the client disconnects.
     """
 
@@ -764,40 +1093,108 @@ class TokenStream(Response):
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def relay(first: str | None, rest: AsyncIterator[str], turn: PendingTurn, fields: dict[str, Any]) -> AsyncIterator[str]:
-    """Yield the first piece and the rest; store the turn when done or when the client left mid-way.
+async def relay(first: asyncio.Future, rest: AsyncIterator[str], x: Exchange, fmt: PlainText) -> AsyncIterator[str]:
+    """The stream body: pings until the first piece, the pieces, then the format's end.
 
-    An upstream failure stores nothing, so a retry never sees half a turn.
+    Stores the turn when done or when the client left mid-way; an upstream failure stores nothing,
+    so a retry never sees half a turn.
     """
     sent: list[str] = []
     failed = False
     try:
-        if first:
-            sent.append(first)
-            yield first
-        async for piece in rest:
+        while not first.done():
+            done, _ = await asyncio.wait({first}, timeout=fmt.ping_s)
+            if not done:
+                yield ": ping\n\n"
+        x.fields.setdefault("ttft_ms", x.elapsed_ms())
+        pieces = _prepend(first.result(), rest)
+        async for piece in pieces:
             sent.append(piece)
-            yield piece
-    except UpstreamFailure:
+            x.fields["tokens"] = len(sent)
+            yield fmt.piece(piece, len(sent) - 1)
+        x.fields["prompt_tokens"] = x.usage.prompt_tokens
+        yield fmt.end(x)
+    except UpstreamFailure as exc:
         failed = True
-        raise
+        tail = fmt.failure(exc)
+        if tail is None:
+            raise
+        x.fields["error"] = exc.code
+        log.warning("stream ended by upstream failure: %s: %s", exc.code, exc.message)
+        yield tail
     finally:
-        fields["tokens"] = len(sent)
+        if not first.done():
+            first.cancel()
+            await asyncio.gather(first, return_exceptions=True)
         await rest.aclose()
-        await turn.finish(None if failed else "".join(sent))
+        await x.turn.finish(None if failed else "".join(sent))
+
+
+async def _prepend(first: str | None, rest: AsyncIterator[str]) -> AsyncIterator[str]:
+    if first:
+        yield first
+    async for piece in rest:
+        yield piece
+
+
+async def stream_reply(x: Exchange, fmt: PlainText) -> TokenStream:
+    """Start a streamed reply. A failure that comes before the first piece (or before the first ping is
+    due) is still raised here, so it becomes a proper HTTP error rather than a 200 that breaks."""
+    pieces = x.provider.stream(x.agent, x.prompt, x.sampling, x.usage)
+    first = asyncio.ensure_future(anext(pieces, None))
+    try:
+        await until_disconnect(x.request, asyncio.wait({first}, timeout=fmt.ping_s))
+        if first.done():
+            x.fields["ttft_ms"] = x.elapsed_ms()
+            first.result()
+    except BaseException:
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        await pieces.aclose()
+        await x.turn.finish(None)
+        raise
+    headers = {"Content-Type": fmt.media_type, **STREAM_HEADERS}
+    if x.turn.conversation_id:
+        headers["X-Conversation-Id"] = x.turn.conversation_id
+    return TokenStream(relay(first, pieces, x, fmt), headers, x.fields)
+
+
+async def complete_reply(x: Exchange) -> str:
+    """The whole reply; the upstream call is cancelled if the client leaves while waiting."""
+    try:
+        reply = await until_disconnect(x.request, x.provider.complete(x.agent, x.prompt, x.sampling, x.usage))
+    except BaseException:
+        await x.turn.finish(None)
+        raise
+    await x.turn.finish(reply)
+    x.fields.update(tokens=x.usage.completion_tokens, prompt_tokens=x.usage.prompt_tokens)
+    return reply
 
 
 def _error_body(code: str, message: str) -> dict[str, Any]:
     return {"error": {"code": code, "message": message}}
 
 
+def _openai_error_body(status: int, code: str, message: str) -> dict[str, Any]:
+    kind = OPENAI_ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def error_response(request: Request, status: int, code: str, message: str,
+                   headers: Mapping[str, str] | None = None) -> JSONResponse:
+    """The one place errors become HTTP: {"error": {"code", "message"}}, or OpenAI's shape under /v1/."""
+    request.scope.get(LOG_FIELDS_KEY, {})["error"] = code
+    if request.url.path.startswith("/v1/"):
+        return JSONResponse(_openai_error_body(status, code, message), status, headers=headers)
+    return JSONResponse(_error_body(code, message), status, headers=headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    """The one place where errors become HTTP: every JSON error is {"error": {"code", "message"}}."""
+    """Route every error through error_response."""
 
     @app.exception_handler(PiagentError)
     async def piagent_error(request: Request, exc: PiagentError) -> JSONResponse:
-        request.scope[LOG_FIELDS_KEY]["error"] = exc.code
-        return JSONResponse(_error_body(exc.code, exc.message), exc.status, headers=exc.headers)
+        return error_response(request, exc.status, exc.code, exc.message, exc.headers)
 
     @app.exception_handler(ClientGone)
     async def client_gone(request: Request, exc: ClientGone) -> Response:
@@ -809,17 +1206,17 @@ def install_error_handlers(app: FastAPI) -> None:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors()
         )
-        return JSONResponse(_error_body("invalid_request", problems), 422)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-        return JSONResponse(_error_body("internal_error", "piagent hit a bug; see its log"), 500)
+        return error_response(request, 422, "invalid_request", problems)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse(_error_body(code, str(exc.detail)), exc.status_code, headers=exc.headers)
+        return error_response(request, exc.status_code, code, str(exc.detail), exc.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(request, 500, "internal_error", "piagent hit a bug; see its log")
 
 
 class RequestLog:
@@ -862,9 +1259,10 @@ def create_app(config: Config, transport: httpx.AsyncBaseTransport | None = None
     `transport` replaces httpx's network transport (tests); `clock` drives memory TTLs (tests).
     """
 
+    @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         timeout = httpx.Timeout(config.ollama_timeout_s, connect=config.ollama_connect_timeout_s)
-        async with httpx.AsyncClient(base_url=config.ollama_host, timeout=timeout, transport=transport) as client:
+        async with httpx.AsyncClient(timeout=timeout, transport=transport) as client:
             app.state.provider = PROVIDERS[config.provider](client, config)
             app.state.store = (
                 MEMORY_STORES["memory"](config.memory_max_turns, config.memory_ttl_min * 60,
@@ -874,16 +1272,42 @@ def create_app(config: Config, transport: httpx.AsyncBaseTransport | None = None
             app.state.locks = ConversationLocks()
             yield
 
-    app = FastAPI(title="piagent", lifespan=asynccontextmanager(lifespan), docs_url=None, redoc_url=None)
+    app = FastAPI(title="piagent", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.config = config
     install_error_handlers(app)
     add_routes(app, config)
+    add_openai_routes(app, config)
     app.add_middleware(RequestLog)
     return app
 
 
+def _find_agent(config: Config, name: str) -> Agent:
+    agent = config.agent(name)
+    if agent is None:
+        names = ", ".join(a.name for a in config.agents)
+        raise UnknownAgent(f"no agent named {name!r}; available: {names}")
+    return agent
+
+
+async def _exchange(request: Request, agent: Agent, conversation_id: str | None, system_history: list[Message],
+                    history: list[Message] | None, message: str, sampling: Sampling) -> Exchange:
+    """Lock the conversation (if any), read its history, and gather what the generation needs.
+
+    `history` given: the client's own history, server memory unused. None: server memory by conversation_id.
+    """
+    state = request.app.state
+    store = state.store if conversation_id and history is None else None
+    turn = PendingTurn(store, state.locks, conversation_id or "", message)
+    kept = turns_as_messages(await until_disconnect(request, turn.begin()))
+    fields = request.scope[LOG_FIELDS_KEY]
+    fields.update(agent=agent.name, model=agent.model, conversation=conversation_id)
+    prompt = Prompt(agent.system, system_history + (kept if history is None else history), message)
+    return Exchange(request, agent, prompt, sampling, turn, fields, Usage(model=agent.model))
+
+
 def add_routes(app: FastAPI, config: Config) -> None:
     """Attach /health, /agents and /chat to `app`."""
+    defaults = Sampling(config.max_tokens, config.temperature)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -895,48 +1319,62 @@ def add_routes(app: FastAPI, config: Config) -> None:
 
     @app.post("/chat", response_model=ChatResponse)
     async def chat(body: ChatRequest, request: Request) -> Any:
-        agent = config.agent(body.agent)
-        if agent is None:
-            names = ", ".join(a.name for a in config.agents)
-            raise UnknownAgent(f"no agent named {body.agent!r}; available: {names}")
+        agent = _find_agent(config, body.agent)
         conversation_id = body.conversation_id or uuid.uuid4().hex
-        fields = request.scope[LOG_FIELDS_KEY]
-        fields.update(agent=agent.name, model=agent.model, conversation=conversation_id)
-        state = request.app.state
-        turn = PendingTurn(state.store, state.locks, conversation_id, body.message)
-        history = await until_disconnect(request, turn.begin())
-        prompt = Prompt(agent.system, history, body.message)
-        usage = Usage(model=agent.model)
+        x = await _exchange(request, agent, conversation_id, [], None, body.message, defaults)
         if body.stream:
-            return await _start_stream(request, state.provider, agent, prompt, usage, turn, fields)
-        try:
-            reply = await until_disconnect(request, state.provider.complete(agent, prompt, usage))
-        except BaseException:
-            await turn.finish(None)
-            raise
-        await turn.finish(reply)
-        fields.update(tokens=usage.completion_tokens, prompt_tokens=usage.prompt_tokens)
+            wants_events = "text/event-stream" in request.headers.get("accept", "")
+            return await stream_reply(x, ChatEvents(config.sse_ping_s) if wants_events else PlainText())
+        reply = await complete_reply(x)
         return JSONResponse(
-            ChatResponse(reply=reply, conversation_id=conversation_id, model=usage.model or agent.model,
-                         provider=state.provider.name).model_dump(),
+            ChatResponse(reply=reply, conversation_id=conversation_id, model=x.usage.model or agent.model,
+                         provider=x.provider.name).model_dump(),
             headers={"X-Conversation-Id": conversation_id},
         )
 
 
-async def _start_stream(request: Request, provider: Provider, agent: Agent, prompt: Prompt, usage: Usage,
-                        turn: PendingTurn, fields: dict[str, Any]) -> TokenStream:
-    """Wait for the first piece (so an early failure is still a proper HTTP error), then stream the rest."""
-    pieces = provider.stream(agent, prompt, usage)
-    try:
-        first = await until_disconnect(request, anext(pieces, None))
-    except BaseException:
-        await pieces.aclose()
-        await turn.finish(None)
-        raise
-    fields["ttft_ms"] = round((time.perf_counter() - fields["start"]) * 1000)
-    headers = {"Content-Type": "text/plain; charset=utf-8", "X-Conversation-Id": turn.conversation_id,
-               **STREAM_HEADERS}
-    return TokenStream(relay(first, pieces, turn, fields), headers, fields)
+def _split_openai_messages(messages: list[OpenAIMessage]) -> tuple[list[Message], list[Message], str]:
+    """(client system messages, conversation history, the last user message) from an OpenAI request."""
+    if messages[-1].role != "user" or not messages[-1].text().strip():
+        raise InvalidRequest("the last message must be a non-empty user message")
+    system = [{"role": "system", "content": m.text()} for m in messages[:-1] if m.role in ("system", "developer")]
+    history = [{"role": m.role, "content": m.text()} for m in messages[:-1] if m.role in ("user", "assistant")]
+    return system, history, messages[-1].text()
+
+
+def add_openai_routes(app: FastAPI, config: Config) -> None:
+    """Attach the OpenAI-compatible front door: /v1/models and /v1/chat/completions (agents are models)."""
+    created = int(time.time())
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": a.name, "object": "model", "created": created,
+                                            "owned_by": "piagent"} for a in config.agents]}
+
+    @app.post("/v1/chat/completions")
+    async def completions(body: OpenAIChatRequest, request: Request) -> Any:
+        agent = _find_agent(config, body.model)
+        max_tokens = body.max_completion_tokens or body.max_tokens or config.max_tokens
+        if max_tokens >= config.ctx_tokens:
+            raise InvalidRequest(f"max_tokens={max_tokens} must be below the context size {config.ctx_tokens}")
+        sampling = Sampling(max_tokens, config.temperature if body.temperature is None else body.temperature)
+        system, history, message = _split_openai_messages(body.messages)
+        conversation_id = request.headers.get("x-conversation-id")
+        if conversation_id is not None and not re.fullmatch(CONVERSATION_ID_PATTERN, conversation_id):
+            raise InvalidRequest(f"X-Conversation-Id must match {CONVERSATION_ID_PATTERN}")
+        x = await _exchange(request, agent, conversation_id, system, None if conversation_id else history,
+                            message, sampling)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return await stream_reply(x, OpenAIChunks(config.sse_ping_s, agent.name, include_usage))
+        reply = await complete_reply(x)
+        result = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                  "model": agent.name, "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
+                                                    "finish_reason": x.usage.done_reason or "stop"}]}
+        if openai_usage(x):
+            result["usage"] = openai_usage(x)
+        headers = {"X-Conversation-Id": conversation_id} if conversation_id else None
+        return JSONResponse(result, headers=headers)
 
 
 # ---------------------------------------------------------------------------

@@ -99,11 +99,11 @@ def chat(server, **body) -> httpx.Response:
     return httpx.post(f"{server.url}/chat", json=body, timeout=DEADLINE_S)
 
 
-def raw_post(port: int, path: str, body: dict) -> socket.socket:
+def raw_post(port: int, path: str, body: dict, headers: str = "") -> socket.socket:
     """Send a POST on a raw socket (so the test can hang up whenever it likes)."""
     data = json.dumps(body).encode()
     sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S)
-    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{headers}"
                  f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
     return sock
 
@@ -316,14 +316,20 @@ def test_conversation_locks_serialise_one_conversation_and_leave_no_entries():
 # ---------------------------------------------------------------------------
 
 
+HI_HELLO = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+
+
+def test_turns_become_alternating_user_and_assistant_messages():
+    assert piagent.turns_as_messages([Turn("hi", "hello")]) == HI_HELLO
+
+
 def test_build_messages_is_system_then_history_then_user():
-    assert build_messages(Prompt("Be brief.", [Turn("hi", "hello")], "bye")) == [
-        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
-        {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"}]
+    assert build_messages(Prompt("Be brief.", HI_HELLO, "bye")) == [
+        {"role": "system", "content": "Be brief."}, *HI_HELLO, {"role": "user", "content": "bye"}]
 
 
 def test_render_prompt_uses_user_and_assistant_blocks():
-    assert render_prompt(Prompt("Be brief.", [Turn("hi", "hello")], "bye")) == (
+    assert render_prompt(Prompt("Be brief.", HI_HELLO, "bye")) == (
         "<user>\nhi\n</user>\n<assistant>\nhello\n</assistant>\n<user>\nbye\n</user>\n<assistant>\n")
 
 
@@ -636,6 +642,365 @@ def test_client_leaving_a_non_stream_request_cancels_the_upstream_call(serve, fa
     fake.script = Script()
     chat(server, message="next", conversation_id="c")
     assert len(fake.generations()[1].body["messages"]) == 2  # nothing was delivered, nothing stored
+
+
+# ---------------------------------------------------------------------------
+# Providers: SSE decoding and encoding
+# ---------------------------------------------------------------------------
+
+
+def decode_sse(lines):
+    decoder, events = piagent.SSEDecoder(), []
+    for line in lines:
+        event = decoder.feed(line)
+        if event:
+            events.append(event)
+    last = decoder.flush()
+    return events + ([last] if last else [])
+
+
+def test_sse_decoder_gathers_data_lines_skips_comments_and_reads_event_names():
+    lines = [": keep-alive", "", "data: {\"a\":1}", "", "event: done", "data:line one", "data: line two", "",
+             "id: 7", "retry: 10", "data: [DONE]", ""]
+    assert decode_sse(lines) == [("message", '{"a":1}'), ("done", "line one\nline two"), ("message", "[DONE]")]
+
+
+def test_sse_decoder_keeps_a_last_event_without_its_blank_line():
+    assert decode_sse(["data: [DONE]"]) == [("message", "[DONE]")]
+
+
+@pytest.mark.parametrize("data,event", [({"text": "héllo\n<b>"}, "token"), ("[DONE]", None), ("two\nlines", "x")])
+def test_sse_encoder_output_decodes_back_to_the_same_event(data, event):
+    encoded = piagent.sse_event(data, event)
+    assert encoded.endswith("\n\n")
+    (name, text), = decode_sse(encoded.split("\n")[:-1])
+    assert name == (event or "message")
+    assert (json.loads(text) if isinstance(data, dict) else text) == data
+
+
+# ---------------------------------------------------------------------------
+# Providers: OpenAI-compatible upstream (PROVIDER=openai)
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def serve_openai(fake):
+    servers = []
+
+    def start(**env):
+        base = {"PROVIDER": "openai", "OPENAI_BASE_URL": f"{fake.url}/v1", "OPENAI_MODEL_GENERAL": MODEL,
+                "OLLAMA_HOST": "http://127.0.0.1:9"}  # the Ollama URL must not be used
+        server = LiveServer(create_app(load_config({**base, **{k: str(v) for k, v in env.items()}}))).__enter__()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.__exit__(None, None, None)
+
+
+def test_openai_provider_posts_chat_completions_with_mapped_options(serve_openai, fake):
+    response = chat(serve_openai(MAX_TOKENS=64, TEMPERATURE=0.3, AGENT_GENERAL_SYSTEM="Be terse."), message="hi")
+    assert response.status_code == 200
+    assert response.json()["reply"] == "Hello from the Pi!" and response.json()["provider"] == "openai"
+    (request,) = fake.generations()
+    assert request.path == "/v1/chat/completions" and "authorization" not in request.headers
+    assert request.body == {"model": MODEL, "stream": False, "max_tokens": 64, "temperature": 0.3,
+                            "messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hi"}]}
+
+
+def test_openai_provider_sends_the_api_key_as_bearer(fake, serve_openai):
+    fake.api_key = "sk-local-123"
+    assert chat(serve_openai(OPENAI_API_KEY="sk-local-123"), message="hi").status_code == 200
+    assert fake.generations()[0].headers["authorization"] == "Bearer sk-local-123"
+
+
+@pytest.mark.parametrize("shape", [{}, {"sse_comments": True}, {"split_writes": True},
+                                   {"sse_comments": True, "split_writes": True}])
+def test_openai_provider_streams_deltas_across_comments_and_split_lines(serve_openai, fake, shape):
+    fake.script = Script(**shape)
+    server = serve_openai()
+    with httpx.stream("POST", f"{server.url}/chat", json={"message": "hi", "stream": True}) as response:
+        assert "".join(response.iter_text()) == "Hello from the Pi!"
+    body = fake.generations()[0].body
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+
+
+def test_openai_provider_keeps_memory_like_ollama(serve_openai, fake):
+    server = serve_openai()
+    chat(server, message="one", conversation_id="o")
+    chat(server, message="two", conversation_id="o")
+    assert [m["content"] for m in fake.generations()[1].body["messages"][1:]] == ["one", "Hello from the Pi!", "two"]
+
+
+def test_openai_upstream_refusing_the_key_is_502_upstream_auth(serve_openai, fake):
+    fake.api_key = "sk-right"
+    response = chat(serve_openai(OPENAI_API_KEY="sk-wrong"), message="hi")
+    assert response.status_code == 502
+    error = error_of(response)
+    assert error["code"] == "upstream_auth" and "OPENAI_API_KEY" in error["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_openai_upstream_unknown_model_is_502_model_not_found(serve_openai, fake, stream):
+    response = chat(serve_openai(OPENAI_MODEL_GENERAL="gpt-nope"), message="hi", stream=stream)
+    assert response.status_code == 502
+    error = error_of(response)
+    assert error["code"] == "model_not_found" and "OPENAI_MODEL_" in error["message"]
+
+
+@pytest.mark.parametrize("status,retry", [(429, "7"), (503, None)])
+def test_openai_upstream_429_or_503_is_503_busy_with_retry_after(serve_openai, fake, status, retry):
+    fake.script = Script(status=status, error_text="Rate limit reached", retry_after=retry)
+    response = chat(serve_openai(), message="hi", stream=True)
+    assert response.status_code == 503 and error_of(response)["code"] == "upstream_busy"
+    assert response.headers["retry-after"] == (retry or str(piagent.DEFAULT_RETRY_AFTER_S))
+
+
+def test_openai_upstream_unreachable_is_503(serve_openai):
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    response = chat(serve_openai(OPENAI_BASE_URL=url), message="hi")
+    assert response.status_code == 503 and url in error_of(response)["message"]
+
+
+def test_openai_upstream_error_before_first_token_is_502_with_its_message(serve_openai, fake):
+    fake.script = Script(status=400, error_text="context length exceeded")
+    response = chat(serve_openai(), message="hi", stream=True)
+    assert response.status_code == 502 and "context length exceeded" in error_of(response)["message"]
+
+
+@pytest.mark.parametrize("fault", [{"error_after": 2}, {"drop_after": 2}])
+def test_openai_upstream_failure_mid_stream_cuts_the_plain_stream_and_stores_nothing(serve_openai, fake, fault):
+    fake.script = Script(**fault)
+    server = serve_openai()
+    with httpx.stream("POST", f"{server.url}/chat", json={"message": "hi", "stream": True,
+                                                           "conversation_id": "c"}) as response:
+        with pytest.raises(httpx.RemoteProtocolError):
+            for _ in response.iter_text():
+                pass
+    fake.script = Script()
+    chat(server, message="again", conversation_id="c")
+    assert len(fake.generations()[1].body["messages"]) == 2
+
+
+def test_openai_upstream_is_let_go_when_the_client_leaves(serve_openai, fake):
+    fake.script = Script(tokens=["a", "b"] + ["c"] * 50, token_delay_s=0.05, hold_after=2)
+    server = serve_openai()
+    sock = raw_post(server.port, "/chat", {"message": "hi", "stream": True})
+    read_until(sock, b"b")
+    sock.close()
+    wait_until(lambda: fake.hangups, timeout=1.0, what="the fake to see the hang-up")
+
+
+# ---------------------------------------------------------------------------
+# API: SSE on /chat (Accept: text/event-stream)
+# ---------------------------------------------------------------------------
+
+SSE = {"Accept": "text/event-stream"}
+
+
+def sse_events(response) -> list[tuple[str, str]]:
+    return decode_sse(response.iter_lines())
+
+
+def test_chat_sse_sends_token_events_then_done_with_counts_and_timings(serve, fake):
+    server = serve()
+    with httpx.stream("POST", f"{server.url}/chat", json={"message": "hi", "stream": True,
+                                                           "conversation_id": "s1"}, headers=SSE) as response:
+        events = sse_events(response)
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers["x-conversation-id"] == "s1" and response.headers["cache-control"] == "no-cache"
+    tokens = [json.loads(d)["text"] for e, d in events if e == "token"]
+    assert "".join(tokens) == "Hello from the Pi!" and len(tokens) == 5
+    (name, data) = events[-1]
+    done = json.loads(data)
+    assert name == "done" and done["conversation_id"] == "s1" and done["model"] == MODEL
+    assert done["tokens"] == 5 and done["completion_tokens"] == 5 and done["prompt_tokens"] > 0
+    assert done["done_reason"] == "stop" and done["ttft_ms"] >= 0 and done["duration_ms"] >= done["ttft_ms"]
+
+
+def test_chat_stream_without_accept_stays_plain_text(serve):
+    with httpx.stream("POST", f"{serve().url}/chat", json={"message": "hi", "stream": True}) as response:
+        assert response.headers["content-type"] == "text/plain; charset=utf-8"
+
+
+def test_chat_sse_reports_a_mid_stream_failure_as_an_error_event_and_stores_nothing(serve, fake):
+    fake.script = Script(error_after=2)
+    server = serve()
+    with httpx.stream("POST", f"{server.url}/chat", json={"message": "hi", "stream": True,
+                                                           "conversation_id": "c"}, headers=SSE) as response:
+        events = sse_events(response)  # a clean end: the error event is the report
+    assert [e for e, _ in events] == ["token", "token", "error"]
+    assert json.loads(events[-1][1])["error"]["code"] == "upstream_error"
+    fake.script = Script()
+    chat(server, message="again", conversation_id="c")
+    assert len(fake.generations()[1].body["messages"]) == 2
+
+
+def test_chat_sse_failure_before_first_token_is_still_an_http_error(serve, fake):
+    response = chat(serve(OLLAMA_MODEL_GENERAL="missing"), message="hi", stream=True)
+    assert response.status_code == 502 and error_of(response)["code"] == "model_not_found"
+
+
+def test_chat_sse_pings_while_waiting_for_the_first_token(serve, fake):
+    fake.script = Script(hold_after=0)  # the fake holds before its first token, like a Pi evaluating a long prompt
+    server = serve(SSE_PING_S=0.02)
+    with httpx.stream("POST", f"{server.url}/chat", json={"message": "hi", "stream": True}, headers=SSE) as r:
+        lines = r.iter_lines()
+        assert next(lines) == ": ping"
+        fake.script.release.set()
+        events = decode_sse(lines)
+    assert "".join(json.loads(d)["text"] for e, d in events if e == "token") == "Hello from the Pi!"
+    assert events[-1][0] == "done"
+
+
+def test_chat_sse_client_leaving_during_pings_stops_the_upstream(serve, fake):
+    fake.script = Script(hold_after=0)
+    server = serve(SSE_PING_S=0.02)
+    sock = raw_post(server.port, "/chat", {"message": "hi", "stream": True}, "Accept: text/event-stream\r\n")
+    read_until(sock, b": ping")
+    sock.close()
+    wait_until(lambda: fake.hangups, timeout=1.0, what="the fake to see the hang-up")
+
+
+# ---------------------------------------------------------------------------
+# API: the OpenAI-compatible front door (/v1)
+# ---------------------------------------------------------------------------
+
+
+def v1(server, headers=None, **body) -> httpx.Response:
+    return httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=headers, timeout=DEADLINE_S)
+
+
+def openai_error_of(response: httpx.Response) -> dict:
+    error = response.json()["error"]
+    assert {"message", "type", "code"} <= set(error), error
+    return error
+
+
+def test_v1_models_lists_the_agents_as_models(serve):
+    body = httpx.get(f"{serve(AGENTS='general,coder').url}/v1/models").json()
+    assert body["object"] == "list"
+    assert [(m["id"], m["object"]) for m in body["data"]] == [("general", "model"), ("coder", "model")]
+
+
+def test_v1_chat_completion_applies_the_agent_and_uses_client_history(serve, fake):
+    server = serve(AGENT_GENERAL_SYSTEM="Agent rules.")
+    messages = [{"role": "system", "content": "Client rules."}, {"role": "user", "content": "one"},
+                {"role": "assistant", "content": "uno"}, {"role": "user", "content": [{"type": "text", "text": "two"}]}]
+    response = v1(server, model="general", messages=messages)
+    body = response.json()
+    assert response.status_code == 200 and body["object"] == "chat.completion" and body["model"] == "general"
+    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "Hello from the Pi!"},
+                                "finish_reason": "stop"}]
+    assert body["usage"]["completion_tokens"] == 5
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 5
+    sent = [(m["role"], m["content"]) for m in fake.generations()[0].body["messages"]]
+    assert sent == [("system", "Agent rules."), ("system", "Client rules."), ("user", "one"),
+                    ("assistant", "uno"), ("user", "two")]
+    assert "x-conversation-id" not in response.headers
+
+
+def test_v1_uses_no_server_memory_without_a_conversation_header(serve, fake):
+    server = serve()
+    v1(server, model="general", messages=[{"role": "user", "content": "one"}])
+    v1(server, model="general", messages=[{"role": "user", "content": "two"}])
+    assert len(fake.generations()[1].body["messages"]) == 2
+
+
+def test_v1_with_conversation_header_uses_server_memory(serve, fake):
+    server = serve()
+    first = v1(server, {"X-Conversation-Id": "v1-conv"}, model="general", messages=[{"role": "user", "content": "one"}])
+    assert first.headers["x-conversation-id"] == "v1-conv"
+    # the client's own history is replaced by what piagent remembers
+    v1(server, {"X-Conversation-Id": "v1-conv"}, model="general",
+       messages=[{"role": "user", "content": "ignored"}, {"role": "assistant", "content": "x"},
+                 {"role": "user", "content": "two"}])
+    sent = [m["content"] for m in fake.generations()[1].body["messages"][1:]]
+    assert sent == ["one", "Hello from the Pi!", "two"]
+    assert chat(server, message="three", conversation_id="v1-conv").status_code == 200  # same memory as /chat
+    assert len(fake.generations()[2].body["messages"]) == 6
+
+
+def test_v1_stream_is_chat_completion_chunks_then_done(serve, fake):
+    server = serve()
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={
+            "model": "general", "stream": True, "messages": [{"role": "user", "content": "hi"}]}) as response:
+        events = sse_events(response)
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert events[-1][1] == "[DONE]"
+    chunks = [json.loads(d) for _, d in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" and c["model"] == "general" for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": "Hello"}
+    assert all("role" not in c["choices"][0]["delta"] for c in chunks[1:])
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "Hello from the Pi!"
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * 5 + ["stop"]
+
+
+def test_v1_stream_include_usage_adds_a_usage_chunk(serve, fake):
+    with httpx.stream("POST", f"{serve().url}/v1/chat/completions", json={
+            "model": "general", "stream": True, "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": "hi"}]}) as response:
+        events = sse_events(response)
+    usage_chunk = json.loads(events[-2][1])
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] == 5
+
+
+def test_v1_stream_mid_stream_failure_sends_an_error_object_and_no_done(serve, fake):
+    fake.script = Script(error_after=2)
+    with httpx.stream("POST", f"{serve().url}/v1/chat/completions", json={
+            "model": "general", "stream": True, "messages": [{"role": "user", "content": "hi"}]}) as response:
+        events = sse_events(response)
+    assert "[DONE]" not in [d for _, d in events]
+    assert json.loads(events[-1][1])["error"]["code"] == "upstream_error"
+
+
+def test_v1_request_overrides_max_tokens_and_temperature(serve, fake):
+    server = serve()
+    v1(server, model="general", max_tokens=33, temperature=0.1, messages=[{"role": "user", "content": "hi"}])
+    v1(server, model="general", max_completion_tokens=44, messages=[{"role": "user", "content": "hi"}])
+    first, second = (g.body["options"] for g in fake.generations())
+    assert (first["num_predict"], first["temperature"]) == (33, 0.1)
+    assert (second["num_predict"], second["temperature"]) == (44, 0.7)
+
+
+@pytest.mark.parametrize("extra", [{"temperature": 2.5}, {"temperature": -1}, {"max_tokens": 0},
+                                   {"max_tokens": 4096}, {"messages": []},
+                                   {"messages": [{"role": "assistant", "content": "hi"}]},
+                                   {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+                                   {"messages": [{"role": "tool", "content": "x"}]}])
+def test_v1_invalid_request_is_422_in_openai_error_shape(serve, fake, extra):
+    body = {"model": "general", "messages": [{"role": "user", "content": "hi"}], **extra}
+    response = v1(serve(), **body)
+    assert response.status_code == 422 and openai_error_of(response)["type"] == "invalid_request_error"
+    assert fake.generations() == []
+
+
+def test_v1_unknown_agent_is_404_not_found_error(serve):
+    response = v1(serve(), model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    error = openai_error_of(response)
+    assert response.status_code == 404 and error["type"] == "not_found_error" and "general" in error["message"]
+
+
+def test_v1_upstream_errors_keep_their_status_in_openai_shape():
+    with LiveServer(create_app(load_config({"OLLAMA_HOST": f"http://127.0.0.1:{free_port()}"}))) as server:
+        response = v1(server, model="general", messages=[{"role": "user", "content": "hi"}])
+    error = openai_error_of(response)
+    assert response.status_code == 503 and error["type"] == "api_error" and error["code"] == "upstream_unavailable"
+
+
+def test_official_openai_sdk_talks_to_piagent(serve, fake):
+    openai = pytest.importorskip("openai") if os.environ.get("CI") != "true" else __import__("openai")
+    client = openai.OpenAI(base_url=f"{serve().url}/v1", api_key="anything", max_retries=0)
+    assert [m.id for m in client.models.list()] == ["general"]
+    completion = client.chat.completions.create(model="general", messages=[{"role": "user", "content": "hi"}])
+    assert completion.choices[0].message.content == "Hello from the Pi!"
+    stream = client.chat.completions.create(model="general", messages=[{"role": "user", "content": "hi"}],
+                                            stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "Hello from the Pi!"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nobody", messages=[{"role": "user", "content": "hi"}])
 
 
 # ---------------------------------------------------------------------------
