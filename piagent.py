@@ -100,6 +100,11 @@ class Config:
         default=(Agent("general", "qwen2.5:3b-instruct", DEFAULT_SYSTEM_PROMPT),)
     )
 
+    @property
+    def upstream_url(self) -> str:
+        """The base URL of the model server the chosen provider talks to."""
+        return self.openai_base_url if self.provider == "openai" else self.ollama_host
+
     def agent(self, name: str) -> Agent | None:
         """The agent called `name`, or None."""
         return next((a for a in self.agents if a.name == name), None)
@@ -557,6 +562,7 @@ class HTTPProvider:
 
     name = ""
     label = ""  # how messages name the server, e.g. "Ollama"
+    start_hint = "start it"  # what to do when it cannot be reached
 
     def __init__(self, client: httpx.AsyncClient, config: Config):
         self.client = client
@@ -564,9 +570,10 @@ class HTTPProvider:
 
     @property
     def base_url(self) -> str:
-        raise NotImplementedError
+        return self.config.upstream_url
 
     def not_found(self, model: str) -> str:
+        """What to do when the server does not know `model`."""
         raise NotImplementedError
 
     def headers(self) -> dict[str, str]:
@@ -600,8 +607,6 @@ class HTTPProvider:
                 f"{self.label} at {url} sent nothing for {wait:g} s (OLLAMA_TIMEOUT_S); is the model too big for this machine?")
         return UpstreamError(f"connection to {self.label} at {url} failed: {exc.__class__.__name__}")
 
-    start_hint = "start it"
-
     async def post_json(self, path: str, body: dict[str, Any], model: str) -> dict[str, Any]:
         """POST a non-streaming request and return its JSON object."""
         try:
@@ -634,10 +639,6 @@ class OllamaProvider(HTTPProvider):
 
     name, label = "ollama", "Ollama"
     start_hint = "start it (sudo systemctl start ollama, or ollama serve)"
-
-    @property
-    def base_url(self) -> str:
-        return self.config.ollama_host
 
     def not_found(self, model: str) -> str:
         return f"model {model!r} is not available in Ollama; run: ollama pull {model}"
@@ -780,10 +781,6 @@ class OpenAIProvider(HTTPProvider):
 
     name, label = "openai", "the OpenAI-compatible server"
     start_hint = "start it, or check OPENAI_BASE_URL"
-
-    @property
-    def base_url(self) -> str:
-        return self.config.openai_base_url
 
     def headers(self) -> dict[str, str]:
         key = self.config.openai_api_key
@@ -1403,8 +1400,9 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         print(f"piagent: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # piagent's own request line says it all
     log.info("piagent on http://%s:%d -> %s %s, agents: %s", config.host, config.port, config.provider,
-             config.ollama_host, ", ".join(f"{a.name}={a.model}" for a in config.agents))
+             config.upstream_url, ", ".join(f"{a.name}={a.model}" for a in config.agents))
     uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=config.log_level,
                 access_log=False)
     return 0

@@ -195,7 +195,8 @@ def test_env_template_parses_and_holds_exactly_the_defaults():
     documented = {"PROVIDER", "OLLAMA_HOST", "OLLAMA_API", "OLLAMA_MODEL_GENERAL", "OLLAMA_KEEP_ALIVE",
                   "OLLAMA_CONNECT_TIMEOUT_S", "OLLAMA_TIMEOUT_S", "CTX_TOKENS", "MAX_TOKENS", "TEMPERATURE",
                   "ENABLE_MEMORY", "MEMORY_MAX_TURNS", "MEMORY_TTL_MIN", "MEMORY_MAX_CONVERSATIONS", "HOST",
-                  "PORT", "LOG_LEVEL", "AGENTS", "AGENT_GENERAL_SYSTEM"}
+                  "PORT", "LOG_LEVEL", "AGENTS", "AGENT_GENERAL_SYSTEM", "OPENAI_BASE_URL", "OPENAI_API_KEY",
+                  "OPENAI_MODEL_GENERAL", "SSE_PING_S"}
     assert documented <= keys | commented
 
 

