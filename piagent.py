@@ -19,8 +19,11 @@ this file, or --env-file), then the defaults in `Config`. piagent.env lists ever
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -28,6 +31,7 @@ import uuid
 from collections import OrderedDict, deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Literal, Mapping, NamedTuple, Protocol, TypeVar
 
@@ -37,6 +41,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 # ---------------------------------------------------------------------------
 # Config: typed settings from the environment and an optional env file
@@ -55,6 +60,9 @@ KEEP_ALIVE_PATTERN = re.compile(r"^-?\d+$|^-?(\d+(\.\d+)?(ns|us|ms|s|m|h))+$")
 #: A key in an env file: what systemd and a POSIX shell both accept.
 ENV_KEY_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS = ("auto", "text", "json")
+#: A CORS origin: scheme, host and optional port, nothing else (and never "*").
+ORIGIN_PATTERN = re.compile(r"^https?://[A-Za-z0-9.-]+(:\d{1,5})?$")
 #: Values of PROVIDER; each names a class in the PROVIDERS mapping of the Providers section.
 PROVIDER_NAMES = ("ollama", "openai")
 OLLAMA_APIS = ("chat", "generate")
@@ -96,6 +104,17 @@ class Config:
     port: int = 8000
     log_level: str = "info"
     sse_ping_s: float = 15.0  # SSE comment heartbeat while waiting for the first token, so proxies don't time out
+    log_format: str = "auto"  # text on a terminal, json otherwise (journald, files)
+    log_prompts: bool = False  # put message text in request logs: off, logs often outlive conversations
+    api_keys: tuple[str, ...] = ()  # empty: no auth (fine on loopback, loud warning otherwise)
+    rate_limit_per_min: int = 30  # per key (or per client address without keys); 0 = off
+    trust_proxy: bool = False  # take the client address from X-Forwarded-For (only behind your own proxy)
+    max_body_bytes: int = 65_536  # larger bodies are refused before parsing
+    max_message_chars: int = 4000  # longer messages are refused: a Pi cannot read a novel per request
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API; empty = no CORS headers
+    max_concurrent: int = 1  # generations at once: a Pi runs one well
+    max_queue: int = 8  # more requests than this waiting -> 503 queue_full instead of piling up
+    shutdown_grace_s: float = 10.0  # on SIGTERM, in-flight streams get this long to finish
     agents: tuple[Agent, ...] = field(
         default=(Agent("general", "qwen2.5:3b-instruct", DEFAULT_SYSTEM_PROMPT),)
     )
@@ -195,6 +214,13 @@ class _Settings:
             raise self.fail(key, f"a whole number from {low} to {high}")
         return int(value)
 
+    def items(self, key: str, pattern: re.Pattern, expected: str) -> tuple[str, ...]:
+        """A comma-separated list, each item matching `pattern`; empty or unset -> ()."""
+        items = tuple(i.strip() for i in (self.raw(key) or "").split(",") if i.strip())
+        if not all(pattern.match(i) for i in items):
+            raise self.fail(key, expected)
+        return items
+
     def number(self, key: str, default: float, low: float, high: float) -> float:
         value = self.raw(key)
         if value is None:
@@ -273,6 +299,19 @@ def load_config(environ: Mapping[str, str], env_file: Path | None = None) -> Con
         port=s.integer("PORT", d.port, 1, 65535),
         log_level=s.choice("LOG_LEVEL", d.log_level, LOG_LEVELS),
         sse_ping_s=s.number("SSE_PING_S", d.sse_ping_s, 0.01, 3600),
+        log_format=s.choice("LOG_FORMAT", d.log_format, LOG_FORMATS),
+        log_prompts=s.boolean("LOG_PROMPTS", d.log_prompts),
+        api_keys=s.items("API_KEYS", re.compile(r"^[\x21-\x2b\x2d-\x7e]{8,256}$"),
+                         "comma-separated keys of 8 to 256 printable characters, no spaces"),
+        rate_limit_per_min=s.integer("RATE_LIMIT_PER_MIN", d.rate_limit_per_min, 0, 100_000),
+        trust_proxy=s.boolean("TRUST_PROXY", d.trust_proxy),
+        max_body_bytes=s.integer("MAX_BODY_BYTES", d.max_body_bytes, 1024, 16_777_216),
+        max_message_chars=s.integer("MAX_MESSAGE_CHARS", d.max_message_chars, 1, 1_000_000),
+        cors_origins=s.items("CORS_ORIGINS", ORIGIN_PATTERN,
+                             "comma-separated origins such as http://pi.local:8000 (never *)"),
+        max_concurrent=s.integer("MAX_CONCURRENT", d.max_concurrent, 1, 1024),
+        max_queue=s.integer("MAX_QUEUE", d.max_queue, 0, 100_000),
+        shutdown_grace_s=s.number("SHUTDOWN_GRACE_S", d.shutdown_grace_s, 0, 3600),
         agents=_read_agents(s, "OPENAI_MODEL_" if provider == "openai" else "OLLAMA_MODEL_", d.agents[0].model),
     )
 
@@ -848,6 +887,302 @@ PROVIDERS: dict[str, type] = {"ollama": OllamaProvider, "openai": OpenAIProvider
 
 
 # ---------------------------------------------------------------------------
+# Guards: API keys, rate limits, body size, a bounded queue, graceful drain
+# ---------------------------------------------------------------------------
+
+#: The ASGI scope key where a request's log fields are gathered (by Guards, the routes and RequestLog).
+LOG_FIELDS_KEY = "piagent.log"
+#: Paths anyone may call without a key or a rate limit (liveness must work for systemd and monitors).
+OPEN_PATHS = frozenset({"/health"})
+#: At most this many rate-limit buckets are kept; the least recently used go first.
+MAX_RATE_BUCKETS = 10_000
+#: What a client may send as X-Request-Id; anything else gets a fresh id.
+REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class Unauthorized(PiagentError):
+    status, code = 401, "unauthorized"
+
+
+class RateLimited(PiagentError):
+    status, code = 429, "rate_limited"
+
+
+class BodyTooLarge(PiagentError):
+    status, code = 413, "body_too_large"
+
+
+class QueueFull(PiagentError):
+    status, code = 503, "queue_full"
+
+
+class ShuttingDown(PiagentError):
+    status, code = 503, "shutting_down"
+
+
+def key_id(key: str) -> str:
+    """A short, non-reversible name for a key, safe for logs. Example: key_id("s3cret-key") -> 8 hex digits"""
+    return hashlib.sha256(key.encode()).hexdigest()[:8]
+
+
+def presented_key(headers: Mapping[str, str]) -> str | None:
+    """The key a request carries: `Authorization: Bearer <key>` (any case, any spacing) or `X-API-Key: <key>`."""
+    scheme, _, value = headers.get("authorization", "").strip().partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return headers.get("x-api-key", "").strip() or None
+
+
+def match_key(presented: str, keys: tuple[str, ...]) -> str | None:
+    """The configured key equal to `presented`, compared in constant time against every key."""
+    found = None
+    for key in keys:  # no early exit: timing must not tell which key, or how much of it, matched
+        if hmac.compare_digest(presented.encode(), key.encode()):
+            found = key
+    return found
+
+
+def client_ip(scope: Mapping[str, Any], headers: Mapping[str, str], trust_proxy: bool) -> str:
+    """The caller's address; behind a trusted proxy, the last X-Forwarded-For entry (the one the proxy added)."""
+    forwarded = headers.get("x-forwarded-for", "")
+    if trust_proxy and forwarded.strip():
+        return forwarded.split(",")[-1].strip()
+    return (scope.get("client") or ("unknown", 0))[0]
+
+
+class TokenBuckets:
+    """Per-identity token buckets: `rate_per_min` requests a minute, bursts up to the same number.
+
+    Buckets are kept in last-use order; one that has been idle long enough to be full again is the same as no
+    bucket, so it is dropped, and there are never more than MAX_RATE_BUCKETS: memory is bounded.
+    """
+
+    def __init__(self, rate_per_min: int, clock: Callable[[], float], max_buckets: int = MAX_RATE_BUCKETS):
+        self.capacity = float(rate_per_min)
+        self.per_s = rate_per_min / 60.0
+        self.clock, self.max_buckets = clock, max_buckets
+        self._buckets: OrderedDict[str, list[float]] = OrderedDict()  # identity -> [tokens, last update]
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def take(self, identity: str) -> tuple[bool, int, int]:
+        """Spend one token: (allowed, tokens left, seconds until the next token if refused)."""
+        now = self.clock()
+        self._forget_idle(now)
+        tokens, last = self._buckets.pop(identity, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - last) * self.per_s)
+        allowed = tokens >= 1
+        tokens -= 1 if allowed else 0
+        self._buckets[identity] = [tokens, now]
+        while len(self._buckets) > self.max_buckets:
+            self._buckets.popitem(last=False)
+        retry_s = 0 if allowed else math.ceil((1 - tokens) / self.per_s)
+        return allowed, int(tokens), retry_s
+
+    def _forget_idle(self, now: float) -> None:
+        full_after_s = self.capacity / self.per_s
+        while self._buckets:
+            _, last = next(iter(self._buckets.values()))
+            if now - last < full_after_s:
+                return
+            self._buckets.popitem(last=False)
+
+
+class Gate:
+    """At most `limit` generations run at once; up to `max_queue` more wait in FIFO order; beyond that, QueueFull.
+
+    A waiter is a future resolved when a slot is handed to it. Cancelling it (its client left) takes it out of
+    the queue at once. `moved` is an event set whenever queue positions change.
+    """
+
+    def __init__(self, limit: int, max_queue: int):
+        self.limit, self.max_queue = limit, max_queue
+        self.active = 0
+        self.closed = False  # set while draining for shutdown: no new entries
+        self._waiting: deque[asyncio.Future] = deque()
+        self.moved = asyncio.Event()
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiting)
+
+    def enter(self) -> asyncio.Future | None:
+        """A slot now (None), or a queue ticket to await. Raises QueueFull or ShuttingDown."""
+        if self.closed:
+            raise ShuttingDown("piagent is shutting down; retry in a few seconds", {"Retry-After": "5"})
+        if self.active < self.limit and not self._waiting:
+            self.active += 1
+            return None
+        if len(self._waiting) >= self.max_queue:
+            raise QueueFull(f"the model is busy and {self.max_queue} requests already wait (MAX_QUEUE); retry shortly",
+                            {"Retry-After": str(DEFAULT_RETRY_AFTER_S)})
+        ticket = asyncio.get_running_loop().create_future()
+        ticket.add_done_callback(self._left_queue)
+        self._waiting.append(ticket)
+        return ticket
+
+    def position(self, ticket: asyncio.Future) -> int:
+        """1 for the next in line; 0 once the ticket holds a slot."""
+        return self._waiting.index(ticket) + 1 if ticket in self._waiting else 0
+
+    def leave(self) -> None:
+        """Give a slot back: it passes to the first waiter, if any."""
+        while self._waiting:
+            ticket = self._waiting.popleft()
+            if not ticket.done():
+                ticket.set_result(None)  # the slot changes hands; `active` stays the same
+                self._notify()
+                return
+        self.active -= 1
+
+    def _left_queue(self, ticket: asyncio.Future) -> None:
+        if ticket.cancelled() and ticket in self._waiting:
+            self._waiting.remove(ticket)
+            self._notify()
+
+    def _notify(self) -> None:
+        self.moved.set()
+        self.moved = asyncio.Event()
+
+
+class Slot:
+    """One request's place at the gate, from entry to release (which is safe to call twice)."""
+
+    def __init__(self, gate: Gate):
+        self.gate = gate
+        self.ticket = gate.enter()
+        self.released = False
+
+    @property
+    def granted(self) -> bool:
+        return self.ticket is None or (self.ticket.done() and not self.ticket.cancelled())
+
+    async def wait(self) -> None:
+        """Until the slot is ours (cancelling this leaves the queue)."""
+        if self.ticket is not None:
+            await self.ticket
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        if self.granted:
+            self.gate.leave()
+        else:
+            self.ticket.cancel()
+
+
+class Drain:
+    """Graceful shutdown: on begin(), the gate closes; `grace_s` later, `expired` tells waiters and streams to stop."""
+
+    def __init__(self, grace_s: float):
+        self.grace_s = grace_s
+        self.expired = asyncio.Event()
+        self.loop: asyncio.AbstractEventLoop | None = None  # set by the app's lifespan
+
+    def begin(self, gate: Gate) -> None:
+        """Called on the event loop when the server is told to stop."""
+        gate.closed = True
+        asyncio.get_running_loop().call_later(self.grace_s, self.expired.set)
+
+
+class Guards:
+    """ASGI middleware in front of the routes: request id, client address, body size, API key, rate limit.
+
+    Its errors are rendered by `render(scope, error) -> ASGI app`, given by the API section, so every error
+    still has one shape.
+    """
+
+    def __init__(self, app: Callable, config: Config, clock: Callable[[], float],
+                 render: Callable[[dict, PiagentError], Callable]):
+        self.app, self.config, self.render = app, config, render
+        self.buckets = TokenBuckets(config.rate_limit_per_min, clock) if config.rate_limit_per_min else None
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        fields = scope.setdefault(LOG_FIELDS_KEY, {})
+        given = headers.get("x-request-id", "")
+        fields["request_id"] = given if REQUEST_ID_PATTERN.match(given) else uuid.uuid4().hex
+        fields["client"] = client_ip(scope, headers, self.config.trust_proxy)
+        extra_headers = [(b"x-request-id", fields["request_id"].encode())]
+
+        async def send_with_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *extra_headers]}
+            await send(message)
+
+        try:
+            receive = await self._bounded_body(headers, receive)
+            if scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS":
+                identity = self._authorize(headers, fields)
+                extra_headers.extend(self._limit(identity))
+        except PiagentError as exc:
+            return await self.render(scope, exc)(scope, receive, send_with_headers)
+        await self.app(scope, receive, send_with_headers)
+
+    async def _bounded_body(self, headers: Mapping[str, str], receive: Callable) -> Callable:
+        """Read the body (refusing it past MAX_BODY_BYTES before any parsing), and replay it to the app."""
+        limit = self.config.max_body_bytes
+        too_large = BodyTooLarge(f"the request body is larger than {limit} bytes (MAX_BODY_BYTES)")
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return receive  # the client left; let the app see it
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > limit:
+                raise too_large
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        return replay
+
+    def _authorize(self, headers: Mapping[str, str], fields: dict[str, Any]) -> str:
+        """The identity to rate-limit: the key's id when keys are set (else 401), or the client address."""
+        keys = self.config.api_keys
+        if not keys:
+            return f"ip:{fields['client']}"
+        key = match_key(presented_key(headers) or "", keys)
+        if key is None:
+            raise Unauthorized("missing or wrong API key: send Authorization: Bearer <key> or X-API-Key: <key>",
+                               {"WWW-Authenticate": "Bearer"})
+        fields["key"] = key_id(key)
+        return f"key:{fields['key']}"
+
+    def _limit(self, identity: str) -> list[tuple[bytes, bytes]]:
+        """Spend a token for `identity`: the X-RateLimit-Remaining header, or RateLimited."""
+        if self.buckets is None:
+            return []
+        allowed, left, retry_s = self.buckets.take(identity)
+        if not allowed:
+            raise RateLimited(f"more than {self.config.rate_limit_per_min} requests a minute (RATE_LIMIT_PER_MIN); "
+                              f"retry in {retry_s} s", {"Retry-After": str(retry_s), "X-RateLimit-Remaining": "0"})
+        return [(b"x-ratelimit-remaining", str(left).encode())]
+
+
+def startup_warnings(config: Config) -> list[str]:
+    """What an operator must hear at start-up. Example: HOST=0.0.0.0 with no API_KEYS -> one loud warning."""
+    warnings = []
+    if config.host not in ("127.0.0.1", "localhost", "::1") and not config.api_keys:
+        warnings.append(f"!!! piagent listens on {config.host} with NO API_KEYS: anyone who can reach this "
+                        f"machine can use the model. Set API_KEYS (see README, 'Safe on the LAN'). !!!")
+    return warnings
+
+
+# ---------------------------------------------------------------------------
 # API: request/response models, create_app(config, transport=None), routes
 # ---------------------------------------------------------------------------
 
@@ -855,8 +1190,6 @@ PROVIDERS: dict[str, type] = {"ollama": OllamaProvider, "openai": OpenAIProvider
 CONVERSATION_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 #: Headers that keep reverse proxies and browsers from holding streamed tokens back.
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-#: The ASGI scope key where a request's log fields are gathered.
-LOG_FIELDS_KEY = "piagent.log"
 #: OpenAI error "type" by HTTP status, for the /v1 front door.
 OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                       422: "invalid_request_error", 429: "rate_limit_error"}
@@ -926,25 +1259,34 @@ class InvalidRequest(PiagentError):
     status, code = 422, "invalid_request"
 
 
+class MessageTooLong(PiagentError):
+    status, code = 413, "message_too_long"
+
+
 class ClientGone(Exception):
     """The client hung up before the reply was ready; nothing is sent back."""
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, but cancel it the moment the client disconnects (then raise ClientGone).
+    """Await `work`, but cancel it the moment the client disconnects (then raise ClientGone), or when the
+    shutdown grace is over (then raise ShuttingDown).
 
     This is what stops the model generating for a client that has gone while it waited for a reply.
     """
     task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_for_disconnect(request.receive))
+    gone = asyncio.ensure_future(_wait_for_disconnect(request.receive))
+    drained = asyncio.ensure_future(request.app.state.drain.expired.wait())
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, gone, drained}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        watcher.cancel()
+        gone.cancel()
+        drained.cancel()
         if not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
     if task.cancelled():
+        if request.app.state.drain.expired.is_set():
+            raise ShuttingDown("piagent is shutting down; retry in a few seconds", {"Retry-After": "5"})
         raise ClientGone()
     return task.result()
 
@@ -963,6 +1305,7 @@ class Exchange:
     prompt: Prompt
     sampling: Sampling
     turn: PendingTurn
+    slot: Slot
     fields: dict[str, Any]  # the request's log fields
     usage: Usage = field(default_factory=Usage)
 
@@ -972,6 +1315,17 @@ class Exchange:
 
     def elapsed_ms(self) -> int:
         return round((time.perf_counter() - self.fields["start"]) * 1000)
+
+    async def wait_for_slot(self) -> None:
+        """Wait in the gate's queue (leaving it if the client goes), and note how long it took."""
+        if not self.slot.granted:
+            await until_disconnect(self.request, self.slot.wait())
+        self.fields["queue_wait_ms"] = self.elapsed_ms()
+
+    async def finish(self, reply: str | None) -> None:
+        """Free the model slot, then store the turn (unless reply is None) and unlock the conversation."""
+        self.slot.release()
+        await self.turn.finish(reply)
 
 
 class PlainText:
@@ -987,6 +1341,10 @@ class PlainText:
         return ""
 
     def failure(self, exc: PiagentError) -> str | None:
+        return None
+
+    def queued(self, position: int) -> str | None:
+        """What to send while waiting in the queue at `position`; None: this format waits silently."""
         return None
 
 
@@ -1011,6 +1369,9 @@ class ChatEvents(PlainText):
 
     def failure(self, exc: PiagentError) -> str | None:
         return sse_event(_error_body(exc.code, exc.message), "error")
+
+    def queued(self, position: int) -> str | None:
+        return sse_event({"position": position}, "queued")
 
 
 class OpenAIChunks(PlainText):
@@ -1057,8 +1418,8 @@ class TokenStream(Response):
     the source (closing the upstream request) the instant the client disconnects.
     """
 
-    def __init__(self, pieces: AsyncIterator[str], headers: dict[str, str], fields: dict[str, Any]):
-        self.pieces = pieces
+    def __init__(self, pieces: AsyncIterator[str], headers: dict[str, str], fields: dict[str, Any], drain: Drain):
+        self.pieces, self.drain = pieces, drain
         self.status_code, self.background = 200, None
         self.raw_headers = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
         self.fields = fields  # request log fields; set "error" when the stream is cut
@@ -1066,11 +1427,13 @@ class TokenStream(Response):
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         pump = asyncio.ensure_future(self._pump(send))
-        watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
-        await asyncio.wait({pump, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        watcher.cancel()
-        if not pump.done():
-            self.fields["error"] = "client_gone"
+        gone = asyncio.ensure_future(_wait_for_disconnect(receive))
+        drained = asyncio.ensure_future(self.drain.expired.wait())
+        await asyncio.wait({pump, gone, drained}, return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        drained.cancel()
+        if not pump.done():  # the client left, or the shutdown grace is over: stop the upstream now
+            self.fields["error"] = "shutting_down" if self.drain.expired.is_set() else "client_gone"
             pump.cancel()
         (outcome,) = await asyncio.gather(pump, return_exceptions=True)
         if isinstance(outcome, Exception):  # a bug, not an upstream failure: say so, cut the stream
@@ -1124,7 +1487,7 @@ async def relay(first: asyncio.Future, rest: AsyncIterator[str], x: Exchange, fm
             first.cancel()
             await asyncio.gather(first, return_exceptions=True)
         await rest.aclose()
-        await x.turn.finish(None if failed else "".join(sent))
+        await x.finish(None if failed else "".join(sent))
 
 
 async def _prepend(first: str | None, rest: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -1136,7 +1499,18 @@ async def _prepend(first: str | None, rest: AsyncIterator[str]) -> AsyncIterator
 
 async def stream_reply(x: Exchange, fmt: PlainText) -> TokenStream:
     """Start a streamed reply. A failure that comes before the first piece (or before the first ping is
-    due) is still raised here, so it becomes a proper HTTP error rather than a 200 that breaks."""
+    due) is still raised here, so it becomes a proper HTTP error rather than a 200 that breaks.
+
+    A format that can report queueing (SSE on /chat) starts at once when it must wait for the model.
+    """
+    drain = x.request.app.state.drain
+    if not x.slot.granted and fmt.queued(1) is not None:
+        return TokenStream(queued_stream(x, fmt), stream_headers(x, fmt), x.fields, drain)
+    try:
+        await x.wait_for_slot()
+    except BaseException:
+        await x.finish(None)
+        raise
     pieces = x.provider.stream(x.agent, x.prompt, x.sampling, x.usage)
     first = asyncio.ensure_future(anext(pieces, None))
     try:
@@ -1148,22 +1522,51 @@ async def stream_reply(x: Exchange, fmt: PlainText) -> TokenStream:
         first.cancel()
         await asyncio.gather(first, return_exceptions=True)
         await pieces.aclose()
-        await x.turn.finish(None)
+        await x.finish(None)
         raise
+    return TokenStream(relay(first, pieces, x, fmt), stream_headers(x, fmt), x.fields, drain)
+
+
+def stream_headers(x: Exchange, fmt: PlainText) -> dict[str, str]:
     headers = {"Content-Type": fmt.media_type, **STREAM_HEADERS}
     if x.turn.conversation_id:
         headers["X-Conversation-Id"] = x.turn.conversation_id
-    return TokenStream(relay(first, pieces, x, fmt), headers, x.fields)
+    return headers
+
+
+async def queued_stream(x: Exchange, fmt: PlainText) -> AsyncIterator[str]:
+    """`queued` events with the position as it changes (pings between), then the reply as `relay` sends it."""
+    gate: Gate = x.request.app.state.gate
+    waiting = asyncio.ensure_future(x.slot.wait())
+    try:
+        shown = None
+        while not waiting.done():
+            position = gate.position(x.slot.ticket)
+            yield fmt.queued(position) if position != shown else ": ping\n\n"
+            shown = position
+            moved = asyncio.ensure_future(gate.moved.wait())
+            await asyncio.wait({waiting, moved}, timeout=fmt.ping_s, return_when=asyncio.FIRST_COMPLETED)
+            moved.cancel()
+        waiting.result()
+    except BaseException:
+        waiting.cancel()
+        await x.finish(None)
+        raise
+    x.fields["queue_wait_ms"] = x.elapsed_ms()
+    pieces = x.provider.stream(x.agent, x.prompt, x.sampling, x.usage)
+    async for out in relay(asyncio.ensure_future(anext(pieces, None)), pieces, x, fmt):
+        yield out
 
 
 async def complete_reply(x: Exchange) -> str:
     """The whole reply; the upstream call is cancelled if the client leaves while waiting."""
     try:
+        await x.wait_for_slot()
         reply = await until_disconnect(x.request, x.provider.complete(x.agent, x.prompt, x.sampling, x.usage))
     except BaseException:
-        await x.turn.finish(None)
+        await x.finish(None)
         raise
-    await x.turn.finish(reply)
+    await x.finish(reply)
     x.fields.update(tokens=x.usage.completion_tokens, prompt_tokens=x.usage.prompt_tokens)
     return reply
 
@@ -1177,13 +1580,18 @@ def _openai_error_body(status: int, code: str, message: str) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
 
-def error_response(request: Request, status: int, code: str, message: str,
+def error_response(scope: Mapping[str, Any], status: int, code: str, message: str,
                    headers: Mapping[str, str] | None = None) -> JSONResponse:
     """The one place errors become HTTP: {"error": {"code", "message"}}, or OpenAI's shape under /v1/."""
-    request.scope.get(LOG_FIELDS_KEY, {})["error"] = code
-    if request.url.path.startswith("/v1/"):
+    scope.get(LOG_FIELDS_KEY, {})["error"] = code
+    if scope["path"].startswith("/v1/"):
         return JSONResponse(_openai_error_body(status, code, message), status, headers=headers)
     return JSONResponse(_error_body(code, message), status, headers=headers)
+
+
+def render_error(scope: Mapping[str, Any], exc: PiagentError) -> JSONResponse:
+    """error_response for a typed error (what Guards uses for its refusals)."""
+    return error_response(scope, exc.status, exc.code, exc.message, exc.headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -1191,7 +1599,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(PiagentError)
     async def piagent_error(request: Request, exc: PiagentError) -> JSONResponse:
-        return error_response(request, exc.status, exc.code, exc.message, exc.headers)
+        return render_error(request.scope, exc)
 
     @app.exception_handler(ClientGone)
     async def client_gone(request: Request, exc: ClientGone) -> Response:
@@ -1203,21 +1611,29 @@ def install_error_handlers(app: FastAPI) -> None:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors()
         )
-        return error_response(request, 422, "invalid_request", problems)
+        return error_response(request.scope, 422, "invalid_request", problems)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(request, exc.status_code, code, str(exc.detail), exc.headers)
+        return error_response(request.scope, exc.status_code, code, str(exc.detail), exc.headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-        return error_response(request, 500, "internal_error", "piagent hit a bug; see its log")
+        return error_response(request.scope, 500, "internal_error", "piagent hit a bug; see its log")
+
+
+#: The fields of a request record, in the order a text line shows them (after method, path, status, duration).
+LOG_RECORD_FIELDS = ("request_id", "client", "key", "agent", "model", "provider", "conversation_id",
+                     "queue_wait_ms", "ttft_ms", "tokens", "tokens_per_s", "prompt_tokens", "error", "prompt")
 
 
 class RequestLog:
-    """ASGI middleware: one INFO line per request, written when the response (or stream) ends."""
+    """ASGI middleware: one INFO record per request, written when the response (or stream) ends.
+
+    The record carries `request` (a dict of LOG_RECORD_FIELDS and more) for TextLog and JsonLog to render.
+    """
 
     def __init__(self, app: Callable):
         self.app = app
@@ -1236,24 +1652,53 @@ class RequestLog:
         try:
             await self.app(scope, receive, send_and_note)
         finally:
-            log.info(_log_line(scope["method"], scope["path"], fields))
+            record = request_record(scope["method"], scope["path"], fields)
+            log.info("%s %s %s", scope["method"], scope["path"], record["status"], extra={"request": record})
 
 
-def _log_line(method: str, path: str, fields: dict[str, Any]) -> str:
-    """Example: POST /chat 200 1234ms agent=general model=m conversation=ab12 tokens=40 ttft_ms=310"""
-    ms = round((time.perf_counter() - fields["start"]) * 1000)
-    extra = " ".join(
-        f"{k}={fields[k]}" for k in ("agent", "model", "conversation", "tokens", "ttft_ms", "prompt_tokens", "error")
-        if fields.get(k) is not None
-    )
-    return f"{method} {path} {fields['status'] or '-'} {ms}ms {extra}".rstrip()
+def request_record(method: str, path: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """The finished request as a flat dict: method, path, status, duration_ms, then the fields that are set."""
+    duration_ms = round((time.perf_counter() - fields["start"]) * 1000)
+    tokens, after_ms = fields.get("tokens"), fields.get("ttft_ms", fields.get("queue_wait_ms"))
+    if tokens and after_ms is not None and duration_ms > after_ms:
+        fields["tokens_per_s"] = round(tokens * 1000 / (duration_ms - after_ms), 2)
+    record = {"method": method, "path": path, "status": fields["status"] or 499, "duration_ms": duration_ms}
+    record.update((k, fields[k]) for k in LOG_RECORD_FIELDS if fields.get(k) is not None)
+    return record
+
+
+class TextLog(logging.Formatter):
+    """Human lines. Example: ... INFO piagent: POST /chat 200 1234ms request_id=ab.. agent=general tokens=40"""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        request = getattr(record, "request", None)
+        if request is not None:
+            pairs = " ".join(f"{k}={json.dumps(v) if k == 'prompt' else v}"
+                             for k, v in request.items() if k in LOG_RECORD_FIELDS)
+            record.message = f"{request['method']} {request['path']} {request['status']} {request['duration_ms']}ms {pairs}"
+        return super().formatMessage(record)
+
+
+class JsonLog(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and a request's fields at the top level."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+               "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+        out.update(getattr(record, "request", {}))
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False, default=str)
 
 
 def create_app(config: Config, transport: httpx.AsyncBaseTransport | None = None,
                clock: Callable[[], float] = time.monotonic) -> FastAPI:
-    """Build a piagent app for `config`. Its lifespan owns the upstream client and the memory store.
+    """Build a piagent app for `config`. Its lifespan owns the upstream client, the memory store and the gate.
 
-    `transport` replaces httpx's network transport (tests); `clock` drives memory TTLs (tests).
+    `transport` replaces httpx's network transport (tests); `clock` drives memory TTLs and rate limits (tests).
     """
 
     @asynccontextmanager
@@ -1267,13 +1712,25 @@ def create_app(config: Config, transport: httpx.AsyncBaseTransport | None = None
                 if config.enable_memory else None
             )
             app.state.locks = ConversationLocks()
+            app.state.gate = Gate(config.max_concurrent, config.max_queue)
+            app.state.drain.loop = asyncio.get_running_loop()
             yield
 
     app = FastAPI(title="piagent", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.config = config
+    app.state.drain = Drain(config.shutdown_grace_s)
     install_error_handlers(app)
     add_routes(app, config)
     add_openai_routes(app, config)
+    # added innermost first: RequestLog wraps CORS, which wraps Guards (so preflights need no key)
+    app.add_middleware(Guards, config=config, clock=clock, render=render_error)
+    if config.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_credentials=False,
+                           allow_methods=["GET", "POST", "DELETE"], max_age=600,
+                           allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Conversation-Id",
+                                          "X-Request-Id"],
+                           expose_headers=["X-Conversation-Id", "X-Request-Id", "Retry-After",
+                                           "X-RateLimit-Remaining"])
     app.add_middleware(RequestLog)
     return app
 
@@ -1286,20 +1743,33 @@ def _find_agent(config: Config, name: str) -> Agent:
     return agent
 
 
+def _check_length(config: Config, text: str) -> None:
+    if len(text) > config.max_message_chars:
+        raise MessageTooLong(f"a message may be at most {config.max_message_chars} characters (MAX_MESSAGE_CHARS); "
+                             f"this one has {len(text)}")
+
+
 async def _exchange(request: Request, agent: Agent, conversation_id: str | None, system_history: list[Message],
                     history: list[Message] | None, message: str, sampling: Sampling) -> Exchange:
-    """Lock the conversation (if any), read its history, and gather what the generation needs.
+    """Lock the conversation (if any), read its history, take a place at the gate, and gather the rest.
 
     `history` given: the client's own history, server memory unused. None: server memory by conversation_id.
     """
-    state = request.app.state
+    state, config = request.app.state, request.app.state.config
+    fields = request.scope[LOG_FIELDS_KEY]
+    fields.update(agent=agent.name, model=agent.model, provider=state.provider.name, conversation_id=conversation_id)
+    if config.log_prompts:
+        fields["prompt"] = message
     store = state.store if conversation_id and history is None else None
     turn = PendingTurn(store, state.locks, conversation_id or "", message)
     kept = turns_as_messages(await until_disconnect(request, turn.begin()))
-    fields = request.scope[LOG_FIELDS_KEY]
-    fields.update(agent=agent.name, model=agent.model, conversation=conversation_id)
+    try:
+        slot = Slot(state.gate)
+    except PiagentError:
+        await turn.finish(None)
+        raise
     prompt = Prompt(agent.system, system_history + (kept if history is None else history), message)
-    return Exchange(request, agent, prompt, sampling, turn, fields, Usage(model=agent.model))
+    return Exchange(request, agent, prompt, sampling, turn, slot, fields, Usage(model=agent.model))
 
 
 def add_routes(app: FastAPI, config: Config) -> None:
@@ -1317,6 +1787,7 @@ def add_routes(app: FastAPI, config: Config) -> None:
     @app.post("/chat", response_model=ChatResponse)
     async def chat(body: ChatRequest, request: Request) -> Any:
         agent = _find_agent(config, body.agent)
+        _check_length(config, body.message)
         conversation_id = body.conversation_id or uuid.uuid4().hex
         x = await _exchange(request, agent, conversation_id, [], None, body.message, defaults)
         if body.stream:
@@ -1356,6 +1827,8 @@ def add_openai_routes(app: FastAPI, config: Config) -> None:
             raise InvalidRequest(f"max_tokens={max_tokens} must be below the context size {config.ctx_tokens}")
         sampling = Sampling(max_tokens, config.temperature if body.temperature is None else body.temperature)
         system, history, message = _split_openai_messages(body.messages)
+        for m in [*system, *history, {"content": message}]:
+            _check_length(config, m["content"])
         conversation_id = request.headers.get("x-conversation-id")
         if conversation_id is not None and not re.fullmatch(CONVERSATION_ID_PATTERN, conversation_id):
             raise InvalidRequest(f"X-Conversation-Id must match {CONVERSATION_ID_PATTERN}")
@@ -1380,7 +1853,7 @@ def add_openai_routes(app: FastAPI, config: Config) -> None:
 
 
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
-    """Parse flags, load config, run the server. Exit 2 with one line on a config error."""
+    """Parse flags, load config, run the server until SIGTERM/SIGINT. Exit 2 with one line on a config error."""
     import argparse
     import sys
 
@@ -1399,13 +1872,34 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     except ConfigError as exc:
         print(f"piagent: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # piagent's own request line says it all
+    configure_logging(config, sys.stderr)
     log.info("piagent on http://%s:%d -> %s %s, agents: %s", config.host, config.port, config.provider,
              config.upstream_url, ", ".join(f"{a.name}={a.model}" for a in config.agents))
-    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=config.log_level,
-                access_log=False)
+    for warning in startup_warnings(config):
+        log.warning(warning)
+    app = create_app(config)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # first signal: close the gate and start the grace period on the loop, then let uvicorn drain
+            loop = app.state.drain.loop
+            if loop is not None and not self.should_exit:
+                loop.call_soon_threadsafe(app.state.drain.begin, app.state.gate)
+            super().handle_exit(sig, frame)
+
+    # uvicorn's own limit comes a little after ours, so it never has to cancel (and 500) a request itself
+    Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level, access_log=False,
+                          log_config=None, timeout_graceful_shutdown=config.shutdown_grace_s + 2)).run()
     return 0
+
+
+def configure_logging(config: Config, stream: Any) -> None:
+    """Root logging to `stream` at LOG_LEVEL, as text or JSON lines (auto: text on a terminal)."""
+    use_json = config.log_format == "json" or (config.log_format == "auto" and not stream.isatty())
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonLog() if use_json else TextLog())
+    logging.basicConfig(level=config.log_level.upper(), handlers=[handler], force=True)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # piagent's own request record says it all
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import shutil
@@ -465,7 +466,7 @@ def test_generate_mode_posts_rendered_prompt_with_system(serve, fake):
 
 def test_same_conversation_waits_its_turn_and_others_do_not(serve, fake):
     fake.script = Script(tokens=["A1", "A2"], hold_after=1)
-    server = serve()
+    server = serve(MAX_CONCURRENT=2)  # room for two generations: only the conversation lock may hold b back
     locks = server.app.state.locks
     with httpx.stream("POST", f"{server.url}/chat", json={"message": "a", "stream": True,
                                                            "conversation_id": "x"}) as first:
@@ -1009,19 +1010,63 @@ def test_official_openai_sdk_talks_to_piagent(serve, fake):
 # ---------------------------------------------------------------------------
 
 
-def test_one_log_line_per_request_with_fields_and_never_the_message(serve, fake, caplog):
+def piagent_records(caplog) -> list[dict]:
+    return [r.request for r in caplog.records if r.name == "piagent" and hasattr(r, "request")]
+
+
+def test_one_record_per_request_with_fields_and_never_the_message(serve, fake, caplog):
     caplog.set_level("INFO", logger="piagent")
     server = serve()
     chat(server, message="my secret words", conversation_id="log-1")
     with httpx.stream("POST", f"{server.url}/chat", json={"message": "my secret words", "stream": True,
                                                            "conversation_id": "log-1"}) as r:
         r.read()
-    wait_until(lambda: len([r for r in caplog.records if r.name == "piagent"]) >= 2, what="two log lines")
-    lines = [r.getMessage() for r in caplog.records if r.name == "piagent"]
-    assert all("secret" not in line for line in lines)
-    plain, streamed = lines
-    assert re.match(r"POST /chat 200 \d+ms agent=general model=qwen2.5:3b-instruct conversation=log-1 tokens=5", plain)
-    assert "ttft_ms=" in streamed and "tokens=5" in streamed
+    wait_until(lambda: len(piagent_records(caplog)) == 2, what="two request records")
+    assert "secret" not in caplog.text
+    plain, streamed = piagent_records(caplog)
+    expected = {"method": "POST", "path": "/chat", "status": 200, "agent": "general", "model": MODEL,
+                "provider": "ollama", "conversation_id": "log-1", "tokens": 5, "client": "127.0.0.1"}
+    assert expected.items() <= plain.items() and expected.items() <= streamed.items()
+    assert plain["prompt_tokens"] > 0 and streamed["ttft_ms"] >= 0 and streamed["tokens_per_s"] > 0
+    assert all(r["duration_ms"] >= 0 and re.fullmatch(r"[0-9a-f]{32}", r["request_id"]) and r["queue_wait_ms"] >= 0
+               for r in (plain, streamed))
+
+
+def test_text_log_line_shows_method_path_status_duration_and_fields():
+    record = logging.LogRecord("piagent", logging.INFO, __file__, 1, "POST /chat 200", None, None)
+    record.request = {"method": "POST", "path": "/chat", "status": 200, "duration_ms": 12, "request_id": "r1",
+                      "agent": "general", "tokens": 3, "prompt": "a \"quoted\" text"}
+    line = piagent.TextLog().format(record)
+    assert line.endswith('piagent: POST /chat 200 12ms request_id=r1 agent=general tokens=3 prompt="a \\"quoted\\" text"')
+
+
+def test_json_log_is_one_object_per_line_with_the_request_fields():
+    record = logging.LogRecord("piagent", logging.INFO, __file__, 1, "POST /chat 200", None, None)
+    record.request = {"method": "POST", "path": "/chat", "status": 200, "duration_ms": 12, "tokens": 3}
+    data = json.loads(piagent.JsonLog().format(record))
+    assert data["level"] == "info" and data["status"] == 200 and data["tokens"] == 3 and "T" in data["time"]
+
+
+def test_log_prompts_puts_the_message_in_the_record(serve, fake, caplog):
+    caplog.set_level("INFO", logger="piagent")
+    chat(serve(LOG_PROMPTS="true"), message="visible words")
+    wait_until(lambda: piagent_records(caplog), what="a request record")
+    assert piagent_records(caplog)[0]["prompt"] == "visible words"
+
+
+def test_request_id_is_taken_from_the_client_or_made_and_echoed(serve):
+    server = serve()
+    assert httpx.get(f"{server.url}/agents", headers={"X-Request-Id": "trace-42"}).headers["x-request-id"] == "trace-42"
+    made = httpx.get(f"{server.url}/agents", headers={"X-Request-Id": "bad id!"}).headers["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", made)
+
+
+def test_json_logs_from_a_real_process_are_one_object_per_line(fake):
+    with piagent_process({"OLLAMA_HOST": fake.url, "LOG_FORMAT": "json"}, capture=True) as (url, proc):
+        httpx.post(f"{url}/chat", json={"message": "hi"})
+    lines = [json.loads(line) for line in proc.stdout.read().splitlines() if line.strip()]
+    assert any(r.get("path") == "/chat" and r.get("status") == 200 for r in lines)
+    assert all({"time", "level", "message"} <= r.keys() for r in lines)
 
 
 # ---------------------------------------------------------------------------
@@ -1030,7 +1075,7 @@ def test_one_log_line_per_request_with_fields_and_never_the_message(serve, fake,
 
 
 @contextmanager
-def piagent_process(env: dict):
+def piagent_process(env: dict, capture: bool = False):
     port = free_port()
     proc = subprocess.Popen([sys.executable, str(HERE / "piagent.py"), "--port", str(port)],
                             env={**os.environ, **env}, stdin=subprocess.DEVNULL,
@@ -1043,7 +1088,7 @@ def piagent_process(env: dict):
                 assert proc.poll() is None, proc.stdout.read()
                 return False
         wait_until(up, what="python piagent.py to answer /health")
-        yield f"http://127.0.0.1:{port}"
+        yield (f"http://127.0.0.1:{port}", proc) if capture else f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
         proc.wait(DEADLINE_S)
