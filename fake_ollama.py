@@ -179,7 +179,8 @@ class FakeOllama:
                 return await self._stream(wire, script, writer, gone)
             return await self._whole(wire, script, writer, gone)
         finally:
-            watcher.cancel()
+            watcher.cancel()  # and wait for it: the next request on this connection reads the same stream
+            await asyncio.gather(watcher, return_exceptions=True)
 
     async def _pause(self, seconds: float, gone: "_Hangup") -> bool:
         """Wait `seconds`; True if the client hung up meanwhile (recorded once)."""

@@ -1126,7 +1126,9 @@ class Guards:
     async def _bounded_body(self, headers: Mapping[str, str], receive: Callable) -> Callable:
         """Read the body (refusing it past MAX_BODY_BYTES before any parsing), and replay it to the app."""
         limit = self.config.max_body_bytes
-        too_large = BodyTooLarge(f"the request body is larger than {limit} bytes (MAX_BODY_BYTES)")
+        # Connection: close, or the server would go on reading (and discarding) the rest of a huge body
+        too_large = BodyTooLarge(f"the request body is larger than {limit} bytes (MAX_BODY_BYTES)",
+                                 {"Connection": "close"})
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise too_large
@@ -1887,10 +1889,20 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
                 loop.call_soon_threadsafe(app.state.drain.begin, app.state.gate)
             super().handle_exit(sig, frame)
 
-    # uvicorn's own limit comes a little after ours, so it never has to cancel (and 500) a request itself
-    Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level, access_log=False,
-                          log_config=None, timeout_graceful_shutdown=config.shutdown_grace_s + 2)).run()
+    Server(uvicorn.Config(app, host=config.host, port=config.port, **uvicorn_options(config))).run()
     return 0
+
+
+def uvicorn_options(config: Config) -> dict[str, Any]:
+    """How piagent runs uvicorn (the tests use the same)."""
+    return {
+        "log_level": config.log_level,
+        "access_log": False,  # piagent writes its own record per request
+        "log_config": None,  # keep piagent's logging set-up (text or JSON) for uvicorn's lines too
+        "proxy_headers": False,  # X-Forwarded-For is piagent's business, and only with TRUST_PROXY=true
+        # uvicorn's own limit comes a little after ours, so it never has to cancel (and 500) a request itself
+        "timeout_graceful_shutdown": config.shutdown_grace_s + 2,
+    }
 
 
 def configure_logging(config: Config, stream: Any) -> None:

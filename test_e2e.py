@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ import httpx
 import pytest
 
 from piagent import create_app, load_config
-from test_piagent import DEADLINE_S, LiveServer, free_port, raw_post, read_until, wait_until
+from test_piagent import DEADLINE_S, LiveServer, free_port, piagent_records, raw_post, read_until, wait_until
 
 IN_CI = os.environ.get("CI") == "true"
 LLM_START_S = 120.0  # loading a 100 MB model on a busy 2-core machine
@@ -118,9 +117,12 @@ def test_second_turn_sends_the_first_as_history(piagent_url, caplog):
     caplog.set_level("INFO", logger="piagent")
     first = post_chat(piagent_url, message="My name is Ada.").json()
     post_chat(piagent_url, message="What is my name?", conversation_id=first["conversation_id"])
-    pattern = rf"conversation={first['conversation_id']} .*prompt_tokens=(\d+)"
-    wait_until(lambda: len(re.findall(pattern, caplog.text)) == 2, what="both requests' log lines")
-    prompts = [int(m) for m in re.findall(pattern, caplog.text)]
+    def prompts():
+        return [r["prompt_tokens"] for r in piagent_records(caplog)
+                if r.get("conversation_id") == first["conversation_id"]]
+
+    wait_until(lambda: len(prompts()) == 2, what="both requests' log records")
+    prompts = prompts()
     # the second prompt carries the first message and reply: it grows by at least the reply's tokens
     reply_tokens = len(first["reply"].split())
     assert prompts[1] > prompts[0] + reply_tokens

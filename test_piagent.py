@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -59,7 +60,8 @@ class LiveServer:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        options = {**piagent.uvicorn_options(app.state.config), "log_level": "warning"}
+        self.server = uvicorn.Server(uvicorn.Config(app, **options))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> "LiveServer":
@@ -1006,6 +1008,334 @@ def test_official_openai_sdk_talks_to_piagent(serve, fake):
 
 
 # ---------------------------------------------------------------------------
+# Guards: API keys
+# ---------------------------------------------------------------------------
+
+KEY, OTHER_KEY = "kitchen-pi-key-1", "garden-pi-key-22"
+
+
+@pytest.mark.parametrize("headers", [{"Authorization": f"Bearer {KEY}"}, {"Authorization": f"bearer {KEY}"},
+                                     {"Authorization": f"Bearer    {KEY}"}, {"X-API-Key": KEY},
+                                     {"Authorization": f"Bearer {OTHER_KEY}"}])
+def test_a_configured_key_in_any_accepted_form_is_let_in(serve, headers):
+    server = serve(API_KEYS=f"{KEY},{OTHER_KEY}")
+    assert httpx.post(f"{server.url}/chat", json={"message": "hi"}, headers=headers).status_code == 200
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong-key-123"}, {"Authorization": KEY},
+                                     {"Authorization": f"Basic {KEY}"}, {"X-API-Key": KEY[:-1]},
+                                     {"Authorization": "Bearer"}])
+def test_a_missing_or_wrong_key_is_401_with_www_authenticate(serve, fake, headers):
+    server = serve(API_KEYS=KEY)
+    for path, method in [("/chat", "POST"), ("/agents", "GET"), ("/v1/models", "GET")]:
+        response = httpx.request(method, f"{server.url}{path}", json={"message": "hi"}, headers=headers)
+        assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+        error = response.json()["error"]
+        assert error["code"] == "unauthorized"
+        assert error["type"] == "authentication_error" if path.startswith("/v1") else "type" not in error
+    assert fake.generations() == []
+
+
+def test_health_needs_no_key(serve):
+    assert httpx.get(f"{serve(API_KEYS=KEY).url}/health").status_code == 200
+
+
+def test_keys_are_compared_in_constant_time_against_every_key(serve, monkeypatch):
+    import hmac
+
+    compared = []
+    real = hmac.compare_digest
+    monkeypatch.setattr(hmac, "compare_digest", lambda a, b: compared.append((a, b)) or real(a, b))
+    server = serve(API_KEYS=f"{KEY},{OTHER_KEY},third-key-333")
+    assert httpx.get(f"{server.url}/agents", headers={"X-API-Key": KEY}).status_code == 200
+    # every key is compared (no early exit on the first match), and only through hmac.compare_digest
+    assert sorted(b for _, b in compared) == sorted(k.encode() for k in (KEY, OTHER_KEY, "third-key-333"))
+    assert all(a == KEY.encode() for a, _ in compared)
+
+
+def test_keys_never_appear_in_logs_only_a_short_id(serve, fake, caplog):
+    caplog.set_level("DEBUG")
+    server = serve(API_KEYS=KEY)
+    httpx.post(f"{server.url}/chat", json={"message": "hi"}, headers={"X-API-Key": KEY})
+    httpx.post(f"{server.url}/chat", json={"message": "hi"}, headers={"X-API-Key": "wrong-key-but-long"})
+    wait_until(lambda: len(piagent_records(caplog)) == 2, what="two request records")
+    assert KEY not in caplog.text and "wrong-key-but-long" not in caplog.text
+    assert piagent_records(caplog)[0]["key"] == piagent.key_id(KEY) and len(piagent.key_id(KEY)) == 8
+
+
+def test_non_loopback_host_without_keys_warns_loudly():
+    assert piagent.startup_warnings(load_config({"HOST": "0.0.0.0"}))[0].startswith("!!!")
+    assert piagent.startup_warnings(load_config({"HOST": "0.0.0.0", "API_KEYS": KEY})) == []
+    assert piagent.startup_warnings(load_config({})) == []
+
+
+@pytest.mark.parametrize("value", ["short", "has space-in-it", "*", "a,b"])
+def test_weak_or_malformed_api_keys_are_a_config_error(value):
+    with pytest.raises(ConfigError, match="API_KEYS"):
+        load_config({"API_KEYS": value})
+
+
+# ---------------------------------------------------------------------------
+# Guards: rate limits, sizes, CORS
+# ---------------------------------------------------------------------------
+
+
+def test_rate_limit_refuses_the_excess_and_refills_with_time(serve):
+    clock = Clock()
+    server = serve(clock=clock, RATE_LIMIT_PER_MIN=3)
+    remaining = [httpx.get(f"{server.url}/agents").headers["x-ratelimit-remaining"] for _ in range(3)]
+    assert remaining == ["2", "1", "0"]
+    refused = httpx.get(f"{server.url}/agents")
+    assert refused.status_code == 429 and error_of(refused)["code"] == "rate_limited"
+    assert refused.headers["retry-after"] == "20" and refused.headers["x-ratelimit-remaining"] == "0"
+    clock.now += 19.9
+    assert httpx.get(f"{server.url}/agents").status_code == 429
+    clock.now += 20.1  # one token every 20 s at 3 a minute
+    assert httpx.get(f"{server.url}/agents").status_code == 200
+
+
+def test_rate_limit_is_per_key(serve):
+    server = serve(API_KEYS=f"{KEY},{OTHER_KEY}", RATE_LIMIT_PER_MIN=1)
+    assert httpx.get(f"{server.url}/agents", headers={"X-API-Key": KEY}).status_code == 200
+    assert httpx.get(f"{server.url}/agents", headers={"X-API-Key": KEY}).status_code == 429
+    assert httpx.get(f"{server.url}/agents", headers={"X-API-Key": OTHER_KEY}).status_code == 200
+
+
+@pytest.mark.parametrize("trust,separate", [("true", True), ("false", False)])
+def test_forwarded_for_names_the_client_only_behind_a_trusted_proxy(serve, trust, separate):
+    server = serve(RATE_LIMIT_PER_MIN=1, TRUST_PROXY=trust)
+    first = httpx.get(f"{server.url}/agents", headers={"X-Forwarded-For": "10.0.0.1"})
+    second = httpx.get(f"{server.url}/agents", headers={"X-Forwarded-For": "10.0.0.1, 10.0.0.2"})
+    assert first.status_code == 200 and (second.status_code == 200) == separate
+
+
+def test_rate_limit_off_and_health_never_limited(serve):
+    server = serve(RATE_LIMIT_PER_MIN=0)
+    assert all(httpx.get(f"{server.url}/agents").status_code == 200 for _ in range(40))
+    limited = serve(RATE_LIMIT_PER_MIN=1)
+    assert all(httpx.get(f"{limited.url}/health").status_code == 200 for _ in range(5))
+
+
+def test_rate_buckets_stay_bounded_and_idle_ones_are_forgotten():
+    clock = Clock()
+    buckets = piagent.TokenBuckets(rate_per_min=30, clock=clock, max_buckets=100)
+    for i in range(5000):
+        buckets.take(f"ip:{i}")
+    assert len(buckets) == 100
+    clock.now += 61  # full again after 60 s: the same as no bucket
+    buckets.take("ip:new")
+    assert len(buckets) == 1
+
+
+def test_body_over_the_limit_is_413_before_parsing(serve, fake):
+    server = serve(MAX_BODY_BYTES=2048)
+    response = httpx.post(f"{server.url}/chat", content=b"{" + b" " * 4096, headers={"Content-Type": "application/json"})
+    assert response.status_code == 413 and error_of(response)["code"] == "body_too_large"
+    assert "2048" in error_of(response)["message"]
+
+
+def test_a_huge_chunked_body_is_refused_without_reading_it_all(serve):
+    import resource
+
+    server = serve()
+    sent = []
+
+    def body():  # 200 MB in 64 KB chunks, with no Content-Length: piagent must stop reading early
+        for _ in range(3200):
+            sent.append(1)
+            yield b" " * 65536
+
+    before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        response = httpx.post(f"{server.url}/chat", content=body(), headers={"Content-Type": "application/json"})
+        assert response.status_code == 413
+    except httpx.WriteError:
+        pass  # piagent answered 413 and closed while the client was still sending: also a refusal
+    assert len(sent) < 3200  # it did not take all 200 MB
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before_kb < 50_000  # memory stayed flat (KB)
+
+
+@pytest.mark.parametrize("path,body", [("/chat", {"message": "x" * 101}),
+                                       ("/v1/chat/completions", {"model": "general", "messages": [
+                                           {"role": "user", "content": "x" * 101}]})])
+def test_message_over_max_chars_is_413_naming_the_limit(serve, fake, path, body):
+    response = httpx.post(f"{serve(MAX_MESSAGE_CHARS=100).url}{path}", json=body)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "message_too_long"
+    assert "100" in response.json()["error"]["message"] and fake.generations() == []
+
+
+ORIGIN = "http://pi.local:8000"
+
+
+def test_cors_preflight_from_an_allowed_origin_needs_no_key(serve):
+    server = serve(CORS_ORIGINS=ORIGIN, API_KEYS=KEY)
+    response = httpx.options(f"{server.url}/chat", headers={
+        "Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+    assert response.status_code == 200 and response.headers["access-control-allow-origin"] == ORIGIN
+    assert "authorization" in response.headers["access-control-allow-headers"].lower()
+    assert "access-control-allow-credentials" not in response.headers
+
+
+def test_cors_preflight_from_another_origin_is_denied(serve):
+    response = httpx.options(f"{serve(CORS_ORIGINS=ORIGIN).url}/chat", headers={
+        "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+    assert response.status_code == 400 and "access-control-allow-origin" not in response.headers
+
+
+def test_cors_response_exposes_the_conversation_id(serve):
+    response = chat_with_headers(serve(CORS_ORIGINS=ORIGIN), {"Origin": ORIGIN}, message="hi")
+    assert response.headers["access-control-allow-origin"] == ORIGIN
+    assert "x-conversation-id" in response.headers["access-control-expose-headers"].lower()
+
+
+def test_no_cors_origins_means_no_cors_headers(serve):
+    response = chat_with_headers(serve(), {"Origin": ORIGIN}, message="hi")
+    assert not any(h.startswith("access-control-") for h in response.headers)
+
+
+@pytest.mark.parametrize("value", ["*", "http://a.b/path", "pi.local"])
+def test_cors_origins_must_be_explicit_origins(value):
+    with pytest.raises(ConfigError, match="CORS_ORIGINS"):
+        load_config({"CORS_ORIGINS": value})
+
+
+def chat_with_headers(server, headers, **body) -> httpx.Response:
+    return httpx.post(f"{server.url}/chat", json=body, headers=headers, timeout=DEADLINE_S)
+
+
+# ---------------------------------------------------------------------------
+# Guards: the bounded queue in front of the model
+# ---------------------------------------------------------------------------
+
+
+def in_background(fn, *args, **kwargs) -> tuple[threading.Thread, dict]:
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(value=fn(*args, **kwargs)), daemon=True)
+    thread.start()
+    return thread, result
+
+
+def test_queue_serves_waiters_in_order_and_refuses_beyond_max_queue(serve, fake):
+    fake.script = Script(tokens=["A1", "A2"], hold_after=1)
+    server = serve(MAX_CONCURRENT=1, MAX_QUEUE=2)
+    gate = server.app.state.gate
+    with httpx.stream("POST", f"{server.url}/chat", json={"message": "a", "stream": True}) as first:
+        pieces = first.iter_text()
+        assert next(pieces) == "A1"
+        b, b_result = in_background(chat, server, message="b")
+        wait_until(lambda: gate.queued == 1, what="b to queue")
+        c, c_result = in_background(chat, server, message="c")
+        wait_until(lambda: gate.queued == 2, what="c to queue")
+        refused = chat(server, message="d")
+        assert refused.status_code == 503 and error_of(refused)["code"] == "queue_full"
+        assert int(refused.headers["retry-after"]) > 0
+        assert httpx.get(f"{server.url}/agents").status_code == 200  # never queued
+        assert httpx.get(f"{server.url}/v1/models").status_code == 200
+        assert len(fake.generations()) == 1
+        fake.script.release.set()
+        assert "".join(pieces) == "A2"
+    b.join(DEADLINE_S)
+    c.join(DEADLINE_S)
+    assert b_result["value"].status_code == c_result["value"].status_code == 200
+    assert [g.body["messages"][-1]["content"] for g in fake.generations()] == ["a", "b", "c"]  # FIFO
+
+
+def test_a_queued_client_that_leaves_is_removed_and_never_reaches_the_model(serve, fake):
+    fake.script = Script(tokens=["A1", "A2"], hold_after=1)
+    server = serve(MAX_CONCURRENT=1)
+    gate = server.app.state.gate
+    with httpx.stream("POST", f"{server.url}/chat", json={"message": "a", "stream": True}) as first:
+        pieces = first.iter_text()
+        assert next(pieces) == "A1"
+        sock = raw_post(server.port, "/chat", {"message": "leaver"})
+        wait_until(lambda: gate.queued == 1, what="the leaver to queue")
+        sock.close()
+        wait_until(lambda: gate.queued == 0, timeout=1.0, what="the leaver to leave the queue")
+        fake.script.release.set()
+        "".join(pieces)
+    fake.script = Script()
+    assert chat(server, message="next").status_code == 200
+    assert [g.body["messages"][-1]["content"] for g in fake.generations()] == ["a", "next"]
+    assert gate.active == 0 and gate.queued == 0
+
+
+def test_sse_stream_waiting_in_the_queue_reports_its_position(serve, fake):
+    fake.script = Script(tokens=["A1", "A2"], hold_after=1)
+    server = serve(MAX_CONCURRENT=1)
+    gate = server.app.state.gate
+    with httpx.stream("POST", f"{server.url}/chat", json={"message": "a", "stream": True}) as first:
+        pieces = first.iter_text()
+        assert next(pieces) == "A1"
+        c, c_result = None, {}
+        with httpx.stream("POST", f"{server.url}/chat", json={"message": "b", "stream": True},
+                          headers=SSE) as second:
+            lines = second.iter_lines()
+            assert (next(lines), next(lines)) == ("event: queued", 'data: {"position":1}')
+            c, c_result = in_background(chat, server, message="c")  # queues behind b
+            wait_until(lambda: gate.queued == 2, what="c to queue")
+            fake.script = Script(tokens=["B"], release=fake.script.release)
+            fake.script.release.set()
+            assert "".join(pieces) == "A2"
+            events = decode_sse(lines)
+        assert [e for e, _ in events] == ["token", "done"] and json.loads(events[0][1]) == {"text": "B"}
+        assert json.loads(events[1][1])["tokens"] == 1
+    c.join(DEADLINE_S)
+    assert c_result["value"].status_code == 200
+
+
+# ---------------------------------------------------------------------------
+# Guards: graceful shutdown (a real process and a real SIGTERM)
+# ---------------------------------------------------------------------------
+
+
+def test_sigterm_lets_an_in_flight_stream_finish_and_refuses_new_work(fake):
+    fake.script = Script(tokens=["A1", "A2"], hold_after=1)
+    with piagent_process({"OLLAMA_HOST": fake.url, "SHUTDOWN_GRACE_S": "20"}, capture=True) as (url, proc):
+        client = httpx.Client(timeout=DEADLINE_S)
+        with client.stream("POST", f"{url}/chat", json={"message": "a", "stream": True}) as response:
+            pieces = response.iter_text()
+            assert next(pieces) == "A1"
+            proc.send_signal(signal.SIGTERM)
+            try:  # the listener closes: a new request is refused, or answered 503 shutting_down
+                late = httpx.post(f"{url}/chat", json={"message": "late"}, timeout=DEADLINE_S)
+                assert late.status_code == 503 and error_of(late)["code"] == "shutting_down"
+            except httpx.ConnectError:
+                pass
+            fake.script.release.set()
+            assert "".join(pieces) == "A2"  # finished cleanly: no RemoteProtocolError
+        assert_stopped_gracefully(proc)
+    assert len(fake.generations()) == 1
+
+
+def assert_stopped_gracefully(proc: subprocess.Popen) -> None:
+    # uvicorn re-raises the SIGTERM it caught once it has shut down; systemd counts that as a clean stop
+    assert proc.wait(DEADLINE_S) in (0, -signal.SIGTERM)
+    log_text = proc.stdout.read()
+    assert "Application shutdown complete" in log_text and "Traceback" not in log_text, log_text
+
+
+def test_after_the_grace_streams_are_cut_and_waiters_get_503_not_500(fake):
+    fake.script = Script(tokens=["A1", "A2"], hold_after=1)  # every generation holds after its first token
+    env = {"OLLAMA_HOST": fake.url, "SHUTDOWN_GRACE_S": "0.5", "MAX_CONCURRENT": "2"}
+    with piagent_process(env, capture=True) as (url, proc):
+        with httpx.stream("POST", f"{url}/chat", json={"message": "a", "stream": True}, timeout=DEADLINE_S) as r:
+            pieces = r.iter_text()
+            assert next(pieces) == "A1"
+            waiter, waiter_result = in_background(httpx.post, f"{url}/chat", json={"message": "b"},
+                                                  timeout=DEADLINE_S)
+            wait_until(lambda: len(fake.generations()) == 2, what="b to wait on the model")
+            proc.send_signal(signal.SIGTERM)
+            with pytest.raises(httpx.RemoteProtocolError):  # cut: an incomplete transfer, never a clean end
+                "".join(pieces)
+        waiter.join(DEADLINE_S)
+        assert waiter_result["value"].status_code == 503
+        assert error_of(waiter_result["value"])["code"] == "shutting_down"
+        wait_until(lambda: len(fake.hangups) == 2, timeout=2.0, what="both upstream requests to be let go")
+        assert_stopped_gracefully(proc)
+
+
+# ---------------------------------------------------------------------------
 # Logging
 # ---------------------------------------------------------------------------
 
@@ -1077,15 +1407,17 @@ def test_json_logs_from_a_real_process_are_one_object_per_line(fake):
 @contextmanager
 def piagent_process(env: dict, capture: bool = False):
     port = free_port()
+    # an unread pipe can fill up and block the process: capture only when the test reads it at the end
     proc = subprocess.Popen([sys.executable, str(HERE / "piagent.py"), "--port", str(port)],
                             env={**os.environ, **env}, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE if capture else subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                            text=True)
     try:
         def up():
             try:
                 return httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
             except httpx.TransportError:
-                assert proc.poll() is None, proc.stdout.read()
+                assert proc.poll() is None, f"piagent exited with {proc.returncode}"
                 return False
         wait_until(up, what="python piagent.py to answer /health")
         yield (f"http://127.0.0.1:{port}", proc) if capture else f"http://127.0.0.1:{port}"
