@@ -1253,6 +1253,76 @@ class OpenAIChatRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
 
 
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """Every JSON error outside /v1/."""
+
+    error: ErrorDetail
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorBody(BaseModel):
+    """Every JSON error under /v1/ (OpenAI's shape)."""
+
+    error: OpenAIErrorDetail
+
+
+class AgentList(BaseModel):
+    agents: list[str]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class ChatCompletion(BaseModel):
+    """A non-streamed /v1/chat/completions reply (documentation: the route builds it directly)."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[dict[str, Any]]
+    usage: dict[str, int] | None = None
+
+
+def documented(errors: type[BaseModel], statuses: tuple[int, ...], ok: type[BaseModel] | None = None,
+               streams: tuple[str, ...] = ()) -> dict[int | str, Any]:
+    """OpenAPI `responses` for a route: its 200 body (and stream media types) and its error statuses."""
+    responses: dict[int | str, Any] = {status: {"model": errors} for status in statuses}
+    if ok is not None:
+        responses[200] = {"model": ok, "content": {media: {"schema": {"type": "string"}} for media in streams}}
+    return responses
+
+
+#: Statuses any guarded route may answer with, besides its own.
+GUARD_STATUSES = (401, 413, 429)
+#: Statuses a generation may end with (see the README's error table).
+GENERATION_STATUSES = (*GUARD_STATUSES, 404, 422, 502, 503, 504)
+
+
 class UnknownAgent(PiagentError):
     status, code = 404, "unknown_agent"
 
@@ -1617,6 +1687,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # FastAPI's "error parsing the body" (e.g. not UTF-8): a bad body, like bad JSON
+            return error_response(request.scope, 422, "invalid_request", f"body: {exc.detail} (send UTF-8 JSON)")
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(request.scope, exc.status_code, code, str(exc.detail), exc.headers)
 
@@ -1778,15 +1850,16 @@ def add_routes(app: FastAPI, config: Config) -> None:
     """Attach /health, /agents and /chat to `app`."""
     defaults = Sampling(config.max_tokens, config.temperature)
 
-    @app.get("/health")
+    @app.get("/health", response_model=Health, responses=documented(ErrorBody, (413,)))
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/agents")
+    @app.get("/agents", response_model=AgentList, responses=documented(ErrorBody, GUARD_STATUSES))
     async def agents() -> dict[str, list[str]]:
         return {"agents": [a.name for a in config.agents]}
 
-    @app.post("/chat", response_model=ChatResponse)
+    @app.post("/chat", response_model=ChatResponse, responses=documented(
+        ErrorBody, GENERATION_STATUSES, ChatResponse, ("text/plain", "text/event-stream")))
     async def chat(body: ChatRequest, request: Request) -> Any:
         agent = _find_agent(config, body.agent)
         _check_length(config, body.message)
@@ -1816,12 +1889,13 @@ def add_openai_routes(app: FastAPI, config: Config) -> None:
     """Attach the OpenAI-compatible front door: /v1/models and /v1/chat/completions (agents are models)."""
     created = int(time.time())
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList, responses=documented(OpenAIErrorBody, GUARD_STATUSES))
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": a.name, "object": "model", "created": created,
                                             "owned_by": "piagent"} for a in config.agents]}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=documented(
+        OpenAIErrorBody, GENERATION_STATUSES, ChatCompletion, ("text/event-stream",)))
     async def completions(body: OpenAIChatRequest, request: Request) -> Any:
         agent = _find_agent(config, body.model)
         max_tokens = body.max_completion_tokens or body.max_tokens or config.max_tokens

@@ -199,7 +199,9 @@ def test_env_template_parses_and_holds_exactly_the_defaults():
                   "OLLAMA_CONNECT_TIMEOUT_S", "OLLAMA_TIMEOUT_S", "CTX_TOKENS", "MAX_TOKENS", "TEMPERATURE",
                   "ENABLE_MEMORY", "MEMORY_MAX_TURNS", "MEMORY_TTL_MIN", "MEMORY_MAX_CONVERSATIONS", "HOST",
                   "PORT", "LOG_LEVEL", "AGENTS", "AGENT_GENERAL_SYSTEM", "OPENAI_BASE_URL", "OPENAI_API_KEY",
-                  "OPENAI_MODEL_GENERAL", "SSE_PING_S"}
+                  "OPENAI_MODEL_GENERAL", "SSE_PING_S", "LOG_FORMAT", "LOG_PROMPTS", "API_KEYS",
+                  "RATE_LIMIT_PER_MIN", "TRUST_PROXY", "MAX_BODY_BYTES", "MAX_MESSAGE_CHARS", "CORS_ORIGINS",
+                  "MAX_CONCURRENT", "MAX_QUEUE", "SHUTDOWN_GRACE_S"}
     assert documented <= keys | commented
 
 
@@ -511,8 +513,9 @@ def test_invalid_body_is_422_in_the_error_shape(serve, fake, body):
     assert fake.generations() == []
 
 
-def test_malformed_json_is_422_in_the_error_shape(serve):
-    response = httpx.post(f"{serve().url}/chat", content=b"{not json", headers={"Content-Type": "application/json"})
+@pytest.mark.parametrize("raw", [b"{not json", b"\xff\xfe", b'{"message": "caf\xe9"}'])
+def test_malformed_or_non_utf8_body_is_422_in_the_error_shape(serve, raw):
+    response = httpx.post(f"{serve().url}/chat", content=raw, headers={"Content-Type": "application/json"})
     assert response.status_code == 422 and error_of(response)["code"] == "invalid_request"
 
 
