@@ -43,6 +43,7 @@ class Script:
     retry_after: str | None = None  # Retry-After header sent with `status`
     sse_comments: bool = False  # /v1: put an SSE comment line before every event
     split_writes: bool = False  # write every line or event in two TCP writes, split mid-line
+    echo: bool = False  # reply "echo: <the last user message>" instead of `tokens`
 
 
 @dataclass
@@ -172,6 +173,9 @@ class FakeOllama:
         if script.status is not None:
             writer.write(wire.error(script.status, script.error_text, retry_after=script.retry_after))
             return True
+        if script.echo:
+            last = (body.get("messages") or [{"content": body.get("prompt", "")}])[-1]["content"]
+            script = wire.script = Script(tokens=["echo: ", last])
         gone = _Hangup()
         watcher = asyncio.ensure_future(_watch_hangup(reader, gone))
         try:

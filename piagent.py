@@ -26,9 +26,11 @@ import logging
 import math
 import os
 import re
+import sqlite3
 import time
 import uuid
 from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -36,7 +38,8 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Literal, Mapping, NamedTuple, Protocol, TypeVar
 
 import httpx
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
+from fastapi import Path as FastAPIPath
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
@@ -46,6 +49,8 @@ from starlette.middleware.cors import CORSMiddleware
 # ---------------------------------------------------------------------------
 # Config: typed settings from the environment and an optional env file
 # ---------------------------------------------------------------------------
+
+T = TypeVar("T")
 
 #: Name of the env file looked for beside this module when PIAGENT_ENV_FILE is not set.
 DEFAULT_ENV_FILE_NAME = "piagent.env"
@@ -63,6 +68,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("auto", "text", "json")
 #: A CORS origin: scheme, host and optional port, nothing else (and never "*").
 ORIGIN_PATTERN = re.compile(r"^https?://[A-Za-z0-9.-]+(:\d{1,5})?$")
+#: Values of MEMORY_BACKEND; each names a class in the MEMORY_STORES mapping of the Memory section.
+MEMORY_BACKENDS = ("memory", "sqlite", "redis")
 #: Values of PROVIDER; each names a class in the PROVIDERS mapping of the Providers section.
 PROVIDER_NAMES = ("ollama", "openai")
 OLLAMA_APIS = ("chat", "generate")
@@ -70,6 +77,18 @@ OLLAMA_APIS = ("chat", "generate")
 
 class ConfigError(Exception):
     """A setting or env-file line piagent cannot use; the message names it and says what is expected."""
+
+
+class PiagentError(Exception):
+    """An error a caller can act on; API maps it to `status` and {"error": {"code", "message"}}."""
+
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
 
 
 @dataclass(frozen=True)
@@ -100,6 +119,10 @@ class Config:
     memory_max_turns: int = 8  # turns (user + reply) kept per conversation: bounds prompt size
     memory_ttl_min: float = 60.0  # idle conversations are forgotten after this
     memory_max_conversations: int = 500  # least recently used beyond this are forgotten: bounds RAM
+    memory_backend: str = "memory"  # memory (fastest, forgets on restart), sqlite (a file), redis (shared)
+    memory_path: str = "piagent.db"  # sqlite file; default $STATE_DIRECTORY/piagent.db under systemd
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    workers: int = 1  # uvicorn worker processes; more than 1 needs a shared memory (sqlite or redis)
     host: str = "127.0.0.1"  # loopback by default: exposing it on the LAN is a choice
     port: int = 8000
     log_level: str = "info"
@@ -249,6 +272,13 @@ class _Settings:
         return value.rstrip("/")
 
 
+def _redis_url(settings: _Settings) -> str:
+    url = settings.text("REDIS_URL", Config.redis_url) or Config.redis_url
+    if not re.match(r"^(redis|rediss|unix)://", url):
+        raise settings.fail("REDIS_URL", "a URL such as redis://127.0.0.1:6379/0")
+    return url
+
+
 def _read_agents(settings: _Settings, prefix: str, default_model: str) -> tuple[Agent, ...]:
     """AGENTS=a,b plus <prefix><NAME> (the model) and AGENT_<NAME>_SYSTEM for each.
 
@@ -276,6 +306,12 @@ def load_config(environ: Mapping[str, str], env_file: Path | None = None) -> Con
     s = _Settings({**file_values, **environ})
     d = Config()
     provider = s.choice("PROVIDER", d.provider, PROVIDER_NAMES)
+    state_dir = s.text("STATE_DIRECTORY", None)  # set by systemd's StateDirectory=
+    backend = s.choice("MEMORY_BACKEND", "sqlite" if state_dir else d.memory_backend, MEMORY_BACKENDS)
+    workers = s.integer("WORKERS", d.workers, 1, 64)
+    if workers > 1 and backend == "memory":
+        raise s.fail("WORKERS", "1 with MEMORY_BACKEND=memory (each worker would keep its own memory); "
+                                "use MEMORY_BACKEND=sqlite or redis for several workers")
     keep_alive = s.text("OLLAMA_KEEP_ALIVE", None)
     if keep_alive is not None and not KEEP_ALIVE_PATTERN.match(keep_alive):
         raise s.fail("OLLAMA_KEEP_ALIVE", "seconds or a duration such as 30m, 1h, -1 (forever)")
@@ -295,6 +331,10 @@ def load_config(environ: Mapping[str, str], env_file: Path | None = None) -> Con
         memory_max_turns=s.integer("MEMORY_MAX_TURNS", d.memory_max_turns, 1, 1000),
         memory_ttl_min=s.number("MEMORY_TTL_MIN", d.memory_ttl_min, 0.01, 525_600),
         memory_max_conversations=s.integer("MEMORY_MAX_CONVERSATIONS", d.memory_max_conversations, 1, 1_000_000),
+        memory_backend=backend,
+        memory_path=s.text("MEMORY_PATH", str(Path(state_dir) / "piagent.db") if state_dir else d.memory_path),
+        redis_url=_redis_url(s),
+        workers=workers,
         host=s.text("HOST", d.host) or d.host,
         port=s.integer("PORT", d.port, 1, 65535),
         log_level=s.choice("LOG_LEVEL", d.log_level, LOG_LEVELS),
@@ -317,85 +357,400 @@ def load_config(environ: Mapping[str, str], env_file: Path | None = None) -> Con
 
 
 # ---------------------------------------------------------------------------
-# Memory: conversation store and per-conversation locks
+# Memory: conversation stores (in-process, SQLite, Redis) and per-conversation locks
 # ---------------------------------------------------------------------------
+
+#: Redis keys start with this, so piagent can share a Redis with other programs.
+REDIS_PREFIX = "piagent:"
+#: Redis EXPIREs a conversation this long after its TTL: a backstop, the TTL itself is checked on every read.
+REDIS_EXPIRE_MARGIN_S = 60
+#: The conversation list API returns at most this many per page.
+MAX_PAGE = 100
 
 
 class Turn(NamedTuple):
-    """One exchange: the user's message and the assistant's reply."""
+    """One exchange: the user's message, the assistant's reply, and when it was stored (epoch seconds)."""
 
     user: str
     assistant: str
-
-
-class MemoryStore(Protocol):
-    """Where conversation history lives. A new backend is one class here plus one line in MEMORY_STORES."""
-
-    async def history(self, conversation_id: str) -> list[Turn]:
-        """The kept turns, oldest first; [] for an unknown or expired conversation."""
-
-    async def append(self, conversation_id: str, turn: Turn) -> None:
-        """Store one completed turn."""
+    created_at: float = 0.0
 
 
 @dataclass
-class _Conversation:
+class Conversation:
+    """What the conversation API shows of one conversation."""
+
+    conversation_id: str
+    agent: str
+    last_used: float
+    turns: list[Turn]
+
+
+class StoreError(Exception):
+    """The memory store cannot start (bad path, corrupt file, no Redis): one line, and whether retrying may help."""
+
+    def __init__(self, message: str, retry_may_help: bool = False):
+        super().__init__(message)
+        self.retry_may_help = retry_may_help
+
+
+class MemoryUnavailable(PiagentError):
+    status, code = 503, "memory_unavailable"
+
+
+class MemoryStore(Protocol):
+    """Where conversations live. A new backend is one class here plus one line in MEMORY_STORES.
+
+    Every backend keeps the same caps: the last max_turns turns, conversations idle ttl_s forgotten, at most
+    max_conversations (least recently used forgotten first). Reading history or storing a turn is a "use".
+    """
+
+    async def open(self) -> None:
+        """Connect / create; raise StoreError if that is impossible."""
+
+    async def close(self) -> None:
+        """Release files and connections."""
+
+    async def history(self, conversation_id: str) -> list[Turn]:
+        """The kept turns, oldest first; [] for an unknown or expired conversation. A use."""
+
+    async def append(self, conversation_id: str, agent: str, user: str, assistant: str) -> None:
+        """Store one completed turn, atomically. A use."""
+
+    async def get(self, conversation_id: str) -> Conversation | None:
+        """The conversation, or None if unknown or expired. Not a use."""
+
+    async def delete(self, conversation_id: str) -> None:
+        """Forget the conversation (nothing happens if it is unknown)."""
+
+    async def recent(self, limit: int, before: float | None) -> list[tuple[str, str, float]]:
+        """(id, agent, last_used) of live conversations used before `before`, newest first."""
+
+
+@dataclass
+class _Kept:
+    agent: str
     turns: deque[Turn]
     last_used: float
 
 
 class InProcessStore:
-    """Turns per conversation in RAM, capped three ways: turns (FIFO), idle time (TTL), count (LRU).
+    """Conversations in RAM, in an OrderedDict kept in last-use order.
 
-    The OrderedDict is kept in last-use order, so both the TTL sweep and LRU eviction pop from the
-    front: every operation is O(1) amortised and memory is bounded by the caps whatever the traffic.
+    Both the TTL sweep and LRU eviction pop from the front, so every operation is O(1) amortised and memory is
+    bounded by the caps whatever the traffic. Fastest; forgets everything on restart.
     """
 
-    def __init__(self, max_turns: int, ttl_s: float, max_conversations: int, clock: Callable[[], float]):
-        self.max_turns = max_turns
-        self.ttl_s = ttl_s
-        self.max_conversations = max_conversations
-        self.clock = clock
-        self._conversations: OrderedDict[str, _Conversation] = OrderedDict()
+    def __init__(self, config: Config, clock: Callable[[], float]):
+        self.max_turns, self.ttl_s = config.memory_max_turns, config.memory_ttl_min * 60
+        self.max_conversations, self.clock = config.memory_max_conversations, clock
+        self._kept: OrderedDict[str, _Kept] = OrderedDict()
 
     def __len__(self) -> int:
-        return len(self._conversations)
+        return len(self._kept)
+
+    async def open(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
 
     def _sweep(self, now: float) -> None:
-        """Forget conversations idle longer than the TTL; they sit at the front."""
-        while self._conversations:
-            oldest = next(iter(self._conversations.values()))
-            if now - oldest.last_used < self.ttl_s:
-                return
-            self._conversations.popitem(last=False)
+        """Forget conversations idle for the TTL or longer; they sit at the front."""
+        while self._kept and now - next(iter(self._kept.values())).last_used >= self.ttl_s:
+            self._kept.popitem(last=False)
 
-    def _touch(self, conversation_id: str, now: float) -> _Conversation | None:
-        conversation = self._conversations.get(conversation_id)
-        if conversation is not None:
-            conversation.last_used = now
-            self._conversations.move_to_end(conversation_id)
-        return conversation
+    def _use(self, conversation_id: str) -> _Kept | None:
+        now = self.clock()
+        self._sweep(now)
+        kept = self._kept.get(conversation_id)
+        if kept is not None:
+            kept.last_used = now
+            self._kept.move_to_end(conversation_id)
+        return kept
 
     async def history(self, conversation_id: str) -> list[Turn]:
+        kept = self._use(conversation_id)
+        return list(kept.turns) if kept else []
+
+    async def append(self, conversation_id: str, agent: str, user: str, assistant: str) -> None:
+        kept = self._use(conversation_id)
+        if kept is None:
+            while len(self._kept) >= self.max_conversations:
+                self._kept.popitem(last=False)
+            kept = self._kept[conversation_id] = _Kept(agent, deque(maxlen=self.max_turns), self.clock())
+        kept.agent = agent
+        kept.turns.append(Turn(user, assistant, kept.last_used))
+
+    async def get(self, conversation_id: str) -> Conversation | None:
+        self._sweep(self.clock())
+        kept = self._kept.get(conversation_id)
+        return Conversation(conversation_id, kept.agent, kept.last_used, list(kept.turns)) if kept else None
+
+    async def delete(self, conversation_id: str) -> None:
+        self._kept.pop(conversation_id, None)
+
+    async def recent(self, limit: int, before: float | None) -> list[tuple[str, str, float]]:
+        self._sweep(self.clock())
+        found = []
+        for conversation_id in reversed(self._kept):  # newest first
+            kept = self._kept[conversation_id]
+            if before is None or kept.last_used < before:
+                found.append((conversation_id, kept.agent, kept.last_used))
+                if len(found) == limit:
+                    break
+        return found
+
+
+SQLITE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS conversations (
+    id TEXT PRIMARY KEY, agent TEXT NOT NULL, last_used REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS conversations_by_last_use ON conversations(last_used);
+CREATE TABLE IF NOT EXISTS turns (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    user TEXT NOT NULL, assistant TEXT NOT NULL, created_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS turns_by_conversation ON turns(conversation_id, seq);
+"""
+
+
+class SQLiteStore:
+    """Conversations in one SQLite file (stdlib sqlite3, WAL): survives restarts; several workers may share it.
+
+    Every database call runs on one dedicated thread, so the event loop never waits for the disk; each stored
+    turn is one transaction (the turn, its conversation's last use, and the caps applied together).
+    """
+
+    def __init__(self, config: Config, clock: Callable[[], float]):
+        self.path = Path(config.memory_path)
+        self.max_turns, self.ttl_s = config.memory_max_turns, config.memory_ttl_min * 60
+        self.max_conversations, self.clock = config.memory_max_conversations, clock
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="piagent-sqlite")
+        self._db: sqlite3.Connection | None = None
+
+    async def _run(self, work: Callable[..., T], *args: Any) -> T:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._thread, work, *args)
+        except sqlite3.Error as exc:
+            raise MemoryUnavailable(f"the SQLite memory at {self.path} failed: {exc}",
+                                    {"Retry-After": str(DEFAULT_RETRY_AFTER_S)}) from None
+
+    async def open(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._thread, self._connect)
+
+    def _connect(self) -> None:
+        where = f"MEMORY_PATH={self.path}"
+        if not self.path.parent.is_dir():
+            raise StoreError(f"{where}: the folder {self.path.parent} does not exist; create it or change MEMORY_PATH")
+        try:
+            db = sqlite3.connect(self.path, timeout=10, isolation_level=None)  # explicit transactions below
+            check = db.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise sqlite3.DatabaseError(check)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # with WAL: a crash loses nothing committed, never corrupts
+            db.execute("PRAGMA foreign_keys=ON")
+            db.executescript(SQLITE_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{where} is not a usable SQLite database ({exc}); "
+                             f"move it aside to start with an empty memory") from None
+        self._db = db
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await asyncio.get_running_loop().run_in_executor(self._thread, self._db.close)
+        self._thread.shutdown(wait=True)
+
+    def _transaction(self, work: Callable[[sqlite3.Connection, float], T]) -> T:
+        """Run work(db, now) in one write transaction, after forgetting expired conversations."""
+        db, now = self._db, self.clock()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("DELETE FROM conversations WHERE last_used <= ?", (now - self.ttl_s,))
+            result = work(db, now)
+            db.execute("COMMIT")
+            return result
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    async def history(self, conversation_id: str) -> list[Turn]:
+        def read(db: sqlite3.Connection, now: float) -> list[Turn]:
+            if db.execute("UPDATE conversations SET last_used = ? WHERE id = ?", (now, conversation_id)).rowcount == 0:
+                return []
+            rows = db.execute("SELECT user, assistant, created_at FROM turns WHERE conversation_id = ? ORDER BY seq",
+                              (conversation_id,))
+            return [Turn(*row) for row in rows]
+
+        return await self._run(self._transaction, read)
+
+    async def append(self, conversation_id: str, agent: str, user: str, assistant: str) -> None:
+        def write(db: sqlite3.Connection, now: float) -> None:
+            db.execute("INSERT INTO conversations (id, agent, last_used) VALUES (?, ?, ?) ON CONFLICT(id) DO UPDATE "
+                       "SET agent = excluded.agent, last_used = excluded.last_used", (conversation_id, agent, now))
+            db.execute("INSERT INTO turns (conversation_id, user, assistant, created_at) VALUES (?, ?, ?, ?)",
+                       (conversation_id, user, assistant, now))
+            db.execute("DELETE FROM turns WHERE conversation_id = ? AND seq <= (SELECT seq FROM turns WHERE "
+                       "conversation_id = ? ORDER BY seq DESC LIMIT 1 OFFSET ?)",
+                       (conversation_id, conversation_id, self.max_turns))
+            db.execute("DELETE FROM conversations WHERE id IN (SELECT id FROM conversations "
+                       "ORDER BY last_used DESC, rowid DESC LIMIT -1 OFFSET ?)", (self.max_conversations,))
+
+        await self._run(self._transaction, write)
+
+    async def get(self, conversation_id: str) -> Conversation | None:
+        def read() -> Conversation | None:
+            row = self._db.execute("SELECT agent, last_used FROM conversations WHERE id = ? AND last_used > ?",
+                                   (conversation_id, self.clock() - self.ttl_s)).fetchone()
+            if row is None:
+                return None
+            turns = self._db.execute("SELECT user, assistant, created_at FROM turns WHERE conversation_id = ? "
+                                     "ORDER BY seq", (conversation_id,))
+            return Conversation(conversation_id, row[0], row[1], [Turn(*t) for t in turns])
+
+        return await self._run(read)
+
+    async def delete(self, conversation_id: str) -> None:
+        await self._run(self._db.execute, "DELETE FROM conversations WHERE id = ?", (conversation_id,))
+
+    async def recent(self, limit: int, before: float | None) -> list[tuple[str, str, float]]:
+        def read() -> list[tuple[str, str, float]]:
+            return self._db.execute(
+                "SELECT id, agent, last_used FROM conversations WHERE last_used > ? AND last_used < ? "
+                "ORDER BY last_used DESC LIMIT ?",
+                (self.clock() - self.ttl_s, math.inf if before is None else before, limit)).fetchall()
+
+        return await self._run(read)
+
+
+#: Store one turn atomically. KEYS: turns list, meta hash, recent zset. ARGV: turn JSON, max turns, expire s,
+#: now, agent, max conversations, key prefix, id, ttl s. Also forgets expired and least recently used ones.
+REDIS_APPEND = """
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
+redis.call('HSET', KEYS[2], 'agent', ARGV[5])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[8])
+local gone = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', tonumber(ARGV[4]) - tonumber(ARGV[9]))
+local extra = redis.call('ZCARD', KEYS[3]) - #gone - tonumber(ARGV[6])
+if extra > 0 then
+  for _, id in ipairs(redis.call('ZRANGE', KEYS[3], #gone, #gone + extra - 1)) do table.insert(gone, id) end
+end
+for _, id in ipairs(gone) do
+  redis.call('DEL', ARGV[7] .. 'turns:' .. id, ARGV[7] .. 'meta:' .. id)
+  redis.call('ZREM', KEYS[3], id)
+end
+"""
+#: Read (and use) one conversation. KEYS as above. ARGV: now, ttl s, id, expire s. Returns the turns list.
+REDIS_HISTORY = """
+local used = redis.call('ZSCORE', KEYS[3], ARGV[3])
+if not used then return {} end
+if tonumber(ARGV[1]) - tonumber(used) >= tonumber(ARGV[2]) then
+  redis.call('ZREM', KEYS[3], ARGV[3])
+  redis.call('DEL', KEYS[1], KEYS[2])
+  return {}
+end
+redis.call('ZADD', KEYS[3], ARGV[1], ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return redis.call('LRANGE', KEYS[1], 0, -1)
+"""
+
+
+class RedisStore:
+    """Conversations in Redis, for several piagent instances: a list of turns per conversation (trimmed to the
+    cap), a sorted set of last-use times (TTL and LRU), each change one Lua script, so atomic.
+
+    The `redis` package is imported only when this backend is chosen (pip install redis).
+    """
+
+    def __init__(self, config: Config, clock: Callable[[], float]):
+        self.url = config.redis_url
+        self.max_turns, self.ttl_s = config.memory_max_turns, config.memory_ttl_min * 60
+        self.max_conversations, self.clock = config.memory_max_conversations, clock
+        self.expire_s = math.ceil(self.ttl_s) + REDIS_EXPIRE_MARGIN_S
+        self._redis: Any = None
+
+    def _keys(self, conversation_id: str) -> list[str]:
+        return [f"{REDIS_PREFIX}turns:{conversation_id}", f"{REDIS_PREFIX}meta:{conversation_id}",
+                f"{REDIS_PREFIX}recent"]
+
+    async def open(self) -> None:
+        try:
+            import redis.asyncio as aioredis
+        except ImportError:
+            raise StoreError("MEMORY_BACKEND=redis needs the redis package: pip install redis") from None
+        self._redis = aioredis.from_url(self.url, socket_connect_timeout=3, socket_timeout=5, decode_responses=True)
+        self._append = self._redis.register_script(REDIS_APPEND)
+        self._history = self._redis.register_script(REDIS_HISTORY)
+        try:
+            await self._redis.ping()
+        except Exception as exc:  # redis raises its own ConnectionError, TimeoutError, AuthenticationError...
+            await self._redis.aclose()
+            raise StoreError(f"cannot reach Redis at REDIS_URL={self.url} ({exc}); start it or fix REDIS_URL",
+                             retry_may_help=True) from None
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+
+    async def _call(self, work: Awaitable[T]) -> T:
+        import redis.exceptions
+
+        try:
+            return await work
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            raise MemoryUnavailable(f"Redis at {self.url} is unreachable ({exc}); retry when it is back",
+                                    {"Retry-After": str(DEFAULT_RETRY_AFTER_S)}) from None
+
+    async def history(self, conversation_id: str) -> list[Turn]:
+        rows = await self._call(self._history(keys=self._keys(conversation_id), args=[
+            self.clock(), self.ttl_s, conversation_id, self.expire_s]))
+        return [_turn_from_json(row) for row in rows]
+
+    async def append(self, conversation_id: str, agent: str, user: str, assistant: str) -> None:
         now = self.clock()
-        self._sweep(now)
-        conversation = self._touch(conversation_id, now)
-        return list(conversation.turns) if conversation else []
+        turn = json.dumps({"user": user, "assistant": assistant, "created_at": now})
+        await self._call(self._append(keys=self._keys(conversation_id), args=[
+            turn, self.max_turns, self.expire_s, now, agent, self.max_conversations, REDIS_PREFIX, conversation_id,
+            self.ttl_s]))
 
-    async def append(self, conversation_id: str, turn: Turn) -> None:
-        now = self.clock()
-        self._sweep(now)
-        conversation = self._touch(conversation_id, now)
-        if conversation is None:
-            while len(self._conversations) >= self.max_conversations:
-                self._conversations.popitem(last=False)
-            conversation = _Conversation(deque(maxlen=self.max_turns), now)
-            self._conversations[conversation_id] = conversation
-        conversation.turns.append(turn)
+    async def get(self, conversation_id: str) -> Conversation | None:
+        turns_key, meta_key, recent_key = self._keys(conversation_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.zscore(recent_key, conversation_id).hget(meta_key, "agent").lrange(turns_key, 0, -1)
+            used, agent, rows = await self._call(pipe.execute())
+        if used is None or self.clock() - used >= self.ttl_s:
+            return None
+        return Conversation(conversation_id, agent or "", used, [_turn_from_json(r) for r in rows])
+
+    async def delete(self, conversation_id: str) -> None:
+        turns_key, meta_key, recent_key = self._keys(conversation_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(turns_key, meta_key).zrem(recent_key, conversation_id)
+            await self._call(pipe.execute())
+
+    async def recent(self, limit: int, before: float | None) -> list[tuple[str, str, float]]:
+        low, high = self.clock() - self.ttl_s, "+inf" if before is None else f"({before!r}"
+        found = await self._call(self._redis.zrevrangebyscore(
+            f"{REDIS_PREFIX}recent", high, f"({low!r}", start=0, num=limit, withscores=True))
+        if not found:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for conversation_id, _ in found:
+                pipe.hget(f"{REDIS_PREFIX}meta:{conversation_id}", "agent")
+            agents = await self._call(pipe.execute())
+        return [(cid, agent or "", used) for (cid, used), agent in zip(found, agents)]
 
 
-#: MEMORY_BACKEND name -> store class (only the in-process store so far).
-MEMORY_STORES: dict[str, type] = {"memory": InProcessStore}
+def _turn_from_json(text: str) -> Turn:
+    data = json.loads(text)
+    return Turn(data["user"], data["assistant"], data["created_at"])
+
+
+#: MEMORY_BACKEND name -> store class, built as cls(Config, clock). Keys are Config's MEMORY_BACKENDS.
+MEMORY_STORES: dict[str, type] = {"memory": InProcessStore, "sqlite": SQLiteStore, "redis": RedisStore}
 
 
 class ConversationLocks:
@@ -441,9 +796,10 @@ class PendingTurn:
     With memory off it does nothing: no lock, no history, nothing stored.
     """
 
-    def __init__(self, store: MemoryStore | None, locks: ConversationLocks, conversation_id: str, user: str):
+    def __init__(self, store: MemoryStore | None, locks: ConversationLocks, conversation_id: str, agent: str,
+                 user: str):
         self.store, self.locks = store, locks
-        self.conversation_id, self.user = conversation_id, user
+        self.conversation_id, self.agent, self.user = conversation_id, agent, user
         self._held = False
 
     async def begin(self) -> list[Turn]:
@@ -459,13 +815,16 @@ class PendingTurn:
             raise
 
     async def finish(self, reply: str | None) -> None:
-        """Store (user, reply) unless reply is None or empty, then unlock. Safe to call twice."""
+        """Store (user, reply) unless reply is None or empty, then unlock (even if storing failed).
+
+        Safe to call twice: the second call does nothing.
+        """
         if not self._held:
             return
         self._held = False
         try:
             if reply:
-                await self.store.append(self.conversation_id, Turn(self.user, reply))
+                await self.store.append(self.conversation_id, self.agent, self.user, reply)
         finally:
             self.locks.release(self.conversation_id)
 
@@ -528,18 +887,6 @@ def render_prompt(prompt: Prompt) -> str:
 # ---------------------------------------------------------------------------
 # Providers: Ollama (NDJSON) and OpenAI-compatible servers (SSE)
 # ---------------------------------------------------------------------------
-
-
-class PiagentError(Exception):
-    """An error a caller can act on; API maps it to `status` and {"error": {"code", "message"}}."""
-
-    status = 500
-    code = "internal_error"
-
-    def __init__(self, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.message = message
-        self.headers = headers or {}
 
 
 class UpstreamFailure(PiagentError):
@@ -1197,7 +1544,6 @@ OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                       422: "invalid_request_error", 429: "rate_limit_error"}
 
 log = logging.getLogger("piagent")
-T = TypeVar("T")
 
 
 class ChatRequest(BaseModel):
@@ -1545,21 +1891,22 @@ async def relay(first: asyncio.Future, rest: AsyncIterator[str], x: Exchange, fm
             x.fields["tokens"] = len(sent)
             yield fmt.piece(piece, len(sent) - 1)
         x.fields["prompt_tokens"] = x.usage.prompt_tokens
+        await x.finish("".join(sent))  # stored before the client is told it is done; a failure is reported
         yield fmt.end(x)
-    except UpstreamFailure as exc:
+    except PiagentError as exc:  # the upstream failed (store nothing) or the memory did (nothing was stored)
         failed = True
         tail = fmt.failure(exc)
         if tail is None:
             raise
         x.fields["error"] = exc.code
-        log.warning("stream ended by upstream failure: %s: %s", exc.code, exc.message)
+        log.warning("stream ended by a failure: %s: %s", exc.code, exc.message)
         yield tail
     finally:
         if not first.done():
             first.cancel()
             await asyncio.gather(first, return_exceptions=True)
         await rest.aclose()
-        await x.finish(None if failed else "".join(sent))
+        await x.finish(None if failed else "".join(sent))  # a client that left keeps what it received
 
 
 async def _prepend(first: str | None, rest: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -1769,7 +2116,7 @@ class JsonLog(logging.Formatter):
 
 
 def create_app(config: Config, transport: httpx.AsyncBaseTransport | None = None,
-               clock: Callable[[], float] = time.monotonic) -> FastAPI:
+               clock: Callable[[], float] = time.time) -> FastAPI:
     """Build a piagent app for `config`. Its lifespan owns the upstream client, the memory store and the gate.
 
     `transport` replaces httpx's network transport (tests); `clock` drives memory TTLs and rate limits (tests).
@@ -1780,15 +2127,18 @@ def create_app(config: Config, transport: httpx.AsyncBaseTransport | None = None
         timeout = httpx.Timeout(config.ollama_timeout_s, connect=config.ollama_connect_timeout_s)
         async with httpx.AsyncClient(timeout=timeout, transport=transport) as client:
             app.state.provider = PROVIDERS[config.provider](client, config)
-            app.state.store = (
-                MEMORY_STORES["memory"](config.memory_max_turns, config.memory_ttl_min * 60,
-                                        config.memory_max_conversations, clock)
-                if config.enable_memory else None
-            )
+            store = MEMORY_STORES[config.memory_backend](config, clock) if config.enable_memory else None
+            if store is not None:
+                await store.open()
+            app.state.store = store
             app.state.locks = ConversationLocks()
             app.state.gate = Gate(config.max_concurrent, config.max_queue)
             app.state.drain.loop = asyncio.get_running_loop()
-            yield
+            try:
+                yield
+            finally:
+                if store is not None:
+                    await store.close()
 
     app = FastAPI(title="piagent", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.config = config
@@ -1796,6 +2146,7 @@ def create_app(config: Config, transport: httpx.AsyncBaseTransport | None = None
     install_error_handlers(app)
     add_routes(app, config)
     add_openai_routes(app, config)
+    add_conversation_routes(app)
     # added innermost first: RequestLog wraps CORS, which wraps Guards (so preflights need no key)
     app.add_middleware(Guards, config=config, clock=clock, render=render_error)
     if config.cors_origins:
@@ -1835,7 +2186,7 @@ async def _exchange(request: Request, agent: Agent, conversation_id: str | None,
     if config.log_prompts:
         fields["prompt"] = message
     store = state.store if conversation_id and history is None else None
-    turn = PendingTurn(store, state.locks, conversation_id or "", message)
+    turn = PendingTurn(store, state.locks, conversation_id or "", agent.name, message)
     kept = turns_as_messages(await until_disconnect(request, turn.begin()))
     try:
         slot = Slot(state.gate)
@@ -1923,6 +2274,80 @@ def add_openai_routes(app: FastAPI, config: Config) -> None:
         return JSONResponse(result, headers=headers)
 
 
+class TurnOut(BaseModel):
+    user: str
+    assistant: str
+    created_at: str  # ISO 8601, UTC
+
+
+class ConversationOut(BaseModel):
+    """GET /conversations/{id}."""
+
+    conversation_id: str
+    agent: str
+    turns: list[TurnOut]
+
+
+class ConversationSummary(BaseModel):
+    conversation_id: str
+    agent: str
+    last_used: str  # ISO 8601, UTC
+
+
+class ConversationPage(BaseModel):
+    """GET /conversations: newest first; pass next_before as `before` for the next page."""
+
+    conversations: list[ConversationSummary]
+    next_before: str | None = None
+
+
+class ConversationNotFound(PiagentError):
+    status, code = 404, "conversation_not_found"
+
+
+def iso_time(epoch_s: float) -> str:
+    """Example: 0.5 -> "1970-01-01T00:00:00.500000+00:00" """
+    return datetime.fromtimestamp(epoch_s, timezone.utc).isoformat(timespec="microseconds")
+
+
+def add_conversation_routes(app: FastAPI) -> None:
+    """Attach the conversation API: read, list and forget what piagent remembers."""
+    conversation_id_path = FastAPIPath(pattern=CONVERSATION_ID_PATTERN)
+
+    @app.get("/conversations/{conversation_id}", response_model=ConversationOut,
+             responses=documented(ErrorBody, (*GUARD_STATUSES, 404, 422, 503)))
+    async def read_conversation(request: Request, conversation_id: str = conversation_id_path) -> Any:
+        store = request.app.state.store
+        found = await store.get(conversation_id) if store is not None else None
+        if found is None:
+            raise ConversationNotFound(f"no conversation {conversation_id!r} (never started, expired, or deleted)")
+        return {"conversation_id": found.conversation_id, "agent": found.agent, "turns": [
+            {"user": t.user, "assistant": t.assistant, "created_at": iso_time(t.created_at)} for t in found.turns]}
+
+    @app.delete("/conversations/{conversation_id}", status_code=204,
+                responses=documented(ErrorBody, (*GUARD_STATUSES, 422, 503)))
+    async def forget_conversation(request: Request, conversation_id: str = conversation_id_path) -> Response:
+        state = request.app.state
+        if state.store is not None:  # wait for a reply in progress, so it cannot bring the conversation back
+            await until_disconnect(request, state.locks.acquire(conversation_id))
+            try:
+                await state.store.delete(conversation_id)
+            finally:
+                state.locks.release(conversation_id)
+        return Response(status_code=204)
+
+    @app.get("/conversations", response_model=ConversationPage,
+             responses=documented(ErrorBody, (*GUARD_STATUSES, 422, 503)))
+    async def list_conversations(request: Request, limit: int = Query(20, ge=1, le=MAX_PAGE),
+                                 before: datetime | None = None) -> Any:
+        store = request.app.state.store
+        if before is not None and before.tzinfo is None:
+            before = before.replace(tzinfo=timezone.utc)
+        rows = await store.recent(limit, before.timestamp() if before else None) if store is not None else []
+        page = [{"conversation_id": cid, "agent": agent, "last_used": iso_time(used)} for cid, agent, used in rows]
+        return {"conversations": page, "next_before": page[-1]["last_used"] if len(page) == limit else None}
+
+
 # ---------------------------------------------------------------------------
 # Entry point: main(argv=None) -> int
 # ---------------------------------------------------------------------------
@@ -1948,11 +2373,24 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     except ConfigError as exc:
         print(f"piagent: {exc}", file=sys.stderr)
         return 2
+    try:
+        asyncio.run(check_memory(config))
+    except StoreError as exc:
+        print(f"piagent: {exc}", file=sys.stderr)
+        return 1 if exc.retry_may_help else 2  # systemd restarts on 1 (Redis may come back), not on 2
     configure_logging(config, sys.stderr)
-    log.info("piagent on http://%s:%d -> %s %s, agents: %s", config.host, config.port, config.provider,
-             config.upstream_url, ", ".join(f"{a.name}={a.model}" for a in config.agents))
+    log.info("piagent on http://%s:%d -> %s %s, agents: %s, memory: %s", config.host, config.port,
+             config.provider, config.upstream_url, ", ".join(f"{a.name}={a.model}" for a in config.agents),
+             _memory_description(config))
     for warning in startup_warnings(config):
         log.warning(warning)
+    if config.workers > 1:  # each worker process builds its own app from the same environment
+        if env_file is not None:
+            os.environ["PIAGENT_ENV_FILE"] = str(env_file)
+        uvicorn.run("piagent:app_from_environment", factory=True, workers=config.workers,
+                    app_dir=str(Path(__file__).resolve().parent), host=config.host, port=config.port,
+                    **uvicorn_options(config))
+        return 0
     app = create_app(config)
 
     class Server(uvicorn.Server):
@@ -1965,6 +2403,30 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
 
     Server(uvicorn.Config(app, host=config.host, port=config.port, **uvicorn_options(config))).run()
     return 0
+
+
+def _memory_description(config: Config) -> str:
+    if not config.enable_memory:
+        return "off"
+    where = {"sqlite": config.memory_path, "redis": config.redis_url}.get(config.memory_backend)
+    return f"{config.memory_backend} {where}" if where else config.memory_backend
+
+
+async def check_memory(config: Config) -> None:
+    """Open and close the memory store once, so a bad path, a corrupt file or no Redis is one clear line."""
+    if config.enable_memory:
+        store = MEMORY_STORES[config.memory_backend](config, time.time)
+        await store.open()
+        await store.close()
+
+
+def app_from_environment() -> FastAPI:
+    """The app a uvicorn worker builds for itself when WORKERS > 1 (config as main() read it)."""
+    import sys
+
+    config = load_config(os.environ, default_env_file(os.environ))
+    configure_logging(config, sys.stderr)
+    return create_app(config)
 
 
 def uvicorn_options(config: Config) -> dict[str, Any]:

@@ -8,6 +8,7 @@ what it received and when a client hung up. Nothing here mocks piagent's own fun
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import logging
 import os
@@ -254,42 +255,212 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def test_store_keeps_only_the_last_max_turns():
-    store = InProcessStore(max_turns=2, ttl_s=60, max_conversations=10, clock=Clock())
-    for i in range(5):
-        run(store.append("c", Turn(f"u{i}", f"a{i}")))
-    assert run(store.history("c")) == [Turn("u3", "a3"), Turn("u4", "a4")]
+def find_redis_server() -> str:
+    path = shutil.which("redis-server")
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true and redis-server is not installed (apt-get install redis-server)")
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    if importlib.util.find_spec("redis") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true and the redis package is not installed (pip install redis)")
+        pytest.skip("the redis package is not installed (pip install redis)")
+    return path
 
 
-def test_store_forgets_idle_conversations_after_ttl_and_use_refreshes_it():
+class RedisServer:
+    """A real redis-server on a free loopback port, data in a temp dir, nothing saved."""
+
+    def __init__(self, folder: Path):
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.folder = folder
+
+    def start(self) -> "RedisServer":
+        self.proc = subprocess.Popen([find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1",
+                                      "--dir", str(self.folder), "--save", "", "--appendonly", "no"],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(self.answers, what="redis-server to start")
+        return self
+
+    def answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def command(self, *words: str) -> bytes:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            sock.sendall(" ".join(words).encode() + b"\r\n")
+            return sock.recv(4096)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(DEADLINE_S)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+BACKENDS = ["memory", "sqlite", "redis"]
+
+
+@pytest.fixture
+def memory_env(request, tmp_path):
+    """Env settings for the backend named by the test's `backend` parameter (Redis flushed first)."""
+
+    def env(backend: str) -> dict[str, str]:
+        if backend == "redis":
+            server = request.getfixturevalue("redis_server")
+            server.command("FLUSHALL")
+            return {"MEMORY_BACKEND": "redis", "REDIS_URL": server.url}
+        if backend == "sqlite":
+            return {"MEMORY_BACKEND": "sqlite", "MEMORY_PATH": str(tmp_path / "memory.db")}
+        return {"MEMORY_BACKEND": "memory"}
+
+    return env
+
+
+def with_store(env: dict[str, str], clock, scenario, **caps):
+    """Run `await scenario(store)` against an opened store built from env and caps (MEMORY_* values)."""
+    config = load_config({**env, **{k: str(v) for k, v in caps.items()}})
+
+    async def run_it():
+        store = piagent.MEMORY_STORES[config.memory_backend](config, clock)
+        await store.open()
+        try:
+            return await scenario(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(run_it())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_store_keeps_the_last_max_turns_in_order(memory_env, backend):
+    async def scenario(store):
+        for i in range(5):
+            await store.append("c", "general", f"u{i}", f"a{i}")
+        return await store.history("c")
+
+    turns = with_store(memory_env(backend), Clock(), scenario, MEMORY_MAX_TURNS=2)
+    assert [(t.user, t.assistant) for t in turns] == [("u3", "a3"), ("u4", "a4")]
+    assert all(t.created_at == 1000.0 for t in turns)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_store_forgets_idle_conversations_after_ttl_and_a_read_is_a_use(memory_env, backend):
     clock = Clock()
-    store = InProcessStore(max_turns=8, ttl_s=60, max_conversations=10, clock=clock)
-    run(store.append("old", Turn("u", "a")))
-    run(store.append("used", Turn("u", "a")))
-    clock.now += 50
-    assert run(store.history("used"))  # reading is a use: its idle time starts again
-    clock.now += 15
-    assert run(store.history("old")) == [] and run(store.history("used")) == [Turn("u", "a")]
-    assert len(store) == 1
+
+    async def scenario(store):
+        await store.append("old", "general", "u", "a")
+        await store.append("used", "general", "u", "a")
+        clock.now += 50
+        assert await store.history("used")  # reading is a use: its idle time starts again
+        clock.now += 15
+        return (await store.history("old"), await store.history("used"), await store.get("old"),
+                [cid for cid, _, _ in await store.recent(10, None)])
+
+    old, used, old_info, listed = with_store(memory_env(backend), clock, scenario, MEMORY_TTL_MIN=1)
+    assert old == [] and [(t.user, t.assistant) for t in used] == [("u", "a")]
+    assert old_info is None and listed == ["used"]
 
 
-def test_store_evicts_least_recently_used_beyond_max_conversations():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_store_evicts_the_least_recently_used_beyond_max_conversations(memory_env, backend):
     clock = Clock()
-    store = InProcessStore(max_turns=8, ttl_s=600, max_conversations=3, clock=clock)
-    for cid in "abc":
-        run(store.append(cid, Turn(cid, cid)))
+
+    async def scenario(store):
+        for cid in "abc":
+            await store.append(cid, "general", cid, cid)
+            clock.now += 1
+        await store.history("a")  # a is now the most recently used, b the least
         clock.now += 1
-    run(store.history("a"))  # a is now the most recently used, b the least
-    run(store.append("d", Turn("d", "d")))
-    assert [bool(run(store.history(c))) for c in "abcd"] == [True, False, True, True]
+        await store.append("d", "general", "d", "d")
+        return [bool(await store.history(c)) for c in "abcd"]
+
+    assert with_store(memory_env(backend), clock, scenario, MEMORY_MAX_CONVERSATIONS=3) == [True, False, True, True]
 
 
-def test_store_stays_bounded_whatever_the_traffic():
-    store = InProcessStore(max_turns=3, ttl_s=600, max_conversations=50, clock=Clock())
-    for i in range(5000):
-        run(store.append(f"c{i % 700}", Turn("u", "a")))
-    assert len(store) == 50
-    assert all(len(c.turns) <= 3 for c in store._conversations.values())
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_store_caps_hold_under_churn_keeping_the_most_recent(memory_env, backend):
+    clock = Clock()
+
+    async def scenario(store):
+        for i in range(10_000):
+            clock.now += 0.001
+            await store.append(f"c{i}", "general", "u", "a")
+        page, before = [], None
+        for _ in range(10):  # bounded: 500 conversations at most, 100 a page
+            rows = await store.recent(100, before)
+            page += rows
+            if len(rows) < 100:
+                break
+            before = rows[-1][2]
+        return page
+
+    kept = [cid for cid, _, _ in with_store(memory_env(backend), clock, scenario, MEMORY_MAX_CONVERSATIONS=500)]
+    assert kept == [f"c{i}" for i in range(9999, 9499, -1)]  # exactly the 500 most recent, newest first
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_store_gets_lists_and_deletes_conversations(memory_env, backend):
+    clock = Clock()
+
+    async def scenario(store):
+        await store.append("x", "coder", "u1", "a1")
+        clock.now += 1
+        await store.append("y", "general", "u2", "a2")
+        got = await store.get("x")
+        listed = await store.recent(10, None)
+        older = await store.recent(10, 1000.5)
+        await store.delete("x")
+        await store.delete("never-was")
+        return got, listed, older, await store.get("x"), await store.history("x")
+
+    got, listed, older, after_delete, history = with_store(memory_env(backend), clock, scenario)
+    assert (got.conversation_id, got.agent, got.last_used) == ("x", "coder", 1000.0)
+    assert [(t.user, t.assistant, t.created_at) for t in got.turns] == [("u1", "a1", 1000.0)]
+    assert listed == [("y", "general", 1001.0), ("x", "coder", 1000.0)] and older == [("x", "coder", 1000.0)]
+    assert after_delete is None and history == []
+
+
+def test_sqlite_memory_in_a_missing_folder_is_one_clear_start_up_error(tmp_path):
+    result = run_piagent(env={"MEMORY_BACKEND": "sqlite", "MEMORY_PATH": str(tmp_path / "no" / "such.db")})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and "does not exist" in result.stderr
+
+
+def test_corrupt_sqlite_file_is_one_clear_start_up_error(tmp_path):
+    bad = tmp_path / "memory.db"
+    bad.write_bytes(b"this is not a database" * 100)
+    result = run_piagent(env={"MEMORY_BACKEND": "sqlite", "MEMORY_PATH": str(bad)})
+    assert result.returncode == 2 and "not a usable SQLite database" in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_unreachable_redis_is_one_clear_start_up_error_that_systemd_retries():
+    find_redis_server()
+    result = run_piagent(env={"MEMORY_BACKEND": "redis", "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
+    assert result.returncode == 1 and "cannot reach Redis" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_state_directory_makes_sqlite_the_default_there():
+    config = load_config({"STATE_DIRECTORY": "/var/lib/piagent"})
+    assert (config.memory_backend, config.memory_path) == ("sqlite", "/var/lib/piagent/piagent.db")
+    assert load_config({}).memory_backend == "memory"
+
+
+def test_several_workers_need_a_shared_memory():
+    with pytest.raises(ConfigError, match="WORKERS"):
+        load_config({"WORKERS": "2", "MEMORY_BACKEND": "memory"})
+    assert load_config({"WORKERS": "2", "MEMORY_BACKEND": "sqlite"}).workers == 2
 
 
 def test_conversation_locks_serialise_one_conversation_and_leave_no_entries():
