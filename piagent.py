@@ -2306,8 +2306,12 @@ class ConversationNotFound(PiagentError):
 
 
 def iso_time(epoch_s: float) -> str:
-    """Example: 0.5 -> "1970-01-01T00:00:00.500000+00:00" """
-    return datetime.fromtimestamp(epoch_s, timezone.utc).isoformat(timespec="microseconds")
+    """UTC ISO 8601, cut (not rounded) to the microsecond, so a page cursor never lands after its own row.
+
+    Example: 0.5 -> "1970-01-01T00:00:00.500000+00:00"
+    """
+    seconds, micros = divmod(math.floor(epoch_s * 1_000_000), 1_000_000)
+    return datetime.fromtimestamp(seconds, timezone.utc).replace(microsecond=micros).isoformat(timespec="microseconds")
 
 
 def add_conversation_routes(app: FastAPI) -> None:

@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -202,7 +203,8 @@ def test_env_template_parses_and_holds_exactly_the_defaults():
                   "PORT", "LOG_LEVEL", "AGENTS", "AGENT_GENERAL_SYSTEM", "OPENAI_BASE_URL", "OPENAI_API_KEY",
                   "OPENAI_MODEL_GENERAL", "SSE_PING_S", "LOG_FORMAT", "LOG_PROMPTS", "API_KEYS",
                   "RATE_LIMIT_PER_MIN", "TRUST_PROXY", "MAX_BODY_BYTES", "MAX_MESSAGE_CHARS", "CORS_ORIGINS",
-                  "MAX_CONCURRENT", "MAX_QUEUE", "SHUTDOWN_GRACE_S"}
+                  "MAX_CONCURRENT", "MAX_QUEUE", "SHUTDOWN_GRACE_S", "MEMORY_BACKEND", "MEMORY_PATH", "REDIS_URL",
+                  "WORKERS"}
     assert documented <= keys | commented
 
 
@@ -486,6 +488,130 @@ def test_conversation_locks_serialise_one_conversation_and_leave_no_entries():
         assert order[3:] == ["a-", "b+", "b-"] and len(locks) == 0
 
     run(scenario())
+
+
+# ---------------------------------------------------------------------------
+# Memory: over HTTP, for every backend
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_backend_stores_completed_partial_and_no_failed_turns(serve, fake, memory_env, backend):
+    server = serve(**memory_env(backend))
+    chat(server, message="done", conversation_id="c")  # completed: stored
+    fake.script = Script(tokens=["part", "ial"] + ["x"] * 50, hold_after=2)
+    sock = raw_post(server.port, "/chat", {"message": "left", "stream": True, "conversation_id": "c"})
+    read_until(sock, b"ial")
+    sock.close()  # left mid-stream: what it received is stored
+    wait_until(lambda: len(server.app.state.locks) == 0, what="the partial turn to be stored")
+    fake.script = Script(error_after=1)
+    with pytest.raises(httpx.RemoteProtocolError):  # the upstream fails mid-way: the stream is cut
+        chat(server, message="failed", conversation_id="c", stream=True)
+    wait_until(lambda: len(server.app.state.locks) == 0, what="the failed turn to end")
+    fake.script = Script()
+    turns = httpx.get(f"{server.url}/conversations/c").json()["turns"]
+    assert [(t["user"], t["assistant"]) for t in turns] == [("done", "Hello from the Pi!"), ("left", "partial")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_conversation_api_reads_lists_and_forgets(serve, fake, memory_env, backend):
+    server = serve(AGENTS="general,coder", **memory_env(backend))
+    chat(server, message="one", conversation_id="first")
+    chat(server, message="two", conversation_id="second", agent="coder")
+    body = httpx.get(f"{server.url}/conversations/first").json()
+    assert body["conversation_id"] == "first" and body["agent"] == "general"
+    (turn,) = body["turns"]
+    assert (turn["user"], turn["assistant"]) == ("one", "Hello from the Pi!")
+    assert datetime.fromisoformat(turn["created_at"]).tzinfo is not None
+    listed = httpx.get(f"{server.url}/conversations").json()
+    assert [(c["conversation_id"], c["agent"]) for c in listed["conversations"]] == [("second", "coder"),
+                                                                                      ("first", "general")]
+    assert listed["next_before"] is None
+    page = httpx.get(f"{server.url}/conversations", params={"limit": 1}).json()
+    assert [c["conversation_id"] for c in page["conversations"]] == ["second"]
+    rest = httpx.get(f"{server.url}/conversations", params={"limit": 1, "before": page["next_before"]}).json()
+    assert [c["conversation_id"] for c in rest["conversations"]] == ["first"]
+    assert httpx.delete(f"{server.url}/conversations/first").status_code == 204
+    assert httpx.delete(f"{server.url}/conversations/first").status_code == 204  # idempotent
+    missing = httpx.get(f"{server.url}/conversations/first")
+    assert missing.status_code == 404 and error_of(missing)["code"] == "conversation_not_found"
+
+
+@pytest.mark.parametrize("path", ["/conversations?limit=0", "/conversations?limit=101", "/conversations?before=soon",
+                                  "/conversations/has%20space"])
+def test_conversation_api_validates_its_input(serve, path):
+    response = httpx.get(f"{serve().url}{path}")
+    assert response.status_code == 422 and error_of(response)["code"] == "invalid_request"
+
+
+def test_conversation_api_needs_the_key_like_chat(serve):
+    server = serve(API_KEYS=KEY)
+    assert httpx.get(f"{server.url}/conversations").status_code == 401
+    assert httpx.delete(f"{server.url}/conversations/x").status_code == 401
+    assert httpx.get(f"{server.url}/conversations", headers={"X-API-Key": KEY}).status_code == 200
+
+
+def test_redis_going_away_is_503_memory_unavailable_and_piagent_recovers(serve, fake, tmp_path):
+    find_redis_server()
+    redis = RedisServer(tmp_path).start()
+    server = serve(MEMORY_BACKEND="redis", REDIS_URL=redis.url)
+    assert chat(server, message="one", conversation_id="r").status_code == 200
+    redis.stop()
+    down = chat(server, message="two", conversation_id="r")
+    assert down.status_code == 503 and error_of(down)["code"] == "memory_unavailable"
+    assert "retry-after" in down.headers and len(fake.generations()) == 1  # the model was not asked
+    redis.start()  # same port, empty data
+    assert chat(server, message="three", conversation_id="r").status_code == 200
+    assert len(fake.generations()[-1].body["messages"]) == 2
+    redis.stop()
+
+
+# ---------------------------------------------------------------------------
+# Memory: durability and sharing across processes (real processes)
+# ---------------------------------------------------------------------------
+
+
+def test_sqlite_memory_survives_kill_9_with_every_completed_turn_in_order(fake, tmp_path):
+    env = {"OLLAMA_HOST": fake.url, "MEMORY_BACKEND": "sqlite", "MEMORY_PATH": str(tmp_path / "memory.db"),
+           "MEMORY_MAX_TURNS": "60", "RATE_LIMIT_PER_MIN": "0"}
+    fake.script = Script(echo=True)
+    with piagent_process(env, capture=True) as (url, proc):
+        with httpx.Client(base_url=url, timeout=DEADLINE_S) as client:
+            for i in range(50):
+                assert client.post("/chat", json={"message": f"m{i}", "conversation_id": "durable"}).status_code == 200
+        proc.kill()  # SIGKILL: no shutdown, no flush
+        proc.wait(DEADLINE_S)
+    with piagent_process(env) as url:
+        turns = httpx.get(f"{url}/conversations/durable").json()["turns"]
+    assert [(t["user"], t["assistant"]) for t in turns] == [(f"m{i}", f"echo: m{i}") for i in range(50)]
+
+
+def test_two_processes_sharing_redis_continue_one_conversation(fake, redis_server):
+    redis_server.command("FLUSHALL")
+    env = {"OLLAMA_HOST": fake.url, "MEMORY_BACKEND": "redis", "REDIS_URL": redis_server.url}
+    with piagent_process(env) as first, piagent_process(env) as second:
+        assert httpx.post(f"{first}/chat", json={"message": "on the first", "conversation_id": "shared"}).status_code == 200
+        assert httpx.post(f"{second}/chat", json={"message": "on the second", "conversation_id": "shared"}).status_code == 200
+        turns = httpx.get(f"{first}/conversations/shared").json()["turns"]
+    assert [t["user"] for t in turns] == ["on the first", "on the second"]
+    assert [m["content"] for m in fake.generations()[1].body["messages"][1:]] == [
+        "on the first", "Hello from the Pi!", "on the second"]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_twenty_concurrent_turns_through_two_workers_are_all_kept_whole(fake, memory_env, backend):
+    fake.script = Script(echo=True)
+    env = {"OLLAMA_HOST": fake.url, "WORKERS": "2", "MEMORY_MAX_TURNS": "50", "RATE_LIMIT_PER_MIN": "0",
+           "MAX_QUEUE": "50", **memory_env(backend)}
+    with piagent_process(env) as url:
+        threads = [in_background(httpx.post, f"{url}/chat", timeout=30,
+                                 json={"message": f"m{i}", "conversation_id": "busy"}) for i in range(20)]
+        for thread, _ in threads:
+            thread.join(30)
+        assert all(result["value"].status_code == 200 for _, result in threads)
+        turns = httpx.get(f"{url}/conversations/busy").json()["turns"]
+    assert len(turns) == 20 and sorted(t["user"] for t in turns) == sorted(f"m{i}" for i in range(20))
+    assert all(t["assistant"] == f"echo: {t['user']}" for t in turns)  # never a reply stored with another message
 
 
 # ---------------------------------------------------------------------------
