@@ -79,8 +79,13 @@ class FakeOllama:
         return f"http://127.0.0.1:{self.port}"
 
     def generations(self) -> list[Received]:
-        """The /api/chat and /api/generate requests received so far."""
-        return [r for r in list(self.requests) if r.path in ("/api/chat", "/api/generate", "/v1/chat/completions")]
+        """The generation requests received so far (chat, generate, /v1), not model loads."""
+        return [r for r in list(self.requests)
+                if r.path in ("/api/chat", "/api/generate", "/v1/chat/completions") and not _is_load(r)]
+
+    def loads(self) -> list[Received]:
+        """The model-load requests (empty prompt or no messages) received so far."""
+        return [r for r in list(self.requests) if _is_load(r)]
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> "FakeOllama":
@@ -172,6 +177,11 @@ class FakeOllama:
             return True
         if script.status is not None:
             writer.write(wire.error(script.status, script.error_text, retry_after=script.retry_after))
+            return True
+        if _is_load(req):  # Ollama loads the model and answers at once, done_reason "load"
+            done = {"model": model, "created_at": _now(), "done": True, "done_reason": "load"}
+            done.update({"message": {"role": "assistant", "content": ""}} if req.path == "/api/chat" else {"response": ""})
+            writer.write(_json(200, done))
             return True
         if script.echo:
             last = (body.get("messages") or [{"content": body.get("prompt", "")}])[-1]["content"]
@@ -338,6 +348,13 @@ class OpenAIWire(NDJSONWire):
 
 
 # -- wire helpers -------------------------------------------------------------
+
+
+def _is_load(req: Received) -> bool:
+    body = req.body or {}
+    if req.path == "/api/generate":
+        return not body.get("prompt") and not body.get("suffix")
+    return req.path == "/api/chat" and not body.get("messages")
 
 
 class _Hangup(asyncio.Event):

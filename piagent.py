@@ -138,6 +138,9 @@ class Config:
     max_concurrent: int = 1  # generations at once: a Pi runs one well
     max_queue: int = 8  # more requests than this waiting -> 503 queue_full instead of piling up
     shutdown_grace_s: float = 10.0  # on SIGTERM, in-flight streams get this long to finish
+    enable_ui: bool = True  # the chat page at /
+    metrics_public: bool = False  # /metrics without a key (for a Prometheus on the LAN)
+    warmup: bool = True  # load each agent's model at start-up (Ollama only), so the first chat is not cold
     agents: tuple[Agent, ...] = field(
         default=(Agent("general", "qwen2.5:3b-instruct", DEFAULT_SYSTEM_PROMPT),)
     )
@@ -352,6 +355,9 @@ def load_config(environ: Mapping[str, str], env_file: Path | None = None) -> Con
         max_concurrent=s.integer("MAX_CONCURRENT", d.max_concurrent, 1, 1024),
         max_queue=s.integer("MAX_QUEUE", d.max_queue, 0, 100_000),
         shutdown_grace_s=s.number("SHUTDOWN_GRACE_S", d.shutdown_grace_s, 0, 3600),
+        enable_ui=s.boolean("ENABLE_UI", d.enable_ui),
+        metrics_public=s.boolean("METRICS_PUBLIC", d.metrics_public),
+        warmup=s.boolean("WARMUP", provider == "ollama"),
         agents=_read_agents(s, "OPENAI_MODEL_" if provider == "openai" else "OLLAMA_MODEL_", d.agents[0].model),
     )
 
@@ -426,6 +432,9 @@ class MemoryStore(Protocol):
     async def recent(self, limit: int, before: float | None) -> list[tuple[str, str, float]]:
         """(id, agent, last_used) of live conversations used before `before`, newest first."""
 
+    async def count(self) -> int:
+        """How many live conversations are kept."""
+
 
 @dataclass
 class _Kept:
@@ -489,6 +498,10 @@ class InProcessStore:
 
     async def delete(self, conversation_id: str) -> None:
         self._kept.pop(conversation_id, None)
+
+    async def count(self) -> int:
+        self._sweep(self.clock())
+        return len(self._kept)
 
     async def recent(self, limit: int, before: float | None) -> list[tuple[str, str, float]]:
         self._sweep(self.clock())
@@ -613,6 +626,13 @@ class SQLiteStore:
     async def delete(self, conversation_id: str) -> None:
         await self._run(self._db.execute, "DELETE FROM conversations WHERE id = ?", (conversation_id,))
 
+    async def count(self) -> int:
+        def read() -> int:
+            return self._db.execute("SELECT COUNT(*) FROM conversations WHERE last_used > ?",
+                                    (self.clock() - self.ttl_s,)).fetchone()[0]
+
+        return await self._run(read)
+
     async def recent(self, limit: int, before: float | None) -> list[tuple[str, str, float]]:
         def read() -> list[tuple[str, str, float]]:
             return self._db.execute(
@@ -730,6 +750,9 @@ class RedisStore:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.delete(turns_key, meta_key).zrem(recent_key, conversation_id)
             await self._call(pipe.execute())
+
+    async def count(self) -> int:
+        return await self._call(self._redis.zcount(f"{REDIS_PREFIX}recent", f"({self.clock() - self.ttl_s!r}", "+inf"))
 
     async def recent(self, limit: int, before: float | None) -> list[tuple[str, str, float]]:
         low, high = self.clock() - self.ttl_s, "+inf" if before is None else f"({before!r}"
@@ -917,6 +940,8 @@ class UpstreamError(UpstreamFailure):
     status, code = 502, "upstream_error"
 
 
+#: Seconds a readiness probe or --check waits for the upstream (a healthy one answers at once).
+PROBE_TIMEOUT_S = 10.0
 #: Seconds a client is told to wait when the upstream is busy and gives no Retry-After of its own.
 DEFAULT_RETRY_AFTER_S = 5
 
@@ -941,6 +966,20 @@ class Provider(Protocol):
 
     def stream(self, agent: Agent, prompt: Prompt, sampling: Sampling, usage: Usage) -> AsyncIterator[str]:
         """The reply as text pieces, each yielded as soon as it arrives; raises UpstreamFailure."""
+
+    async def probe(self) -> tuple[str, set[str]]:
+        """(server description, names of the models it has); raises UpstreamFailure."""
+
+    async def warm(self, model: str) -> None:
+        """Ask the server to load `model` now; raises UpstreamFailure."""
+
+
+def has_model(model: str, available: set[str]) -> bool:
+    """Whether `model` is among `available`, where a name without a tag means ":latest" (Ollama's rule).
+
+    Example: has_model("llama3.2", {"llama3.2:latest"}) -> True
+    """
+    return model in available or (":" not in model and f"{model}:latest" in available)
 
 
 class HTTPProvider:
@@ -1007,6 +1046,17 @@ class HTTPProvider:
             raise UpstreamError(f"{self.label}: {upstream_error_text(json.dumps(data).encode(), 200)}")
         return data
 
+    async def get_json(self, path: str) -> dict[str, Any]:
+        """GET a JSON object (for probes)."""
+        try:
+            response = await self.client.get(self.base_url + path, headers=self.headers(), timeout=PROBE_TIMEOUT_S)
+            await self.raise_for_status(response, "")
+            return response.json()
+        except httpx.HTTPError as exc:
+            raise self.transport_error(exc, started=False) from None
+        except ValueError:
+            raise UpstreamError(f"{self.label} sent a reply that is not JSON") from None
+
     async def stream_lines(self, path: str, body: dict[str, Any], model: str) -> AsyncIterator[str]:
         """POST a streaming request and yield its body line by line (closing it if the caller stops)."""
         started = False
@@ -1037,14 +1087,30 @@ class OllamaProvider(HTTPProvider):
             "stream": stream,
             "options": {"num_ctx": c.ctx_tokens, "num_predict": sampling.max_tokens, "temperature": sampling.temperature},
         }
-        if c.ollama_keep_alive is not None:
-            ka = c.ollama_keep_alive
-            body["keep_alive"] = int(ka) if re.fullmatch(r"-?\d+", ka) else ka
+        if self.keep_alive is not None:
+            body["keep_alive"] = self.keep_alive
         if c.ollama_api == "generate":
             body.update(system=prompt.system, prompt=render_prompt(prompt))
             return "/api/generate", body
         body["messages"] = build_messages(prompt)
         return "/api/chat", body
+
+    async def probe(self) -> tuple[str, set[str]]:
+        version = (await self.get_json("/api/version")).get("version", "?")
+        tags = await self.get_json("/api/tags")
+        return f"Ollama {version}", {m.get("name", "") for m in tags.get("models") or []}
+
+    async def warm(self, model: str) -> None:
+        body: dict[str, Any] = {"model": model, "stream": False}  # no prompt: Ollama just loads the model
+        if self.keep_alive is not None:
+            body["keep_alive"] = self.keep_alive
+        await self.post_json("/api/generate", body, model)
+
+    @property
+    def keep_alive(self) -> int | str | None:
+        """OLLAMA_KEEP_ALIVE as Ollama takes it: a number is seconds, anything else a duration string."""
+        ka = self.config.ollama_keep_alive
+        return int(ka) if ka is not None and re.fullmatch(r"-?\d+", ka) else ka
 
     async def complete(self, agent: Agent, prompt: Prompt, sampling: Sampling, usage: Usage) -> str:
         path, body = self._request(agent, prompt, sampling, stream=False)
@@ -1175,6 +1241,13 @@ class OpenAIProvider(HTTPProvider):
     def not_found(self, model: str) -> str:
         return (f"model {model!r} was not found at {self.base_url} (or OPENAI_BASE_URL is wrong: it usually ends "
                 f"in /v1); set OPENAI_MODEL_<AGENT> to one of {self.base_url}/models")
+
+    async def probe(self) -> tuple[str, set[str]]:
+        listed = await self.get_json("/models")
+        return "an OpenAI-compatible server", {m.get("id", "") for m in listed.get("data") or []}
+
+    async def warm(self, model: str) -> None:
+        """OpenAI-style servers have no load call; their models load as they see fit."""
 
     def _body(self, agent: Agent, prompt: Prompt, sampling: Sampling, stream: bool) -> dict[str, Any]:
         body = {"model": agent.model, "messages": build_messages(prompt), "stream": stream,
@@ -1445,6 +1518,9 @@ class Guards:
                  render: Callable[[dict, PiagentError], Callable]):
         self.app, self.config, self.render = app, config, render
         self.buckets = TokenBuckets(config.rate_limit_per_min, clock) if config.rate_limit_per_min else None
+        # the page itself holds no data (it asks for the key), and a public /metrics is the operator's choice
+        self.open_paths = OPEN_PATHS | {p for p, on in (("/", config.enable_ui), ("/metrics", config.metrics_public))
+                                         if on}
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -1463,7 +1539,7 @@ class Guards:
 
         try:
             receive = await self._bounded_body(headers, receive)
-            if scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS":
+            if scope["path"] not in self.open_paths and scope["method"] != "OPTIONS":
                 identity = self._authorize(headers, fields)
                 extra_headers.extend(self._limit(identity))
         except PiagentError as exc:
@@ -1836,13 +1912,20 @@ class TokenStream(Response):
     the source (closing the upstream request) the instant the client disconnects.
     """
 
-    def __init__(self, pieces: AsyncIterator[str], headers: dict[str, str], fields: dict[str, Any], drain: Drain):
-        self.pieces, self.drain = pieces, drain
+    def __init__(self, pieces: AsyncIterator[str], headers: dict[str, str], fields: dict[str, Any], state: Any):
+        self.pieces, self.drain, self.metrics = pieces, state.drain, state.metrics
         self.status_code, self.background = 200, None
         self.raw_headers = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
         self.fields = fields  # request log fields; set "error" when the stream is cut
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        self.metrics.active_streams += 1
+        try:
+            await self._run(receive, send)
+        finally:
+            self.metrics.active_streams -= 1
+
+    async def _run(self, receive: Callable, send: Callable) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         pump = asyncio.ensure_future(self._pump(send))
         gone = asyncio.ensure_future(_wait_for_disconnect(receive))
@@ -1922,9 +2005,9 @@ async def stream_reply(x: Exchange, fmt: PlainText) -> TokenStream:
 
     A format that can report queueing (SSE on /chat) starts at once when it must wait for the model.
     """
-    drain = x.request.app.state.drain
+    state = x.request.app.state
     if not x.slot.granted and fmt.queued(1) is not None:
-        return TokenStream(queued_stream(x, fmt), stream_headers(x, fmt), x.fields, drain)
+        return TokenStream(queued_stream(x, fmt), stream_headers(x, fmt), x.fields, state)
     try:
         await x.wait_for_slot()
     except BaseException:
@@ -1943,7 +2026,7 @@ async def stream_reply(x: Exchange, fmt: PlainText) -> TokenStream:
         await pieces.aclose()
         await x.finish(None)
         raise
-    return TokenStream(relay(first, pieces, x, fmt), stream_headers(x, fmt), x.fields, drain)
+    return TokenStream(relay(first, pieces, x, fmt), stream_headers(x, fmt), x.fields, state)
 
 
 def stream_headers(x: Exchange, fmt: PlainText) -> dict[str, str]:
@@ -2045,6 +2128,175 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(request.scope, 500, "internal_error", "piagent hit a bug; see its log")
 
 
+#: Histogram bounds in seconds: a Pi answers in a fraction of a second or in minutes.
+LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+#: Error codes that mean the upstream failed (counted in piagent_upstream_errors_total).
+UPSTREAM_CODES = frozenset({"upstream_unavailable", "model_not_found", "upstream_auth", "upstream_busy",
+                            "upstream_timeout", "upstream_error"})
+
+
+class Histogram:
+    """A Prometheus histogram: counts per upper bound, sum and count."""
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS_S):
+        self.bounds, self.counts = bounds, [0] * len(bounds)
+        self.sum, self.count = 0.0, 0
+
+    def observe(self, value: float) -> None:
+        self.sum += value
+        self.count += 1
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
+                return
+
+    def lines(self, name: str, labels: str = "") -> list[str]:
+        out, running = [], 0
+        for bound, n in zip(self.bounds, self.counts):
+            running += n
+            out.append(f'{name}_bucket{{{labels}le="{bound:g}"}} {running}')
+        out.append(f'{name}_bucket{{{labels}le="+Inf"}} {self.count}')
+        tail = f"{{{labels.rstrip(',')}}}" if labels else ""
+        return out + [f"{name}_sum{tail} {self.sum:.6f}", f"{name}_count{tail} {self.count}"]
+
+
+def _label(value: Any) -> str:
+    """Escape a label value: backslash, double quote and newline (the exposition format's rule)."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _rss_bytes() -> int:
+    """This process's resident memory, from /proc (Linux, so a Pi); 0 elsewhere."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class Metrics:
+    """Counters and histograms piagent keeps for /metrics (one set per app; gauges are read when scraped)."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, int], int] = {}
+        self.durations: dict[str, Histogram] = {}
+        self.ttft = Histogram()
+        self.tokens = 0
+        self.upstream_errors: dict[str, int] = {}
+        self.active_streams = 0
+
+    def observe(self, route: str, record: Mapping[str, Any]) -> None:
+        """Count one finished request (its record as RequestLog made it)."""
+        key = (route, record["status"])
+        self.requests[key] = self.requests.get(key, 0) + 1
+        self.durations.setdefault(route, Histogram()).observe(record["duration_ms"] / 1000)
+        if "ttft_ms" in record:
+            self.ttft.observe(record["ttft_ms"] / 1000)
+        self.tokens += record.get("tokens") or 0
+        if record.get("error") in UPSTREAM_CODES:
+            self.upstream_errors[record["error"]] = self.upstream_errors.get(record["error"], 0) + 1
+
+    def render(self, queued: int, generating: int, conversations: int | None) -> str:
+        """The Prometheus text exposition format (version 0.0.4)."""
+        lines: list[str] = []
+
+        def family(name: str, kind: str, help_text: str, samples: list[str]) -> None:
+            lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *samples])
+
+        family("piagent_requests_total", "counter", "Requests answered, by route and status.",
+               [f'piagent_requests_total{{route="{_label(r)}",status="{s}"}} {n}'
+                for (r, s), n in sorted(self.requests.items())])
+        family("piagent_request_duration_seconds", "histogram", "Time to answer a request (to the end of a stream).",
+               [line for r, h in sorted(self.durations.items())
+                for line in h.lines("piagent_request_duration_seconds", f'route="{_label(r)}",')])
+        family("piagent_time_to_first_token_seconds", "histogram", "Time from request to the first streamed token.",
+               self.ttft.lines("piagent_time_to_first_token_seconds"))
+        family("piagent_tokens_generated_total", "counter", "Text pieces (about tokens) sent to clients.",
+               [f"piagent_tokens_generated_total {self.tokens}"])
+        family("piagent_upstream_errors_total", "counter", "Upstream failures, by error code.",
+               [f'piagent_upstream_errors_total{{code="{c}"}} {n}' for c, n in sorted(self.upstream_errors.items())])
+        family("piagent_queue_depth", "gauge", "Requests waiting for a generation slot.", [f"piagent_queue_depth {queued}"])
+        family("piagent_generations_active", "gauge", "Generations holding a slot.",
+               [f"piagent_generations_active {generating}"])
+        family("piagent_active_streams", "gauge", "Streamed responses in progress.",
+               [f"piagent_active_streams {self.active_streams}"])
+        if conversations is not None:
+            family("piagent_conversations", "gauge", "Conversations kept in memory.",
+                   [f"piagent_conversations {conversations}"])
+        family("process_resident_memory_bytes", "gauge", "Resident memory of the piagent process.",
+               [f"process_resident_memory_bytes {_rss_bytes()}"])
+        return "\n".join(lines) + "\n"
+
+
+class Warmup:
+    """Loads each agent's model in the background at start-up, so the first chat does not pay a cold load.
+
+    Ollama may still be starting when piagent does (both at boot): an unreachable Ollama is retried a few times.
+    """
+
+    attempts, pause_s = 10, 3.0
+
+    def __init__(self) -> None:
+        self.state = "off"  # off | warming | done
+        self.problems: list[str] = []
+        self._task: asyncio.Task | None = None
+
+    def start(self, provider: Provider, models: list[str]) -> None:
+        self.state = "warming"
+        self._task = asyncio.get_running_loop().create_task(self._run(provider, models))
+
+    async def _run(self, provider: Provider, models: list[str]) -> None:
+        try:
+            for model in models:
+                await self._warm_one(provider, model)
+        finally:
+            self.state = "done"
+
+    async def _warm_one(self, provider: Provider, model: str) -> None:
+        for attempt in range(self.attempts):
+            try:
+                started = time.perf_counter()
+                await provider.warm(model)
+                log.info("model %s is loaded (%.1f s)", model, time.perf_counter() - started)
+                return
+            except UpstreamUnavailable as exc:
+                if attempt == self.attempts - 1:
+                    self.problems.append(f"{model}: {exc.message}")
+                    log.warning("could not load %s: %s", model, exc.message)
+                    return
+                await asyncio.sleep(self.pause_s)  # a pause between retries, not synchronisation
+            except UpstreamFailure as exc:
+                self.problems.append(f"{model}: {exc.message}")
+                log.warning("could not load %s: %s", model, exc.message)
+                return
+
+    async def stop(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+async def readiness(state: Any, config: Config) -> tuple[bool, dict[str, Any]]:
+    """(ready, body) for /ready: the upstream answers, every agent's model is there, and warm-up is over."""
+    checks: dict[str, dict[str, Any]] = {}
+    try:
+        description, available = await state.provider.probe()
+        checks["upstream"] = {"ok": True, "detail": f"{description} at {config.upstream_url}"}
+        missing = sorted({a.model for a in config.agents if not has_model(a.model, available)})
+        fix = "; ".join(state.provider.not_found(m) for m in missing)
+        checks["models"] = {"ok": not missing, "detail": fix or "all agents' models are available"}
+    except UpstreamFailure as exc:
+        checks["upstream"] = {"ok": False, "detail": exc.message}
+    warmup: Warmup = state.warmup
+    if warmup.state != "off":
+        checks["warmup"] = {"ok": warmup.state == "done",
+                            "detail": "loading models" if warmup.state == "warming" else
+                            "; ".join(warmup.problems) or "models loaded"}
+    ready = all(c["ok"] for c in checks.values())
+    only_warming = not ready and all(c["ok"] for k, c in checks.items() if k != "warmup")
+    status = "ready" if ready else "warming" if only_warming and warmup.state == "warming" else "not_ready"
+    return ready, {"status": status, "checks": checks, "warnings": startup_warnings(config)}
+
+
 #: The fields of a request record, in the order a text line shows them (after method, path, status, duration).
 LOG_RECORD_FIELDS = ("request_id", "client", "key", "agent", "model", "provider", "conversation_id",
                      "queue_wait_ms", "ttft_ms", "tokens", "tokens_per_s", "prompt_tokens", "error", "prompt")
@@ -2056,8 +2308,8 @@ class RequestLog:
     The record carries `request` (a dict of LOG_RECORD_FIELDS and more) for TextLog and JsonLog to render.
     """
 
-    def __init__(self, app: Callable):
-        self.app = app
+    def __init__(self, app: Callable, metrics: Metrics):
+        self.app, self.metrics = app, metrics
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -2075,6 +2327,8 @@ class RequestLog:
         finally:
             record = request_record(scope["method"], scope["path"], fields)
             log.info("%s %s %s", scope["method"], scope["path"], record["status"], extra={"request": record})
+            route = scope.get("route")  # the matched template, so labels stay few whatever the paths
+            self.metrics.observe(getattr(route, "path", "other"), record)
 
 
 def request_record(method: str, path: str, fields: dict[str, Any]) -> dict[str, Any]:
@@ -2134,15 +2388,20 @@ def create_app(config: Config, transport: httpx.AsyncBaseTransport | None = None
             app.state.locks = ConversationLocks()
             app.state.gate = Gate(config.max_concurrent, config.max_queue)
             app.state.drain.loop = asyncio.get_running_loop()
+            if config.warmup:
+                app.state.warmup.start(app.state.provider, list(dict.fromkeys(a.model for a in config.agents)))
             try:
                 yield
             finally:
+                await app.state.warmup.stop()
                 if store is not None:
                     await store.close()
 
     app = FastAPI(title="piagent", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.config = config
     app.state.drain = Drain(config.shutdown_grace_s)
+    app.state.metrics = Metrics()
+    app.state.warmup = Warmup()
     install_error_handlers(app)
     add_routes(app, config)
     add_openai_routes(app, config)
@@ -2156,7 +2415,7 @@ def create_app(config: Config, transport: httpx.AsyncBaseTransport | None = None
                                           "X-Request-Id"],
                            expose_headers=["X-Conversation-Id", "X-Request-Id", "Retry-After",
                                            "X-RateLimit-Remaining"])
-    app.add_middleware(RequestLog)
+    app.add_middleware(RequestLog, metrics=app.state.metrics)
     return app
 
 
@@ -2204,6 +2463,18 @@ def add_routes(app: FastAPI, config: Config) -> None:
     @app.get("/health", response_model=Health, responses=documented(ErrorBody, (413,)))
     async def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/ready", responses={**documented(ErrorBody, GUARD_STATUSES), 503: {"description": "not ready"}})
+    async def ready(request: Request) -> JSONResponse:
+        is_ready, body = await readiness(request.app.state, config)
+        return JSONResponse(body, 200 if is_ready else 503)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(request: Request) -> Response:
+        state = request.app.state
+        conversations = await state.store.count() if state.store is not None else None
+        text = state.metrics.render(state.gate.queued, state.gate.active, conversations)
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/agents", response_model=AgentList, responses=documented(ErrorBody, GUARD_STATUSES))
     async def agents() -> dict[str, list[str]]:

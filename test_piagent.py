@@ -8,6 +8,7 @@ what it received and when a client hung up. Nothing here mocks piagent's own fun
 from __future__ import annotations
 
 import asyncio
+import importlib
 import importlib.util
 import json
 import logging
@@ -89,8 +90,9 @@ def serve(fake):
     """serve(**env) -> LiveServer of piagent configured from env (OLLAMA_HOST = the fake)."""
     servers = []
 
-    def start(clock=time.monotonic, **env):
-        config = load_config({"OLLAMA_HOST": fake.url, **{k: str(v) for k, v in env.items()}})
+    def start(clock=time.time, **env):
+        # warm-up off unless a test asks: it loads models in the background, which other tests need not see
+        config = load_config({"OLLAMA_HOST": fake.url, "WARMUP": "false", **{k: str(v) for k, v in env.items()}})
         server = LiveServer(create_app(config, clock=clock)).__enter__()
         servers.append(server)
         return server
@@ -1633,6 +1635,144 @@ def test_after_the_grace_streams_are_cut_and_waiters_get_503_not_500(fake):
         assert error_of(waiter_result["value"])["code"] == "shutting_down"
         wait_until(lambda: len(fake.hangups) == 2, timeout=2.0, what="both upstream requests to be let go")
         assert_stopped_gracefully(proc)
+
+
+# ---------------------------------------------------------------------------
+# Readiness, metrics, a warm model
+# ---------------------------------------------------------------------------
+
+
+def test_ready_when_the_upstream_answers_and_every_model_is_there(serve, fake):
+    response = httpx.get(f"{serve(AGENTS='general,tiny', OLLAMA_MODEL_TINY='tiny').url}/ready")
+    body = response.json()
+    assert response.status_code == 200 and body["status"] == "ready"
+    assert body["checks"]["upstream"]["ok"] and "Ollama 0.12.6" in body["checks"]["upstream"]["detail"]
+    assert body["checks"]["models"]["ok"] and body["warnings"] == []
+
+
+def test_not_ready_names_the_missing_model_and_the_fix(serve, fake):
+    response = httpx.get(f"{serve(AGENTS='general,coder', OLLAMA_MODEL_CODER='coder:7b').url}/ready")
+    body = response.json()
+    assert response.status_code == 503 and body["status"] == "not_ready"
+    assert not body["checks"]["models"]["ok"] and "ollama pull coder:7b" in body["checks"]["models"]["detail"]
+
+
+def test_not_ready_without_an_upstream_and_health_stays_200():
+    config = load_config({"OLLAMA_HOST": f"http://127.0.0.1:{free_port()}", "WARMUP": "false"})
+    with LiveServer(create_app(config)) as server:
+        response = httpx.get(f"{server.url}/ready")
+        assert httpx.get(f"{server.url}/health").status_code == 200
+    assert response.status_code == 503 and not response.json()["checks"]["upstream"]["ok"]
+
+
+def test_ready_repeats_the_start_up_warning_about_an_open_lan():
+    config = load_config({"HOST": "0.0.0.0", "OLLAMA_HOST": f"http://127.0.0.1:{free_port()}", "WARMUP": "false"})
+    with LiveServer(create_app(config)) as server:  # the app is served on loopback; only the setting says LAN
+        assert "NO API_KEYS" in httpx.get(f"{server.url}/ready").json()["warnings"][0]
+
+
+def test_ready_works_for_an_openai_compatible_upstream(serve_openai, fake):
+    body = httpx.get(f"{serve_openai().url}/ready").json()
+    assert body["status"] == "ready" and "OpenAI-compatible" in body["checks"]["upstream"]["detail"]
+
+
+def test_warmup_loads_each_model_in_the_background_with_keep_alive(serve, fake):
+    fake.script = Script(hold_after=0)  # not used by loads, which answer at once
+    server = serve(WARMUP="true", AGENTS="general,tiny", OLLAMA_MODEL_TINY="tiny", OLLAMA_KEEP_ALIVE="30m")
+    wait_until(lambda: len(fake.loads()) == 2, what="both models to be loaded")
+    assert [(r.path, r.body) for r in fake.loads()] == [
+        ("/api/generate", {"model": MODEL, "stream": False, "keep_alive": "30m"}),
+        ("/api/generate", {"model": "tiny", "stream": False, "keep_alive": "30m"})]
+    wait_until(lambda: server.app.state.warmup.state == "done", what="warm-up to finish")
+    assert httpx.get(f"{server.url}/ready").json()["checks"]["warmup"] == {"ok": True, "detail": "models loaded"}
+
+
+def test_ready_says_warming_until_the_models_are_loaded(serve, fake):
+    fake.script = Script(status=None)
+    gate = threading.Event()
+    original = fake._dispatch
+
+    async def slow_loads(req, reader, writer):  # the fake holds load requests until the test lets them go
+        if req.path == "/api/generate" and not (req.body or {}).get("prompt"):
+            while not gate.is_set():
+                await asyncio.sleep(0.005)
+        return await original(req, reader, writer)
+
+    fake._dispatch = slow_loads
+    server = serve(WARMUP="true")
+    assert httpx.get(f"{server.url}/health").status_code == 200  # never delayed by warm-up
+    warming = httpx.get(f"{server.url}/ready")
+    assert warming.status_code == 503 and warming.json()["status"] == "warming"
+    gate.set()
+    wait_until(lambda: httpx.get(f"{server.url}/ready").status_code == 200, what="ready after warm-up")
+
+
+def test_warmup_is_off_by_default_for_openai_compatible_servers():
+    assert load_config({"PROVIDER": "openai"}).warmup is False and load_config({}).warmup is True
+
+
+def parse_metrics(text: str) -> dict:
+    parser = pytest.importorskip("prometheus_client.parser") if os.environ.get("CI") != "true" else \
+        importlib.import_module("prometheus_client.parser")
+    return {f.name: f for f in parser.text_string_to_metric_families(text)}
+
+
+def sample(families: dict, name: str, family: str | None = None, **labels) -> float:
+    for s in families[family or name].samples:
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+            return s.value
+    raise AssertionError(f"no sample {name} {labels}")
+
+
+def test_metrics_in_prometheus_format_count_requests_tokens_and_errors(serve, fake):
+    server = serve()
+    chat(server, message="hi")
+    with httpx.stream("POST", f"{server.url}/chat", json={"message": "hi", "stream": True}) as r:
+        r.read()
+    fake.script = Script(status=404)
+    chat(server, message="hi")
+    httpx.get(f"{server.url}/conversations/nope")
+    wait_until(lambda: sum(piagent_requests(server).values()) >= 4, what="four requests counted")
+    response = httpx.get(f"{server.url}/metrics")
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    families = parse_metrics(response.text)
+    assert sample(families, "piagent_requests_total", "piagent_requests", route="/chat", status="200") == 2
+    assert sample(families, "piagent_requests_total", "piagent_requests", route="/chat", status="502") == 1
+    assert sample(families, "piagent_requests_total", "piagent_requests",
+                  route="/conversations/{conversation_id}", status="404") == 1
+    assert sample(families, "piagent_tokens_generated_total", "piagent_tokens_generated") == 10
+    assert sample(families, "piagent_upstream_errors_total", "piagent_upstream_errors", code="model_not_found") == 1
+    assert sample(families, "piagent_time_to_first_token_seconds_count", "piagent_time_to_first_token_seconds") == 1
+    assert sample(families, "piagent_request_duration_seconds_bucket", "piagent_request_duration_seconds",
+                  route="/chat", le="+Inf") == 3
+    assert sample(families, "piagent_conversations") == 2
+    assert sample(families, "piagent_queue_depth") == 0 and sample(families, "piagent_active_streams") == 0
+    assert sample(families, "process_resident_memory_bytes") > 10_000_000
+
+
+def piagent_requests(server) -> dict:
+    return server.app.state.metrics.requests
+
+
+def test_metrics_show_the_queue_and_active_streams(serve, fake):
+    fake.script = Script(tokens=["A1", "A2"], hold_after=1)
+    server = serve(MAX_CONCURRENT=1)
+    with httpx.stream("POST", f"{server.url}/chat", json={"message": "a", "stream": True}) as first:
+        pieces = first.iter_text()
+        next(pieces)
+        waiter, _ = in_background(chat, server, message="b")
+        wait_until(lambda: server.app.state.gate.queued == 1, what="b to queue")
+        families = parse_metrics(httpx.get(f"{server.url}/metrics").text)
+        assert sample(families, "piagent_queue_depth") == 1 and sample(families, "piagent_active_streams") == 1
+        assert sample(families, "piagent_generations_active") == 1
+        fake.script.release.set()
+        "".join(pieces)
+    waiter.join(DEADLINE_S)
+
+
+def test_metrics_need_the_key_unless_public(serve):
+    assert httpx.get(f"{serve(API_KEYS=KEY).url}/metrics").status_code == 401
+    assert httpx.get(f"{serve(API_KEYS=KEY, METRICS_PUBLIC='true').url}/metrics").status_code == 200
 
 
 # ---------------------------------------------------------------------------
