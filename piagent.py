@@ -19,6 +19,7 @@ this file, or --env-file), then the defaults in `Config`. piagent.env lists ever
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import json
@@ -2406,6 +2407,7 @@ def create_app(config: Config, transport: httpx.AsyncBaseTransport | None = None
     add_routes(app, config)
     add_openai_routes(app, config)
     add_conversation_routes(app)
+    add_page_route(app, config)  # the one forward reference: the page is data, kept at the end of the file
     # added innermost first: RequestLog wraps CORS, which wraps Guards (so preflights need no key)
     app.add_middleware(Guards, config=config, clock=clock, render=render_error)
     if config.cors_origins:
@@ -2621,6 +2623,172 @@ def add_conversation_routes(app: FastAPI) -> None:
         rows = await store.recent(limit, before.timestamp() if before else None) if store is not None else []
         page = [{"conversation_id": cid, "agent": agent, "last_used": iso_time(used)} for cid, agent, used in rows]
         return {"conversations": page, "next_before": page[-1]["last_used"] if len(page) == limit else None}
+
+
+# ---------------------------------------------------------------------------
+# Page: the chat page at / (one HTML string: no CDN, no build step, under 20 KB)
+# ---------------------------------------------------------------------------
+# Placed last because it is mostly data; create_app (API, above) attaches it with add_page_route.
+
+PAGE_STYLE = """
+*{box-sizing:border-box}body{margin:0;font:16px/1.45 system-ui,sans-serif;background:#f4f4f2;color:#1d1d1b;
+display:flex;flex-direction:column;height:100vh;height:100dvh}header,form,#keyrow{display:flex;gap:.5em;
+padding:.6em;background:#fff;border-bottom:1px solid #ddd;align-items:center;flex-wrap:wrap}header b{margin-right:auto}
+select,input,textarea,button{font:inherit;padding:.45em .6em;border:1px solid #bbb;border-radius:.4em;background:#fff}
+button{background:#2d6a4f;color:#fff;border-color:#2d6a4f;cursor:pointer}button:disabled{opacity:.5}
+button.plain{background:#fff;color:#2d6a4f}#log{flex:1;overflow-y:auto;padding:.8em;display:flex;flex-direction:column;
+gap:.6em}.msg{max-width:85%;padding:.55em .8em;border-radius:.8em;white-space:pre-wrap;overflow-wrap:anywhere}
+.user{align-self:flex-end;background:#d8f3dc}.assistant{align-self:flex-start;background:#fff;border:1px solid #ddd}
+.pending::after{content:" \\2026";color:#888}.error{align-self:center;background:#ffe5e5;color:#8a1c1c;
+border:1px solid #f3b6b6}#status{min-height:1.3em;padding:0 .8em;color:#666;font-size:.9em}form{border-top:1px solid #ddd;
+border-bottom:0}textarea{flex:1;min-width:0;resize:none;height:2.8em}[hidden]{display:none!important}
+"""
+
+PAGE_SCRIPT = """
+const $ = (id) => document.getElementById(id);
+const saved = (k, v) => v === undefined ? localStorage.getItem("piagent." + k) || ""
+  : (v ? localStorage.setItem("piagent." + k, v) : localStorage.removeItem("piagent." + k));
+const WORDS = {
+  upstream_unavailable: "Ollama is not running (or piagent cannot reach it). Start it, then try again.",
+  upstream_timeout: "The model took too long to start answering. It may be too big for this Pi.",
+  upstream_busy: "Ollama is busy. Try again in a few seconds.",
+  queue_full: "The Pi is busy with other chats. Try again in a few seconds.",
+  rate_limited: "Too many messages in a minute. Wait a little, then try again.",
+  unauthorized: "This piagent needs an API key: enter it above.",
+  shutting_down: "piagent is restarting. Try again in a few seconds.",
+  memory_unavailable: "piagent cannot reach its memory store right now. Try again shortly."};
+const explain = (body) => { const e = (body && body.error) || {}; return WORDS[e.code] || e.message || "Something went wrong."; };
+const headers = (extra) => { const h = Object.assign({"Content-Type": "application/json"}, extra);
+  if (saved("key")) h["Authorization"] = "Bearer " + saved("key"); return h; };
+function bubble(kind, text) {
+  const d = document.createElement("div");
+  d.className = "msg " + kind;
+  d.textContent = text;  // never innerHTML: model text is shown as text
+  $("log").appendChild(d);
+  d.scrollIntoView({block: "end"});
+  return d;
+}
+const status = (text) => { $("status").textContent = text; };
+function fail(out, text) { if (out && !out.textContent) out.remove(); else if (out) out.classList.remove("pending"); bubble("error", text); }
+async function call(path, options) {
+  const r = await fetch(path, Object.assign({headers: headers()}, options));
+  if (r.status === 401) $("keyrow").hidden = false;
+  return r;
+}
+async function loadAgents() {
+  let r;
+  try { r = await call("/agents"); } catch (e) { return fail(null, "piagent is not reachable."); }
+  if (!r.ok) return fail(null, explain(await r.json().catch(() => null)));
+  $("keyrow").hidden = !saved("key");
+  const select = $("agent");
+  select.replaceChildren();
+  for (const name of (await r.json()).agents) select.add(new Option(name, name));
+  if (saved("agent")) select.value = saved("agent");
+  await loadHistory();
+}
+async function loadHistory() {
+  const cid = saved("cid");
+  $("log").replaceChildren();
+  if (!cid) return;
+  const r = await call("/conversations/" + encodeURIComponent(cid));
+  if (r.status === 404) return saved("cid", null);
+  if (!r.ok) return;
+  const c = await r.json();
+  if (c.agent) $("agent").value = c.agent;
+  for (const t of c.turns) { bubble("user", t.user); bubble("assistant", t.assistant); }
+}
+function handle(raw, out) {
+  let event = "message"; const data = [];
+  for (const line of raw.split("\\n")) {
+    if (line.startsWith("event:")) event = line.slice(6).trim();
+    else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
+  }
+  if (!data.length) return;
+  const d = JSON.parse(data.join("\\n"));
+  if (event === "token") { status(""); out.textContent += d.text; out.scrollIntoView({block: "end"}); }
+  else if (event === "queued") status("Waiting for the model: position " + d.position + " in line");
+  else if (event === "done") saved("cid", d.conversation_id);
+  else if (event === "error") fail(out, explain(d));
+}
+async function send(text) {
+  bubble("user", text);
+  const out = bubble("assistant", "");
+  out.classList.add("pending");
+  const body = {message: text, agent: $("agent").value, stream: true};
+  if (saved("cid")) body.conversation_id = saved("cid");
+  let r;
+  try {
+    r = await call("/chat", {method: "POST", body: JSON.stringify(body), headers: headers({"Accept": "text/event-stream"})});
+  } catch (e) { return fail(out, "piagent is not reachable."); }
+  if (!r.ok) return fail(out, explain(await r.json().catch(() => null)));
+  if (r.headers.get("X-Conversation-Id")) saved("cid", r.headers.get("X-Conversation-Id"));
+  const reader = r.body.getReader(), decoder = new TextDecoder();
+  let buffer = "";
+  try {
+    for (;;) {
+      const {value, done} = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, {stream: true});
+      let end;
+      while ((end = buffer.indexOf("\\n\\n")) >= 0) { handle(buffer.slice(0, end), out); buffer = buffer.slice(end + 2); }
+    }
+  } catch (e) { return fail(out, "The reply was cut off."); }
+  out.classList.remove("pending");
+}
+$("form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const text = $("text").value.trim();
+  if (!text) return;
+  $("text").value = "";
+  $("send").disabled = true;
+  try { await send(text); } finally { $("send").disabled = false; status(""); $("text").focus(); }
+});
+$("text").addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("form").requestSubmit(); }
+});
+$("agent").addEventListener("change", () => saved("agent", $("agent").value));
+$("new").addEventListener("click", () => { saved("cid", null); $("log").replaceChildren(); status(""); $("text").focus(); });
+$("savekey").addEventListener("click", () => { saved("key", $("key").value.trim()); $("key").value = ""; loadAgents(); });
+loadAgents();
+"""
+
+PAGE_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width,initial-scale=1">
+<title>piagent</title><style>{style}</style></head>
+<body>
+<header><b>piagent</b><select id="agent" aria-label="Agent"></select>
+<button id="new" class="plain" type="button">New chat</button></header>
+<div id="keyrow" hidden><input id="key" type="password" placeholder="API key" aria-label="API key" autocomplete="off">
+<button id="savekey" type="button">Save key</button></div>
+<main id="log" aria-live="polite"></main>
+<div id="status"></div>
+<form id="form"><textarea id="text" placeholder="Message" aria-label="Message" autofocus></textarea>
+<button id="send">Send</button></form>
+<script>{script}</script>
+</body></html>
+"""
+
+
+def render_page() -> tuple[str, str]:
+    """(the page, its Content-Security-Policy): only its own inline script and style may run, only / is called."""
+    digest = lambda text: base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()  # noqa: E731
+    csp = (f"default-src 'none'; script-src 'sha256-{digest(PAGE_SCRIPT)}'; style-src 'sha256-{digest(PAGE_STYLE)}'; "
+           "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return PAGE_HTML.format(style=PAGE_STYLE, script=PAGE_SCRIPT), csp
+
+
+def add_page_route(app: FastAPI, config: Config) -> None:
+    """Serve the chat page at / (404 in the error shape when ENABLE_UI=false)."""
+    if not config.enable_ui:
+        return
+    page, csp = render_page()
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page() -> Response:
+        return Response(page, media_type="text/html; charset=utf-8", headers={
+            "Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+            "Cache-Control": "no-cache"})
 
 
 # ---------------------------------------------------------------------------
