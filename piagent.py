@@ -33,7 +33,7 @@ import uuid
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Literal, Mapping, NamedTuple, Protocol, TypeVar
@@ -2807,6 +2807,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     parser.add_argument("--host", help="address to listen on (overrides HOST)")
     parser.add_argument("--port", help="port to listen on (overrides PORT)")
     parser.add_argument("--env-file", type=Path, help="env file to read (overrides PIAGENT_ENV_FILE)")
+    parser.add_argument("--check", action="store_true",
+                        help="print the effective settings, check upstream, models, memory and port, then exit")
     args = parser.parse_args(argv)
     environ = dict(os.environ if environ is None else environ)
     overrides = {k: v for k, v in (("HOST", args.host), ("PORT", args.port)) if v is not None}
@@ -2814,8 +2816,17 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         env_file = args.env_file or default_env_file(environ)
         config = load_config({**environ, **overrides}, env_file)
     except ConfigError as exc:
+        if args.check:
+            print(f"✗ settings: {exc}")
+            return 1
         print(f"piagent: {exc}", file=sys.stderr)
         return 2
+    if args.check:
+        print_settings(config, env_file)
+        results = asyncio.run(run_checks(config, env_file))
+        for ok, what, fix in results:
+            print(f"✓ {what}" if ok else f"✗ {what} — {fix}")
+        return 0 if all(ok for ok, _, _ in results) else 1
     try:
         asyncio.run(check_memory(config))
     except StoreError as exc:
@@ -2846,6 +2857,77 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
 
     Server(uvicorn.Config(app, host=config.host, port=config.port, **uvicorn_options(config))).run()
     return 0
+
+
+def masked_settings(config: Config) -> list[tuple[str, str]]:
+    """(VARIABLE, value) for every setting, as piagent will use it; secrets shown only as short hashes."""
+    shown = []
+    for f in fields(Config):
+        value = getattr(config, f.name)
+        if f.name == "agents":
+            shown.append(("AGENTS", ",".join(a.name for a in value)))
+            shown += [(f"  agent {a.name}", f"model {a.model}, system prompt {a.system[:60]!r}") for a in value]
+            continue
+        if f.name == "api_keys":
+            value = ", ".join(f"key {key_id(k)}" for k in value) or "(none: no auth)"
+        elif f.name == "openai_api_key" and value:
+            value = f"(set, {key_id(value)})"
+        elif f.name == "redis_url":
+            value = re.sub(r"//[^@/]*@", "//***@", value)  # a password in the URL
+        elif isinstance(value, tuple):
+            value = ",".join(value) or "(none)"
+        elif isinstance(value, bool):
+            value = str(value).lower()
+        elif isinstance(value, float):
+            value = f"{value:g}"
+        shown.append((f.name.upper(), "(unset)" if value is None else str(value)))
+    return shown
+
+
+def print_settings(config: Config, env_file: Path | None) -> None:
+    source = f"{env_file} and the environment" if env_file else "the environment (no env file)"
+    print(f"piagent settings, from {source}:")
+    for name, value in masked_settings(config):
+        print(f"  {name}: {value}" if name.startswith(" ") else f"  {name}={value}")
+    print("checks:")
+
+
+async def run_checks(config: Config, env_file: Path | None) -> list[tuple[bool, str, str]]:
+    """(ok, what was checked, how to fix it) for: env file, upstream, each agent's model, memory, port."""
+    results = [(True, f"env file {env_file} parsed" if env_file else "no env file; defaults and environment", "")]
+    async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S) as client:
+        provider = PROVIDERS[config.provider](client, config)
+        try:
+            description, available = await provider.probe()
+        except UpstreamFailure as exc:
+            results.append((False, f"upstream at {config.upstream_url}", exc.message))
+        else:
+            results.append((True, f"{description} answers at {config.upstream_url}", ""))
+            for agent in config.agents:
+                ok = has_model(agent.model, available)
+                results.append((ok, f"agent {agent.name}: model {agent.model}" + (" is available" if ok else ""),
+                                "" if ok else provider.not_found(agent.model)))
+    try:
+        await check_memory(config)
+        results.append((True, f"memory: {_memory_description(config)} opens", ""))
+    except StoreError as exc:
+        results.append((False, f"memory: {_memory_description(config)}", str(exc)))
+    results.append(_port_free(config.host, config.port))
+    return results
+
+
+def _port_free(host: str, port: int) -> tuple[bool, str, str]:
+    import socket
+
+    what = f"port {port} on {host}"
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            sock.bind((host, port))
+    except OSError as exc:
+        return False, what, f"cannot listen there ({exc.strerror}); is piagent already running " \
+                            f"(systemctl status piagent)? Or choose another PORT"
+    return True, f"{what} is free", ""
 
 
 def _memory_description(config: Config) -> str:

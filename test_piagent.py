@@ -206,7 +206,7 @@ def test_env_template_parses_and_holds_exactly_the_defaults():
                   "OPENAI_MODEL_GENERAL", "SSE_PING_S", "LOG_FORMAT", "LOG_PROMPTS", "API_KEYS",
                   "RATE_LIMIT_PER_MIN", "TRUST_PROXY", "MAX_BODY_BYTES", "MAX_MESSAGE_CHARS", "CORS_ORIGINS",
                   "MAX_CONCURRENT", "MAX_QUEUE", "SHUTDOWN_GRACE_S", "MEMORY_BACKEND", "MEMORY_PATH", "REDIS_URL",
-                  "WORKERS"}
+                  "WORKERS", "ENABLE_UI", "METRICS_PUBLIC", "WARMUP"}
     assert documented <= keys | commented
 
 
@@ -1776,6 +1776,56 @@ def test_metrics_need_the_key_unless_public(serve):
 
 
 # ---------------------------------------------------------------------------
+# Entry point: python piagent.py --check
+# ---------------------------------------------------------------------------
+
+
+def check(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return run_piagent("--check", *args, env={"PORT": str(free_port()), **env})
+
+
+def test_check_passes_against_a_healthy_upstream_and_masks_secrets(fake):
+    result = check({"OLLAMA_HOST": fake.url, "API_KEYS": KEY, "OPENAI_API_KEY": "sk-very-secret"})
+    assert result.returncode == 0, result.stdout
+    assert KEY not in result.stdout and "sk-very-secret" not in result.stdout
+    assert f"API_KEYS=key {piagent.key_id(KEY)}" in result.stdout and f"OLLAMA_HOST={fake.url}" in result.stdout
+    checks = result.stdout.split("checks:\n")[1].splitlines()
+    assert checks == [f"✓ env file {HERE / 'piagent.env'} parsed", f"✓ Ollama 0.12.6 answers at {fake.url}",
+                      f"✓ agent general: model {MODEL} is available", "✓ memory: memory opens",
+                      checks[-1]] and checks[-1].startswith("✓ port ")
+    assert fake.generations() == []  # checking never generates
+
+
+def test_check_fails_with_the_fix_when_the_upstream_is_stopped():
+    result = check({"OLLAMA_HOST": f"http://127.0.0.1:{free_port()}"})
+    assert result.returncode == 1 and "✗ upstream at" in result.stdout and "ollama serve" in result.stdout
+
+
+def test_check_fails_with_the_pull_command_for_a_missing_model(fake):
+    result = check({"OLLAMA_HOST": fake.url, "AGENTS": "general,coder", "OLLAMA_MODEL_CODER": "coder:7b"})
+    assert result.returncode == 1
+    assert "✓ agent general" in result.stdout and "✗ agent coder: model coder:7b — " in result.stdout
+    assert "ollama pull coder:7b" in result.stdout
+
+
+def test_check_fails_when_the_port_is_taken(fake):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = check({"OLLAMA_HOST": fake.url, "PORT": str(taken.getsockname()[1])})
+    assert result.returncode == 1 and "✗ port" in result.stdout and "already running" in result.stdout
+
+
+def test_check_fails_on_a_broken_env_file_and_a_memory_that_will_not_open(fake, tmp_path):
+    bad = tmp_path / "bad.env"
+    bad.write_text("PORT=8000\nexport HOST=x\n")
+    broken = run_piagent("--check", "--env-file", str(bad))
+    assert broken.returncode == 1 and broken.stdout.startswith("✗ settings:") and "line 2" in broken.stdout
+    result = check({"OLLAMA_HOST": fake.url, "MEMORY_BACKEND": "sqlite", "MEMORY_PATH": str(tmp_path / "no/x.db")})
+    assert result.returncode == 1 and "✗ memory: sqlite" in result.stdout and "does not exist" in result.stdout
+
+
+# ---------------------------------------------------------------------------
 # Logging
 # ---------------------------------------------------------------------------
 
@@ -1949,6 +1999,15 @@ def test_service_unit_verifies_clean(tmp_path):
     result = subprocess.run([SYSTEMD_ANALYZE, "verify", "--man=no", str(unit)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout + result.stderr == "", result.stdout + result.stderr
+
+
+@pytest.mark.skipif((SYSTEMD_ANALYZE is None or shutil.which("curl") is None) and os.environ.get("CI") != "true",
+                    reason="needs systemd-analyze and curl")
+def test_pi_install_rehearsal_runs_the_readme_steps_and_starts_like_the_unit():
+    result = subprocess.run(["bash", str(HERE / "scripts/pi-install-check.sh")], capture_output=True, text=True,
+                            timeout=300, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert "exposure 1." in result.stdout and "OK: /health answered" in result.stdout
 
 
 @pytest.mark.skipif(SYSTEMD_ANALYZE is None and os.environ.get("CI") != "true", reason="no systemd-analyze")
