@@ -376,11 +376,13 @@ MAX_PAGE = 100
 
 
 class Turn(NamedTuple):
-    """One exchange: the user's message, the assistant's reply, and when it was stored (epoch seconds)."""
+    """One exchange: the user's message, the assistant's reply, when it was stored (epoch seconds), and its
+    number in the conversation (0 for the first turn ever, even after older turns were forgotten)."""
 
     user: str
     assistant: str
     created_at: float = 0.0
+    index: int = 0
 
 
 @dataclass
@@ -442,6 +444,7 @@ class _Kept:
     agent: str
     turns: deque[Turn]
     last_used: float
+    total: int = 0  # turns ever stored: the next turn's index
 
 
 class InProcessStore:
@@ -490,7 +493,8 @@ class InProcessStore:
                 self._kept.popitem(last=False)
             kept = self._kept[conversation_id] = _Kept(agent, deque(maxlen=self.max_turns), self.clock())
         kept.agent = agent
-        kept.turns.append(Turn(user, assistant, kept.last_used))
+        kept.turns.append(Turn(user, assistant, kept.last_used, kept.total))
+        kept.total += 1
 
     async def get(self, conversation_id: str) -> Conversation | None:
         self._sweep(self.clock())
@@ -523,7 +527,7 @@ CREATE INDEX IF NOT EXISTS conversations_by_last_use ON conversations(last_used)
 CREATE TABLE IF NOT EXISTS turns (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
-    user TEXT NOT NULL, assistant TEXT NOT NULL, created_at REAL NOT NULL);
+    user TEXT NOT NULL, assistant TEXT NOT NULL, created_at REAL NOT NULL, number INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS turns_by_conversation ON turns(conversation_id, seq);
 """
 
@@ -592,8 +596,8 @@ class SQLiteStore:
         def read(db: sqlite3.Connection, now: float) -> list[Turn]:
             if db.execute("UPDATE conversations SET last_used = ? WHERE id = ?", (now, conversation_id)).rowcount == 0:
                 return []
-            rows = db.execute("SELECT user, assistant, created_at FROM turns WHERE conversation_id = ? ORDER BY seq",
-                              (conversation_id,))
+            rows = db.execute("SELECT user, assistant, created_at, number FROM turns WHERE conversation_id = ? "
+                              "ORDER BY seq", (conversation_id,))
             return [Turn(*row) for row in rows]
 
         return await self._run(self._transaction, read)
@@ -602,8 +606,9 @@ class SQLiteStore:
         def write(db: sqlite3.Connection, now: float) -> None:
             db.execute("INSERT INTO conversations (id, agent, last_used) VALUES (?, ?, ?) ON CONFLICT(id) DO UPDATE "
                        "SET agent = excluded.agent, last_used = excluded.last_used", (conversation_id, agent, now))
-            db.execute("INSERT INTO turns (conversation_id, user, assistant, created_at) VALUES (?, ?, ?, ?)",
-                       (conversation_id, user, assistant, now))
+            db.execute("INSERT INTO turns (conversation_id, user, assistant, created_at, number) VALUES (?, ?, ?, ?, "
+                       "(SELECT COALESCE(MAX(number) + 1, 0) FROM turns WHERE conversation_id = ?))",
+                       (conversation_id, user, assistant, now, conversation_id))
             db.execute("DELETE FROM turns WHERE conversation_id = ? AND seq <= (SELECT seq FROM turns WHERE "
                        "conversation_id = ? ORDER BY seq DESC LIMIT 1 OFFSET ?)",
                        (conversation_id, conversation_id, self.max_turns))
@@ -618,7 +623,7 @@ class SQLiteStore:
                                    (conversation_id, self.clock() - self.ttl_s)).fetchone()
             if row is None:
                 return None
-            turns = self._db.execute("SELECT user, assistant, created_at FROM turns WHERE conversation_id = ? "
+            turns = self._db.execute("SELECT user, assistant, created_at, number FROM turns WHERE conversation_id = ? "
                                      "ORDER BY seq", (conversation_id,))
             return Conversation(conversation_id, row[0], row[1], [Turn(*t) for t in turns])
 
@@ -647,7 +652,9 @@ class SQLiteStore:
 #: Store one turn atomically. KEYS: turns list, meta hash, recent zset. ARGV: turn JSON, max turns, expire s,
 #: now, agent, max conversations, key prefix, id, ttl s. Also forgets expired and least recently used ones.
 REDIS_APPEND = """
-redis.call('RPUSH', KEYS[1], ARGV[1])
+local turn = cjson.decode(ARGV[1])
+turn['index'] = redis.call('HINCRBY', KEYS[2], 'turns', 1) - 1
+redis.call('RPUSH', KEYS[1], cjson.encode(turn))
 redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
 redis.call('HSET', KEYS[2], 'agent', ARGV[5])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
@@ -770,7 +777,7 @@ class RedisStore:
 
 def _turn_from_json(text: str) -> Turn:
     data = json.loads(text)
-    return Turn(data["user"], data["assistant"], data["created_at"])
+    return Turn(data["user"], data["assistant"], data["created_at"], data.get("index", 0))
 
 
 #: MEMORY_BACKEND name -> store class, built as cls(Config, clock). Keys are Config's MEMORY_BACKENDS.
@@ -885,6 +892,70 @@ def turns_as_messages(turns: list[Turn]) -> list[Message]:
     for turn in turns:
         messages += [{"role": "user", "content": turn.user}, {"role": "assistant", "content": turn.assistant}]
     return messages
+
+
+#: ASCII characters per token, counted low so the estimate errs high (see estimate_tokens).
+ASCII_CHARS_PER_TOKEN = 2.5
+#: Tokens per non-ASCII character (accents, CJK, emoji), counted high: small English tokenizers split them.
+TOKENS_PER_OTHER_CHAR = 2
+#: Tokens a chat template adds around each message (role markers, separators), counted high.
+TOKENS_PER_MESSAGE = 6
+
+
+class PromptTooLarge(PiagentError):
+    status, code = 413, "prompt_too_large"
+
+
+def estimate_tokens(messages: list[Message]) -> int:
+    """A cheap, conservative guess of the prompt tokens `messages` cost: ASCII characters / 2.5, 2 per other
+    character, plus 6 per message.
+
+    Tokenizers make about 4 characters of English prose per token, fewer for code; a small English tokenizer
+    (SmolLM2) spends about 1.7 tokens on a Japanese character. Calibrated in test_e2e.py against SmolLM2's own
+    counts, this guesses 1.1 to 1.7 times high, never low, so trimming errs towards room for the reply.
+    Example: [{"role": "user", "content": "hello there"}] -> 11 (11 characters -> 5, plus 6)
+    """
+    total = 0
+    for message in messages:
+        text = message["content"]
+        ascii_chars = len(text.encode("ascii", "ignore"))
+        total += (math.ceil(ascii_chars / ASCII_CHARS_PER_TOKEN) + TOKENS_PER_OTHER_CHAR * (len(text) - ascii_chars)
+                  + TOKENS_PER_MESSAGE)
+    return total
+
+
+def stable_window(turns: list[Turn], max_turns: int) -> list[Turn]:
+    """The stored turns to send, chosen so that consecutive requests share the longest prompt prefix.
+
+    Model servers reuse their KV cache for the prefix a request shares with the previous one. A window that
+    slides by one turn each time shifts the whole prefix once full, so the Pi re-reads all history every turn.
+    Instead, once more than `max_turns` turns exist, the window starts at a multiple of half of `max_turns`
+    (counted from the conversation's first turn), so it jumps by a block now and then and otherwise only grows.
+    Example (max_turns=8): turn indices 1..8 -> 4..8; 2..9 -> 4..9; 5..12 -> 8..12
+    """
+    if not turns or turns[-1].index < max_turns:
+        return turns[-max_turns:]
+    half = max(1, max_turns // 2)
+    start = half * ((turns[-1].index - max_turns) // half + 1)
+    return [t for t in turns if t.index >= start]
+
+
+def fit_history(history: list[Message], fixed: list[Message], budget_tokens: int) -> tuple[list[Message], int]:
+    """Drop the oldest turns of `history` until it and `fixed` (system prompts and the new message) fit.
+
+    Returns (what is kept, how many turns were dropped). A turn is a user message and the reply after it.
+    Example: fit_history([u1, a1, u2, a2], [system, u3], budget) -> ([u2, a2, ...], 1) when only one turn fits
+    """
+    fixed_tokens = estimate_tokens(fixed)
+    if fixed_tokens > budget_tokens:
+        raise PromptTooLarge(f"the message needs about {fixed_tokens} tokens with the system prompt, more than the "
+                             f"{budget_tokens} left of CTX_TOKENS after the reply's MAX_TOKENS; shorten it, or raise "
+                             f"CTX_TOKENS")
+    kept, dropped = list(history), 0
+    while kept and fixed_tokens + estimate_tokens(kept) > budget_tokens:
+        cut = 2 if len(kept) > 1 and kept[0]["role"] == "user" and kept[1]["role"] == "assistant" else 1
+        kept, dropped = kept[cut:], dropped + 1
+    return kept, dropped
 
 
 def build_messages(prompt: Prompt) -> list[Message]:
@@ -1743,7 +1814,7 @@ def documented(errors: type[BaseModel], statuses: tuple[int, ...], ok: type[Base
 #: Statuses any guarded route may answer with, besides its own.
 GUARD_STATUSES = (401, 413, 429)
 #: Statuses a generation may end with (see the README's error table).
-GENERATION_STATUSES = (*GUARD_STATUSES, 404, 422, 502, 503, 504)
+GENERATION_STATUSES = (*GUARD_STATUSES, 404, 422, 502, 503, 504)  # 413 is in GUARD_STATUSES
 
 
 class UnknownAgent(PiagentError):
@@ -1860,6 +1931,7 @@ class ChatEvents(PlainText):
                           "model": u.model or x.agent.model, "provider": x.provider.name,
                           "done_reason": u.done_reason, "tokens": x.fields.get("tokens"),
                           "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                          "history_truncated": x.fields.get("history_truncated", 0),
                           "ttft_ms": x.fields.get("ttft_ms"), "duration_ms": x.elapsed_ms()}, "done")
 
     def failure(self, exc: PiagentError) -> str | None:
@@ -2031,9 +2103,16 @@ async def stream_reply(x: Exchange, fmt: PlainText) -> TokenStream:
 
 
 def stream_headers(x: Exchange, fmt: PlainText) -> dict[str, str]:
-    headers = {"Content-Type": fmt.media_type, **STREAM_HEADERS}
+    return {"Content-Type": fmt.media_type, **STREAM_HEADERS, **reply_headers(x)}
+
+
+def reply_headers(x: Exchange) -> dict[str, str]:
+    """X-Conversation-Id (when there is one) and X-History-Truncated (when turns were left out to fit)."""
+    headers = {}
     if x.turn.conversation_id:
         headers["X-Conversation-Id"] = x.turn.conversation_id
+    if x.fields.get("history_truncated"):
+        headers["X-History-Truncated"] = str(x.fields["history_truncated"])
     return headers
 
 
@@ -2300,7 +2379,8 @@ async def readiness(state: Any, config: Config) -> tuple[bool, dict[str, Any]]:
 
 #: The fields of a request record, in the order a text line shows them (after method, path, status, duration).
 LOG_RECORD_FIELDS = ("request_id", "client", "key", "agent", "model", "provider", "conversation_id",
-                     "queue_wait_ms", "ttft_ms", "tokens", "tokens_per_s", "prompt_tokens", "error", "prompt")
+                     "queue_wait_ms", "ttft_ms", "tokens", "tokens_per_s", "prompt_tokens", "history_truncated",
+                     "error", "prompt")
 
 
 class RequestLog:
@@ -2448,14 +2528,30 @@ async def _exchange(request: Request, agent: Agent, conversation_id: str | None,
         fields["prompt"] = message
     store = state.store if conversation_id and history is None else None
     turn = PendingTurn(store, state.locks, conversation_id or "", agent.name, message)
-    kept = turns_as_messages(await until_disconnect(request, turn.begin()))
+    kept = turns_as_messages(stable_window(await until_disconnect(request, turn.begin()), config.memory_max_turns))
     try:
         slot = Slot(state.gate)
     except PiagentError:
         await turn.finish(None)
         raise
-    prompt = Prompt(agent.system, system_history + (kept if history is None else history), message)
+    try:
+        prompt = budgeted_prompt(config, agent, system_history, kept if history is None else history, message,
+                                 sampling, fields)
+    except PiagentError:
+        slot.release()
+        await turn.finish(None)
+        raise
     return Exchange(request, agent, prompt, sampling, turn, slot, fields, Usage(model=agent.model))
+
+
+def budgeted_prompt(config: Config, agent: Agent, system_history: list[Message], history: list[Message],
+                    message: str, sampling: Sampling, fields: dict[str, Any]) -> Prompt:
+    """The prompt with as much history as fits CTX_TOKENS after the reply's tokens; notes what was dropped."""
+    fixed = [{"role": "system", "content": agent.system}, *system_history, {"role": "user", "content": message}]
+    kept, dropped = fit_history(history, fixed, config.ctx_tokens - sampling.max_tokens)
+    if dropped:
+        fields["history_truncated"] = dropped
+    return Prompt(agent.system, system_history + kept, message)
 
 
 def add_routes(app: FastAPI, config: Config) -> None:
@@ -2496,7 +2592,7 @@ def add_routes(app: FastAPI, config: Config) -> None:
         return JSONResponse(
             ChatResponse(reply=reply, conversation_id=conversation_id, model=x.usage.model or agent.model,
                          provider=x.provider.name).model_dump(),
-            headers={"X-Conversation-Id": conversation_id},
+            headers=reply_headers(x),
         )
 
 
@@ -2543,8 +2639,7 @@ def add_openai_routes(app: FastAPI, config: Config) -> None:
                                                     "finish_reason": x.usage.done_reason or "stop"}]}
         if openai_usage(x):
             result["usage"] = openai_usage(x)
-        headers = {"X-Conversation-Id": conversation_id} if conversation_id else None
-        return JSONResponse(result, headers=headers)
+        return JSONResponse(result, headers=reply_headers(x))
 
 
 class TurnOut(BaseModel):

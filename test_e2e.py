@@ -168,3 +168,25 @@ def test_official_openai_sdk_against_piagent(piagent_url, llm):
     prime(llm)
     stream = client.chat.completions.create(model="general", messages=messages, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text
+
+
+CALIBRATION_PROMPTS = [
+    "Hi",
+    "What is the capital of France?",
+    "Explain in two sentences why the sky is blue, and mention Rayleigh scattering by name.",
+    "Écris une phrase en français sur la mer, avec des accents: é, è, à, ç.",
+    "日本の首都はどこですか？ 短く答えてください。",
+    "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n# what does this print for n = 10?",
+]
+
+
+@pytest.mark.parametrize("text", CALIBRATION_PROMPTS)
+def test_token_estimate_is_never_below_the_real_prompt_count(llm, text):
+    from piagent import DEFAULT_SYSTEM_PROMPT, estimate_tokens
+
+    messages = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, {"role": "user", "content": text}]
+    usage = httpx.post(f"{llm}/chat/completions", timeout=60, json={
+        "model": "smollm2", "max_tokens": 1, "temperature": 0, "messages": messages}).json()["usage"]
+    estimate = estimate_tokens(messages)
+    print(f"estimate {estimate} vs SmolLM2 {usage['prompt_tokens']} for {text[:30]!r}")
+    assert usage["prompt_tokens"] <= estimate <= 3 * usage["prompt_tokens"]  # errs high, but not wildly

@@ -354,7 +354,7 @@ def test_store_keeps_the_last_max_turns_in_order(memory_env, backend):
         return await store.history("c")
 
     turns = with_store(memory_env(backend), Clock(), scenario, MEMORY_MAX_TURNS=2)
-    assert [(t.user, t.assistant) for t in turns] == [("u3", "a3"), ("u4", "a4")]
+    assert [(t.user, t.assistant, t.index) for t in turns] == [("u3", "a3", 3), ("u4", "a4", 4)]
     assert all(t.created_at == 1000.0 for t in turns)
 
 
@@ -636,6 +636,87 @@ def test_build_messages_is_system_then_history_then_user():
 def test_render_prompt_uses_user_and_assistant_blocks():
     assert render_prompt(Prompt("Be brief.", HI_HELLO, "bye")) == (
         "<user>\nhi\n</user>\n<assistant>\nhello\n</assistant>\n<user>\nbye\n</user>\n<assistant>\n")
+
+
+def test_token_estimate_counts_ascii_other_characters_and_messages():
+    assert piagent.estimate_tokens([{"role": "user", "content": "hello there"}]) == 5 + 6
+    assert piagent.estimate_tokens([{"role": "user", "content": "日本語"}]) == 2 * 3 + 6
+    assert piagent.estimate_tokens([{"role": "user", "content": "café"}, {"role": "user", "content": ""}]) == 2 + 2 + 12
+    assert piagent.estimate_tokens([]) == 0
+
+
+def turns_numbered(first: int, last: int) -> list[Turn]:
+    return [Turn(f"u{i}", f"a{i}", 0.0, i) for i in range(first, last + 1)]
+
+
+@pytest.mark.parametrize("stored,sent", [((0, 3), (0, 3)), ((0, 7), (0, 7)), ((1, 8), (4, 8)), ((2, 9), (4, 9)),
+                                         ((4, 11), (4, 11)), ((5, 12), (8, 12)), ((22, 29), (24, 29))])
+def test_stable_window_jumps_by_half_blocks_and_otherwise_only_grows(stored, sent):
+    window = piagent.stable_window(turns_numbered(*stored), max_turns=8)
+    assert [t.index for t in window] == list(range(sent[0], sent[1] + 1))
+
+
+def test_stable_window_keeps_most_requests_a_prefix_of_the_next():
+    stored, jumps, previous = [], 0, None
+    for k in range(30):
+        window = [t.index for t in piagent.stable_window(stored, max_turns=8)]
+        assert len(window) <= 8 and (not stored or window[-1] == k - 1)  # never more than 8, always the latest
+        if previous and window[:len(previous)] != previous:
+            jumps += 1
+            assert window[0] - previous[0] == 4  # a block of half the window at once
+        previous = window
+        stored = (stored + turns_numbered(k, k))[-8:]
+    assert jumps == 6  # at turns 9, 13, 17, 21, 25, 29 the window starts later; otherwise it only grows
+
+
+def test_fit_history_drops_oldest_whole_turns_and_never_the_message():
+    fixed = [{"role": "system", "content": "s" * 30}, {"role": "user", "content": "new"}]
+    history = [{"role": r, "content": "x" * 30} for r in ("user", "assistant") * 3]  # 3 turns
+    budget = piagent.estimate_tokens(fixed) + piagent.estimate_tokens(history[:4])  # room for two of them
+    kept, dropped = piagent.fit_history(history, fixed, budget)
+    assert (len(kept), dropped) == (4, 1) and kept == history[2:]
+    assert piagent.fit_history(history, fixed, 10_000) == (history, 0)
+    with pytest.raises(piagent.PromptTooLarge, match="tokens"):
+        piagent.fit_history(history, fixed, piagent.estimate_tokens(fixed) - 1)
+
+
+def test_history_over_the_budget_is_trimmed_and_said(serve, fake, caplog):
+    caplog.set_level("INFO", logger="piagent")
+    fake.script = Script(tokens=["r" * 600])  # long replies: ~246 tokens each by the estimate
+    server = serve(CTX_TOKENS=1024, MAX_TOKENS=200)
+    # budget 1024 - 200 = 824 tokens; system + new message ~50; a turn ~253: three turns fit, not four
+    for i in range(4):
+        assert "x-history-truncated" not in chat(server, message=f"m{i}", conversation_id="long").headers
+    response = chat(server, message="m4", conversation_id="long")
+    sent = fake.generations()[-1].body["messages"]
+    assert response.headers["x-history-truncated"] == "1" and len(sent) == 2 + 2 * 3
+    assert [m["content"] for m in sent if m["role"] == "user"] == ["m1", "m2", "m3", "m4"]  # the oldest went
+    assert piagent.estimate_tokens(sent) + 200 <= 1024
+    with httpx.stream("POST", f"{server.url}/chat", headers=SSE,
+                      json={"message": "m5", "stream": True, "conversation_id": "long"}) as r:
+        done = json.loads(decode_sse(r.iter_lines())[-1][1])
+    assert r.headers["x-history-truncated"] == "2" and done["history_truncated"] == 2
+    wait_until(lambda: len(piagent_records(caplog)) == 6, what="six records")
+    assert piagent_records(caplog)[-1]["history_truncated"] == 2
+
+
+def test_a_message_too_large_for_the_context_is_413_with_the_numbers(serve, fake):
+    response = chat(serve(CTX_TOKENS=256, MAX_TOKENS=200, MAX_MESSAGE_CHARS=4000), message="word " * 100)
+    error = error_of(response)
+    assert response.status_code == 413 and error["code"] == "prompt_too_large"
+    assert re.search(r"about \d+ tokens", error["message"]) and "56 left" in error["message"]
+    assert fake.generations() == []
+
+
+def test_requests_after_the_window_fills_extend_the_previous_prompt(serve, fake):
+    server = serve(MEMORY_MAX_TURNS=8)
+    for k in range(14):
+        chat(server, message=f"m{k}", conversation_id="stable")
+    requests = [g.body["messages"] for g in fake.generations()]
+    # request 9 (k=9) jumps, then 10, 11, 12 each start with the whole previous request
+    assert requests[9][:2] != requests[8][:2]
+    for k in (10, 11, 12):
+        assert requests[k][:len(requests[k - 1])] == requests[k - 1]
 
 
 # ---------------------------------------------------------------------------
