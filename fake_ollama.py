@@ -44,6 +44,7 @@ class Script:
     sse_comments: bool = False  # /v1: put an SSE comment line before every event
     split_writes: bool = False  # write every line or event in two TCP writes, split mid-line
     echo: bool = False  # reply "echo: <the last user message>" instead of `tokens`
+    sized: bool = False  # reply with as many tokens as the request asks (options.num_predict or max_tokens)
 
 
 @dataclass
@@ -69,6 +70,7 @@ class FakeOllama:
         self.hangups: list[float] = []  # monotonic times at which a client closed mid-response
         self.tokens_sent = 0
         self.completed = 0  # generations that reached their done line
+        self.connections = 0  # TCP connections accepted (a client that reuses connections opens few)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
         self._thread: threading.Thread | None = None
@@ -123,6 +125,7 @@ class FakeOllama:
 
     # -- HTTP plumbing -------------------------------------------------------
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
         try:
             while True:
                 request = await _read_request(reader)
@@ -186,6 +189,10 @@ class FakeOllama:
         if script.echo:
             last = (body.get("messages") or [{"content": body.get("prompt", "")}])[-1]["content"]
             script = wire.script = Script(tokens=["echo: ", last])
+        elif script.sized:
+            count = (body.get("options") or {}).get("num_predict") or body.get("max_tokens") or len(script.tokens)
+            script = wire.script = Script(tokens=[f" w{i % 100}" for i in range(count)],
+                                          token_delay_s=script.token_delay_s)
         gone = _Hangup()
         watcher = asyncio.ensure_future(_watch_hangup(reader, gone))
         try:
@@ -460,3 +467,36 @@ def _tag(name: str) -> dict:
             "size": 1_929_912_432, "digest": "0" * 64,
             "details": {"parent_model": "", "format": "gguf", "family": "qwen2", "families": ["qwen2"],
                         "parameter_size": "3.1B", "quantization_level": "Q4_K_M"}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the fake on its own (for the benchmark): python fake_ollama.py --port 11435 [--token-ms 0]."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="A fake Ollama on 127.0.0.1, answering with num_predict tokens.")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--token-ms", type=float, default=0.0)
+    parser.add_argument("--model", default="qwen2.5:3b-instruct")
+    args = parser.parse_args(argv)
+    fake = FakeOllama(models=[args.model])
+    fake.script = Script(sized=True, token_delay_s=args.token_ms / 1000)
+    fake.requests = _Forgetful()  # a long benchmark must not keep every request in memory
+
+    async def serve() -> None:
+        server = await asyncio.start_server(fake._connection, "127.0.0.1", args.port, backlog=1024)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(serve())
+    return 0
+
+
+class _Forgetful(list):
+    """A request log that keeps nothing."""
+
+    def append(self, item: object) -> None:
+        pass
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1193,20 +1193,22 @@ class OllamaProvider(HTTPProvider):
     async def stream(self, agent: Agent, prompt: Prompt, sampling: Sampling, usage: Usage) -> AsyncIterator[str]:
         path, body = self._request(agent, prompt, sampling, stream=True)
         lines = self.stream_lines(path, body, agent.model)
+        done = False
         try:
             async for line in lines:
-                chunk = parse_ndjson_line(line)
-                if chunk is None:
+                chunk = None if done else parse_ndjson_line(line)  # after done: read to the end, so the
+                if chunk is None:                                  # connection goes back to the pool
                     continue
                 text = _ollama_text(chunk)
                 if text:
                     yield text
                 if chunk.get("done"):
                     _record_ollama_usage(usage, chunk)
-                    return
+                    done = True
         finally:
             await lines.aclose()
-        raise UpstreamError(f"Ollama at {self.base_url} ended the reply early (no done line)")
+        if not done:
+            raise UpstreamError(f"Ollama at {self.base_url} ended the reply early (no done line)")
 
 
 def upstream_error_text(body: bytes, status: int) -> str:
@@ -1336,23 +1338,24 @@ class OpenAIProvider(HTTPProvider):
 
     async def stream(self, agent: Agent, prompt: Prompt, sampling: Sampling, usage: Usage) -> AsyncIterator[str]:
         lines = self.stream_lines("/chat/completions", self._body(agent, prompt, sampling, True), agent.model)
-        decoder = SSEDecoder()
+        decoder, done = SSEDecoder(), False
         try:
             async for line in lines:
-                event = decoder.feed(line)
+                event = None if done else decoder.feed(line)  # after [DONE]: read to the end (keep-alive)
                 if event is None:
                     continue
                 if event[1].strip() == "[DONE]":
-                    return
+                    done = True
+                    continue
                 text = self._chunk_text(event[1], usage)
                 if text:
                     yield text
         finally:
             await lines.aclose()
-        last = decoder.flush()
-        if last is None or last[1].strip() != "[DONE]":
-            if usage.done_reason is None:  # some servers end with no [DONE] after the finish_reason
-                raise UpstreamError(f"{self.label} at {self.base_url} ended the reply early (no [DONE])")
+        last = None if done else decoder.flush()
+        done = done or (last is not None and last[1].strip() == "[DONE]")
+        if not done and usage.done_reason is None:  # some servers end with no [DONE] after the finish_reason
+            raise UpstreamError(f"{self.label} at {self.base_url} ended the reply early (no [DONE])")
 
     def _chunk_text(self, data: str, usage: Usage) -> str:
         """The delta text of one chat.completion.chunk; an error object raises UpstreamError."""
@@ -1840,6 +1843,9 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     This is what stops the model generating for a client that has gone while it waited for a reply.
     """
     task = asyncio.ensure_future(work)
+    await asyncio.sleep(0)  # one turn of the loop finishes most work (a free lock, a memory read): no watchers
+    if task.done():
+        return task.result()
     gone = asyncio.ensure_future(_wait_for_disconnect(request.receive))
     drained = asyncio.ensure_future(request.app.state.drain.expired.wait())
     try:
@@ -2015,16 +2021,38 @@ class TokenStream(Response):
             log.error("stream failed", exc_info=outcome)
 
     async def _pump(self, send: Callable) -> None:
+        """Write pieces as they come; pieces that arrived while the last write was under way go out together."""
+        ready: list[str] = []
+        arrived = asyncio.Event()
+        producer = asyncio.ensure_future(self._produce(ready, arrived))
+        try:
+            while not producer.done() or ready:
+                await arrived.wait()
+                arrived.clear()
+                if ready:
+                    body = "".join(ready).encode()
+                    ready.clear()
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
+        finally:
+            if not producer.done():  # the client left or time is up: stop the source (and the upstream) now
+                producer.cancel()
+            failure = (await asyncio.gather(producer, return_exceptions=True))[0]
+        if isinstance(failure, PiagentError):
+            self.fields["error"] = failure.code
+            log.warning("stream cut after it began: %s: %s", failure.code, failure.message)
+            return  # no closing chunk: the client must see this reply as incomplete
+        if isinstance(failure, BaseException):
+            raise failure
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _produce(self, ready: list[str], arrived: asyncio.Event) -> None:
         try:
             async for piece in self.pieces:
-                await send({"type": "http.response.body", "body": piece.encode(), "more_body": True})
-        except PiagentError as exc:
-            self.fields["error"] = exc.code
-            log.warning("stream cut after it began: %s: %s", exc.code, exc.message)
-            return  # no closing chunk: the client must see this reply as incomplete
+                ready.append(piece)
+                arrived.set()
         finally:
+            arrived.set()
             await self.pieces.aclose()
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 async def relay(first: asyncio.Future, rest: AsyncIterator[str], x: Exchange, fmt: PlainText) -> AsyncIterator[str]:
@@ -2041,11 +2069,13 @@ async def relay(first: asyncio.Future, rest: AsyncIterator[str], x: Exchange, fm
             if not done:
                 yield ": ping\n\n"
         x.fields.setdefault("ttft_ms", x.elapsed_ms())
-        pieces = _prepend(first.result(), rest)
-        async for piece in pieces:
+        if first.result():
+            sent.append(first.result())
+            yield fmt.piece(sent[0], 0)
+        async for piece in rest:
             sent.append(piece)
-            x.fields["tokens"] = len(sent)
             yield fmt.piece(piece, len(sent) - 1)
+        x.fields["tokens"] = len(sent)
         x.fields["prompt_tokens"] = x.usage.prompt_tokens
         await x.finish("".join(sent))  # stored before the client is told it is done; a failure is reported
         yield fmt.end(x)
@@ -2058,18 +2088,12 @@ async def relay(first: asyncio.Future, rest: AsyncIterator[str], x: Exchange, fm
         log.warning("stream ended by a failure: %s: %s", exc.code, exc.message)
         yield tail
     finally:
+        x.fields["tokens"] = len(sent)
         if not first.done():
             first.cancel()
             await asyncio.gather(first, return_exceptions=True)
         await rest.aclose()
         await x.finish(None if failed else "".join(sent))  # a client that left keeps what it received
-
-
-async def _prepend(first: str | None, rest: AsyncIterator[str]) -> AsyncIterator[str]:
-    if first:
-        yield first
-    async for piece in rest:
-        yield piece
 
 
 async def stream_reply(x: Exchange, fmt: PlainText) -> TokenStream:

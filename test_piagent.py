@@ -789,6 +789,14 @@ def test_stream_writes_each_token_before_the_next_exists(serve, fake):
         assert "".join(pieces) == " second"
 
 
+@pytest.mark.parametrize("provider", ["ollama", "openai"])
+def test_the_upstream_connection_is_reused_across_requests(serve, serve_openai, fake, provider):
+    server = serve() if provider == "ollama" else serve_openai()
+    for stream in (True, False, True, True, False):
+        assert chat(server, message="hi", stream=stream).status_code == 200
+    assert fake.connections == 1  # keep-alive: no new TCP connection per chat
+
+
 def test_stream_decodes_go_escaped_json_and_utf8(serve, fake):
     fake.script = Script(tokens=["<think>", " café & ☕"])
     with httpx.stream("POST", f"{serve().url}/chat", json={"message": "x", "stream": True}) as response:
@@ -2064,7 +2072,8 @@ SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 
 def test_service_unit_runs_the_venv_python_from_opt_with_the_optional_env_file():
     unit = (HERE / "piagent.service").read_text()
-    assert "ExecStart=/opt/piagent/.venv/bin/python /opt/piagent/piagent.py\n" in unit
+    # -m, so the bytecode compiled at install is used: a script run as `python piagent.py` is compiled every start
+    assert "WorkingDirectory=/opt/piagent\nExecStart=/opt/piagent/.venv/bin/python -m piagent\n" in unit
     assert "EnvironmentFile=-/etc/piagent/piagent.env\n" in unit and "Restart=on-failure\n" in unit
     assert "Wants=ollama.service\n" in unit and "After=network.target ollama.service\n" in unit
 
@@ -2075,6 +2084,7 @@ def test_service_unit_verifies_clean(tmp_path):
     opt = tmp_path / "opt-piagent"
     (opt / ".venv/bin").mkdir(parents=True)
     (opt / ".venv/bin/python").symlink_to(sys.executable)
+    (opt / "piagent.py").write_text("")
     unit = tmp_path / "piagent.service"
     unit.write_text((HERE / "piagent.service").read_text().replace("/opt/piagent", str(opt)))
     result = subprocess.run([SYSTEMD_ANALYZE, "verify", "--man=no", str(unit)],

@@ -23,6 +23,9 @@ sed -i "s/^PORT=.*/PORT=$port/" "$root/etc/piagent/piagent.env"   # the one edit
 step "create the venv and install requirements.txt"
 python3 -m venv "$root/opt/piagent/.venv"
 "$root/opt/piagent/.venv/bin/pip" install -q --disable-pip-version-check -r "$root/opt/piagent/requirements.txt"
+"$root/opt/piagent/.venv/bin/python" -m compileall -q "$root/opt/piagent"   # the service cannot write bytecode
+[ -f "$root/opt/piagent/__pycache__/piagent.cpython-$(python3 -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")').pyc" ] \
+  || { echo "no compiled bytecode"; exit 1; }
 
 step "render the unit for these paths and check it"
 unit="$root/piagent.service"
@@ -43,8 +46,9 @@ while IFS= read -r line || [ -n "$line" ]; do          # systemd's EnvironmentFi
   env_args+=("$key=$value")
 done < "$env_file"
 exec_start=$(sed -n 's/^ExecStart=//p' "$unit")
+workdir=$(sed -n 's/^WorkingDirectory=//p' "$unit")
 # shellcheck disable=SC2086  # ExecStart is split on spaces, as systemd does for this unquoted line
-env -i PATH=/usr/bin:/bin STATE_DIRECTORY="$root/var/lib/piagent" "${env_args[@]}" $exec_start \
+(cd "$workdir" && exec env -i PATH=/usr/bin:/bin STATE_DIRECTORY="$root/var/lib/piagent" "${env_args[@]}" $exec_start) \
   > "$root/piagent.log" 2>&1 &
 pid=$!
 for _ in $(seq 1 100); do
