@@ -1129,15 +1129,21 @@ class HTTPProvider:
         except ValueError:
             raise UpstreamError(f"{self.label} sent a reply that is not JSON") from None
 
-    async def stream_lines(self, path: str, body: dict[str, Any], model: str) -> AsyncIterator[str]:
-        """POST a streaming request and yield its body line by line (closing it if the caller stops)."""
-        started = False
+    async def stream_lines(self, path: str, body: dict[str, Any], model: str) -> AsyncIterator[bytes]:
+        """POST a streaming request and yield its body line by line, as bytes without the \\n or \\r\\n
+        (closing the request if the caller stops). Lines are split here, not by httpx's text layers: this is the
+        per-token path, and the profile showed those layers."""
+        started, pending = False, b""
         try:
             async with self.client.stream("POST", self.base_url + path, json=body, headers=self.headers()) as response:
                 await self.raise_for_status(response, model)
-                async for line in response.aiter_lines():
+                async for chunk in response.aiter_bytes():
                     started = True
-                    yield line
+                    *lines, pending = (pending + chunk).split(b"\n")
+                    for line in lines:
+                        yield line[:-1] if line.endswith(b"\r") else line
+                if pending:
+                    yield pending
         except httpx.HTTPError as exc:
             raise self.transport_error(exc, started) from None
 
@@ -1227,7 +1233,7 @@ def upstream_error_text(body: bytes, status: int) -> str:
     return body[:200].decode("utf-8", "replace").strip() or f"HTTP {status}"
 
 
-def parse_ndjson_line(line: str) -> dict[str, Any] | None:
+def parse_ndjson_line(line: bytes) -> dict[str, Any] | None:
     """One NDJSON line -> dict; None for a blank line; an {"error"} line raises UpstreamError."""
     if not line.strip():
         return None
@@ -1341,7 +1347,7 @@ class OpenAIProvider(HTTPProvider):
         decoder, done = SSEDecoder(), False
         try:
             async for line in lines:
-                event = None if done else decoder.feed(line)  # after [DONE]: read to the end (keep-alive)
+                event = None if done else decoder.feed(line.decode("utf-8", "replace"))  # after [DONE]: drain
                 if event is None:
                     continue
                 if event[1].strip() == "[DONE]":
@@ -1888,11 +1894,18 @@ class Exchange:
     def elapsed_ms(self) -> int:
         return round((time.perf_counter() - self.fields["start"]) * 1000)
 
+    def mark(self, moment: str) -> None:
+        """Note when generation began ("generating") or the first token came ("first_token"), for the log."""
+        now = time.perf_counter()
+        self.fields[f"{moment}_at"] = now
+        key = "queue_wait_ms" if moment == "generating" else "ttft_ms"
+        self.fields.setdefault(key, round((now - self.fields["start"]) * 1000))
+
     async def wait_for_slot(self) -> None:
         """Wait in the gate's queue (leaving it if the client goes), and note how long it took."""
         if not self.slot.granted:
             await until_disconnect(self.request, self.slot.wait())
-        self.fields["queue_wait_ms"] = self.elapsed_ms()
+        self.mark("generating")
 
     async def finish(self, reply: str | None) -> None:
         """Free the model slot, then store the turn (unless reply is None) and unlock the conversation."""
@@ -2068,7 +2081,8 @@ async def relay(first: asyncio.Future, rest: AsyncIterator[str], x: Exchange, fm
             done, _ = await asyncio.wait({first}, timeout=fmt.ping_s)
             if not done:
                 yield ": ping\n\n"
-        x.fields.setdefault("ttft_ms", x.elapsed_ms())
+        if "first_token_at" not in x.fields:
+            x.mark("first_token")
         if first.result():
             sent.append(first.result())
             yield fmt.piece(sent[0], 0)
@@ -2115,7 +2129,7 @@ async def stream_reply(x: Exchange, fmt: PlainText) -> TokenStream:
     try:
         await until_disconnect(x.request, asyncio.wait({first}, timeout=fmt.ping_s))
         if first.done():
-            x.fields["ttft_ms"] = x.elapsed_ms()
+            x.mark("first_token")
             first.result()
     except BaseException:
         first.cancel()
@@ -2158,7 +2172,7 @@ async def queued_stream(x: Exchange, fmt: PlainText) -> AsyncIterator[str]:
         waiting.cancel()
         await x.finish(None)
         raise
-    x.fields["queue_wait_ms"] = x.elapsed_ms()
+    x.mark("generating")
     pieces = x.provider.stream(x.agent, x.prompt, x.sampling, x.usage)
     async for out in relay(asyncio.ensure_future(anext(pieces, None)), pieces, x, fmt):
         yield out
@@ -2438,10 +2452,11 @@ class RequestLog:
 
 def request_record(method: str, path: str, fields: dict[str, Any]) -> dict[str, Any]:
     """The finished request as a flat dict: method, path, status, duration_ms, then the fields that are set."""
-    duration_ms = round((time.perf_counter() - fields["start"]) * 1000)
-    tokens, after_ms = fields.get("tokens"), fields.get("ttft_ms", fields.get("queue_wait_ms"))
-    if tokens and after_ms is not None and duration_ms > after_ms:
-        fields["tokens_per_s"] = round(tokens * 1000 / (duration_ms - after_ms), 2)
+    end = time.perf_counter()
+    duration_ms = round((end - fields["start"]) * 1000)
+    since = fields.get("first_token_at", fields.get("generating_at"))  # a stream's rate after its first token
+    if fields.get("tokens") and since is not None and end > since:
+        fields["tokens_per_s"] = round(fields["tokens"] / (end - since), 2)
     record = {"method": method, "path": path, "status": fields["status"] or 499, "duration_ms": duration_ms}
     record.update((k, fields[k]) for k in LOG_RECORD_FIELDS if fields.get(k) is not None)
     return record
