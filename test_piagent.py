@@ -126,6 +126,13 @@ def read_until(sock: socket.socket, marker: bytes) -> bytes:
     return data
 
 
+def assert_nothing_stored(server, fake, conversation_id: str) -> None:
+    """The next message on the conversation reaches the model with no history: the failed turn left nothing."""
+    fake.script = Script()
+    chat(server, message="again", conversation_id=conversation_id)
+    assert len(fake.generations()[-1].body["messages"]) == 2
+
+
 def error_of(response: httpx.Response) -> dict:
     body = response.json()
     assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
@@ -981,18 +988,14 @@ def test_upstream_failure_mid_stream_ends_without_the_closing_chunk_and_stores_n
             for piece in response.iter_text():
                 received.append(piece)
     assert "".join(received) == "Hello from"
-    fake.script = Script()
-    chat(server, message="again", conversation_id="c")
-    assert len(fake.generations()[1].body["messages"]) == 2  # no half turn in history
+    assert_nothing_stored(server, fake, "c")  # no half turn in history
 
 
 def test_upstream_failure_without_stream_stores_nothing(serve, fake):
     fake.script = Script(error_after=3)
     server = serve()
     assert chat(server, message="hi", conversation_id="c").status_code == 502
-    fake.script = Script()
-    chat(server, message="again", conversation_id="c")
-    assert len(fake.generations()[1].body["messages"]) == 2
+    assert_nothing_stored(server, fake, "c")
 
 
 # ---------------------------------------------------------------------------
@@ -1152,6 +1155,13 @@ def test_openai_upstream_429_or_503_is_503_busy_with_retry_after(serve_openai, f
     assert response.headers["retry-after"] == (retry or str(piagent.DEFAULT_RETRY_AFTER_S))
 
 
+def test_openai_upstream_silent_past_the_timeout_is_504(serve_openai, fake):
+    fake.script = Script(first_byte_delay_s=20)
+    response = chat(serve_openai(OLLAMA_TIMEOUT_S=0.5), message="hi", stream=True)
+    assert response.status_code == 504 and error_of(response)["code"] == "upstream_timeout"
+    wait_until(lambda: len(fake.hangups) == 1, timeout=1.0, what="the fake to see piagent hang up")
+
+
 def test_openai_upstream_unreachable_is_503(serve_openai):
     url = f"http://127.0.0.1:{free_port()}/v1"
     response = chat(serve_openai(OPENAI_BASE_URL=url), message="hi")
@@ -1173,9 +1183,7 @@ def test_openai_upstream_failure_mid_stream_cuts_the_plain_stream_and_stores_not
         with pytest.raises(httpx.RemoteProtocolError):
             for _ in response.iter_text():
                 pass
-    fake.script = Script()
-    chat(server, message="again", conversation_id="c")
-    assert len(fake.generations()[1].body["messages"]) == 2
+    assert_nothing_stored(server, fake, "c")
 
 
 def test_openai_upstream_is_let_go_when_the_client_leaves(serve_openai, fake):
@@ -1227,9 +1235,7 @@ def test_chat_sse_reports_a_mid_stream_failure_as_an_error_event_and_stores_noth
         events = sse_events(response)  # a clean end: the error event is the report
     assert [e for e, _ in events] == ["token", "token", "error"]
     assert json.loads(events[-1][1])["error"]["code"] == "upstream_error"
-    fake.script = Script()
-    chat(server, message="again", conversation_id="c")
-    assert len(fake.generations()[1].body["messages"]) == 2
+    assert_nothing_stored(server, fake, "c")
 
 
 def test_chat_sse_failure_before_first_token_is_still_an_http_error(serve, fake):
@@ -1630,6 +1636,23 @@ def test_queue_serves_waiters_in_order_and_refuses_beyond_max_queue(serve, fake)
     c.join(DEADLINE_S)
     assert b_result["value"].status_code == c_result["value"].status_code == 200
     assert [g.body["messages"][-1]["content"] for g in fake.generations()] == ["a", "b", "c"]  # FIFO
+
+
+def test_the_openai_front_door_waits_in_the_same_queue(serve, fake):
+    fake.script = Script(tokens=["A1", "A2"], hold_after=1)
+    server = serve(MAX_CONCURRENT=1, MAX_QUEUE=1)
+    gate = server.app.state.gate
+    with httpx.stream("POST", f"{server.url}/chat", json={"message": "a", "stream": True}) as first:
+        pieces = first.iter_text()
+        assert next(pieces) == "A1"
+        waiter, result = in_background(v1, server, model="general", messages=[{"role": "user", "content": "b"}])
+        wait_until(lambda: gate.queued == 1, what="the /v1 request to queue")
+        refused = v1(server, model="general", messages=[{"role": "user", "content": "c"}])
+        assert refused.status_code == 503 and openai_error_of(refused)["code"] == "queue_full"
+        fake.script.release.set()
+        "".join(pieces)
+    waiter.join(DEADLINE_S)
+    assert result["value"].status_code == 200
 
 
 def test_a_queued_client_that_leaves_is_removed_and_never_reaches_the_model(serve, fake):

@@ -93,6 +93,11 @@ def done_replies(page):
     return page.locator(".msg.assistant:not(.pending)")
 
 
+def send(page, text: str) -> None:
+    page.fill("#text", text)
+    page.press("#text", "Enter")
+
+
 def test_page_is_small_self_contained_and_locked_down(page_of):
     page, server = page_of()
     response = httpx.get(server.url + "/")
@@ -105,8 +110,7 @@ def test_page_is_small_self_contained_and_locked_down(page_of):
 def test_chat_streams_continues_and_survives_a_reload(page_of, fake):
     page, server = page_of()
     fake.script = Script(tokens=["Hello", " from", " the", " Pi", "!"], hold_after=2)
-    page.fill("#text", "first question")
-    page.press("#text", "Enter")
+    send(page, "first question")
     expect(page.locator(".msg.assistant.pending")).to_have_text("Hello from")  # shown while the rest is not made
     fake.script.release.set()
     expect(done_replies(page)).to_have_text(["Hello from the Pi!"])
@@ -126,8 +130,7 @@ def test_chat_streams_continues_and_survives_a_reload(page_of, fake):
     page.click("#new")
     expect(page.locator(".msg")).to_have_count(0)
     fake.script = Script(tokens=["Fresh"])
-    page.fill("#text", "new topic")
-    page.press("#text", "Enter")
+    send(page, "new topic")
     expect(done_replies(page)).to_have_text(["Fresh"])
     assert len(fake.generations()[-1].body["messages"]) == 2  # a new conversation: no history
 
@@ -137,8 +140,7 @@ def test_model_output_is_shown_as_text_never_run(page_of, fake):
     hostile = ["<script>document.title = 'pwned'</script>", '<img src=x onerror="document.title = \'pwned\'">',
                "<b>bold?</b>"]
     fake.script = Script(tokens=hostile)
-    page.fill("#text", "say something nasty")
-    page.press("#text", "Enter")
+    send(page, "say something nasty")
     expect(done_replies(page)).to_have_text(["".join(hostile)])  # the markup, shown as text
     assert page.title() == "piagent"  # nothing in it ran
     expect(page.locator(".msg.assistant img, .msg.assistant script, .msg.assistant b")).to_have_count(0)
@@ -146,8 +148,7 @@ def test_model_output_is_shown_as_text_never_run(page_of, fake):
 
 def test_errors_are_told_in_plain_words(page_of, fake):
     page, _ = page_of(OLLAMA_HOST="http://127.0.0.1:9")  # nothing listens there
-    page.fill("#text", "hello?")
-    page.press("#text", "Enter")
+    send(page, "hello?")
     expect(page.locator(".msg.error")).to_have_text(
         "Ollama is not running (or piagent cannot reach it). Start it, then try again.")
 
@@ -161,8 +162,7 @@ def test_key_field_appears_when_the_server_needs_one(page_of, fake):
     page.click("#savekey")
     expect(page.locator("#agent option")).to_have_count(1)
     fake.script = Script(tokens=["Keyed"])
-    page.fill("#text", "hi")
-    page.press("#text", "Enter")
+    send(page, "hi")
     expect(done_replies(page)).to_have_text(["Keyed"])
     assert fake.generations()[0].body["messages"][-1]["content"] == "hi"
 
