@@ -1800,13 +1800,13 @@ def test_warmup_loads_each_model_in_the_background_with_keep_alive(serve, fake):
 
 
 def test_ready_says_warming_until_the_models_are_loaded(serve, fake):
-    fake.script = Script(status=None)
     gate = threading.Event()
     original = fake._dispatch
 
     async def slow_loads(req, reader, writer):  # the fake holds load requests until the test lets them go
         if req.path == "/api/generate" and not (req.body or {}).get("prompt"):
-            while not gate.is_set():
+            deadline = time.monotonic() + DEADLINE_S  # bounded: a broken test must not hang the fake
+            while not gate.is_set() and time.monotonic() < deadline:
                 await asyncio.sleep(0.005)
         return await original(req, reader, writer)
 
