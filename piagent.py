@@ -18,6 +18,7 @@ this file, or --env-file), then the defaults in `Config`. piagent.env lists ever
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import base64
 import hashlib
@@ -25,11 +26,13 @@ import hmac
 import json
 import logging
 import math
+import operator
 import os
 import re
 import sqlite3
 import time
 import uuid
+import zoneinfo
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -43,7 +46,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi import Path as FastAPIPath
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
@@ -52,6 +55,7 @@ from starlette.middleware.cors import CORSMiddleware
 # ---------------------------------------------------------------------------
 
 T = TypeVar("T")
+log = logging.getLogger("piagent")
 
 #: Name of the env file looked for beside this module when PIAGENT_ENV_FILE is not set.
 DEFAULT_ENV_FILE_NAME = "piagent.env"
@@ -73,6 +77,8 @@ ORIGIN_PATTERN = re.compile(r"^https?://[A-Za-z0-9.-]+(:\d{1,5})?$")
 MEMORY_BACKENDS = ("memory", "sqlite", "redis")
 #: Values of PROVIDER; each names a class in the PROVIDERS mapping of the Providers section.
 PROVIDER_NAMES = ("ollama", "openai")
+#: What a tool name in AGENT_<NAME>_TOOLS looks like (the Tools section checks it names a real tool).
+TOOL_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 OLLAMA_APIS = ("chat", "generate")
 
 
@@ -94,11 +100,12 @@ class PiagentError(Exception):
 
 @dataclass(frozen=True)
 class Agent:
-    """A named persona: which model answers and with what system prompt."""
+    """A named persona: which model answers, with what system prompt, and which tools it may use."""
 
     name: str
     model: str
     system: str
+    tools: tuple[str, ...] = ()  # names in TOOLS (Tools section) the model is offered; none by default
 
 
 @dataclass(frozen=True)
@@ -142,6 +149,7 @@ class Config:
     enable_ui: bool = True  # the chat page at /
     metrics_public: bool = False  # /metrics without a key (for a Prometheus on the LAN)
     warmup: bool = True  # load each agent's model at start-up (Ollama only), so the first chat is not cold
+    max_tool_rounds: int = 3  # model calls that may ask for tools per reply; then it must answer without them
     agents: tuple[Agent, ...] = field(
         default=(Agent("general", "qwen2.5:3b-instruct", DEFAULT_SYSTEM_PROMPT),)
     )
@@ -284,7 +292,7 @@ def _redis_url(settings: _Settings) -> str:
 
 
 def _read_agents(settings: _Settings, prefix: str, default_model: str) -> tuple[Agent, ...]:
-    """AGENTS=a,b plus <prefix><NAME> (the model) and AGENT_<NAME>_SYSTEM for each.
+    """AGENTS=a,b plus <prefix><NAME> (the model), AGENT_<NAME>_SYSTEM and AGENT_<NAME>_TOOLS for each.
 
     An agent without its own model uses <prefix>GENERAL, then `default_model`.
     """
@@ -297,7 +305,8 @@ def _read_agents(settings: _Settings, prefix: str, default_model: str) -> tuple[
         upper = name.upper()
         model = settings.text(f"{prefix}{upper}", general) or general
         system = settings.text(f"AGENT_{upper}_SYSTEM", DEFAULT_SYSTEM_PROMPT) or DEFAULT_SYSTEM_PROMPT
-        agents.append(Agent(name, model, system))
+        tools = settings.items(f"AGENT_{upper}_TOOLS", TOOL_NAME_PATTERN, "comma-separated tool names such as calc,now")
+        agents.append(Agent(name, model, system, tuple(dict.fromkeys(tools))))
     return tuple(agents)
 
 
@@ -316,6 +325,11 @@ def load_config(environ: Mapping[str, str], env_file: Path | None = None) -> Con
     if workers > 1 and backend == "memory":
         raise s.fail("WORKERS", "1 with MEMORY_BACKEND=memory (each worker would keep its own memory); "
                                 "use MEMORY_BACKEND=sqlite or redis for several workers")
+    agents = _read_agents(s, "OPENAI_MODEL_" if provider == "openai" else "OLLAMA_MODEL_", d.agents[0].model)
+    ollama_api = s.choice("OLLAMA_API", d.ollama_api, OLLAMA_APIS)
+    for agent in agents:
+        if agent.tools and provider == "ollama" and ollama_api == "generate":
+            raise s.fail(f"AGENT_{agent.name.upper()}_TOOLS", "no tools with OLLAMA_API=generate (tools need /api/chat)")
     keep_alive = s.text("OLLAMA_KEEP_ALIVE", None)
     if keep_alive is not None and not KEEP_ALIVE_PATTERN.match(keep_alive):
         raise s.fail("OLLAMA_KEEP_ALIVE", "seconds or a duration such as 30m, 1h, -1 (forever)")
@@ -324,7 +338,7 @@ def load_config(environ: Mapping[str, str], env_file: Path | None = None) -> Con
         openai_base_url=s.url("OPENAI_BASE_URL", d.openai_base_url),
         openai_api_key=s.text("OPENAI_API_KEY", None),
         ollama_host=s.url("OLLAMA_HOST", d.ollama_host),
-        ollama_api=s.choice("OLLAMA_API", d.ollama_api, OLLAMA_APIS),
+        ollama_api=ollama_api,
         ollama_keep_alive=keep_alive,
         ollama_connect_timeout_s=s.number("OLLAMA_CONNECT_TIMEOUT_S", d.ollama_connect_timeout_s, 0.1, 600),
         ollama_timeout_s=s.number("OLLAMA_TIMEOUT_S", d.ollama_timeout_s, 0.1, 86400),
@@ -359,7 +373,8 @@ def load_config(environ: Mapping[str, str], env_file: Path | None = None) -> Con
         enable_ui=s.boolean("ENABLE_UI", d.enable_ui),
         metrics_public=s.boolean("METRICS_PUBLIC", d.metrics_public),
         warmup=s.boolean("WARMUP", provider == "ollama"),
-        agents=_read_agents(s, "OPENAI_MODEL_" if provider == "openai" else "OLLAMA_MODEL_", d.agents[0].model),
+        max_tool_rounds=s.integer("MAX_TOOL_ROUNDS", d.max_tool_rounds, 0, 10),
+        agents=agents,
     )
 
 
@@ -864,16 +879,21 @@ class PendingTurn:
 # Prompt: system prompt + history + new message -> upstream messages
 # ---------------------------------------------------------------------------
 
-#: A chat message as upstreams take it: {"role": "user" | "assistant" | "system", "content": "..."}.
-Message = dict[str, str]
+#: A chat message in OpenAI's shape: {"role": "user" | "assistant" | "system", "content": "..."}; tool traffic
+#: adds {"role": "assistant", "content": None, "tool_calls": [...]} and {"role": "tool", "tool_call_id", "content"}
+#: (arguments as a JSON string). A provider that speaks another dialect converts (ollama_message).
+Message = dict[str, Any]
 
 
 class Prompt(NamedTuple):
-    """What an agent is asked: its system prompt, the history as messages, and the new user message."""
+    """What an agent is asked: its system prompt, the history as messages, the new user message, the tool
+    traffic of this reply so far (`tail`), and the tools the model is offered (JSON-schema function specs)."""
 
     system: str
     history: list[Message]
     message: str
+    tail: tuple[Message, ...] = ()
+    tools: tuple[dict[str, Any], ...] = ()
 
 
 class Sampling(NamedTuple):
@@ -917,7 +937,9 @@ def estimate_tokens(messages: list[Message]) -> int:
     """
     total = 0
     for message in messages:
-        text = message["content"]
+        text = message.get("content") or ""
+        if message.get("tool_calls"):
+            text += json.dumps(message["tool_calls"])
         ascii_chars = len(text.encode("ascii", "ignore"))
         total += (math.ceil(ascii_chars / ASCII_CHARS_PER_TOKEN) + TOKENS_PER_OTHER_CHAR * (len(text) - ascii_chars)
                   + TOKENS_PER_MESSAGE)
@@ -953,7 +975,8 @@ def fit_history(history: list[Message], fixed: list[Message], budget_tokens: int
                              f"CTX_TOKENS")
     kept, dropped = list(history), 0
     while kept and fixed_tokens + estimate_tokens(kept) > budget_tokens:
-        cut = 2 if len(kept) > 1 and kept[0]["role"] == "user" and kept[1]["role"] == "assistant" else 1
+        # up to the next user message: a turn goes whole, tool calls and their results with it
+        cut = next((i for i in range(1, len(kept)) if kept[i]["role"] == "user"), len(kept))
         kept, dropped = kept[cut:], dropped + 1
     return kept, dropped
 
@@ -965,7 +988,8 @@ def build_messages(prompt: Prompt) -> list[Message]:
     "bye") -> [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
                {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"}]
     """
-    return [{"role": "system", "content": prompt.system}, *prompt.history, {"role": "user", "content": prompt.message}]
+    return [{"role": "system", "content": prompt.system}, *prompt.history, {"role": "user", "content": prompt.message},
+            *prompt.tail]
 
 
 def render_prompt(prompt: Prompt) -> str:
@@ -1018,14 +1042,33 @@ PROBE_TIMEOUT_S = 10.0
 DEFAULT_RETRY_AFTER_S = 5
 
 
+class ToolCall(NamedTuple):
+    """One function call a model asked for, in OpenAI's terms: `arguments` is JSON text (Ollama's object,
+    dumped); `id` is the upstream's, or made up when it gave none (Ollama before 0.12)."""
+
+    id: str
+    name: str
+    arguments: str
+
+    def as_message_part(self) -> dict[str, Any]:
+        """The call as an assistant message's tool_calls item (OpenAI's shape)."""
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+def new_call_id() -> str:
+    """A tool call id in the shape Ollama and OpenAI use: call_ and random letters and digits."""
+    return "call_" + uuid.uuid4().hex[:24]
+
+
 @dataclass
 class Usage:
     """What the upstream reported about one generation, for logs and the end of a stream."""
 
     model: str = ""
-    done_reason: str | None = None  # "stop", "length", ...
+    done_reason: str | None = None  # "stop", "length", "tool_calls", ...
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)  # what the model asked to run, in order
 
 
 class Provider(Protocol):
@@ -1082,6 +1125,9 @@ class HTTPProvider:
         if status < 400:
             return
         detail = upstream_error_text(await response.aread(), status)
+        if status == 400 and "does not support tools" in detail:
+            raise UpstreamError(f"{self.label}: {detail}; give this agent a model with tool calling (see the README) "
+                                f"or remove its AGENT_<NAME>_TOOLS")
         if status == 404:  # the wording varies between servers and versions: never parse it
             raise ModelNotFound(self.not_found(model))
         if status in (401, 403):
@@ -1170,7 +1216,9 @@ class OllamaProvider(HTTPProvider):
         if c.ollama_api == "generate":
             body.update(system=prompt.system, prompt=render_prompt(prompt))
             return "/api/generate", body
-        body["messages"] = build_messages(prompt)
+        body["messages"] = ollama_messages(build_messages(prompt))
+        if prompt.tools:
+            body["tools"] = list(prompt.tools)
         return "/api/chat", body
 
     async def probe(self) -> tuple[str, set[str]]:
@@ -1194,6 +1242,7 @@ class OllamaProvider(HTTPProvider):
         path, body = self._request(agent, prompt, sampling, stream=False)
         data = await self.post_json(path, body, agent.model)
         _record_ollama_usage(usage, data)
+        usage.tool_calls += ollama_tool_calls(data)
         return _ollama_text(data)
 
     async def stream(self, agent: Agent, prompt: Prompt, sampling: Sampling, usage: Usage) -> AsyncIterator[str]:
@@ -1208,6 +1257,8 @@ class OllamaProvider(HTTPProvider):
                 text = _ollama_text(chunk)
                 if text:
                     yield text
+                if "tool_calls" in chunk.get("message", ()):
+                    usage.tool_calls += ollama_tool_calls(chunk)
                 if chunk.get("done"):
                     _record_ollama_usage(usage, chunk)
                     done = True
@@ -1254,6 +1305,49 @@ def _ollama_text(chunk: Mapping[str, Any]) -> str:
     if isinstance(message, dict):
         return message.get("content") or ""
     return chunk.get("response") or ""
+
+
+def ollama_tool_calls(chunk: Mapping[str, Any]) -> list[ToolCall]:
+    """The tool calls in a chat chunk's message.tool_calls, whose arguments are a JSON object (OpenAI: text)."""
+    calls = []
+    for item in (chunk.get("message") or {}).get("tool_calls") or []:
+        if not isinstance(item, dict):
+            continue
+        function = item.get("function") or {}
+        arguments = function.get("arguments")
+        text = arguments if isinstance(arguments, str) else json.dumps(arguments or {}, ensure_ascii=False)
+        calls.append(ToolCall(item.get("id") or new_call_id(), str(function.get("name") or ""), text))
+    return calls
+
+
+def ollama_messages(messages: list[Message]) -> list[Message]:
+    """Messages in Ollama's dialect: tool-call arguments as objects, and each tool result named by its tool
+    (`tool_name`), which Ollama matches on rather than on ids. Messages without tool traffic pass as they are."""
+    names: dict[str, str] = {}
+    out = []
+    for m in messages:
+        if m.get("tool_calls"):
+            calls = []
+            for call in m["tool_calls"]:
+                function = call.get("function") or {}
+                names[call.get("id") or ""] = function.get("name") or ""
+                calls.append({"id": call.get("id"), "function": {"name": function.get("name") or "",
+                                                                 "arguments": json_object(function.get("arguments"))}})
+            m = {"role": "assistant", "content": m.get("content") or "", "tool_calls": calls}
+        elif m["role"] == "tool":
+            m = {"role": "tool", "content": m.get("content") or "", "tool_call_id": m.get("tool_call_id"),
+                 "tool_name": names.get(m.get("tool_call_id") or "", "")}
+        out.append(m)
+    return out
+
+
+def json_object(text: Any) -> dict[str, Any]:
+    """`text` parsed as a JSON object; {} when it is not one (a model's broken arguments)."""
+    try:
+        value = json.loads(text) if isinstance(text, str) else text
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _record_ollama_usage(usage: Usage, final: Mapping[str, Any]) -> None:
@@ -1307,6 +1401,36 @@ def sse_event(data: Any, event: str | None = None) -> str:
     lines = "".join(f"data: {line}\n" for line in text.split("\n"))
     return (f"event: {event}\n" if event else "") + lines + "\n"
 
+class ToolCallParts:
+    """Tool calls put together from OpenAI's streamed fragments: the first fragment of a call (by `index`)
+    brings its id and name, later ones pieces of the arguments text. A whole call in one piece works too.
+
+    Example: feed([{"index": 0, "id": "call_1", "function": {"name": "calc", "arguments": ""}}]),
+    feed([{"index": 0, "function": {"arguments": '{"expression":'}}]), feed([{"index": 0, "function":
+    {"arguments": '"2+2"}'}}]) -> calls() == [ToolCall("call_1", "calc", '{"expression":"2+2"}')]
+    """
+
+    def __init__(self) -> None:
+        self.parts: dict[int, tuple[list[str], list[str]]] = {}  # index -> ([id, name], argument pieces)
+
+    def feed(self, fragments: Any) -> None:
+        for fragment in fragments if isinstance(fragments, list) else []:
+            if not isinstance(fragment, dict):
+                continue
+            index = fragment.get("index")
+            if not isinstance(index, int):  # some servers leave it out: a new id starts a new call
+                index = len(self.parts) if fragment.get("id") or not self.parts else max(self.parts)
+            (head, arguments) = self.parts.setdefault(index, (["", ""], []))
+            function = fragment.get("function") or {}
+            head[0] = head[0] or str(fragment.get("id") or "")
+            head[1] = head[1] or str(function.get("name") or "")
+            piece = function.get("arguments")
+            arguments.append(piece if isinstance(piece, str) else json.dumps(piece) if piece else "")
+
+    def calls(self) -> list[ToolCall]:
+        return [ToolCall(head[0] or new_call_id(), head[1], "".join(arguments))
+                for _, (head, arguments) in sorted(self.parts.items())]
+
 
 class OpenAIProvider(HTTPProvider):
     """An OpenAI-style /v1/chat/completions: OpenAI, llama.cpp's server, LM Studio, vLLM, Ollama's /v1."""
@@ -1332,6 +1456,8 @@ class OpenAIProvider(HTTPProvider):
     def _body(self, agent: Agent, prompt: Prompt, sampling: Sampling, stream: bool) -> dict[str, Any]:
         body = {"model": agent.model, "messages": build_messages(prompt), "stream": stream,
                 "max_tokens": sampling.max_tokens, "temperature": sampling.temperature}
+        if prompt.tools:
+            body["tools"] = list(prompt.tools)
         if stream:
             body["stream_options"] = {"include_usage": True}  # servers that do not know it ignore it
         return body
@@ -1340,11 +1466,14 @@ class OpenAIProvider(HTTPProvider):
         data = await self.post_json("/chat/completions", self._body(agent, prompt, sampling, False), agent.model)
         choice = (data.get("choices") or [{}])[0]
         _record_openai_usage(usage, data, choice)
+        parts = ToolCallParts()
+        parts.feed((choice.get("message") or {}).get("tool_calls"))
+        usage.tool_calls += parts.calls()
         return (choice.get("message") or {}).get("content") or ""
 
     async def stream(self, agent: Agent, prompt: Prompt, sampling: Sampling, usage: Usage) -> AsyncIterator[str]:
         lines = self.stream_lines("/chat/completions", self._body(agent, prompt, sampling, True), agent.model)
-        decoder, done = SSEDecoder(), False
+        decoder, done, parts = SSEDecoder(), False, ToolCallParts()
         try:
             async for line in lines:
                 event = None if done else decoder.feed(line.decode("utf-8", "replace"))  # after [DONE]: drain
@@ -1353,18 +1482,20 @@ class OpenAIProvider(HTTPProvider):
                 if event[1].strip() == "[DONE]":
                     done = True
                     continue
-                text = self._chunk_text(event[1], usage)
+                text = self._chunk_text(event[1], usage, parts)
                 if text:
                     yield text
         finally:
             await lines.aclose()
+        usage.tool_calls += parts.calls()
         last = None if done else decoder.flush()
         done = done or (last is not None and last[1].strip() == "[DONE]")
         if not done and usage.done_reason is None:  # some servers end with no [DONE] after the finish_reason
             raise UpstreamError(f"{self.label} at {self.base_url} ended the reply early (no [DONE])")
 
-    def _chunk_text(self, data: str, usage: Usage) -> str:
-        """The delta text of one chat.completion.chunk; an error object raises UpstreamError."""
+    def _chunk_text(self, data: str, usage: Usage, parts: ToolCallParts) -> str:
+        """The delta text of one chat.completion.chunk (tool-call fragments go to `parts`); an error object
+        raises UpstreamError."""
         try:
             chunk = json.loads(data)
         except ValueError:
@@ -1373,7 +1504,11 @@ class OpenAIProvider(HTTPProvider):
             raise UpstreamError(f"{self.label}: {upstream_error_text(data.encode(), 200)}")
         choices = chunk.get("choices") or [{}]
         _record_openai_usage(usage, chunk, choices[0])
-        return (choices[0].get("delta") or {}).get("content") or ""
+        delta = choices[0].get("delta") or {}
+        if delta.get("tool_calls"):
+            parts.feed(delta["tool_calls"])
+        return delta.get("content") or ""
+
 
 
 def _record_openai_usage(usage: Usage, data: Mapping[str, Any], choice: Mapping[str, Any]) -> None:
@@ -1385,6 +1520,288 @@ def _record_openai_usage(usage: Usage, data: Mapping[str, Any], choice: Mapping[
 
 #: PROVIDER name -> class, built as cls(httpx.AsyncClient, Config). Keys are Config's PROVIDER_NAMES.
 PROVIDERS: dict[str, type] = {"ollama": OllamaProvider, "openai": OpenAIProvider}
+
+
+# ---------------------------------------------------------------------------
+# Tools: what an agent may run (calc, now), and the loop that runs a model's tool calls
+# ---------------------------------------------------------------------------
+# A tool is one function taking its parsed arguments and returning text for the model, plus its entry in TOOLS
+# with a JSON-schema description of those arguments. It may raise ToolError to refuse; nothing else escapes.
+
+
+class ToolError(Exception):
+    """A tool refused its input; the message goes back to the model as the call's result."""
+
+
+#: Longest expression calc reads, in characters; longer ones are refused before parsing.
+CALC_MAX_CHARS = 200
+#: Largest whole number calc computes or returns, in bits (about 308 digits, the size of a float's range).
+CALC_MAX_INT_BITS = 1024
+#: Deepest nesting of operations calc follows.
+CALC_MAX_DEPTH = 40
+#: Digits round() may be asked for, either way.
+CALC_MAX_ROUND_DIGITS = 100
+CALC_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+               ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+CALC_UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos}
+#: name -> (function, fewest arguments, most arguments)
+CALC_FUNCTIONS: dict[str, tuple[Callable[..., Any], int, int]] = {
+    "sqrt": (math.sqrt, 1, 1), "abs": (abs, 1, 1), "round": (round, 1, 2), "floor": (math.floor, 1, 1),
+    "ceil": (math.ceil, 1, 1), "min": (min, 1, 20), "max": (max, 1, 20)}
+CALC_CONSTANTS = {"pi": math.pi, "e": math.e}
+CALC_HELP = "numbers, + - * / // % ** and parentheses, pi, e, " + ", ".join(f"{f}()" for f in CALC_FUNCTIONS)
+
+
+def calc(arguments: dict[str, Any]) -> str:
+    """Exact arithmetic for a model, on an allowlist of syntax: never eval, bounded in size and time.
+
+    Example: calc({"expression": "2 ** 10 / 4"}) -> "256.0"; calc({"expression": "9**9**9"}) raises ToolError
+    """
+    expression = str(arguments["expression"]).strip()
+    if len(expression) > CALC_MAX_CHARS:
+        raise ToolError(f"the expression is longer than {CALC_MAX_CHARS} characters; split the calculation")
+    try:
+        tree = ast.parse(expression, mode="eval")
+        value = _calc_node(tree.body, 0)
+    except ToolError:
+        raise
+    except SyntaxError:
+        raise ToolError(f"not an arithmetic expression; calc understands {CALC_HELP}") from None
+    except ZeroDivisionError:
+        raise ToolError("division by zero") from None
+    except OverflowError:
+        raise ToolError("the result is too large") from None
+    except (ArithmeticError, ValueError, TypeError) as exc:  # overflow, sqrt(-1), a float too big for an int
+        raise ToolError(f"cannot compute that: {exc}") from None
+    except (RecursionError, MemoryError):
+        raise ToolError("the expression is too complex") from None
+    return str(value)
+
+
+def _calc_node(node: ast.AST, depth: int) -> int | float:
+    """The value of one allowed node; any other node is refused, naming what calc understands."""
+    if depth > CALC_MAX_DEPTH:
+        raise ToolError(f"the expression nests deeper than {CALC_MAX_DEPTH} levels")
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return _calc_checked(node.value)
+    if isinstance(node, ast.Name) and node.id in CALC_CONSTANTS:
+        return CALC_CONSTANTS[node.id]
+    if isinstance(node, ast.UnaryOp) and type(node.op) in CALC_UNARY:
+        return _calc_checked(CALC_UNARY[type(node.op)](_calc_node(node.operand, depth + 1)))
+    if isinstance(node, ast.BinOp) and type(node.op) in CALC_BINARY:
+        left, right = _calc_node(node.left, depth + 1), _calc_node(node.right, depth + 1)
+        if isinstance(node.op, ast.Pow):
+            _calc_check_power(left, right)
+        return _calc_checked(CALC_BINARY[type(node.op)](left, right))
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in CALC_FUNCTIONS:
+        function, low, high = CALC_FUNCTIONS[node.func.id]
+        if node.keywords or not low <= len(node.args) <= high:
+            raise ToolError(f"{node.func.id}() takes {low}" + (f" to {high}" if high > low else "") + " numbers")
+        args = [_calc_node(a, depth + 1) for a in node.args]
+        if function is round and len(args) == 2 and (type(args[1]) is not int or abs(args[1]) > CALC_MAX_ROUND_DIGITS):
+            raise ToolError(f"round()'s second number must be a whole number from -{CALC_MAX_ROUND_DIGITS} to "
+                            f"{CALC_MAX_ROUND_DIGITS}")
+        return _calc_checked(function(*args))
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitXor):
+        raise ToolError("^ is not a power here; write 2 ** 10")
+    raise ToolError(f"calc understands only {CALC_HELP}")
+
+
+def _calc_check_power(base: int | float, exponent: int | float) -> None:
+    """Refuse a whole-number power whose result would have more than CALC_MAX_INT_BITS bits, before computing it."""
+    if type(base) is int and type(exponent) is int and exponent > 0 and abs(base) > 1:
+        if (abs(base).bit_length() - 1) * exponent >= CALC_MAX_INT_BITS:
+            raise ToolError(f"the result would be larger than 2**{CALC_MAX_INT_BITS}")
+
+
+def _calc_checked(value: Any) -> int | float:
+    """`value` if it is a finite real number of bounded size; ToolError otherwise."""
+    if type(value) is int:
+        if value.bit_length() > CALC_MAX_INT_BITS:
+            raise ToolError(f"the result would be larger than 2**{CALC_MAX_INT_BITS}")
+        return value
+    if type(value) is float:
+        if not math.isfinite(value):
+            raise ToolError("the result is not a finite number")
+        return value
+    raise ToolError("the result is not a real number")  # e.g. (-8) ** (1/3) is complex
+
+
+def now(arguments: dict[str, Any]) -> str:
+    """The current time in ISO 8601, with the weekday, in an IANA timezone or the Pi's own.
+
+    Example: now({"timezone": "Europe/Berlin"}) -> "2026-11-24T01:29:13+01:00 (Tuesday, Europe/Berlin)"
+    """
+    name = arguments.get("timezone")
+    if name is None:
+        moment = datetime.now().astimezone()
+        name = moment.tzname() or "local time"
+    else:
+        try:
+            moment = datetime.now(zoneinfo.ZoneInfo(name))
+        except (KeyError, ValueError, OSError):  # not an IANA name (ZoneInfoNotFoundError is a KeyError)
+            raise ToolError(f"unknown timezone {name!r}; use an IANA name such as Europe/London, "
+                            f"America/New_York or UTC") from None
+    return f"{moment.isoformat(timespec='seconds')} ({moment.strftime('%A')}, {name})"
+
+
+class Tool(NamedTuple):
+    """A tool's function, the description the model reads, and its arguments' JSON schema."""
+
+    run: Callable[[dict[str, Any]], str]
+    description: str
+    parameters: dict[str, Any]
+    timeout_s: float = 2.0  # the call is answered with an error after this long
+
+
+#: Every tool piagent has, by name; an agent runs only those in its AGENT_<NAME>_TOOLS.
+TOOLS: dict[str, Tool] = {
+    "calc": Tool(calc, "Compute an arithmetic expression exactly. Use it for any calculation.", {
+        "type": "object", "additionalProperties": False, "required": ["expression"],
+        "properties": {"expression": {"type": "string", "maxLength": CALC_MAX_CHARS,
+                                      "description": f"e.g. (17.5 * 3) / 2 or sqrt(2); allowed: {CALC_HELP}"}}}),
+    "now": Tool(now, "Get the current date, time and weekday.", {
+        "type": "object", "additionalProperties": False, "properties": {"timezone": {
+            "type": "string", "maxLength": 64,
+            "description": "IANA timezone such as Europe/London; leave out for the local time"}}}),
+}
+#: Calls run per model reply; more in one reply are answered with an error.
+MAX_TOOL_CALLS_PER_ROUND = 8
+#: A tool's result is cut to this many characters before the model reads it.
+MAX_TOOL_RESULT_CHARS = 2000
+JSON_TYPES: dict[str, type | tuple[type, ...]] = {"string": str, "number": (int, float), "integer": int,
+                                                   "boolean": bool, "object": dict, "array": list}
+
+
+def check_tools(config: Config) -> None:
+    """Raise ConfigError if an agent's AGENT_<NAME>_TOOLS names a tool that is not in TOOLS."""
+    for agent in config.agents:
+        unknown = [name for name in agent.tools if name not in TOOLS]
+        if unknown:
+            raise ConfigError(f"AGENT_{agent.name.upper()}_TOOLS={','.join(agent.tools)!r} is not valid: no tool "
+                              f"named {unknown[0]!r}; piagent has: {', '.join(TOOLS)}")
+
+
+def tool_specs(names: tuple[str, ...]) -> tuple[dict[str, Any], ...]:
+    """The function specs the model is offered, in the shape both Ollama and OpenAI take."""
+    return tuple({"type": "function", "function": {"name": name, "description": TOOLS[name].description,
+                                                   "parameters": TOOLS[name].parameters}} for name in names)
+
+
+def argument_problem(schema: dict[str, Any], arguments: Any) -> str | None:
+    """What is wrong with `arguments` for a flat object schema (required, types, maxLength, no extras); None if fine.
+
+    Example: argument_problem(TOOLS["calc"].parameters, {"expr": "1"}) -> "missing 'expression'"
+    """
+    if not isinstance(arguments, dict):
+        return "arguments must be a JSON object"
+    properties = schema.get("properties", {})
+    for name in schema.get("required", []):
+        if name not in arguments:
+            return f"missing {name!r}"
+    for name, value in arguments.items():
+        rule = properties.get(name)
+        if rule is None:
+            return f"unexpected {name!r}; expected only: {', '.join(properties) or 'no arguments'}"
+        if not isinstance(value, JSON_TYPES[rule["type"]]) or (rule["type"] != "boolean" and type(value) is bool):
+            return f"{name!r} must be a {rule['type']}"
+        if isinstance(value, str) and len(value) > rule.get("maxLength", len(value)):
+            return f"{name!r} is longer than {rule['maxLength']} characters"
+    return None
+
+
+class ToolEvent(NamedTuple):
+    """One call that was run (or refused): what the model asked, and the result or the error it is told."""
+
+    call: ToolCall
+    result: str | None
+    error: str | None
+
+    def as_message(self) -> Message:
+        """The result as the `tool` message the model reads next."""
+        return {"role": "tool", "tool_call_id": self.call.id,
+                "content": self.result if self.error is None else f"error: {self.error}"}
+
+    def arguments(self) -> Any:
+        """The arguments as JSON (or the text the model sent, when it is not JSON), for clients and logs."""
+        try:
+            return json.loads(self.call.arguments or "{}")
+        except ValueError:
+            return self.call.arguments
+
+
+async def run_tool(call: ToolCall, allowed: tuple[str, ...]) -> ToolEvent:
+    """Run one call if `allowed` has it and its arguments fit the schema, within the tool's time limit.
+
+    Every failure becomes the event's error, for the model to read; nothing is raised.
+    """
+    tool = TOOLS.get(call.name) if call.name in allowed else None
+    if tool is None:
+        return ToolEvent(call, None, f"there is no tool {call.name!r}; the tools are: {', '.join(allowed)}")
+    try:
+        arguments = json.loads(call.arguments or "{}")
+    except ValueError:
+        return ToolEvent(call, None, f"the arguments for {call.name} are not valid JSON")
+    problem = argument_problem(tool.parameters, arguments)
+    if problem is not None:
+        return ToolEvent(call, None, f"bad arguments for {call.name}: {problem}")
+    try:  # in a thread, so a slow tool never stalls the streams of others
+        result = await asyncio.wait_for(asyncio.to_thread(tool.run, arguments), tool.timeout_s)
+    except ToolError as exc:
+        return ToolEvent(call, None, str(exc))
+    except asyncio.TimeoutError:
+        return ToolEvent(call, None, f"{call.name} took longer than {tool.timeout_s:g} s")
+    except Exception:
+        log.exception("tool %s failed", call.name)
+        return ToolEvent(call, None, f"{call.name} failed")
+    return ToolEvent(call, result[:MAX_TOOL_RESULT_CHARS], None)
+
+
+async def tool_loop(provider: Provider, agent: Agent, prompt: Prompt, sampling: Sampling, usage: Usage,
+                    max_rounds: int, stream: bool) -> AsyncIterator[str | ToolEvent]:
+    """The reply of an agent with tools: text pieces as they come, and a ToolEvent for each call run.
+
+    The model is offered the agent's tools; while it answers with calls (at most `max_rounds` times) they are
+    run and their results appended for the next request; then it is asked once more without tools, so a reply
+    always ends in text. `usage` ends with the last request's reason and the token counts of all of them.
+    """
+    specs, counts = tool_specs(agent.tools), [0, 0, False]
+    for round_number in range(max_rounds + 1):
+        offer = specs if round_number < max_rounds else ()
+        said: list[str] = []
+        usage.tool_calls = []
+        ask = prompt._replace(tools=offer)
+        if stream:
+            async for piece in provider.stream(agent, ask, sampling, usage):
+                said.append(piece)
+                yield piece
+        else:
+            said.append(await provider.complete(agent, ask, sampling, usage))
+            if said[0]:
+                yield said[0]
+        _count_tokens(usage, counts)
+        if not usage.tool_calls or not offer:
+            break
+        events = []
+        for call in usage.tool_calls[:MAX_TOOL_CALLS_PER_ROUND]:
+            events.append(await run_tool(call, agent.tools))
+            yield events[-1]
+        for call in usage.tool_calls[MAX_TOOL_CALLS_PER_ROUND:]:
+            events.append(ToolEvent(call, None, f"more than {MAX_TOOL_CALLS_PER_ROUND} calls at once; not run"))
+            yield events[-1]
+        turn = {"role": "assistant", "content": "".join(said) or None,
+                "tool_calls": [e.call.as_message_part() for e in events]}
+        prompt = prompt._replace(tail=(*prompt.tail, turn, *(e.as_message() for e in events)))
+    if counts[2]:
+        usage.prompt_tokens, usage.completion_tokens = counts[0], counts[1]
+
+
+def _count_tokens(usage: Usage, counts: list[Any]) -> None:
+    """Add one request's token counts to `counts` ([prompt, completion, any reported])."""
+    if usage.prompt_tokens is not None or usage.completion_tokens is not None:
+        counts[0] += usage.prompt_tokens or 0
+        counts[1] += usage.completion_tokens or 0
+        counts[2] = True
 
 
 # ---------------------------------------------------------------------------
@@ -1700,8 +2117,6 @@ STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                       422: "invalid_request_error", 429: "rate_limit_error"}
 
-log = logging.getLogger("piagent")
-
 
 class ChatRequest(BaseModel):
     """POST /chat body."""
@@ -1712,13 +2127,23 @@ class ChatRequest(BaseModel):
     conversation_id: str | None = Field(None, pattern=CONVERSATION_ID_PATTERN)
 
 
+class ToolOut(BaseModel):
+    """A tool call the agent made while answering: its arguments and result (or the error the model was told)."""
+
+    name: str
+    arguments: Any
+    result: str | None = None
+    error: str | None = None
+
+
 class ChatResponse(BaseModel):
-    """POST /chat reply when not streaming."""
+    """POST /chat reply when not streaming (`tools` only when the agent used any)."""
 
     reply: str
     conversation_id: str
     model: str | None = None
     provider: str | None = None
+    tools: list[ToolOut] | None = None
 
 
 class TextPart(BaseModel):
@@ -1728,16 +2153,55 @@ class TextPart(BaseModel):
     text: str
 
 
+class CalledFunction(BaseModel):
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str = Field("{}", max_length=65_536)  # JSON text, as OpenAI sends it
+
+
+class ClientToolCall(BaseModel):
+    """A tool call in an assistant message a client sends back (its own tools' calls)."""
+
+    id: str = Field(min_length=1, max_length=128)
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class OpenAIMessage(BaseModel):
     """One message of an OpenAI chat request."""
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[ClientToolCall] | None = Field(None, max_length=64)
+    tool_call_id: str | None = Field(None, max_length=128)
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
+
+    def as_message(self) -> Message:
+        """This message as piagent passes it upstream (OpenAI's shape; see Message)."""
+        if self.tool_calls:
+            return {"role": "assistant", "content": self.text() or None,
+                    "tool_calls": [call.model_dump() for call in self.tool_calls]}
+        if self.role == "tool":
+            return {"role": "tool", "tool_call_id": self.tool_call_id or "", "content": self.text()}
+        return {"role": self.role, "content": self.text()}
+
+
+class FunctionSpec(BaseModel):
+    """A client tool's function: passed to the model as sent (fields piagent does not know included)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = Field(None, max_length=4000)
+    parameters: dict[str, Any] | None = None
+
+
+class ClientTool(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function"]
+    function: FunctionSpec
 
 
 class StreamOptions(BaseModel):
@@ -1754,6 +2218,8 @@ class OpenAIChatRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
+    tools: list[ClientTool] | None = Field(None, max_length=64,
+                                           description="the client's own tools: their calls come back to the client")
 
 
 class ErrorDetail(BaseModel):
@@ -1886,10 +2352,48 @@ class Exchange:
     slot: Slot
     fields: dict[str, Any]  # the request's log fields
     usage: Usage = field(default_factory=Usage)
+    events: list[ToolEvent] = field(default_factory=list)  # the agent's tool calls, as they ran
 
     @property
     def provider(self) -> Provider:
         return self.request.app.state.provider
+
+    @property
+    def runs_tools(self) -> bool:
+        """Whether piagent runs the agent's tools for this reply (not when the client brought its own)."""
+        return bool(self.agent.tools) and not self.prompt.tools
+
+    def pieces(self) -> AsyncIterator[str | ToolEvent]:
+        """The streamed reply: text pieces, and the agent's tool calls as they run."""
+        if not self.runs_tools:
+            return self.provider.stream(self.agent, self.prompt, self.sampling, self.usage)
+        rounds = self.request.app.state.config.max_tool_rounds
+        return tool_loop(self.provider, self.agent, self.prompt, self.sampling, self.usage, rounds, stream=True)
+
+    async def complete(self) -> str:
+        """The whole reply, after any tool calls (which land in `events`)."""
+        if not self.runs_tools:
+            return await self.provider.complete(self.agent, self.prompt, self.sampling, self.usage)
+        rounds, said = self.request.app.state.config.max_tool_rounds, []
+        async for item in tool_loop(self.provider, self.agent, self.prompt, self.sampling, self.usage, rounds,
+                                    stream=False):
+            self.note(item, said)
+        return "".join(said)
+
+    def note(self, item: str | ToolEvent | None, said: list[str]) -> bool:
+        """Add a text piece to `said` or a tool call to `events`; True if it was text."""
+        if isinstance(item, str):
+            if item:
+                said.append(item)
+            return True
+        if item is not None:
+            self.events.append(item)
+            self.fields["tool_calls"] = len(self.events)
+        return False
+
+    def client_tool_calls(self) -> list[dict[str, Any]]:
+        """The model's calls of the client's own tools, for the client to run (OpenAI's shape)."""
+        return [call.as_message_part() for call in self.usage.tool_calls] if self.prompt.tools else []
 
     def elapsed_ms(self) -> int:
         return round((time.perf_counter() - self.fields["start"]) * 1000)
@@ -1932,6 +2436,10 @@ class PlainText:
         """What to send while waiting in the queue at `position`; None: this format waits silently."""
         return None
 
+    def tool(self, event: ToolEvent) -> str | None:
+        """What to send when the agent ran a tool; None: this format shows only the answer."""
+        return None
+
 
 class ChatEvents(PlainText):
     """SSE on /chat: `token` events, then `done` with counts and timings, or `error` with the error shape."""
@@ -1959,6 +2467,9 @@ class ChatEvents(PlainText):
     def queued(self, position: int) -> str | None:
         return sse_event({"position": position}, "queued")
 
+    def tool(self, event: ToolEvent) -> str | None:
+        return sse_event(tool_out(event), "tool")
+
 
 class OpenAIChunks(PlainText):
     """OpenAI's chat.completion.chunk stream: role first, finish_reason last, optional usage, [DONE]."""
@@ -1978,14 +2489,33 @@ class OpenAIChunks(PlainText):
         return self._chunk([{"index": 0, "delta": delta, "finish_reason": None}])
 
     def end(self, x: Exchange) -> str:
-        delta = {} if x.fields.get("tokens") else {"role": "assistant", "content": ""}
-        out = self._chunk([{"index": 0, "delta": delta, "finish_reason": x.usage.done_reason or "stop"}])
+        calls, out = x.client_tool_calls(), ""
+        if calls:  # each call whole, in one fragment: valid for every OpenAI client
+            delta = {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}
+            head = {} if x.fields.get("tokens") else {"role": "assistant", "content": None}
+            out = self._chunk([{"index": 0, "delta": {**head, **delta}, "finish_reason": None}])
+        delta = {} if x.fields.get("tokens") or calls else {"role": "assistant", "content": ""}
+        out += self._chunk([{"index": 0, "delta": delta, "finish_reason": finish_reason(x)}])
         if self.include_usage:
             out += self._chunk([], usage=openai_usage(x))
         return out + sse_event("[DONE]")
 
     def failure(self, exc: PiagentError) -> str | None:
         return sse_event(_openai_error_body(exc.status, exc.code, exc.message))  # and no [DONE]
+
+
+def finish_reason(x: Exchange) -> str:
+    """OpenAI's finish_reason: "tool_calls" when the client's tools were called, else the upstream's reason."""
+    if x.client_tool_calls():
+        return "tool_calls"
+    reason = x.usage.done_reason or "stop"
+    return "stop" if reason == "tool_calls" else reason  # a call of piagent's own tools was answered already
+
+
+def tool_out(event: ToolEvent) -> dict[str, Any]:
+    """A tool call as clients see it (SSE `tool` event, `tools` in a JSON reply)."""
+    out = {"name": event.call.name, "arguments": event.arguments()}
+    return {**out, "result": event.result} if event.error is None else {**out, "error": event.error}
 
 
 def openai_usage(x: Exchange) -> dict[str, int] | None:
@@ -2083,12 +2613,13 @@ async def relay(first: asyncio.Future, rest: AsyncIterator[str], x: Exchange, fm
                 yield ": ping\n\n"
         if "first_token_at" not in x.fields:
             x.mark("first_token")
-        if first.result():
-            sent.append(first.result())
-            yield fmt.piece(sent[0], 0)
-        async for piece in rest:
-            sent.append(piece)
-            yield fmt.piece(piece, len(sent) - 1)
+        out = _render(first.result(), sent, x, fmt)
+        if out:
+            yield out
+        async for item in rest:
+            out = _render(item, sent, x, fmt)
+            if out:
+                yield out
         x.fields["tokens"] = len(sent)
         x.fields["prompt_tokens"] = x.usage.prompt_tokens
         await x.finish("".join(sent))  # stored before the client is told it is done; a failure is reported
@@ -2110,6 +2641,13 @@ async def relay(first: asyncio.Future, rest: AsyncIterator[str], x: Exchange, fm
         await x.finish(None if failed else "".join(sent))  # a client that left keeps what it received
 
 
+def _render(item: str | ToolEvent | None, sent: list[str], x: Exchange, fmt: PlainText) -> str | None:
+    """One item of the reply in the stream's format (None: nothing to send); text is kept in `sent`."""
+    if x.note(item, sent):
+        return fmt.piece(item, len(sent) - 1) if item else None
+    return fmt.tool(item) if item is not None else None
+
+
 async def stream_reply(x: Exchange, fmt: PlainText) -> TokenStream:
     """Start a streamed reply. A failure that comes before the first piece (or before the first ping is
     due) is still raised here, so it becomes a proper HTTP error rather than a 200 that breaks.
@@ -2124,7 +2662,7 @@ async def stream_reply(x: Exchange, fmt: PlainText) -> TokenStream:
     except BaseException:
         await x.finish(None)
         raise
-    pieces = x.provider.stream(x.agent, x.prompt, x.sampling, x.usage)
+    pieces = x.pieces()
     first = asyncio.ensure_future(anext(pieces, None))
     try:
         await until_disconnect(x.request, asyncio.wait({first}, timeout=fmt.ping_s))
@@ -2173,7 +2711,7 @@ async def queued_stream(x: Exchange, fmt: PlainText) -> AsyncIterator[str]:
         await x.finish(None)
         raise
     x.mark("generating")
-    pieces = x.provider.stream(x.agent, x.prompt, x.sampling, x.usage)
+    pieces = x.pieces()
     async for out in relay(asyncio.ensure_future(anext(pieces, None)), pieces, x, fmt):
         yield out
 
@@ -2182,7 +2720,7 @@ async def complete_reply(x: Exchange) -> str:
     """The whole reply; the upstream call is cancelled if the client leaves while waiting."""
     try:
         await x.wait_for_slot()
-        reply = await until_disconnect(x.request, x.provider.complete(x.agent, x.prompt, x.sampling, x.usage))
+        reply = await until_disconnect(x.request, x.complete())
     except BaseException:
         await x.finish(None)
         raise
@@ -2418,7 +2956,7 @@ async def readiness(state: Any, config: Config) -> tuple[bool, dict[str, Any]]:
 #: The fields of a request record, in the order a text line shows them (after method, path, status, duration).
 LOG_RECORD_FIELDS = ("request_id", "client", "key", "agent", "model", "provider", "conversation_id",
                      "queue_wait_ms", "ttft_ms", "tokens", "tokens_per_s", "prompt_tokens", "history_truncated",
-                     "error", "prompt")
+                     "tool_calls", "error", "prompt")
 
 
 class RequestLog:
@@ -2494,7 +3032,9 @@ def create_app(config: Config, transport: httpx.AsyncBaseTransport | None = None
     """Build a piagent app for `config`. Its lifespan owns the upstream client, the memory store and the gate.
 
     `transport` replaces httpx's network transport (tests); `clock` drives memory TTLs and rate limits (tests).
+    Raises ConfigError if an agent names a tool piagent does not have.
     """
+    check_tools(config)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -2554,19 +3094,26 @@ def _check_length(config: Config, text: str) -> None:
                              f"this one has {len(text)}")
 
 
-async def _exchange(request: Request, agent: Agent, conversation_id: str | None, system_history: list[Message],
-                    history: list[Message] | None, message: str, sampling: Sampling) -> Exchange:
-    """Lock the conversation (if any), read its history, take a place at the gate, and gather the rest.
+class Ask(NamedTuple):
+    """What a request asks, before memory and the context budget are applied."""
 
-    `history` given: the client's own history, server memory unused. None: server memory by conversation_id.
-    """
+    system: list[Message]  # the client's own system messages (OpenAI front door)
+    history: list[Message] | None  # the client's own history; None: piagent's memory, by conversation_id
+    message: str  # the new user message
+    tail: tuple[Message, ...] = ()  # the client's tool calls and their results after that message
+    tools: tuple[dict[str, Any], ...] = ()  # the client's own tools (their calls go back to the client)
+
+
+async def _exchange(request: Request, agent: Agent, conversation_id: str | None, ask: Ask,
+                    sampling: Sampling) -> Exchange:
+    """Lock the conversation (if any), read its history, take a place at the gate, and gather the rest."""
     state, config = request.app.state, request.app.state.config
     fields = request.scope[LOG_FIELDS_KEY]
     fields.update(agent=agent.name, model=agent.model, provider=state.provider.name, conversation_id=conversation_id)
     if config.log_prompts:
-        fields["prompt"] = message
-    store = state.store if conversation_id and history is None else None
-    turn = PendingTurn(store, state.locks, conversation_id or "", agent.name, message)
+        fields["prompt"] = ask.message
+    store = state.store if conversation_id and ask.history is None else None
+    turn = PendingTurn(store, state.locks, conversation_id or "", agent.name, ask.message)
     kept = turns_as_messages(stable_window(await until_disconnect(request, turn.begin()), config.memory_max_turns))
     try:
         slot = Slot(state.gate)
@@ -2574,7 +3121,7 @@ async def _exchange(request: Request, agent: Agent, conversation_id: str | None,
         await turn.finish(None)
         raise
     try:
-        prompt = budgeted_prompt(config, agent, system_history, kept if history is None else history, message,
+        prompt = budgeted_prompt(config, agent, ask._replace(history=kept if ask.history is None else ask.history),
                                  sampling, fields)
     except PiagentError:
         slot.release()
@@ -2583,14 +3130,19 @@ async def _exchange(request: Request, agent: Agent, conversation_id: str | None,
     return Exchange(request, agent, prompt, sampling, turn, slot, fields, Usage(model=agent.model))
 
 
-def budgeted_prompt(config: Config, agent: Agent, system_history: list[Message], history: list[Message],
-                    message: str, sampling: Sampling, fields: dict[str, Any]) -> Prompt:
-    """The prompt with as much history as fits CTX_TOKENS after the reply's tokens; notes what was dropped."""
-    fixed = [{"role": "system", "content": agent.system}, *system_history, {"role": "user", "content": message}]
-    kept, dropped = fit_history(history, fixed, config.ctx_tokens - sampling.max_tokens)
+def budgeted_prompt(config: Config, agent: Agent, ask: Ask, sampling: Sampling, fields: dict[str, Any]) -> Prompt:
+    """The prompt with as much history as fits CTX_TOKENS after the reply's tokens; notes what was dropped.
+
+    Tool descriptions count too (the model's template puts them in the prompt); the results of the agent's own
+    tool calls are small and bounded (MAX_TOOL_RESULT_CHARS), and are not counted ahead.
+    """
+    tools = ask.tools or tool_specs(agent.tools)
+    fixed = [{"role": "system", "content": agent.system + (json.dumps(tools) if tools else "")}, *ask.system,
+             {"role": "user", "content": ask.message}, *ask.tail]
+    kept, dropped = fit_history(ask.history or [], fixed, config.ctx_tokens - sampling.max_tokens)
     if dropped:
         fields["history_truncated"] = dropped
-    return Prompt(agent.system, system_history + kept, message)
+    return Prompt(agent.system, ask.system + kept, ask.message, ask.tail, ask.tools)
 
 
 def add_routes(app: FastAPI, config: Config) -> None:
@@ -2623,25 +3175,34 @@ def add_routes(app: FastAPI, config: Config) -> None:
         agent = _find_agent(config, body.agent)
         _check_length(config, body.message)
         conversation_id = body.conversation_id or uuid.uuid4().hex
-        x = await _exchange(request, agent, conversation_id, [], None, body.message, defaults)
+        x = await _exchange(request, agent, conversation_id, Ask([], None, body.message), defaults)
         if body.stream:
             wants_events = "text/event-stream" in request.headers.get("accept", "")
             return await stream_reply(x, ChatEvents(config.sse_ping_s) if wants_events else PlainText())
         reply = await complete_reply(x)
-        return JSONResponse(
-            ChatResponse(reply=reply, conversation_id=conversation_id, model=x.usage.model or agent.model,
-                         provider=x.provider.name).model_dump(),
-            headers=reply_headers(x),
-        )
+        result = ChatResponse(reply=reply, conversation_id=conversation_id, model=x.usage.model or agent.model,
+                              provider=x.provider.name).model_dump(exclude={"tools"})
+        if x.events:
+            result["tools"] = [tool_out(event) for event in x.events]
+        return JSONResponse(result, headers=reply_headers(x))
 
 
-def _split_openai_messages(messages: list[OpenAIMessage]) -> tuple[list[Message], list[Message], str]:
-    """(client system messages, conversation history, the last user message) from an OpenAI request."""
-    if messages[-1].role != "user" or not messages[-1].text().strip():
-        raise InvalidRequest("the last message must be a non-empty user message")
-    system = [{"role": "system", "content": m.text()} for m in messages[:-1] if m.role in ("system", "developer")]
-    history = [{"role": m.role, "content": m.text()} for m in messages[:-1] if m.role in ("user", "assistant")]
-    return system, history, messages[-1].text()
+def _split_openai_messages(body: OpenAIChatRequest) -> Ask:
+    """An OpenAI request as an Ask: system messages, the history, the last user message, and what follows it
+    (the client's tool calls and their results, when it runs its own tools)."""
+    messages = body.messages
+    last = max((i for i, m in enumerate(messages) if m.role == "user"), default=-1)
+    tail = messages[last + 1:]
+    if last < 0 or not messages[last].text().strip():
+        raise InvalidRequest("the messages must include a non-empty user message")
+    if tail and (tail[-1].role != "tool" or any(m.role not in ("assistant", "tool") for m in tail)):
+        raise InvalidRequest("the last message must be a user message, or the results (role tool) of the "
+                             "assistant's tool calls after it")
+    before = messages[:last]
+    system = [{"role": "system", "content": m.text()} for m in before if m.role in ("system", "developer")]
+    history = [m.as_message() for m in before if m.role not in ("system", "developer")]
+    tools = tuple(tool.model_dump(exclude_unset=True) for tool in body.tools or ())
+    return Ask(system, history, messages[last].text(), tuple(m.as_message() for m in tail), tools)
 
 
 def add_openai_routes(app: FastAPI, config: Config) -> None:
@@ -2661,21 +3222,29 @@ def add_openai_routes(app: FastAPI, config: Config) -> None:
         if max_tokens >= config.ctx_tokens:
             raise InvalidRequest(f"max_tokens={max_tokens} must be below the context size {config.ctx_tokens}")
         sampling = Sampling(max_tokens, config.temperature if body.temperature is None else body.temperature)
-        system, history, message = _split_openai_messages(body.messages)
-        for m in [*system, *history, {"content": message}]:
-            _check_length(config, m["content"])
+        ask = _split_openai_messages(body)
+        for m in [*ask.system, *ask.history, {"content": ask.message}, *ask.tail]:
+            _check_length(config, m.get("content") or "")
         conversation_id = request.headers.get("x-conversation-id")
         if conversation_id is not None and not re.fullmatch(CONVERSATION_ID_PATTERN, conversation_id):
             raise InvalidRequest(f"X-Conversation-Id must match {CONVERSATION_ID_PATTERN}")
-        x = await _exchange(request, agent, conversation_id, system, None if conversation_id else history,
-                            message, sampling)
+        if conversation_id is not None and (ask.tools or ask.tail):
+            raise InvalidRequest("X-Conversation-Id cannot be used with the client's own tools; send the whole "
+                                 "history in messages instead")
+        if ask.tools and config.provider == "ollama" and config.ollama_api == "generate":
+            raise InvalidRequest("tools need OLLAMA_API=chat on this piagent")
+        x = await _exchange(request, agent, conversation_id, ask._replace(history=None) if conversation_id else ask,
+                            sampling)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return await stream_reply(x, OpenAIChunks(config.sse_ping_s, agent.name, include_usage))
         reply = await complete_reply(x)
+        message: dict[str, Any] = {"role": "assistant", "content": reply}
+        if x.client_tool_calls():
+            message.update(content=reply or None, tool_calls=x.client_tool_calls())
         result = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                  "model": agent.name, "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
-                                                    "finish_reason": x.usage.done_reason or "stop"}]}
+                  "model": agent.name, "choices": [{"index": 0, "message": message,
+                                                    "finish_reason": finish_reason(x)}]}
         if openai_usage(x):
             result["usage"] = openai_usage(x)
         return JSONResponse(result, headers=reply_headers(x))
@@ -2841,6 +3410,7 @@ function handle(raw, out) {
   const d = JSON.parse(data.join("\\n"));
   if (event === "token") { status(""); out.textContent += d.text; out.scrollIntoView({block: "end"}); }
   else if (event === "queued") status("Waiting for the model: position " + d.position + " in line");
+  else if (event === "tool") status("Used " + d.name + ": " + (d.error ? "error: " + d.error : d.result));
   else if (event === "done") saved("cid", d.conversation_id);
   else if (event === "error") fail(out, explain(d));
 }
@@ -2949,6 +3519,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     try:
         env_file = args.env_file or default_env_file(environ)
         config = load_config({**environ, **overrides}, env_file)
+        check_tools(config)
     except ConfigError as exc:
         if args.check:
             print(f"✗ settings: {exc}")
@@ -3000,7 +3571,8 @@ def masked_settings(config: Config) -> list[tuple[str, str]]:
         value = getattr(config, f.name)
         if f.name == "agents":
             shown.append(("AGENTS", ",".join(a.name for a in value)))
-            shown += [(f"  agent {a.name}", f"model {a.model}, system prompt {a.system[:60]!r}") for a in value]
+            shown += [(f"  agent {a.name}", f"model {a.model}, tools {','.join(a.tools) or '(none)'}, "
+                                            f"system prompt {a.system[:60]!r}") for a in value]
             continue
         if f.name == "api_keys":
             value = ", ".join(f"key {key_id(k)}" for k in value) or "(none: no auth)"
