@@ -45,6 +45,13 @@ class Script:
     split_writes: bool = False  # write every line or event in two TCP writes, split mid-line
     echo: bool = False  # reply "echo: <the last user message>" instead of `tokens`
     sized: bool = False  # reply with as many tokens as the request asks (options.num_predict or max_tokens)
+    # Tool calling: while a request offers `tools`, answer with round k's calls, where k is how many assistant
+    # tool-call messages follow the last user message (rounds already done); each call is (name, arguments):
+    # a dict (Ollama sends an object, /v1 its JSON text) or a str sent as the raw arguments text.
+    tool_rounds: list[list[tuple[str, dict | str]]] = field(default_factory=list)
+    calls_together: bool = True  # native: all of a round's calls in one chunk (False: a chunk per call)
+    fragment_chars: int = 5  # /v1 streams arguments text in pieces of this many characters
+    echo_tools: bool = False  # once the calls are done, reply "results: <each tool message's content> | ..."
 
 
 @dataclass
@@ -61,8 +68,10 @@ class Received:
 class FakeOllama:
     """A protocol-faithful stand-in for Ollama, run on its own thread and event loop."""
 
-    def __init__(self, models: list[str] | None = None, version: str = "0.12.6", api_key: str | None = None):
+    def __init__(self, models: list[str] | None = None, version: str = "0.12.6", api_key: str | None = None,
+                 no_tools: list[str] = ()):
         self.models = list(models or ["qwen2.5:3b-instruct"])
+        self.no_tools = set(no_tools)  # models without the tools capability: a request with tools gets a 400
         self.api_key = api_key  # /v1 only: demand "Authorization: Bearer <key>" like a hosted server
         self.version = version
         self.script = Script()
@@ -186,7 +195,18 @@ class FakeOllama:
             done.update({"message": {"role": "assistant", "content": ""}} if req.path == "/api/chat" else {"response": ""})
             writer.write(_json(200, done))
             return True
-        if script.echo:
+        if body.get("tools") and model in self.no_tools:
+            writer.write(wire.error(400, f"registry.ollama.ai/library/{model} does not support tools"))
+            return True
+        done_rounds = _tool_rounds_done(body)
+        if body.get("tools") and done_rounds < len(script.tool_rounds):
+            wire.calls = script.tool_rounds[done_rounds]
+            script = wire.script = Script(tokens=[], token_delay_s=script.token_delay_s,
+                                          calls_together=script.calls_together, fragment_chars=script.fragment_chars)
+        elif script.echo_tools:
+            results = [m.get("content", "") for m in _after_last_user(body) if m.get("role") == "tool"]
+            script = wire.script = Script(tokens=["results: ", " | ".join(results)])
+        elif script.echo:
             last = (body.get("messages") or [{"content": body.get("prompt", "")}])[-1]["content"]
             script = wire.script = Script(tokens=["echo: ", last])
         elif script.sized:
@@ -249,6 +269,12 @@ class FakeOllama:
                 head = b""
                 await writer.drain()
             self.tokens_sent += 1
+        for part in wire.tool_parts():
+            if await self._pause(script.token_delay_s, gone):
+                return False
+            writer.write(head + wire.chunk(part))
+            head = b""
+            await writer.drain()
         if self._note_hangup(gone):
             return False
         writer.write(head + wire.chunk(wire.final()) + b"0\r\n\r\n")
@@ -283,6 +309,17 @@ class NDJSONWire:
     def __init__(self, req: Received, script: Script):
         self.model, self.chat, self.body, self.script = req.body.get("model"), req.path == "/api/chat", req.body, script
         self.started = time.monotonic()
+        self.calls: list[tuple[str, dict | str]] = []  # tool calls to answer with
+
+    def _call(self, i: int, name: str, arguments: dict | str) -> dict:
+        # Ollama's ToolCall: an id (0.12+), the function with its index, and the arguments as an object
+        return {"id": f"call_{i:08d}", "function": {"index": i, "name": name, "arguments": arguments}}
+
+    def tool_parts(self) -> list[bytes]:
+        calls = [self._call(i, *c) for i, c in enumerate(self.calls)]
+        groups = [calls] if self.script.calls_together else [[c] for c in calls]
+        return [_line({"model": self.model, "created_at": _now(), "done": False,
+                       "message": {"role": "assistant", "content": "", "tool_calls": g}}) for g in groups if g]
 
     def error(self, status: int, message: str, code: str | None = None, retry_after: str | None = None) -> bytes:
         return _json(status, {"error": message}, retry_after)
@@ -303,7 +340,10 @@ class NDJSONWire:
 
     def whole(self) -> bytes:
         text = "".join(self.script.tokens)
-        return _json(200, _final(self.model, text, self.chat, self.body, self.script.tokens, self.started))
+        final = _final(self.model, text, self.chat, self.body, self.script.tokens, self.started)
+        if self.calls:
+            final["message"]["tool_calls"] = [self._call(i, *c) for i, c in enumerate(self.calls)]
+        return _json(200, final)
 
 
 class OpenAIWire(NDJSONWire):
@@ -335,13 +375,32 @@ class OpenAIWire(NDJSONWire):
     def mid_stream_error(self) -> bytes:
         return b'data: {"error":{"message":"an error was encountered while running the model","type":"api_error"}}\n\n'
 
+    def _call(self, i: int, name: str, arguments: dict | str) -> dict:
+        text = arguments if isinstance(arguments, str) else json.dumps(arguments)
+        return {"id": f"call_{i:08d}", "type": "function", "function": {"name": name, "arguments": text}}
+
+    def tool_parts(self) -> list[bytes]:
+        """OpenAI's streamed tool calls: per call, a head fragment (id, name, empty arguments), then the
+        arguments text in pieces, each fragment naming its call by index."""
+        events = []
+        for i, (name, arguments) in enumerate(self.calls):
+            call = self._call(i, name, arguments)
+            text, n = call["function"]["arguments"], self.script.fragment_chars
+            head = {"index": i, **call, "function": {"name": name, "arguments": ""}}
+            delta = {"role": "assistant", "content": None, "tool_calls": [head]} if i == 0 else {"tool_calls": [head]}
+            events.append(self._event([{"index": 0, "delta": delta, "finish_reason": None}]))
+            for start in range(0, len(text), n):
+                piece = {"index": i, "function": {"arguments": text[start:start + n]}}
+                events.append(self._event([{"index": 0, "delta": {"tool_calls": [piece]}, "finish_reason": None}]))
+        return events
+
     def _usage(self) -> dict:
         prompt = max(1, len(json.dumps(self.body.get("messages"))) // 4)
         return {"prompt_tokens": prompt, "completion_tokens": len(self.script.tokens),
                 "total_tokens": prompt + len(self.script.tokens)}
 
     def final(self) -> bytes:
-        out = self._event([{"index": 0, "delta": {}, "finish_reason": "stop"}])
+        out = self._event([{"index": 0, "delta": {}, "finish_reason": "tool_calls" if self.calls else "stop"}])
         if (self.body.get("stream_options") or {}).get("include_usage"):
             out += self._event([], usage=self._usage())
         return out + b"data: [DONE]\n\n"
@@ -349,9 +408,15 @@ class OpenAIWire(NDJSONWire):
     def whole(self) -> bytes:
         return _json(200, {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
                            "system_fingerprint": "fp_ollama",
-                           "choices": [{"index": 0, "message": {"role": "assistant",
-                                                                "content": "".join(self.script.tokens)},
-                                        "finish_reason": "stop"}], "usage": self._usage()})
+                           "choices": [{"index": 0, "message": self._message(),
+                                        "finish_reason": "tool_calls" if self.calls else "stop"}],
+                           "usage": self._usage()})
+
+    def _message(self) -> dict:
+        if not self.calls:
+            return {"role": "assistant", "content": "".join(self.script.tokens)}
+        return {"role": "assistant", "content": None,
+                "tool_calls": [self._call(i, *c) for i, c in enumerate(self.calls)]}
 
 
 # -- wire helpers -------------------------------------------------------------
@@ -362,6 +427,17 @@ def _is_load(req: Received) -> bool:
     if req.path == "/api/generate":
         return not body.get("prompt") and not body.get("suffix")
     return req.path == "/api/chat" and not body.get("messages")
+
+
+def _after_last_user(body: dict) -> list[dict]:
+    messages = body.get("messages") or []
+    last = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
+    return messages[last + 1:]
+
+
+def _tool_rounds_done(body: dict) -> int:
+    """How many tool-call rounds this request already carries (assistant tool-call messages after the user's)."""
+    return sum(1 for m in _after_last_user(body) if m.get("role") == "assistant" and m.get("tool_calls"))
 
 
 class _Hangup(asyncio.Event):

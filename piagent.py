@@ -32,6 +32,7 @@ import re
 import sqlite3
 import time
 import uuid
+import warnings
 import zoneinfo
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -1547,7 +1548,7 @@ CALC_UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos}
 #: name -> (function, fewest arguments, most arguments)
 CALC_FUNCTIONS: dict[str, tuple[Callable[..., Any], int, int]] = {
     "sqrt": (math.sqrt, 1, 1), "abs": (abs, 1, 1), "round": (round, 1, 2), "floor": (math.floor, 1, 1),
-    "ceil": (math.ceil, 1, 1), "min": (min, 1, 20), "max": (max, 1, 20)}
+    "ceil": (math.ceil, 1, 1), "min": (min, 2, 20), "max": (max, 2, 20)}
 CALC_CONSTANTS = {"pi": math.pi, "e": math.e}
 CALC_HELP = "numbers, + - * / // % ** and parentheses, pi, e, " + ", ".join(f"{f}()" for f in CALC_FUNCTIONS)
 
@@ -1561,7 +1562,9 @@ def calc(arguments: dict[str, Any]) -> str:
     if len(expression) > CALC_MAX_CHARS:
         raise ToolError(f"the expression is longer than {CALC_MAX_CHARS} characters; split the calculation")
     try:
-        tree = ast.parse(expression, mode="eval")
+        with warnings.catch_warnings():  # "1if" would print a SyntaxWarning into the log
+            warnings.simplefilter("ignore")
+            tree = ast.parse(expression, mode="eval")
         value = _calc_node(tree.body, 0)
     except ToolError:
         raise

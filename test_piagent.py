@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -213,7 +214,7 @@ def test_env_template_parses_and_holds_exactly_the_defaults():
                   "OPENAI_MODEL_GENERAL", "SSE_PING_S", "LOG_FORMAT", "LOG_PROMPTS", "API_KEYS",
                   "RATE_LIMIT_PER_MIN", "TRUST_PROXY", "MAX_BODY_BYTES", "MAX_MESSAGE_CHARS", "CORS_ORIGINS",
                   "MAX_CONCURRENT", "MAX_QUEUE", "SHUTDOWN_GRACE_S", "MEMORY_BACKEND", "MEMORY_PATH", "REDIS_URL",
-                  "WORKERS", "ENABLE_UI", "METRICS_PUBLIC", "WARMUP"}
+                  "WORKERS", "ENABLE_UI", "METRICS_PUBLIC", "WARMUP", "AGENT_GENERAL_TOOLS", "MAX_TOOL_ROUNDS"}
     assert documented <= keys | commented
 
 
@@ -1402,6 +1403,469 @@ def test_official_openai_sdk_talks_to_piagent(serve, fake):
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "Hello from the Pi!"
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nobody", messages=[{"role": "user", "content": "hi"}])
+
+
+# ---------------------------------------------------------------------------
+# Tools: calc and now, on their own
+# ---------------------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from piagent import TOOLS, Tool, ToolCall, ToolError, calc, now, run_tool  # noqa: E402
+
+#: A hang guard, not a speed test: calc refuses by size before computing, and 9**9**9 would run for minutes.
+HANG_S = 2.0
+PY_FUNCTIONS = {"sqrt": math.sqrt, "abs": abs, "round": round, "floor": math.floor, "ceil": math.ceil,
+                "min": min, "max": max, "pi": math.pi, "e": math.e}
+
+
+@pytest.mark.parametrize("expression, result", [
+    ("2 + 2", "4"), ("2 ** 10 / 4", "256.0"), ("7 // 2", "3"), ("-7 % 3", "2"), ("(1 + 2) * -3", "-9"),
+    ("sqrt(2)", str(math.sqrt(2))), ("round(2.675, 2)", str(round(2.675, 2))), ("abs(-4.5)", "4.5"),
+    ("max(1, 2.5, -3)", "2.5"), ("floor(-2.5) + ceil(2.1)", "0"), ("2 * pi", str(2 * math.pi)),
+    ("0.1 + 0.2", str(0.1 + 0.2)), ("1_000 * 3", "3000"), ("+5", "5"),
+])
+def test_calc_computes_what_python_arithmetic_computes(expression, result):
+    assert calc({"expression": expression}) == result
+
+
+@pytest.mark.parametrize("expression, says", [
+    ("9**9**9", "larger than 2**1024"), ("10**400", "larger than 2**1024"), ("1/0", "division by zero"),
+    ("5 % 0", "division by zero"), ("sqrt(-1)", "cannot compute"), ("(-8) ** (1/3)", "not a real number"),
+    ("2.0 ** 5000", "too large"), ("2 ^ 10", "write 2 ** 10"), ("1e999", "not a finite number"),
+    ("__import__('os').system('id')", "calc understands only"), ("(1).__class__", "calc understands only"),
+    ("x + 1", "calc understands only"), ("round(1.5, 10**9)", "round()'s second number"),
+    ("sqrt(1, 2)", "sqrt() takes 1 numbers"), ("abs(x=1)", "abs() takes 1 numbers"),
+    ("1 +", "not an arithmetic expression"), ("1" * 201, "longer than 200 characters"),
+    ("-" * 150 + "1", "nests deeper than 40"), ("1 < 2", "calc understands only"), ("1j", "calc understands only"),
+])
+def test_calc_refuses_what_it_must_not_compute_with_a_message_for_the_model(expression, says):
+    with pytest.raises(ToolError, match=re.escape(says)):
+        calc({"expression": expression})
+
+
+def _leaf():
+    ints = st.integers(-1000, 1000).map(lambda n: (f"({n})" if n < 0 else str(n), n))
+    floats = st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False).map(lambda f: (f"({f!r})", f))
+    return ints | floats | st.sampled_from([("pi", math.pi), ("e", math.e)])
+
+
+def _grow(children):
+    binary = st.tuples(children, st.sampled_from(["+", "-", "*", "/", "//", "%"]), children).map(
+        lambda t: f"({t[0][0]} {t[1]} {t[2][0]})")
+    power = st.tuples(children, st.integers(0, 4)).map(lambda t: f"({t[0][0]} ** {t[1]})")
+    unary = children.map(lambda c: f"(-{c[0]})")
+    call = st.tuples(st.sampled_from(["abs", "round", "floor", "ceil"]), children).map(lambda t: f"{t[0]}({t[1][0]})")
+    rounded = st.tuples(children, st.integers(-3, 5)).map(lambda t: f"round({t[0][0]}, {t[1]})")
+    extreme = st.tuples(st.sampled_from(["min", "max"]), st.lists(children, min_size=2, max_size=3)).map(
+        lambda t: f"{t[0]}({', '.join(c[0] for c in t[1])})")
+    root = children.map(lambda c: f"sqrt(abs({c[0]}))")
+    return (binary | power | unary | call | rounded | extreme | root).map(lambda text: (text, None))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.recursive(_leaf(), _grow, max_leaves=8))
+def test_calc_equals_python_arithmetic_on_generated_expressions(generated):
+    text = generated[0]
+    try:
+        expected = eval(text, {"__builtins__": {}}, PY_FUNCTIONS)  # the test's own generated arithmetic only
+    except (ArithmeticError, ValueError):
+        expected = None
+    too_big = (type(expected) is int and expected.bit_length() > piagent.CALC_MAX_INT_BITS) or (
+        type(expected) is float and not math.isfinite(expected)) or type(expected) is complex
+    if expected is None or too_big or len(text) > piagent.CALC_MAX_CHARS:
+        with pytest.raises(ToolError):
+            calc({"expression": text})
+    else:
+        assert calc({"expression": text}) == str(expected)
+
+
+HOSTILE = st.one_of(
+    st.sampled_from(["__import__('os').system('id')", "().__class__.__bases__[0].__subclasses__()",
+                     "open('/etc/passwd').read()", "lambda: 1", "[1, 2]", "{1: 2}", "'a' * 10", "1 if 1 else 2",
+                     "not 1", "1 and 2", "f'{1}'", "sqrt.__call__(4)", "abs(*[1])", "(yield)", "a := 1",
+                     "9**9**9**9", "2**100000", "10**10**10", "(10**300)**1000", "99999999**99999999",
+                     "1.5**1e300", "round(10**300, -100)", "max(" * 60 + "1" + ")" * 60]),
+    st.tuples(st.integers(2, 10**9), st.integers(2, 10**9)).map(lambda t: f"{t[0]} ** {t[1]}"),
+    st.integers(1, 5000).map(lambda n: "(" * n + "1" + ")" * n),
+    st.integers(1, 5000).map(lambda n: "-" * n + "1"),
+    st.integers(1, 3000).map(lambda n: "abs(" * n + "1" + ")" * n),
+    st.integers(50, 5000).map(lambda n: "1+" * n + "1"),
+    st.text(max_size=300),
+    st.from_regex(r"[a-z_.()\[\]0-9*+/ -]{1,200}", fullmatch=True),
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(HOSTILE)
+def test_calc_refuses_hostile_input_quickly_and_only_with_a_tool_error(text):
+    started = time.monotonic()
+    try:
+        result = calc({"expression": text})
+    except ToolError:
+        result = None
+    assert time.monotonic() - started < HANG_S
+    if result is not None:  # something harmless that is valid arithmetic, such as "(1)"
+        assert re.fullmatch(r"-?[0-9.e+-]+|-?inf|nan", result) or result.isdigit(), result
+
+
+def test_calc_refuses_a_10_kb_expression_before_parsing_it():
+    with pytest.raises(ToolError, match="longer than"):
+        calc({"expression": "1+" * 5000 + "1"})
+
+
+def test_now_is_iso_8601_in_the_asked_timezone_with_the_weekday():
+    before = datetime.now(piagent.timezone.utc).replace(microsecond=0)
+    text = now({"timezone": "Asia/Tokyo"})
+    after = datetime.now(piagent.timezone.utc)
+    stamp, rest = text.split(" ", 1)
+    moment = datetime.fromisoformat(stamp)
+    assert moment.utcoffset().total_seconds() == 9 * 3600 and before <= moment <= after
+    assert rest == f"({moment.strftime('%A')}, Asia/Tokyo)"
+    assert datetime.fromisoformat(now({}).split(" ")[0]).tzinfo is not None  # local time, with its offset
+
+
+@pytest.mark.parametrize("zone", ["Mars/Olympus", "../../etc/passwd", "/etc/localtime", "", "Europe/"])
+def test_now_refuses_a_timezone_that_is_not_an_iana_name(zone):
+    with pytest.raises(ToolError, match="IANA name"):
+        now({"timezone": zone})
+
+
+def test_a_tool_call_over_its_time_limit_is_answered_with_an_error(monkeypatch):
+    release = threading.Event()
+    monkeypatch.setitem(TOOLS, "slow", Tool(lambda args: str(release.wait(DEADLINE_S)), "waits", {
+        "type": "object", "properties": {}}, timeout_s=0.05))
+    try:
+        event = asyncio.run(run_tool(ToolCall("call_1", "slow", "{}"), ("slow",)))
+    finally:
+        release.set()
+    assert event.result is None and event.error == "slow took longer than 0.05 s"
+
+
+@pytest.mark.parametrize("name, arguments, error", [
+    ("calc", '{"expr": "1"}', "bad arguments for calc: missing 'expression'"),
+    ("calc", '{"expression": 12}', "bad arguments for calc: 'expression' must be a string"),
+    ("calc", '{"expression": "1", "mode": "x"}', "bad arguments for calc: unexpected 'mode'"),
+    ("calc", '{"expression": ', "the arguments for calc are not valid JSON"),
+    ("calc", '["1+1"]', "bad arguments for calc: arguments must be a JSON object"),
+    ("now", '{"timezone": "' + "x" * 65 + '"}', "'timezone' is longer than 64 characters"),
+    ("now", "{}", "there is no tool 'now'; the tools are: calc"),  # a real tool, but not this agent's
+    ("shell", '{"cmd": "rm -rf /"}', "there is no tool 'shell'; the tools are: calc"),
+])
+def test_a_call_piagent_will_not_run_is_answered_with_an_error_for_the_model(name, arguments, error):
+    allowed = ("calc", "now") if "longer" in error else ("calc",)
+    event = asyncio.run(run_tool(ToolCall("call_1", name, arguments), allowed))
+    assert event.result is None and error in event.error
+    assert event.as_message() == {"role": "tool", "tool_call_id": "call_1", "content": f"error: {event.error}"}
+
+
+def test_agent_tools_come_from_agent_name_tools_and_default_to_none():
+    config = load_config({"AGENTS": "general,maths", "AGENT_MATHS_TOOLS": "calc, now,calc"})
+    assert config.agent("general").tools == () and config.agent("maths").tools == ("calc", "now")
+
+
+@pytest.mark.parametrize("env, says", [
+    ({"AGENT_GENERAL_TOOLS": "calc,shell"}, "AGENT_GENERAL_TOOLS='calc,shell' is not valid: no tool named 'shell'"),
+    ({"AGENT_GENERAL_TOOLS": "Calc!"}, "AGENT_GENERAL_TOOLS='Calc!' is not valid"),
+    ({"AGENT_GENERAL_TOOLS": "calc", "OLLAMA_API": "generate"}, "no tools with OLLAMA_API=generate"),
+    ({"MAX_TOOL_ROUNDS": "11"}, "MAX_TOOL_ROUNDS='11' is not valid"),
+])
+def test_a_bad_tool_setting_stops_start_up_with_one_line(env, says):
+    result = run_piagent(env={**env, "PIAGENT_ENV_FILE": os.devnull})
+    assert result.returncode == 2 and says in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_an_unknown_tool_is_refused_by_create_app_too():
+    with pytest.raises(ConfigError, match="no tool named 'shell'; piagent has: calc, now"):
+        create_app(load_config({"AGENT_GENERAL_TOOLS": "shell"}))
+
+
+def test_openai_tool_call_fragments_are_put_together_by_index():
+    parts = piagent.ToolCallParts()
+    parts.feed([{"index": 1, "id": "call_b", "type": "function", "function": {"name": "now", "arguments": ""}}])
+    parts.feed([{"index": 0, "id": "call_a", "type": "function", "function": {"name": "calc", "arguments": '{"ex'}}])
+    parts.feed([{"index": 0, "function": {"arguments": 'pression": "1+1"}'}}, {"index": 1, "function": {"arguments": "{}"}}])
+    assert parts.calls() == [ToolCall("call_a", "calc", '{"expression": "1+1"}'), ToolCall("call_b", "now", "{}")]
+    whole = piagent.ToolCallParts()  # a server that leaves out the index and sends each call whole
+    whole.feed([{"id": "c1", "function": {"name": "calc", "arguments": '{"expression":"2"}'}}])
+    whole.feed([{"id": "c2", "function": {"name": "now", "arguments": "{}"}}])
+    assert [(c.id, c.name) for c in whole.calls()] == [("c1", "calc"), ("c2", "now")]
+
+
+def test_tool_traffic_is_sent_to_ollama_with_object_arguments_and_tool_names():
+    messages = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {"name": "calc", "arguments": '{"expression":"1"}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "1"}]
+    assert piagent.ollama_messages(messages) == [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_1", "function": {"name": "calc", "arguments": {"expression": "1"}}}]},
+        {"role": "tool", "content": "1", "tool_call_id": "call_1", "tool_name": "calc"}]
+
+
+# ---------------------------------------------------------------------------
+# Tools: the loop, through real HTTP, with the fake calling tools as Ollama and OpenAI servers do
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["ollama", "openai"])
+def serve_tools(request, serve, serve_openai):
+    """serve_tools(**env) -> piagent with AGENT_GENERAL_TOOLS=calc (unless given), in front of either provider."""
+    def start(**env):
+        env = {"AGENT_GENERAL_TOOLS": "calc", **env}
+        return serve(**env) if request.param == "ollama" else serve_openai(**env)
+
+    start.provider = request.param
+    return start
+
+
+def tool_reply(server, mode: str, **body):
+    """(reply text, tool events) from /chat as JSON, SSE or plain text."""
+    body = {"message": "compute", **body}
+    if mode == "json":
+        response = chat(server, **body)
+        assert response.status_code == 200, response.text
+        return response.json()["reply"], response.json().get("tools", [])
+    with httpx.stream("POST", f"{server.url}/chat", json={**body, "stream": True}, timeout=DEADLINE_S,
+                      headers=SSE if mode == "sse" else {}) as response:
+        assert response.status_code == 200
+        if mode == "plain":
+            return response.read().decode(), None
+        events = sse_events(response)
+    assert events[-1][0] == "done", events
+    text = "".join(json.loads(d)["text"] for e, d in events if e == "token")
+    tools = [json.loads(d) for e, d in events if e == "tool"]
+    assert [e for e, _ in events if e != "tool"][-1] == "done"
+    if tools:  # every tool event comes before the answer's first token
+        assert max(i for i, (e, _) in enumerate(events) if e == "tool") < min(
+            i for i, (e, _) in enumerate(events) if e in ("token", "done"))
+    return text, tools
+
+
+def tool_messages(fake, request_number: int) -> list[dict]:
+    """The tool and tool-call messages the fake received in a generation request, after the user's message."""
+    messages = fake.generations()[request_number].body["messages"]
+    return messages[[m["role"] for m in messages].index("user", 1) + 1:]
+
+
+@pytest.mark.parametrize("mode", ["json", "sse", "plain"])
+def test_a_tool_call_is_run_and_its_result_sent_back_for_the_answer(serve_tools, fake, mode):
+    fake.script = Script(tool_rounds=[[("calc", {"expression": "6 * 7"})]], echo_tools=True)
+    text, tools = tool_reply(serve_tools(), mode)
+    assert text == "results: 42"
+    if mode != "plain":
+        assert tools == [{"name": "calc", "arguments": {"expression": "6 * 7"}, "result": "42"}]
+    first, second = fake.generations()
+    assert [t["function"]["name"] for t in first.body["tools"]] == ["calc"]  # only the allowlist is offered
+    assert first.body["tools"][0]["function"]["parameters"]["required"] == ["expression"]
+    call, result = tool_messages(fake, 1)
+    assert call["role"] == "assistant" and call["tool_calls"][0]["function"]["name"] == "calc"
+    if serve_tools.provider == "ollama":  # Ollama's dialect: arguments as an object, results named by tool
+        assert call["tool_calls"][0]["function"]["arguments"] == {"expression": "6 * 7"}
+        assert result == {"role": "tool", "content": "42", "tool_call_id": "call_00000000", "tool_name": "calc"}
+    else:  # OpenAI's: arguments as JSON text, results matched by id
+        assert json.loads(call["tool_calls"][0]["function"]["arguments"]) == {"expression": "6 * 7"}
+        assert result == {"role": "tool", "tool_call_id": call["tool_calls"][0]["id"], "content": "42"}
+
+
+@pytest.mark.parametrize("together", [True, False])
+def test_two_calls_in_one_round_are_both_run_in_order(serve_tools, fake, together):
+    fake.script = Script(tool_rounds=[[("calc", {"expression": "1 + 1"}), ("calc", {"expression": "2 * 3"})]],
+                         echo_tools=True, calls_together=together)
+    text, tools = tool_reply(serve_tools(), "sse")
+    assert text == "results: 2 | 6" and [t["result"] for t in tools] == ["2", "6"]
+    call, *results = tool_messages(fake, 1)
+    assert len(call["tool_calls"]) == 2 and [r["content"] for r in results] == ["2", "6"]
+    assert len(fake.generations()) == 2
+
+
+def test_chained_rounds_carry_every_earlier_call_and_result(serve_tools, fake):
+    fake.script = Script(tool_rounds=[[("calc", {"expression": "2 + 3"})], [("calc", {"expression": "5 * 10"})]],
+                         echo_tools=True)
+    text, tools = tool_reply(serve_tools(), "json")
+    assert text == "results: 5 | 50" and [t["result"] for t in tools] == ["5", "50"]
+    assert len(fake.generations()) == 3
+    roles = [m["role"] for m in tool_messages(fake, 2)]
+    assert roles == ["assistant", "tool", "assistant", "tool"]
+
+
+@pytest.mark.parametrize("call, error", [
+    (("shell", {"cmd": "rm -rf /"}), "there is no tool 'shell'; the tools are: calc"),
+    (("now", {}), "there is no tool 'now'; the tools are: calc"),  # exists, but not on this agent's list
+    (("calc", {"expr": "1 + 1"}), "bad arguments for calc: missing 'expression'"),
+    (("calc", {"expression": "1 / 0"}), "division by zero"),
+])
+def test_a_bad_call_is_answered_to_the_model_as_an_error_and_the_reply_goes_on(serve_tools, fake, call, error):
+    fake.script = Script(tool_rounds=[[call]], echo_tools=True)
+    text, tools = tool_reply(serve_tools(), "sse")
+    assert text == f"results: error: {error}"
+    assert tools[0]["name"] == call[0] and tools[0]["error"] == error and "result" not in tools[0]
+
+
+def test_openai_arguments_that_are_not_json_are_answered_as_an_error(serve_openai, fake):
+    # only OpenAI-style servers send arguments as text; Ollama's are always a JSON object
+    fake.script = Script(tool_rounds=[[("calc", '{"expression": "1 +')]], echo_tools=True)
+    text, tools = tool_reply(serve_openai(AGENT_GENERAL_TOOLS="calc"), "sse")
+    assert text == "results: error: the arguments for calc are not valid JSON"
+    assert tools == [{"name": "calc", "arguments": '{"expression": "1 +', "error": tools[0]["error"]}]
+
+
+@pytest.mark.parametrize("rounds", [3, 1, 0])
+def test_after_max_tool_rounds_the_model_must_answer_without_tools(serve_tools, fake, rounds):
+    fake.script = Script(tool_rounds=[[("calc", {"expression": f"{n} + 1"})] for n in range(6)],
+                         tokens=["Done", "."])
+    text, tools = tool_reply(serve_tools(MAX_TOOL_ROUNDS=str(rounds)), "sse")
+    offered = ["tools" in g.body for g in fake.generations()]
+    assert offered == [True] * rounds + [False] and text == "Done." and len(tools) == rounds
+
+
+def test_memory_keeps_the_user_message_and_final_answer_not_the_tool_traffic(serve_tools, fake):
+    server = serve_tools()
+    fake.script = Script(tool_rounds=[[("calc", {"expression": "6 * 7"})]], echo_tools=True)
+    tool_reply(server, "json", conversation_id="t1")
+    fake.script = Script()
+    tool_reply(server, "json", conversation_id="t1", message="thanks")
+    sent = [(m["role"], m.get("content")) for m in fake.generations()[-1].body["messages"]]
+    assert sent == [("system", piagent.DEFAULT_SYSTEM_PROMPT), ("user", "compute"),
+                    ("assistant", "results: 42"), ("user", "thanks")]
+    stored = httpx.get(f"{server.url}/conversations/t1").json()["turns"]
+    assert [(t["user"], t["assistant"]) for t in stored] == [("compute", "results: 42"), ("thanks", "Hello from the Pi!")]
+
+
+def test_an_agent_without_tools_sends_no_tools(serve, fake):
+    chat(serve(AGENTS="general,maths", AGENT_MATHS_TOOLS="calc"), message="hi")
+    assert "tools" not in fake.generations()[0].body
+
+
+def test_the_openai_front_door_runs_the_agents_tools_and_shows_only_the_answer(serve_tools, fake):
+    fake.script = Script(tool_rounds=[[("calc", {"expression": "6 * 7"})]], echo_tools=True)
+    server = serve_tools()
+    body = v1(server, model="general", messages=[{"role": "user", "content": "6 * 7?"}]).json()
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "results: 42"}
+    assert body["choices"][0]["finish_reason"] == "stop"
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", timeout=DEADLINE_S, json={
+            "model": "general", "messages": [{"role": "user", "content": "6 * 7?"}], "stream": True}) as response:
+        chunks = [json.loads(d) for _, d in sse_events(response) if d != "[DONE]"]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == "results: 42"
+    assert all("tool_calls" not in c["choices"][0]["delta"] for c in chunks)
+
+
+def test_a_model_without_tool_calling_is_a_502_that_says_what_to_do(fake):
+    fake.no_tools = {MODEL}
+    with LiveServer(create_app(load_config({"OLLAMA_HOST": fake.url, "WARMUP": "false",
+                                            "AGENT_GENERAL_TOOLS": "calc"}))) as server:
+        response = chat(server, message="hi")
+    assert response.status_code == 502 and "does not support tools" in error_of(response)["message"]
+    assert "AGENT_<NAME>_TOOLS" in error_of(response)["message"]
+
+
+def test_tool_calls_are_counted_in_the_request_log(serve, fake, caplog):
+    caplog.set_level(logging.INFO, logger="piagent")
+    fake.script = Script(tool_rounds=[[("calc", {"expression": "1"}), ("calc", {"expression": "2"})]])
+    chat(serve(AGENT_GENERAL_TOOLS="calc"), message="hi")
+    assert piagent_records(caplog)[-1]["tool_calls"] == 2
+
+
+def test_a_client_leaving_during_the_answer_after_a_tool_round_stops_the_upstream(serve, fake):
+    fake.script = Script(tool_rounds=[[("calc", {"expression": "1"})]], tokens=["a"] * 50, hold_after=2)
+    server = serve(AGENT_GENERAL_TOOLS="calc")
+    sock = raw_post(server.port, "/chat", {"message": "hi", "stream": True})
+    read_until(sock, b"a")
+    sock.close()
+    wait_until(lambda: len(fake.hangups) == 1, what="the upstream to see the hang-up")
+    assert len(fake.generations()) == 2
+
+
+# ---------------------------------------------------------------------------
+# Tools: a client's own tools through /v1 (piagent passes them on and returns the calls)
+# ---------------------------------------------------------------------------
+
+CLIENT_TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather for a city", "strict": True,
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_tools_are_passed_on_and_the_models_calls_returned_unchanged(serve_tools, fake, stream):
+    fake.script = Script(tool_rounds=[[("get_weather", {"city": "Tokyo"}), ("get_weather", {"city": "Oslo"})]])
+    server = serve_tools()  # the agent has calc, but the client's tools replace it for this request
+    body = {"model": "general", "messages": [{"role": "user", "content": "weather?"}], "tools": CLIENT_TOOLS}
+    if stream:
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**body, "stream": True},
+                          timeout=DEADLINE_S) as response:
+            events = [d for _, d in sse_events(response)]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(d) for d in events[:-1]]
+        parts = piagent.ToolCallParts()
+        for c in chunks:
+            parts.feed(c["choices"][0]["delta"].get("tool_calls"))
+        calls = [c.as_message_part() for c in parts.calls()]
+        finish = chunks[-1]["choices"][0]["finish_reason"]
+    else:
+        message = v1(server, **body).json()["choices"][0]
+        calls, finish = message["message"]["tool_calls"], message["finish_reason"]
+        assert message["message"]["content"] is None
+    assert finish == "tool_calls"
+    assert [(c["id"], c["type"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("call_00000000", "function", "get_weather", {"city": "Tokyo"}),
+        ("call_00000001", "function", "get_weather", {"city": "Oslo"})]
+    (generation,) = fake.generations()  # piagent ran nothing itself
+    assert generation.body["tools"] == CLIENT_TOOLS
+
+
+def test_a_client_sends_its_tool_results_back_and_gets_the_answer(serve_tools, fake):
+    fake.script = Script(echo_tools=True)
+    messages = [{"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": None, "tool_calls": [{"id": "call_9", "type": "function", "function": {
+                    "name": "get_weather", "arguments": '{"city":"Tokyo"}'}}]},
+                {"role": "tool", "tool_call_id": "call_9", "content": "sunny, 21 C"}]
+    body = v1(serve_tools(), model="general", messages=messages, tools=CLIENT_TOOLS).json()
+    assert body["choices"][0]["message"]["content"] == "results: sunny, 21 C"
+    call, result = tool_messages(fake, 0)
+    if serve_tools.provider == "ollama":
+        assert call["tool_calls"] == [{"id": "call_9", "function": {"name": "get_weather", "arguments": {"city": "Tokyo"}}}]
+        assert result == {"role": "tool", "content": "sunny, 21 C", "tool_call_id": "call_9", "tool_name": "get_weather"}
+    else:
+        assert call == messages[1] and result == messages[2]
+
+
+def test_the_official_openai_sdk_runs_its_own_tools_through_piagent(serve, fake):
+    openai = pytest.importorskip("openai") if os.environ.get("CI") != "true" else __import__("openai")
+    client = openai.OpenAI(base_url=f"{serve().url}/v1", api_key="anything", max_retries=0)
+    fake.script = Script(tool_rounds=[[("get_weather", {"city": "Tokyo"})]], echo_tools=True)
+    messages = [{"role": "user", "content": "weather in Tokyo?"}]
+    stream = client.chat.completions.create(model="general", messages=messages, tools=CLIENT_TOOLS, stream=True)
+    calls = {}
+    for chunk in stream:
+        for part in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            entry = calls.setdefault(part.index, {"id": part.id, "name": part.function.name, "arguments": ""})
+            entry["arguments"] += part.function.arguments or ""
+    assert list(calls.values()) == [{"id": "call_00000000", "name": "get_weather", "arguments": '{"city": "Tokyo"}'}]
+    messages += [{"role": "assistant", "tool_calls": [{"id": "call_00000000", "type": "function", "function": {
+        "name": "get_weather", "arguments": calls[0]["arguments"]}}]},
+                 {"role": "tool", "tool_call_id": "call_00000000", "content": "sunny"}]
+    answer = client.chat.completions.create(model="general", messages=messages, tools=CLIENT_TOOLS)
+    assert answer.choices[0].message.content == "results: sunny"
+
+
+@pytest.mark.parametrize("messages, says", [
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], "last message must be"),
+    ([{"role": "tool", "tool_call_id": "c", "content": "1"}], "non-empty user message"),
+    ([{"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": "c", "content": "1"},
+      {"role": "user", "content": "x"}, {"role": "system", "content": "late"}], "last message must be"),
+])
+def test_v1_messages_must_end_with_the_user_or_tool_results(serve, messages, says):
+    response = v1(serve(), model="general", messages=messages)
+    assert response.status_code == 422 and says in openai_error_of(response)["message"]
+
+
+def test_v1_client_tools_with_a_conversation_header_are_refused(serve):
+    response = v1(serve(), {"X-Conversation-Id": "c1"}, model="general", tools=CLIENT_TOOLS,
+                  messages=[{"role": "user", "content": "hi"}])
+    assert response.status_code == 422 and "whole history" in openai_error_of(response)["message"]
 
 
 # ---------------------------------------------------------------------------
