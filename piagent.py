@@ -3346,7 +3346,7 @@ button.plain{background:#fff;color:#2d6a4f}#log{flex:1;overflow-y:auto;padding:.
 gap:.6em}.msg{max-width:85%;padding:.55em .8em;border-radius:.8em;white-space:pre-wrap;overflow-wrap:anywhere}
 .user{align-self:flex-end;background:#d8f3dc}.assistant{align-self:flex-start;background:#fff;border:1px solid #ddd}
 .pending::after{content:" \\2026";color:#888}.error{align-self:center;background:#ffe5e5;color:#8a1c1c;
-border:1px solid #f3b6b6}#status{min-height:1.3em;padding:0 .8em;color:#666;font-size:.9em}form{border-top:1px solid #ddd;
+border:1px solid #f3b6b6}.tool{align-self:flex-start;color:#555;font-size:.85em;padding:.2em .8em}#status{min-height:1.3em;padding:0 .8em;color:#666;font-size:.9em}form{border-top:1px solid #ddd;
 border-bottom:0}textarea{flex:1;min-width:0;resize:none;height:2.8em}[hidden]{display:none!important}
 """
 
@@ -3413,7 +3413,10 @@ function handle(raw, out) {
   const d = JSON.parse(data.join("\\n"));
   if (event === "token") { status(""); out.textContent += d.text; out.scrollIntoView({block: "end"}); }
   else if (event === "queued") status("Waiting for the model: position " + d.position + " in line");
-  else if (event === "tool") status("Used " + d.name + ": " + (d.error ? "error: " + d.error : d.result));
+  else if (event === "tool") {  // the agent used a tool: show what it asked and got, above the answer
+    const args = typeof d.arguments === "string" ? d.arguments : JSON.stringify(d.arguments);
+    $("log").insertBefore(bubble("tool", d.name + " " + args + " \u2192 " + (d.error ? "error: " + d.error : d.result)), out);
+  }
   else if (event === "done") saved("cid", d.conversation_id);
   else if (event === "error") fail(out, explain(d));
 }

@@ -172,3 +172,18 @@ def test_ui_off_serves_404(fake):
     with LiveServer(create_app(config)) as server:
         response = httpx.get(server.url + "/")
     assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+
+
+def test_tool_calls_show_above_the_answer_as_text(page_of, fake):
+    page, _ = page_of(AGENT_GENERAL_TOOLS="calc")
+    fake.script = Script(tool_rounds=[[("calc", {"expression": "6 * 7"}), ("calc", {"expression": "<b>1</b>"})]],
+                         echo_tools=True)
+    send(page, "what is 6 times 7?")
+    expect(done_replies(page)).to_have_count(1)
+    expect(page.locator(".msg.tool")).to_have_text([
+        'calc {"expression":"6 * 7"} \u2192 42',
+        'calc {"expression":"<b>1</b>"} \u2192 error: not an arithmetic expression; calc understands numbers, '
+        '+ - * / // % ** and parentheses, pi, e, sqrt(), abs(), round(), floor(), ceil(), min(), max()'])
+    assert page.locator(".msg").evaluate_all("ms => ms.map(m => m.className)") == [
+        "msg user", "msg tool", "msg tool", "msg assistant"]
+    expect(page.locator(".msg.tool b")).to_have_count(0)
