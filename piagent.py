@@ -2840,6 +2840,7 @@ class Metrics:
         self.durations: dict[str, Histogram] = {}
         self.ttft = Histogram()
         self.tokens = 0
+        self.tool_calls = 0
         self.upstream_errors: dict[str, int] = {}
         self.active_streams = 0
 
@@ -2851,6 +2852,7 @@ class Metrics:
         if "ttft_ms" in record:
             self.ttft.observe(record["ttft_ms"] / 1000)
         self.tokens += record.get("tokens") or 0
+        self.tool_calls += record.get("tool_calls") or 0
         if record.get("error") in UPSTREAM_CODES:
             self.upstream_errors[record["error"]] = self.upstream_errors.get(record["error"], 0) + 1
 
@@ -2871,6 +2873,8 @@ class Metrics:
                self.ttft.lines("piagent_time_to_first_token_seconds"))
         family("piagent_tokens_generated_total", "counter", "Text pieces (about tokens) sent to clients.",
                [f"piagent_tokens_generated_total {self.tokens}"])
+        family("piagent_tool_calls_total", "counter", "Tool calls agents made (run or answered with an error).",
+               [f"piagent_tool_calls_total {self.tool_calls}"])
         family("piagent_upstream_errors_total", "counter", "Upstream failures, by error code.",
                [f'piagent_upstream_errors_total{{code="{c}"}} {n}' for c, n in sorted(self.upstream_errors.items())])
         family("piagent_queue_depth", "gauge", "Requests waiting for a generation slot.", [f"piagent_queue_depth {queued}"])

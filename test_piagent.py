@@ -1762,11 +1762,13 @@ def test_a_model_without_tool_calling_is_a_502_that_says_what_to_do(fake):
     assert "AGENT_<NAME>_TOOLS" in error_of(response)["message"]
 
 
-def test_tool_calls_are_counted_in_the_request_log(serve, fake, caplog):
+def test_tool_calls_are_counted_in_the_request_log_and_metrics(serve, fake, caplog):
     caplog.set_level(logging.INFO, logger="piagent")
     fake.script = Script(tool_rounds=[[("calc", {"expression": "1"}), ("calc", {"expression": "2"})]])
-    chat(serve(AGENT_GENERAL_TOOLS="calc"), message="hi")
+    server = serve(AGENT_GENERAL_TOOLS="calc")
+    chat(server, message="hi")
     assert piagent_records(caplog)[-1]["tool_calls"] == 2
+    assert sample(parse_metrics(httpx.get(f"{server.url}/metrics").text), "piagent_tool_calls_total", "piagent_tool_calls") == 2
 
 
 def test_a_client_leaving_during_the_answer_after_a_tool_round_stops_the_upstream(serve, fake):
