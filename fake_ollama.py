@@ -202,6 +202,7 @@ class FakeOllama:
         if body.get("tools") and done_rounds < len(script.tool_rounds):
             wire.calls = script.tool_rounds[done_rounds]
             script = wire.script = Script(tokens=[], token_delay_s=script.token_delay_s,
+                                          first_byte_delay_s=script.first_byte_delay_s,
                                           calls_together=script.calls_together, fragment_chars=script.fragment_chars)
         elif script.echo_tools:
             results = [m.get("content", "") for m in _after_last_user(body) if m.get("role") == "tool"]

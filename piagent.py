@@ -895,6 +895,7 @@ class Prompt(NamedTuple):
     message: str
     tail: tuple[Message, ...] = ()
     tools: tuple[dict[str, Any], ...] = ()
+    tool_choice: str | dict[str, Any] | None = None  # a client's, for OpenAI-compatible upstreams (Ollama has none)
 
 
 class Sampling(NamedTuple):
@@ -1054,6 +1055,12 @@ class ToolCall(NamedTuple):
     def as_message_part(self) -> dict[str, Any]:
         """The call as an assistant message's tool_calls item (OpenAI's shape)."""
         return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+def tool_call_message(text: str, calls: list[dict[str, Any]]) -> Message:
+    """An assistant message asking for tool calls. Its content is a string even when empty: OpenAI takes null
+    or "", but llama.cpp's Python server refuses null, and its tool-calling template needs the key."""
+    return {"role": "assistant", "content": text, "tool_calls": calls}
 
 
 def new_call_id() -> str:
@@ -1345,7 +1352,7 @@ def ollama_messages(messages: list[Message]) -> list[Message]:
 def json_object(text: Any) -> dict[str, Any]:
     """`text` parsed as a JSON object; {} when it is not one (a model's broken arguments)."""
     try:
-        value = json.loads(text) if isinstance(text, str) else text
+        value = json.loads(text, strict=False) if isinstance(text, str) else text
     except ValueError:
         return {}
     return value if isinstance(value, dict) else {}
@@ -1459,6 +1466,8 @@ class OpenAIProvider(HTTPProvider):
                 "max_tokens": sampling.max_tokens, "temperature": sampling.temperature}
         if prompt.tools:
             body["tools"] = list(prompt.tools)
+            if prompt.tool_choice is not None:
+                body["tool_choice"] = prompt.tool_choice
         if stream:
             body["stream_options"] = {"include_usage": True}  # servers that do not know it ignore it
         return body
@@ -1728,7 +1737,7 @@ class ToolEvent(NamedTuple):
     def arguments(self) -> Any:
         """The arguments as JSON (or the text the model sent, when it is not JSON), for clients and logs."""
         try:
-            return json.loads(self.call.arguments or "{}")
+            return json.loads(self.call.arguments or "{}", strict=False)
         except ValueError:
             return self.call.arguments
 
@@ -1741,8 +1750,8 @@ async def run_tool(call: ToolCall, allowed: tuple[str, ...]) -> ToolEvent:
     tool = TOOLS.get(call.name) if call.name in allowed else None
     if tool is None:
         return ToolEvent(call, None, f"there is no tool {call.name!r}; the tools are: {', '.join(allowed)}")
-    try:
-        arguments = json.loads(call.arguments or "{}")
+    try:  # strict=False: a model may put a raw line break inside a string
+        arguments = json.loads(call.arguments or "{}", strict=False)
     except ValueError:
         return ToolEvent(call, None, f"the arguments for {call.name} are not valid JSON")
     problem = argument_problem(tool.parameters, arguments)
@@ -1792,8 +1801,7 @@ async def tool_loop(provider: Provider, agent: Agent, prompt: Prompt, sampling: 
         for call in usage.tool_calls[MAX_TOOL_CALLS_PER_ROUND:]:
             events.append(ToolEvent(call, None, f"more than {MAX_TOOL_CALLS_PER_ROUND} calls at once; not run"))
             yield events[-1]
-        turn = {"role": "assistant", "content": "".join(said) or None,
-                "tool_calls": [e.call.as_message_part() for e in events]}
+        turn = tool_call_message("".join(said), [e.call.as_message_part() for e in events])
         prompt = prompt._replace(tail=(*prompt.tail, turn, *(e.as_message() for e in events)))
     if counts[2]:
         usage.prompt_tokens, usage.completion_tokens = counts[0], counts[1]
@@ -2185,8 +2193,7 @@ class OpenAIMessage(BaseModel):
     def as_message(self) -> Message:
         """This message as piagent passes it upstream (OpenAI's shape; see Message)."""
         if self.tool_calls:
-            return {"role": "assistant", "content": self.text() or None,
-                    "tool_calls": [call.model_dump() for call in self.tool_calls]}
+            return tool_call_message(self.text(), [call.model_dump() for call in self.tool_calls])
         if self.role == "tool":
             return {"role": "tool", "tool_call_id": self.tool_call_id or "", "content": self.text()}
         return {"role": self.role, "content": self.text()}
@@ -2207,6 +2214,17 @@ class ClientTool(BaseModel):
     function: FunctionSpec
 
 
+class ChosenFunction(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class ToolChoice(BaseModel):
+    """A client's tool_choice naming one of its functions."""
+
+    type: Literal["function"]
+    function: ChosenFunction
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -2223,6 +2241,8 @@ class OpenAIChatRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     tools: list[ClientTool] | None = Field(None, max_length=64,
                                            description="the client's own tools: their calls come back to the client")
+    tool_choice: Literal["none", "auto", "required"] | ToolChoice | None = Field(
+        None, description="passed on with `tools` to OpenAI-compatible upstreams; Ollama's API has no such field")
 
 
 class ErrorDetail(BaseModel):
@@ -3109,6 +3129,7 @@ class Ask(NamedTuple):
     message: str  # the new user message
     tail: tuple[Message, ...] = ()  # the client's tool calls and their results after that message
     tools: tuple[dict[str, Any], ...] = ()  # the client's own tools (their calls go back to the client)
+    tool_choice: str | dict[str, Any] | None = None  # and the client's tool_choice for them
 
 
 async def _exchange(request: Request, agent: Agent, conversation_id: str | None, ask: Ask,
@@ -3149,7 +3170,7 @@ def budgeted_prompt(config: Config, agent: Agent, ask: Ask, sampling: Sampling, 
     kept, dropped = fit_history(ask.history or [], fixed, config.ctx_tokens - sampling.max_tokens)
     if dropped:
         fields["history_truncated"] = dropped
-    return Prompt(agent.system, ask.system + kept, ask.message, ask.tail, ask.tools)
+    return Prompt(agent.system, ask.system + kept, ask.message, ask.tail, ask.tools, ask.tool_choice)
 
 
 def add_routes(app: FastAPI, config: Config) -> None:
@@ -3209,7 +3230,8 @@ def _split_openai_messages(body: OpenAIChatRequest) -> Ask:
     system = [{"role": "system", "content": m.text()} for m in before if m.role in ("system", "developer")]
     history = [m.as_message() for m in before if m.role not in ("system", "developer")]
     tools = tuple(tool.model_dump(exclude_unset=True) for tool in body.tools or ())
-    return Ask(system, history, messages[last].text(), tuple(m.as_message() for m in tail), tools)
+    choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, BaseModel) else body.tool_choice
+    return Ask(system, history, messages[last].text(), tuple(m.as_message() for m in tail), tools, choice)
 
 
 def add_openai_routes(app: FastAPI, config: Config) -> None:

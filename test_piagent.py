@@ -1771,11 +1771,20 @@ def test_tool_calls_are_counted_in_the_request_log_and_metrics(serve, fake, capl
     assert sample(parse_metrics(httpx.get(f"{server.url}/metrics").text), "piagent_tool_calls_total", "piagent_tool_calls") == 2
 
 
+def test_a_client_leaving_while_the_model_picks_its_tools_stops_it_and_runs_nothing(serve, fake):
+    fake.script = Script(tool_rounds=[[("calc", {"expression": "1"})]], first_byte_delay_s=DEADLINE_S)
+    sock = raw_post(serve(AGENT_GENERAL_TOOLS="calc").port, "/chat", {"message": "hi", "stream": True})
+    wait_until(lambda: len(fake.generations()) == 1, what="the first request upstream")
+    sock.close()
+    wait_until(lambda: len(fake.hangups) == 1, what="the upstream to see the hang-up")
+    assert len(fake.generations()) == 1
+
+
 def test_a_client_leaving_during_the_answer_after_a_tool_round_stops_the_upstream(serve, fake):
-    fake.script = Script(tool_rounds=[[("calc", {"expression": "1"})]], tokens=["a"] * 50, hold_after=2)
+    fake.script = Script(tool_rounds=[[("calc", {"expression": "1"})]], tokens=["zq"] * 50, hold_after=2)
     server = serve(AGENT_GENERAL_TOOLS="calc")
     sock = raw_post(server.port, "/chat", {"message": "hi", "stream": True})
-    read_until(sock, b"a")
+    read_until(sock, b"zq")  # the answer has begun: the tool round is over
     sock.close()
     wait_until(lambda: len(fake.hangups) == 1, what="the upstream to see the hang-up")
     assert len(fake.generations()) == 2
@@ -1818,6 +1827,15 @@ def test_client_tools_are_passed_on_and_the_models_calls_returned_unchanged(serv
     assert generation.body["tools"] == CLIENT_TOOLS
 
 
+def test_a_client_tool_choice_goes_to_openai_servers_and_not_to_ollama(serve_tools, fake):
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    response = v1(serve_tools(), model="general", messages=[{"role": "user", "content": "hi"}], tools=CLIENT_TOOLS,
+                  tool_choice=choice)
+    assert response.status_code == 200
+    sent = fake.generations()[0].body
+    assert sent.get("tool_choice") == (choice if serve_tools.provider == "openai" else None)
+
+
 def test_a_client_sends_its_tool_results_back_and_gets_the_answer(serve_tools, fake):
     fake.script = Script(echo_tools=True)
     messages = [{"role": "user", "content": "weather?"},
@@ -1831,7 +1849,7 @@ def test_a_client_sends_its_tool_results_back_and_gets_the_answer(serve_tools, f
         assert call["tool_calls"] == [{"id": "call_9", "function": {"name": "get_weather", "arguments": {"city": "Tokyo"}}}]
         assert result == {"role": "tool", "content": "sunny, 21 C", "tool_call_id": "call_9", "tool_name": "get_weather"}
     else:
-        assert call == messages[1] and result == messages[2]
+        assert call == {**messages[1], "content": ""} and result == messages[2]  # "" for null: llama.cpp needs it
 
 
 def test_the_official_openai_sdk_runs_its_own_tools_through_piagent(serve, fake):
