@@ -11,6 +11,9 @@ Endpoints:
     POST /chat     {"message", "agent"="general", "stream"=false, "conversation_id"?}
                    -> {"reply", "conversation_id", "model", "provider"}, or with "stream": true a chunked
                       text/plain stream of tokens and the id in the X-Conversation-Id header.
+    POST /v1/chat/completions, GET /v1/models   the same agents for OpenAI clients
+
+An agent may use tools (AGENT_<NAME>_TOOLS=calc,now) through the model's native tool calling; see Tools.
 
 Config comes from, highest first: the real environment, the env file (PIAGENT_ENV_FILE, or piagent.env beside
 this file, or --env-file), then the defaults in `Config`. piagent.env lists every variable with a comment.
@@ -292,7 +295,7 @@ def _redis_url(settings: _Settings) -> str:
     return url
 
 
-def _read_agents(settings: _Settings, prefix: str, default_model: str) -> tuple[Agent, ...]:
+def _read_agents(settings: _Settings, prefix: str, default_model: str, tools_ok: bool) -> tuple[Agent, ...]:
     """AGENTS=a,b plus <prefix><NAME> (the model), AGENT_<NAME>_SYSTEM and AGENT_<NAME>_TOOLS for each.
 
     An agent without its own model uses <prefix>GENERAL, then `default_model`.
@@ -307,15 +310,14 @@ def _read_agents(settings: _Settings, prefix: str, default_model: str) -> tuple[
         model = settings.text(f"{prefix}{upper}", general) or general
         system = settings.text(f"AGENT_{upper}_SYSTEM", DEFAULT_SYSTEM_PROMPT) or DEFAULT_SYSTEM_PROMPT
         tools = settings.items(f"AGENT_{upper}_TOOLS", TOOL_NAME_PATTERN, "comma-separated tool names such as calc,now")
+        if tools and not tools_ok:
+            raise settings.fail(f"AGENT_{upper}_TOOLS", "no tools with OLLAMA_API=generate (tools need /api/chat)")
         agents.append(Agent(name, model, system, tuple(dict.fromkeys(tools))))
     return tuple(agents)
 
 
 def load_config(environ: Mapping[str, str], env_file: Path | None = None) -> Config:
-    """Build Config from the real environment over the env file over the defaults.
-
-    Raises ConfigError with one line naming the variable (or file line) at fault.
-    """
+    """Config from the real environment over the env file over the defaults; a ConfigError names what is wrong."""
     file_values = read_env_file(env_file) if env_file is not None else {}
     s = _Settings({**file_values, **environ})
     d = Config()
@@ -326,11 +328,7 @@ def load_config(environ: Mapping[str, str], env_file: Path | None = None) -> Con
     if workers > 1 and backend == "memory":
         raise s.fail("WORKERS", "1 with MEMORY_BACKEND=memory (each worker would keep its own memory); "
                                 "use MEMORY_BACKEND=sqlite or redis for several workers")
-    agents = _read_agents(s, "OPENAI_MODEL_" if provider == "openai" else "OLLAMA_MODEL_", d.agents[0].model)
     ollama_api = s.choice("OLLAMA_API", d.ollama_api, OLLAMA_APIS)
-    for agent in agents:
-        if agent.tools and provider == "ollama" and ollama_api == "generate":
-            raise s.fail(f"AGENT_{agent.name.upper()}_TOOLS", "no tools with OLLAMA_API=generate (tools need /api/chat)")
     keep_alive = s.text("OLLAMA_KEEP_ALIVE", None)
     if keep_alive is not None and not KEEP_ALIVE_PATTERN.match(keep_alive):
         raise s.fail("OLLAMA_KEEP_ALIVE", "seconds or a duration such as 30m, 1h, -1 (forever)")
@@ -375,7 +373,8 @@ def load_config(environ: Mapping[str, str], env_file: Path | None = None) -> Con
         metrics_public=s.boolean("METRICS_PUBLIC", d.metrics_public),
         warmup=s.boolean("WARMUP", provider == "ollama"),
         max_tool_rounds=s.integer("MAX_TOOL_ROUNDS", d.max_tool_rounds, 0, 10),
-        agents=agents,
+        agents=_read_agents(s, "OPENAI_MODEL_" if provider == "openai" else "OLLAMA_MODEL_", d.agents[0].model,
+                            tools_ok=provider == "openai" or ollama_api == "chat"),
     )
 
 
@@ -3548,16 +3547,13 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     args = parser.parse_args(argv)
     environ = dict(os.environ if environ is None else environ)
     overrides = {k: v for k, v in (("HOST", args.host), ("PORT", args.port)) if v is not None}
+    env_file = args.env_file or default_env_file(environ)
     try:
-        env_file = args.env_file or default_env_file(environ)
         config = load_config({**environ, **overrides}, env_file)
         check_tools(config)
-    except ConfigError as exc:
-        if args.check:
-            print(f"✗ settings: {exc}")
-            return 1
-        print(f"piagent: {exc}", file=sys.stderr)
-        return 2
+    except ConfigError as exc:  # --check reports it as a failed check (exit 1); start-up stops with exit 2
+        print(f"✗ settings: {exc}" if args.check else f"piagent: {exc}", file=sys.stdout if args.check else sys.stderr)
+        return 1 if args.check else 2
     if args.check:
         print_settings(config, env_file)
         results = asyncio.run(run_checks(config, env_file))

@@ -1577,6 +1577,13 @@ def test_a_bad_tool_setting_stops_start_up_with_one_line(env, says):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_check_reports_an_unknown_tool_as_a_failed_setting_and_shows_each_agents_tools(fake):
+    result = check({"OLLAMA_HOST": fake.url, "AGENT_GENERAL_TOOLS": "shell", "PIAGENT_ENV_FILE": os.devnull})
+    assert result.returncode == 1 and "✗ settings: AGENT_GENERAL_TOOLS='shell' is not valid" in result.stdout
+    result = check({"OLLAMA_HOST": fake.url, "AGENT_GENERAL_TOOLS": "calc,now", "PIAGENT_ENV_FILE": os.devnull})
+    assert result.returncode == 0 and "tools calc,now" in result.stdout
+
+
 def test_an_unknown_tool_is_refused_by_create_app_too():
     with pytest.raises(ConfigError, match="no tool named 'shell'; piagent has: calc, now"):
         create_app(load_config({"AGENT_GENERAL_TOOLS": "shell"}))
