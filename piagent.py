@@ -1264,7 +1264,7 @@ class OllamaProvider(HTTPProvider):
                 text = _ollama_text(chunk)
                 if text:
                     yield text
-                if "tool_calls" in chunk.get("message", ()):
+                if "tool_calls" in (chunk.get("message") or ()):
                     usage.tool_calls += ollama_tool_calls(chunk)
                 if chunk.get("done"):
                     _record_ollama_usage(usage, chunk)

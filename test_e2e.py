@@ -90,8 +90,13 @@ def run_llm(tmp_path_factory, *extra: str):
 
 @pytest.fixture(scope="module")
 def piagent_url(llm):
+    yield from serve_piagent(llm)
+
+
+def serve_piagent(llm: str, **env: str):
+    """piagent in front of the real server: greedy decoding, short replies; yields its URL."""
     config = load_config({"PROVIDER": "openai", "OPENAI_BASE_URL": llm, "OPENAI_MODEL_GENERAL": "smollm2",
-                          "TEMPERATURE": "0", "MAX_TOKENS": "48", "CTX_TOKENS": "2048"})
+                          "TEMPERATURE": "0", "MAX_TOKENS": "48", "CTX_TOKENS": "2048", **env})
     with LiveServer(create_app(config)) as server:
         yield server.url
 
@@ -210,10 +215,7 @@ CALC_TOOL = [{"type": "function", "function": {
 
 @pytest.fixture(scope="module")
 def tools_url(llm_tools):
-    config = load_config({"PROVIDER": "openai", "OPENAI_BASE_URL": llm_tools, "OPENAI_MODEL_GENERAL": "smollm2",
-                          "TEMPERATURE": "0", "MAX_TOKENS": "48", "AGENT_GENERAL_TOOLS": "calc,now"})
-    with LiveServer(create_app(config)) as server:
-        yield server.url
+    yield from serve_piagent(llm_tools, AGENT_GENERAL_TOOLS="calc,now")
 
 
 @pytest.mark.parametrize("stream", [False, True])
