@@ -880,8 +880,8 @@ class PendingTurn:
 # ---------------------------------------------------------------------------
 
 #: A chat message in OpenAI's shape: {"role": "user" | "assistant" | "system", "content": "..."}; tool traffic
-#: adds {"role": "assistant", "content": None, "tool_calls": [...]} and {"role": "tool", "tool_call_id", "content"}
-#: (arguments as a JSON string). A provider that speaks another dialect converts (ollama_message).
+#: adds {"role": "assistant", "content": "", "tool_calls": [...]} and {"role": "tool", "tool_call_id", "content"}
+#: (arguments as a JSON string). A provider that speaks another dialect converts (ollama_messages).
 Message = dict[str, Any]
 
 
@@ -1050,6 +1050,10 @@ class ToolCall(NamedTuple):
     id: str
     name: str
     arguments: str
+
+    def parsed_arguments(self) -> Any:
+        """The arguments as JSON (raises ValueError). Not strict: a model may put a raw line break in a string."""
+        return json.loads(self.arguments or "{}", strict=False)
 
     def as_message_part(self) -> dict[str, Any]:
         """The call as an assistant message's tool_calls item (OpenAI's shape)."""
@@ -1410,7 +1414,8 @@ def sse_event(data: Any, event: str | None = None) -> str:
 
 class ToolCallParts:
     """Tool calls put together from OpenAI's streamed fragments: the first fragment of a call (by `index`)
-    brings its id and name, later ones pieces of the arguments text. A whole call in one piece works too.
+    brings its id and name, later ones pieces of the arguments text. A whole call in one piece works too, and so
+    do servers that repeat the id and name in every fragment (llama.cpp's Python server): the first ones count.
 
     Example: feed([{"index": 0, "id": "call_1", "function": {"name": "calc", "arguments": ""}}]),
     feed([{"index": 0, "function": {"arguments": '{"expression":'}}]), feed([{"index": 0, "function":
@@ -1582,7 +1587,7 @@ def calc(arguments: dict[str, Any]) -> str:
         raise ToolError("division by zero") from None
     except OverflowError:
         raise ToolError("the result is too large") from None
-    except (ArithmeticError, ValueError, TypeError) as exc:  # overflow, sqrt(-1), a float too big for an int
+    except (ArithmeticError, ValueError, TypeError) as exc:  # sqrt(-1), floor of a float too big, ...
         raise ToolError(f"cannot compute that: {exc}") from None
     except (RecursionError, MemoryError):
         raise ToolError("the expression is too complex") from None
@@ -1736,7 +1741,7 @@ class ToolEvent(NamedTuple):
     def arguments(self) -> Any:
         """The arguments as JSON (or the text the model sent, when it is not JSON), for clients and logs."""
         try:
-            return json.loads(self.call.arguments or "{}", strict=False)
+            return self.call.parsed_arguments()
         except ValueError:
             return self.call.arguments
 
@@ -1749,8 +1754,8 @@ async def run_tool(call: ToolCall, allowed: tuple[str, ...]) -> ToolEvent:
     tool = TOOLS.get(call.name) if call.name in allowed else None
     if tool is None:
         return ToolEvent(call, None, f"there is no tool {call.name!r}; the tools are: {', '.join(allowed)}")
-    try:  # strict=False: a model may put a raw line break inside a string
-        arguments = json.loads(call.arguments or "{}", strict=False)
+    try:
+        arguments = call.parsed_arguments()
     except ValueError:
         return ToolEvent(call, None, f"the arguments for {call.name} are not valid JSON")
     problem = argument_problem(tool.parameters, arguments)
