@@ -2626,27 +2626,31 @@ class TokenStream(Response):
 
 
 async def relay(first: asyncio.Future, rest: AsyncIterator[str], x: Exchange, fmt: PlainText) -> AsyncIterator[str]:
-    """The stream body: pings until the first piece, the pieces, then the format's end.
+    """The stream body: pings until the first piece (and after each tool call, while the model reads the
+    result), the pieces, then the format's end.
 
     Stores the turn when done or when the client left mid-way; an upstream failure stores nothing,
     so a retry never sees half a turn.
     """
     sent: list[str] = []
-    failed = False
+    failed, waiting = False, first
     try:
-        while not first.done():
-            done, _ = await asyncio.wait({first}, timeout=fmt.ping_s)
-            if not done:
-                yield ": ping\n\n"
+        async for ping in _pings(first, fmt.ping_s):
+            yield ping
         if "first_token_at" not in x.fields:
             x.mark("first_token")
-        out = _render(first.result(), sent, x, fmt)
-        if out:
-            yield out
-        async for item in rest:
+        item = first.result()
+        while item is not None:
             out = _render(item, sent, x, fmt)
             if out:
                 yield out
+            if isinstance(item, ToolEvent) and fmt.ping_s is not None:  # the model reads the result: may take long
+                waiting = asyncio.ensure_future(anext(rest, None))
+                async for ping in _pings(waiting, fmt.ping_s):
+                    yield ping
+                item = waiting.result()
+            else:
+                item = await anext(rest, None)
         x.fields["tokens"] = len(sent)
         x.fields["prompt_tokens"] = x.usage.prompt_tokens
         await x.finish("".join(sent))  # stored before the client is told it is done; a failure is reported
@@ -2661,11 +2665,20 @@ async def relay(first: asyncio.Future, rest: AsyncIterator[str], x: Exchange, fm
         yield tail
     finally:
         x.fields["tokens"] = len(sent)
-        if not first.done():
-            first.cancel()
-            await asyncio.gather(first, return_exceptions=True)
+        for task in {first, waiting}:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await rest.aclose()
         await x.finish(None if failed else "".join(sent))  # a client that left keeps what it received
+
+
+async def _pings(task: asyncio.Future, ping_s: float | None) -> AsyncIterator[str]:
+    """An SSE comment every `ping_s` seconds until `task` is done, so proxies never see an idle stream."""
+    while not task.done():
+        done, _ = await asyncio.wait({task}, timeout=ping_s)
+        if not done:
+            yield ": ping\n\n"
 
 
 def _render(item: str | ToolEvent | None, sent: list[str], x: Exchange, fmt: PlainText) -> str | None:

@@ -1729,6 +1729,22 @@ def test_after_max_tool_rounds_the_model_must_answer_without_tools(serve_tools, 
     assert offered == [True] * rounds + [False] and text == "Done." and len(tools) == rounds
 
 
+def test_sse_pings_while_the_model_reads_a_tool_result(serve, fake):
+    # on a Pi the next round can take many seconds before its first token: the stream must not look dead
+    fake.script = Script(tool_rounds=[[("calc", {"expression": "1 + 1"})]], tokens=["Two", "."], hold_after=0)
+    server = serve(AGENT_GENERAL_TOOLS="calc", SSE_PING_S="0.02")
+    seen = []
+    with httpx.stream("POST", f"{server.url}/chat", json={"message": "1 + 1?", "stream": True}, headers=SSE,
+                      timeout=DEADLINE_S) as response:
+        for line in response.iter_lines():
+            seen.append(line)
+            if line == ": ping" and "event: tool" in seen:
+                fake.script.release.set()  # the answer may come now
+    after_tool = seen[seen.index("event: tool"):]
+    assert ": ping" in after_tool and after_tool.index(": ping") < after_tool.index("event: token")
+    assert seen[-3:-1] == ["event: done", seen[-2]] and '"tokens":2' in seen[-2]
+
+
 def test_memory_keeps_the_user_message_and_final_answer_not_the_tool_traffic(serve_tools, fake):
     server = serve_tools()
     fake.script = Script(tool_rounds=[[("calc", {"expression": "6 * 7"})]], echo_tools=True)
