@@ -1758,6 +1758,26 @@ def test_memory_keeps_the_user_message_and_final_answer_not_the_tool_traffic(ser
     assert [(t["user"], t["assistant"]) for t in stored] == [("compute", "results: 42"), ("thanks", "Hello from the Pi!")]
 
 
+def test_now_is_wired_like_calc(serve, fake):
+    fake.script = Script(tool_rounds=[[("now", {"timezone": "UTC"})]], echo_tools=True)
+    text, tools = tool_reply(serve(AGENT_GENERAL_TOOLS="now"), "json")
+    stamp = datetime.fromisoformat(tools[0]["result"].split(" ")[0])
+    assert stamp.utcoffset().total_seconds() == 0 and text == f"results: {tools[0]['result']}"
+
+
+def test_a_tool_added_to_tools_is_offered_and_run_like_the_built_in_ones(serve, fake, monkeypatch):
+    # what the README's "Adding a tool" says: one function, one entry in TOOLS, then AGENT_<NAME>_TOOLS lists it
+    def reverse(arguments):
+        return arguments["word"][::-1]
+
+    monkeypatch.setitem(TOOLS, "reverse", Tool(reverse, "Reverse a word.", {
+        "type": "object", "required": ["word"], "properties": {"word": {"type": "string"}}}))
+    fake.script = Script(tool_rounds=[[("reverse", {"word": "piagent"})]], echo_tools=True)
+    text, _ = tool_reply(serve(AGENT_GENERAL_TOOLS="reverse,calc"), "json")
+    assert text == "results: tnegaip"
+    assert [t["function"]["name"] for t in fake.generations()[0].body["tools"]] == ["reverse", "calc"]
+
+
 def test_an_agent_without_tools_sends_no_tools(serve, fake):
     chat(serve(AGENTS="general,maths", AGENT_MATHS_TOOLS="calc"), message="hi")
     assert "tools" not in fake.generations()[0].body
