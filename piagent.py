@@ -2395,18 +2395,20 @@ class Exchange:
         """The streamed reply: text pieces, and the agent's tool calls as they run."""
         if not self.runs_tools:
             return self.provider.stream(self.agent, self.prompt, self.sampling, self.usage)
-        rounds = self.request.app.state.config.max_tool_rounds
-        return tool_loop(self.provider, self.agent, self.prompt, self.sampling, self.usage, rounds, stream=True)
+        return self._tool_loop(stream=True)
 
     async def complete(self) -> str:
         """The whole reply, after any tool calls (which land in `events`)."""
         if not self.runs_tools:
             return await self.provider.complete(self.agent, self.prompt, self.sampling, self.usage)
-        rounds, said = self.request.app.state.config.max_tool_rounds, []
-        async for item in tool_loop(self.provider, self.agent, self.prompt, self.sampling, self.usage, rounds,
-                                    stream=False):
+        said: list[str] = []
+        async for item in self._tool_loop(stream=False):
             self.note(item, said)
         return "".join(said)
+
+    def _tool_loop(self, stream: bool) -> AsyncIterator[str | ToolEvent]:
+        rounds = self.request.app.state.config.max_tool_rounds
+        return tool_loop(self.provider, self.agent, self.prompt, self.sampling, self.usage, rounds, stream)
 
     def note(self, item: str | ToolEvent | None, said: list[str]) -> bool:
         """Add a text piece to `said` or a tool call to `events`; True if it was text."""
