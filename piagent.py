@@ -26,6 +26,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import inspect
 import json
 import logging
 import math
@@ -38,11 +39,13 @@ import uuid
 import zoneinfo
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Literal, Mapping, NamedTuple, Protocol, TypeVar
+from types import MappingProxyType
+from typing import (Any, AsyncIterator, Awaitable, Callable, Literal, Mapping, MutableMapping, NamedTuple, Protocol,
+                    TypeVar)
 
 import httpx
 from fastapi import FastAPI, Query, Request
@@ -76,10 +79,6 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("auto", "text", "json")
 #: A CORS origin: scheme, host and optional port, nothing else (and never "*").
 ORIGIN_PATTERN = re.compile(r"^https?://[A-Za-z0-9.-]+(:\d{1,5})?$")
-#: Values of MEMORY_BACKEND; each names a class in the MEMORY_STORES mapping of the Memory section.
-MEMORY_BACKENDS = ("memory", "sqlite", "redis")
-#: Values of PROVIDER; each names a class in the PROVIDERS mapping of the Providers section.
-PROVIDER_NAMES = ("ollama", "openai")
 #: What a tool name in AGENT_<NAME>_TOOLS looks like (the Tools section checks it names a real tool).
 TOOL_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 OLLAMA_APIS = ("chat", "generate")
@@ -89,8 +88,25 @@ class ConfigError(Exception):
     """A setting or env-file line piagent cannot use; the message names it and says what is expected."""
 
 
+class StoreError(Exception):
+    """The memory store cannot start (bad path, corrupt file, no Redis): one line, and whether retrying may help."""
+
+    def __init__(self, message: str, retry_may_help: bool = False):
+        super().__init__(message)
+        self.retry_may_help = retry_may_help
+
+
+class ToolError(Exception):
+    """A tool refused its input; the message goes back to the model as the call's result."""
+
+
+class ClientGone(Exception):
+    """The client hung up (or stopped reading) before the reply was whole; nothing more is sent."""
+
+
 class PiagentError(Exception):
-    """An error a caller can act on; API maps it to `status` and {"error": {"code", "message"}}."""
+    """An error a caller can act on: API renders it as `status` and {"error": {"code", "message"}} (OpenAI's
+    shape under /v1/). The message says what to do; `headers` go with it (Retry-After, ...)."""
 
     status = 500
     code = "internal_error"
@@ -99,6 +115,34 @@ class PiagentError(Exception):
         super().__init__(message)
         self.message = message
         self.headers = headers or {}
+
+
+class UpstreamFailure(PiagentError):
+    """The model server failed; nothing from this request is stored."""
+
+
+# The whole error table: every failure a client can act on, with its HTTP status and code.
+class InvalidRequest(PiagentError): status, code = 422, "invalid_request"  # noqa: E701
+class UnknownAgent(PiagentError): status, code = 404, "unknown_agent"  # noqa: E701
+class ConversationNotFound(PiagentError): status, code = 404, "conversation_not_found"  # noqa: E701
+class MessageTooLong(PiagentError): status, code = 413, "message_too_long"  # noqa: E701
+class PromptTooLarge(PiagentError): status, code = 413, "prompt_too_large"  # noqa: E701
+class BodyTooLarge(PiagentError): status, code = 413, "body_too_large"  # noqa: E701
+class Unauthorized(PiagentError): status, code = 401, "unauthorized"  # noqa: E701
+class RateLimited(PiagentError): status, code = 429, "rate_limited"  # noqa: E701
+class QueueFull(PiagentError): status, code = 503, "queue_full"  # noqa: E701
+class ShuttingDown(PiagentError): status, code = 503, "shutting_down"  # noqa: E701
+class MemoryUnavailable(PiagentError): status, code = 503, "memory_unavailable"  # noqa: E701
+class UpstreamUnavailable(UpstreamFailure): status, code = 503, "upstream_unavailable"  # noqa: E701
+class UpstreamBusy(UpstreamFailure): status, code = 503, "upstream_busy"  # noqa: E701
+class UpstreamTimeout(UpstreamFailure): status, code = 504, "upstream_timeout"  # noqa: E701
+class ModelNotFound(UpstreamFailure): status, code = 502, "model_not_found"  # noqa: E701
+class UpstreamAuth(UpstreamFailure): status, code = 502, "upstream_auth"  # noqa: E701
+class UpstreamError(UpstreamFailure): status, code = 502, "upstream_error"  # noqa: E701
+
+
+#: Seconds a client is told to wait when the model or the memory is busy and no better figure is known.
+DEFAULT_RETRY_AFTER_S = 5
 
 
 @dataclass(frozen=True)
@@ -121,8 +165,8 @@ class Config:
     ollama_host: str = "http://127.0.0.1:11434"  # Ollama's base URL (loopback: Ollama's own default)
     ollama_api: str = "chat"  # "chat" applies the model's template; "generate" for models without one
     ollama_keep_alive: str | None = None  # e.g. "30m" so the Pi does not unload the model between chats
-    ollama_connect_timeout_s: float = 5.0  # a local Ollama answers a connect at once or not at all
-    ollama_timeout_s: float = 300.0  # first byte may take minutes while a Pi loads a model
+    upstream_connect_timeout_s: float = 5.0  # a local model server answers a connect at once or not at all
+    upstream_timeout_s: float = 300.0  # first byte may take minutes while a Pi loads a model
     ctx_tokens: int = 2048  # options.num_ctx: the context window Ollama allocates
     max_tokens: int = 200  # options.num_predict: bounds every reply, so the Pi is never stuck on one
     temperature: float = 0.7  # options.temperature
@@ -149,6 +193,7 @@ class Config:
     max_concurrent: int = 1  # generations at once: a Pi runs one well
     max_queue: int = 8  # more requests than this waiting -> 503 queue_full instead of piling up
     shutdown_grace_s: float = 10.0  # on SIGTERM, in-flight streams get this long to finish
+    write_timeout_s: float = 30.0  # a client that reads nothing of a stream for this long is dropped
     enable_ui: bool = True  # the chat page at /
     metrics_public: bool = False  # /metrics without a key (for a Prometheus on the LAN)
     warmup: bool = True  # load each agent's model at start-up (Ollama only), so the first chat is not cold
@@ -156,11 +201,6 @@ class Config:
     agents: tuple[Agent, ...] = field(
         default=(Agent("general", "qwen2.5:3b-instruct", DEFAULT_SYSTEM_PROMPT),)
     )
-
-    @property
-    def upstream_url(self) -> str:
-        """The base URL of the model server the chosen provider talks to."""
-        return self.openai_base_url if self.provider == "openai" else self.ollama_host
 
     def agent(self, name: str) -> Agent | None:
         """The agent called `name`, or None."""
@@ -229,6 +269,10 @@ class _Settings:
         value = self.values.get(key)
         return None if value is None or value.strip() == "" else value.strip()
 
+    def named(self, key: str, *aliases: str) -> str:
+        """`key`, or the first of its older names that is set (old env files keep working)."""
+        return next((k for k in (key, *aliases) if self.raw(k) is not None), key)
+
     def fail(self, key: str, expected: str) -> ConfigError:
         return ConfigError(f"{key}={self.values.get(key)!r} is not valid: expected {expected}")
 
@@ -287,98 +331,8 @@ class _Settings:
         return value.rstrip("/")
 
 
-def _redis_url(settings: _Settings) -> str:
-    url = settings.text("REDIS_URL", Config.redis_url) or Config.redis_url
-    if not re.match(r"^(redis|rediss|unix)://", url):
-        raise settings.fail("REDIS_URL", "a URL such as redis://127.0.0.1:6379/0")
-    return url
-
-
-def _read_agents(settings: _Settings, prefix: str, default_model: str, tools_ok: bool) -> tuple[Agent, ...]:
-    """AGENTS=a,b plus <prefix><NAME> (the model), AGENT_<NAME>_SYSTEM and AGENT_<NAME>_TOOLS for each.
-
-    An agent without its own model uses <prefix>GENERAL, then `default_model`.
-    """
-    names = [n.strip().lower() for n in (settings.text("AGENTS", "general") or "general").split(",")]
-    if not all(AGENT_NAME_PATTERN.match(n) for n in names) or len(set(names)) != len(names):
-        raise settings.fail("AGENTS", "distinct comma-separated names of lowercase letters, digits and _")
-    agents = []
-    general = settings.text(f"{prefix}GENERAL", default_model) or default_model
-    for name in names:
-        upper = name.upper()
-        model = settings.text(f"{prefix}{upper}", general) or general
-        system = settings.text(f"AGENT_{upper}_SYSTEM", DEFAULT_SYSTEM_PROMPT) or DEFAULT_SYSTEM_PROMPT
-        tools = settings.items(f"AGENT_{upper}_TOOLS", TOOL_NAME_PATTERN, "comma-separated tool names such as calc,now")
-        if tools and not tools_ok:
-            raise settings.fail(f"AGENT_{upper}_TOOLS", "no tools with OLLAMA_API=generate (tools need /api/chat)")
-        agents.append(Agent(name, model, system, tuple(dict.fromkeys(tools))))
-    return tuple(agents)
-
-
-def load_config(environ: Mapping[str, str], env_file: Path | None = None) -> Config:
-    """Config from the real environment over the env file over the defaults; a ConfigError names what is wrong."""
-    file_values = read_env_file(env_file) if env_file is not None else {}
-    s = _Settings({**file_values, **environ})
-    d = Config()
-    provider = s.choice("PROVIDER", d.provider, PROVIDER_NAMES)
-    state_dir = s.text("STATE_DIRECTORY", None)  # set by systemd's StateDirectory=
-    backend = s.choice("MEMORY_BACKEND", "sqlite" if state_dir else d.memory_backend, MEMORY_BACKENDS)
-    workers = s.integer("WORKERS", d.workers, 1, 64)
-    if workers > 1 and backend == "memory":
-        raise s.fail("WORKERS", "1 with MEMORY_BACKEND=memory (each worker would keep its own memory); "
-                                "use MEMORY_BACKEND=sqlite or redis for several workers")
-    ollama_api = s.choice("OLLAMA_API", d.ollama_api, OLLAMA_APIS)
-    keep_alive = s.text("OLLAMA_KEEP_ALIVE", None)
-    if keep_alive is not None and not KEEP_ALIVE_PATTERN.match(keep_alive):
-        raise s.fail("OLLAMA_KEEP_ALIVE", "seconds or a duration such as 30m, 1h, -1 (forever)")
-    return Config(
-        provider=provider,
-        openai_base_url=s.url("OPENAI_BASE_URL", d.openai_base_url),
-        openai_api_key=s.text("OPENAI_API_KEY", None),
-        ollama_host=s.url("OLLAMA_HOST", d.ollama_host),
-        ollama_api=ollama_api,
-        ollama_keep_alive=keep_alive,
-        ollama_connect_timeout_s=s.number("OLLAMA_CONNECT_TIMEOUT_S", d.ollama_connect_timeout_s, 0.1, 600),
-        ollama_timeout_s=s.number("OLLAMA_TIMEOUT_S", d.ollama_timeout_s, 0.1, 86400),
-        ctx_tokens=s.integer("CTX_TOKENS", d.ctx_tokens, 128, 1_048_576),
-        max_tokens=s.integer("MAX_TOKENS", d.max_tokens, 1, 1_048_576),
-        temperature=s.number("TEMPERATURE", d.temperature, 0.0, 2.0),
-        enable_memory=s.boolean("ENABLE_MEMORY", d.enable_memory),
-        memory_max_turns=s.integer("MEMORY_MAX_TURNS", d.memory_max_turns, 1, 1000),
-        memory_ttl_min=s.number("MEMORY_TTL_MIN", d.memory_ttl_min, 0.01, 525_600),
-        memory_max_conversations=s.integer("MEMORY_MAX_CONVERSATIONS", d.memory_max_conversations, 1, 1_000_000),
-        memory_backend=backend,
-        memory_path=s.text("MEMORY_PATH", str(Path(state_dir) / "piagent.db") if state_dir else d.memory_path),
-        redis_url=_redis_url(s),
-        workers=workers,
-        host=s.text("HOST", d.host) or d.host,
-        port=s.integer("PORT", d.port, 1, 65535),
-        log_level=s.choice("LOG_LEVEL", d.log_level, LOG_LEVELS),
-        sse_ping_s=s.number("SSE_PING_S", d.sse_ping_s, 0.01, 3600),
-        log_format=s.choice("LOG_FORMAT", d.log_format, LOG_FORMATS),
-        log_prompts=s.boolean("LOG_PROMPTS", d.log_prompts),
-        api_keys=s.items("API_KEYS", re.compile(r"^[\x21-\x2b\x2d-\x7e]{8,256}$"),
-                         "comma-separated keys of 8 to 256 printable characters, no spaces"),
-        rate_limit_per_min=s.integer("RATE_LIMIT_PER_MIN", d.rate_limit_per_min, 0, 100_000),
-        trust_proxy=s.boolean("TRUST_PROXY", d.trust_proxy),
-        max_body_bytes=s.integer("MAX_BODY_BYTES", d.max_body_bytes, 1024, 16_777_216),
-        max_message_chars=s.integer("MAX_MESSAGE_CHARS", d.max_message_chars, 1, 1_000_000),
-        cors_origins=s.items("CORS_ORIGINS", ORIGIN_PATTERN,
-                             "comma-separated origins such as http://pi.local:8000 (never *)"),
-        max_concurrent=s.integer("MAX_CONCURRENT", d.max_concurrent, 1, 1024),
-        max_queue=s.integer("MAX_QUEUE", d.max_queue, 0, 100_000),
-        shutdown_grace_s=s.number("SHUTDOWN_GRACE_S", d.shutdown_grace_s, 0, 3600),
-        enable_ui=s.boolean("ENABLE_UI", d.enable_ui),
-        metrics_public=s.boolean("METRICS_PUBLIC", d.metrics_public),
-        warmup=s.boolean("WARMUP", provider == "ollama"),
-        max_tool_rounds=s.integer("MAX_TOOL_ROUNDS", d.max_tool_rounds, 0, 10),
-        agents=_read_agents(s, "OPENAI_MODEL_" if provider == "openai" else "OLLAMA_MODEL_", d.agents[0].model,
-                            tools_ok=provider == "openai" or ollama_api == "chat"),
-    )
-
-
 # ---------------------------------------------------------------------------
-# Memory: conversation stores (in-process, SQLite, Redis) and per-conversation locks
+# Memory: conversation stores (in-process, SQLite, Redis)
 # ---------------------------------------------------------------------------
 
 #: Redis keys start with this, so piagent can share a Redis with other programs.
@@ -407,18 +361,6 @@ class Conversation:
     agent: str
     last_used: float
     turns: list[Turn]
-
-
-class StoreError(Exception):
-    """The memory store cannot start (bad path, corrupt file, no Redis): one line, and whether retrying may help."""
-
-    def __init__(self, message: str, retry_may_help: bool = False):
-        super().__init__(message)
-        self.retry_may_help = retry_may_help
-
-
-class MemoryUnavailable(PiagentError):
-    status, code = 503, "memory_unavailable"
 
 
 class MemoryStore(Protocol):
@@ -453,6 +395,14 @@ class MemoryStore(Protocol):
         """How many live conversations are kept."""
 
 
+class CappedStore:
+    """What every store shares: the caps it keeps and the clock it reads (tests inject one)."""
+
+    def __init__(self, config: Config, clock: Callable[[], float]):
+        self.max_turns, self.ttl_s = config.memory_max_turns, config.memory_ttl_min * 60
+        self.max_conversations, self.clock = config.memory_max_conversations, clock
+
+
 @dataclass
 class _Kept:
     agent: str
@@ -461,7 +411,7 @@ class _Kept:
     total: int = 0  # turns ever stored: the next turn's index
 
 
-class InProcessStore:
+class InProcessStore(CappedStore):
     """Conversations in RAM, in an OrderedDict kept in last-use order.
 
     Both the TTL sweep and LRU eviction pop from the front, so every operation is O(1) amortised and memory is
@@ -469,8 +419,7 @@ class InProcessStore:
     """
 
     def __init__(self, config: Config, clock: Callable[[], float]):
-        self.max_turns, self.ttl_s = config.memory_max_turns, config.memory_ttl_min * 60
-        self.max_conversations, self.clock = config.memory_max_conversations, clock
+        super().__init__(config, clock)
         self._kept: OrderedDict[str, _Kept] = OrderedDict()
 
     def __len__(self) -> int:
@@ -546,7 +495,7 @@ CREATE INDEX IF NOT EXISTS turns_by_conversation ON turns(conversation_id, seq);
 """
 
 
-class SQLiteStore:
+class SQLiteStore(CappedStore):
     """Conversations in one SQLite file (stdlib sqlite3, WAL): survives restarts; several workers may share it.
 
     Every database call runs on one dedicated thread, so the event loop never waits for the disk; each stored
@@ -554,9 +503,8 @@ class SQLiteStore:
     """
 
     def __init__(self, config: Config, clock: Callable[[], float]):
+        super().__init__(config, clock)
         self.path = Path(config.memory_path)
-        self.max_turns, self.ttl_s = config.memory_max_turns, config.memory_ttl_min * 60
-        self.max_conversations, self.clock = config.memory_max_conversations, clock
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="piagent-sqlite")
         self._db: sqlite3.Connection | None = None
 
@@ -602,8 +550,9 @@ class SQLiteStore:
             result = work(db, now)
             db.execute("COMMIT")
             return result
-        except BaseException:
-            db.execute("ROLLBACK")
+        except BaseException:  # in the store's own thread: whatever stopped the work, the transaction must end
+            if db.in_transaction:  # a full disk may have ended it already: keep its error, not ROLLBACK's
+                db.execute("ROLLBACK")
             raise
 
     async def history(self, conversation_id: str) -> list[Turn]:
@@ -700,7 +649,7 @@ return redis.call('LRANGE', KEYS[1], 0, -1)
 """
 
 
-class RedisStore:
+class RedisStore(CappedStore):
     """Conversations in Redis, for several piagent instances: a list of turns per conversation (trimmed to the
     cap), a sorted set of last-use times (TTL and LRU), each change one Lua script, so atomic.
 
@@ -708,9 +657,8 @@ class RedisStore:
     """
 
     def __init__(self, config: Config, clock: Callable[[], float]):
+        super().__init__(config, clock)
         self.url = config.redis_url
-        self.max_turns, self.ttl_s = config.memory_max_turns, config.memory_ttl_min * 60
-        self.max_conversations, self.clock = config.memory_max_conversations, clock
         self.expire_s = math.ceil(self.ttl_s) + REDIS_EXPIRE_MARGIN_S
         self._redis: Any = None
 
@@ -794,84 +742,8 @@ def _turn_from_json(text: str) -> Turn:
     return Turn(data["user"], data["assistant"], data["created_at"], data.get("index", 0))
 
 
-#: MEMORY_BACKEND name -> store class, built as cls(Config, clock). Keys are Config's MEMORY_BACKENDS.
+#: MEMORY_BACKEND name -> store class, built as cls(Config, clock); MEMORY_BACKEND's choices are its keys.
 MEMORY_STORES: dict[str, type] = {"memory": InProcessStore, "sqlite": SQLiteStore, "redis": RedisStore}
-
-
-class ConversationLocks:
-    """One asyncio.Lock per conversation in use, so two requests on one conversation never interleave.
-
-    An entry lives only while someone holds or waits for it, so this is bounded by in-flight requests.
-    """
-
-    def __init__(self) -> None:
-        self._entries: dict[str, list[Any]] = {}  # id -> [lock, holders + waiters]
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def users(self, conversation_id: str) -> int:
-        """How many requests hold or wait for this conversation."""
-        entry = self._entries.get(conversation_id)
-        return entry[1] if entry else 0
-
-    async def acquire(self, conversation_id: str) -> None:
-        entry = self._entries.setdefault(conversation_id, [asyncio.Lock(), 0])
-        entry[1] += 1
-        try:
-            await entry[0].acquire()
-        except BaseException:
-            self._forget(conversation_id)
-            raise
-
-    def release(self, conversation_id: str) -> None:
-        self._entries[conversation_id][0].release()
-        self._forget(conversation_id)
-
-    def _forget(self, conversation_id: str) -> None:
-        entry = self._entries[conversation_id]
-        entry[1] -= 1
-        if entry[1] == 0:
-            del self._entries[conversation_id]
-
-
-class PendingTurn:
-    """The life of one request's turn: lock the conversation, read history, store the outcome, unlock.
-
-    With memory off it does nothing: no lock, no history, nothing stored.
-    """
-
-    def __init__(self, store: MemoryStore | None, locks: ConversationLocks, conversation_id: str, agent: str,
-                 user: str):
-        self.store, self.locks = store, locks
-        self.conversation_id, self.agent, self.user = conversation_id, agent, user
-        self._held = False
-
-    async def begin(self) -> list[Turn]:
-        """Wait for the conversation to be free; return its history."""
-        if self.store is None:
-            return []
-        await self.locks.acquire(self.conversation_id)
-        self._held = True
-        try:
-            return await self.store.history(self.conversation_id)
-        except BaseException:
-            await self.finish(None)
-            raise
-
-    async def finish(self, reply: str | None) -> None:
-        """Store (user, reply) unless reply is None or empty, then unlock (even if storing failed).
-
-        Safe to call twice: the second call does nothing.
-        """
-        if not self._held:
-            return
-        self._held = False
-        try:
-            if reply:
-                await self.store.append(self.conversation_id, self.agent, self.user, reply)
-        finally:
-            self.locks.release(self.conversation_id)
 
 
 # ---------------------------------------------------------------------------
@@ -920,10 +792,6 @@ ASCII_CHARS_PER_TOKEN = 2.5
 TOKENS_PER_OTHER_CHAR = 2
 #: Tokens a chat template adds around each message (role markers, separators), counted high.
 TOKENS_PER_MESSAGE = 6
-
-
-class PromptTooLarge(PiagentError):
-    status, code = 413, "prompt_too_large"
 
 
 def estimate_tokens(messages: list[Message]) -> int:
@@ -1008,38 +876,8 @@ def render_prompt(prompt: Prompt) -> str:
 # ---------------------------------------------------------------------------
 
 
-class UpstreamFailure(PiagentError):
-    """The model server failed; nothing from this request is stored."""
-
-
-class UpstreamUnavailable(UpstreamFailure):
-    status, code = 503, "upstream_unavailable"
-
-
-class ModelNotFound(UpstreamFailure):
-    status, code = 502, "model_not_found"
-
-
-class UpstreamAuth(UpstreamFailure):
-    status, code = 502, "upstream_auth"
-
-
-class UpstreamBusy(UpstreamFailure):
-    status, code = 503, "upstream_busy"
-
-
-class UpstreamTimeout(UpstreamFailure):
-    status, code = 504, "upstream_timeout"
-
-
-class UpstreamError(UpstreamFailure):
-    status, code = 502, "upstream_error"
-
-
 #: Seconds a readiness probe or --check waits for the upstream (a healthy one answers at once).
 PROBE_TIMEOUT_S = 10.0
-#: Seconds a client is told to wait when the upstream is busy and gives no Retry-After of its own.
-DEFAULT_RETRY_AFTER_S = 5
 
 
 class ToolCall(NamedTuple):
@@ -1082,9 +920,14 @@ class Usage:
 
 
 class Provider(Protocol):
-    """Talks to one kind of model server. A new provider is one class here plus one line in PROVIDERS."""
+    """Talks to one kind of model server. A new provider is one class here plus one line in PROVIDERS: the class
+    owns its settings (URL, model variables, key), its wording in errors, and whether models warm at start-up."""
 
-    name: str
+    name: str  # the PROVIDER value that picks it
+    label: str  # how messages name the server, e.g. "Ollama"
+    model_prefix: str  # an agent's model comes from <model_prefix><AGENT>, e.g. OLLAMA_MODEL_GENERAL
+    warm_by_default: bool  # WARMUP's default: load each model at start-up
+    base_url: str
 
     async def complete(self, agent: Agent, prompt: Prompt, sampling: Sampling, usage: Usage) -> str:
         """The whole reply at once; raises UpstreamFailure."""
@@ -1098,6 +941,9 @@ class Provider(Protocol):
     async def warm(self, model: str) -> None:
         """Ask the server to load `model` now; raises UpstreamFailure."""
 
+    def not_found(self, model: str) -> str:
+        """What to do when the server does not know `model`."""
+
 
 def has_model(model: str, available: set[str]) -> bool:
     """Whether `model` is among `available`, where a name without a tag means ":latest" (Ollama's rule).
@@ -1107,27 +953,76 @@ def has_model(model: str, available: set[str]) -> bool:
     return model in available or (":" not in model and f"{model}:latest" in available)
 
 
-class HTTPProvider:
-    """What both providers share: the shared client, the error mapping, and the two request shapes."""
+#: The longest line piagent reads from an upstream stream (a token's chunk is a few hundred bytes).
+MAX_UPSTREAM_LINE_BYTES = 1 << 20
+#: The largest non-streamed upstream body piagent reads.
+MAX_UPSTREAM_BODY_BYTES = 4 << 20
+JSON_KINDS = {str: "a string", int: "a whole number", float: "a number", dict: "an object", list: "a list",
+              bool: "true or false"}
 
-    name = ""
-    label = ""  # how messages name the server, e.g. "Ollama"
+
+def typed(value: Any, kind: type, field_name: str, label: str) -> Any:
+    """`value` when it is null or of `kind` (bools are not numbers); otherwise UpstreamError naming the field.
+
+    Example: typed(123, str, "message.content", "Ollama") raises "Ollama sent message.content as a whole number..."
+    """
+    if value is None or (isinstance(value, kind) and (kind is bool or not isinstance(value, bool))):
+        return value
+    sent = next((name for k, name in JSON_KINDS.items() if type(value) is k), type(value).__name__)
+    raise UpstreamError(f"{label} sent {field_name} as {sent}, not {JSON_KINDS[kind]}; is it a compatible server "
+                        f"and version?")
+
+
+class HTTPProvider:
+    """What both providers share: the client, the error mapping, and one loop that reads a streamed reply.
+
+    A subclass gives `request` (path and body of a generation), `read(line, reply, usage)` (the text of one
+    streamed line), `end(reply, usage)` (the body is over: was the reply whole?) and `whole(data, usage)` (the
+    text of a non-streamed body). `reply` is what a reader keeps between lines of one reply.
+    """
+
+    name = label = model_prefix = url_field = ""
+    warm_by_default = False
     start_hint = "start it"  # what to do when it cannot be reached
+    key_hint = "check its settings"  # what to do when it refuses piagent's credentials
 
     def __init__(self, client: httpx.AsyncClient, config: Config):
-        self.client = client
-        self.config = config
-
-    @property
-    def base_url(self) -> str:
-        return self.config.upstream_url
-
-    def not_found(self, model: str) -> str:
-        """What to do when the server does not know `model`."""
-        raise NotImplementedError
+        self.client, self.config = client, config
+        self.base_url = getattr(config, self.url_field)
 
     def headers(self) -> dict[str, str]:
         return {}
+
+    def not_found(self, model: str) -> str:
+        raise NotImplementedError
+
+    def request(self, agent: Agent, prompt: Prompt, sampling: Sampling, stream: bool) -> tuple[str, dict[str, Any]]:
+        raise NotImplementedError
+
+    def read(self, line: bytes, reply: dict[str, Any], usage: Usage) -> str:
+        raise NotImplementedError
+
+    def end(self, reply: dict[str, Any], usage: Usage) -> None:
+        raise NotImplementedError
+
+    def whole(self, data: dict[str, Any], usage: Usage) -> str:
+        raise NotImplementedError
+
+    async def complete(self, agent: Agent, prompt: Prompt, sampling: Sampling, usage: Usage) -> str:
+        path, body = self.request(agent, prompt, sampling, stream=False)
+        return self.whole(await self.post_json(path, body, agent.model), usage)
+
+    async def stream(self, agent: Agent, prompt: Prompt, sampling: Sampling, usage: Usage) -> AsyncIterator[str]:
+        path, body = self.request(agent, prompt, sampling, stream=True)
+        reply: dict[str, Any] = {"done": False}  # what `read` keeps between lines
+        async with aclosing(self.stream_lines(path, body, agent.model)) as lines:
+            async for line in lines:
+                if reply["done"]:  # after the end: read on, so the connection goes back to the pool
+                    continue
+                text = self.read(line, reply, usage)
+                if text:
+                    yield text
+        self.end(reply, usage)
 
     async def raise_for_status(self, response: httpx.Response, model: str) -> None:
         """Turn an HTTP error from the upstream into the typed error a caller can act on."""
@@ -1141,7 +1036,7 @@ class HTTPProvider:
         if status == 404:  # the wording varies between servers and versions: never parse it
             raise ModelNotFound(self.not_found(model))
         if status in (401, 403):
-            raise UpstreamAuth(f"{self.label} refused the credentials ({detail}); check OPENAI_API_KEY")
+            raise UpstreamAuth(f"{self.label} refused the credentials ({detail}); {self.key_hint}")
         if status in (429, 503):
             retry = response.headers.get("retry-after", str(DEFAULT_RETRY_AFTER_S))
             raise UpstreamBusy(f"{self.label} is busy ({detail}); retry shortly", {"Retry-After": retry})
@@ -1153,53 +1048,66 @@ class HTTPProvider:
         if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
             return UpstreamUnavailable(f"cannot reach {self.label} at {url}; {self.start_hint}")
         if isinstance(exc, httpx.ReadTimeout):
-            wait = self.config.ollama_timeout_s
+            wait = self.config.upstream_timeout_s
             if started:
                 return UpstreamError(f"{self.label} at {url} stopped sending for {wait:g} s mid-reply")
-            return UpstreamTimeout(
-                f"{self.label} at {url} sent nothing for {wait:g} s (OLLAMA_TIMEOUT_S); is the model too big for this machine?")
+            return UpstreamTimeout(f"{self.label} at {url} sent nothing for {wait:g} s (UPSTREAM_TIMEOUT_S); "
+                                   f"is the model too big for this machine?")
         return UpstreamError(f"connection to {self.label} at {url} failed: {exc.__class__.__name__}")
 
     async def post_json(self, path: str, body: dict[str, Any], model: str) -> dict[str, Any]:
-        """POST a non-streaming request and return its JSON object."""
-        try:
-            response = await self.client.post(self.base_url + path, json=body, headers=self.headers())
-            await self.raise_for_status(response, model)
-            data = response.json()
-        except httpx.HTTPError as exc:
-            raise self.transport_error(exc, started=False) from None
-        except ValueError:
-            raise UpstreamError(f"{self.label} sent a reply that is not JSON") from None
-        if not isinstance(data, dict) or data.get("error"):
+        """POST a non-streaming request and return its JSON object (at most MAX_UPSTREAM_BODY_BYTES read)."""
+        data = await self._json("POST", path, model, body)
+        if data.get("error"):
             raise UpstreamError(f"{self.label}: {upstream_error_text(json.dumps(data).encode(), 200)}")
         return data
 
     async def get_json(self, path: str) -> dict[str, Any]:
         """GET a JSON object (for probes)."""
+        return await self._json("GET", path, "", None, timeout=PROBE_TIMEOUT_S)
+
+    async def _json(self, method: str, path: str, model: str, body: dict[str, Any] | None,
+                    timeout: float | None = None) -> dict[str, Any]:
+        options = {} if timeout is None else {"timeout": timeout}
         try:
-            response = await self.client.get(self.base_url + path, headers=self.headers(), timeout=PROBE_TIMEOUT_S)
-            await self.raise_for_status(response, "")
-            return response.json()
+            async with self.client.stream(method, self.base_url + path, json=body, headers=self.headers(),
+                                          **options) as response:
+                await self.raise_for_status(response, model)
+                raw = bytearray()
+                async for chunk in response.aiter_bytes():
+                    raw += chunk
+                    if len(raw) > MAX_UPSTREAM_BODY_BYTES:
+                        raise UpstreamError(f"{self.label} sent a reply larger than {MAX_UPSTREAM_BODY_BYTES >> 20} "
+                                            f"MiB; piagent stopped reading")
         except httpx.HTTPError as exc:
             raise self.transport_error(exc, started=False) from None
+        try:
+            data = json.loads(raw)
         except ValueError:
             raise UpstreamError(f"{self.label} sent a reply that is not JSON") from None
+        return typed(data, dict, "its reply", self.label) or {}
 
     async def stream_lines(self, path: str, body: dict[str, Any], model: str) -> AsyncIterator[bytes]:
-        """POST a streaming request and yield its body line by line, as bytes without the \\n or \\r\\n
-        (closing the request if the caller stops). Lines are split here, not by httpx's text layers: this is the
-        per-token path, and the profile showed those layers."""
-        started, pending = False, b""
+        """POST a streaming request and yield its body line by line, as bytes without the \\n or \\r\\n (closing
+        the request if the caller stops). Lines are split here, not by httpx's text layers: this is the per-token
+        path. A partial line is kept in a bytearray (growing it is linear) and capped at MAX_UPSTREAM_LINE_BYTES."""
+        started, pending = False, bytearray()
         try:
             async with self.client.stream("POST", self.base_url + path, json=body, headers=self.headers()) as response:
                 await self.raise_for_status(response, model)
                 async for chunk in response.aiter_bytes():
                     started = True
-                    *lines, pending = (pending + chunk).split(b"\n")
-                    for line in lines:
-                        yield line[:-1] if line.endswith(b"\r") else line
+                    pending += chunk
+                    if b"\n" in chunk:
+                        *lines, rest = pending.split(b"\n")
+                        pending = bytearray(rest)
+                        for line in lines:
+                            yield bytes(line[:-1] if line.endswith(b"\r") else line)
+                    if len(pending) > MAX_UPSTREAM_LINE_BYTES:
+                        raise UpstreamError(f"{self.label} sent a line longer than {MAX_UPSTREAM_LINE_BYTES >> 20} "
+                                            f"MiB; piagent stopped reading")
                 if pending:
-                    yield pending
+                    yield bytes(pending)
         except httpx.HTTPError as exc:
             raise self.transport_error(exc, started) from None
 
@@ -1207,14 +1115,15 @@ class HTTPProvider:
 class OllamaProvider(HTTPProvider):
     """Ollama's native API: /api/chat (or /api/generate), streamed as NDJSON."""
 
-    name, label = "ollama", "Ollama"
-    start_hint = "start it (sudo systemctl start ollama, or ollama serve)"
+    name, label, model_prefix, url_field = "ollama", "Ollama", "OLLAMA_MODEL_", "ollama_host"
+    warm_by_default = True
+    start_hint = "start it (sudo systemctl start ollama, or ollama serve), or use another model server (PROVIDER)"
+    key_hint = "Ollama itself needs no key: is OLLAMA_HOST really Ollama?"
 
     def not_found(self, model: str) -> str:
         return f"model {model!r} is not available in Ollama; run: ollama pull {model}"
 
-    def _request(self, agent: Agent, prompt: Prompt, sampling: Sampling, stream: bool) -> tuple[str, dict[str, Any]]:
-        """(path, JSON body) for one generation."""
+    def request(self, agent: Agent, prompt: Prompt, sampling: Sampling, stream: bool) -> tuple[str, dict[str, Any]]:
         c = self.config
         body: dict[str, Any] = {
             "model": agent.model,
@@ -1233,8 +1142,8 @@ class OllamaProvider(HTTPProvider):
 
     async def probe(self) -> tuple[str, set[str]]:
         version = (await self.get_json("/api/version")).get("version", "?")
-        tags = await self.get_json("/api/tags")
-        return f"Ollama {version}", {m.get("name", "") for m in tags.get("models") or []}
+        models = typed((await self.get_json("/api/tags")).get("models"), list, "models", self.label) or []
+        return f"Ollama {version}", {str(m.get("name", "")) for m in models if isinstance(m, dict)}
 
     async def warm(self, model: str) -> None:
         body: dict[str, Any] = {"model": model, "stream": False}  # no prompt: Ollama just loads the model
@@ -1248,34 +1157,43 @@ class OllamaProvider(HTTPProvider):
         ka = self.config.ollama_keep_alive
         return int(ka) if ka is not None and re.fullmatch(r"-?\d+", ka) else ka
 
-    async def complete(self, agent: Agent, prompt: Prompt, sampling: Sampling, usage: Usage) -> str:
-        path, body = self._request(agent, prompt, sampling, stream=False)
-        data = await self.post_json(path, body, agent.model)
-        _record_ollama_usage(usage, data)
-        usage.tool_calls += ollama_tool_calls(data)
-        return _ollama_text(data)
+    def whole(self, data: dict[str, Any], usage: Usage) -> str:
+        return self._chunk(data, usage)
 
-    async def stream(self, agent: Agent, prompt: Prompt, sampling: Sampling, usage: Usage) -> AsyncIterator[str]:
-        path, body = self._request(agent, prompt, sampling, stream=True)
-        lines = self.stream_lines(path, body, agent.model)
-        done = False
-        try:
-            async for line in lines:
-                chunk = None if done else parse_ndjson_line(line)  # after done: read to the end, so the
-                if chunk is None:                                  # connection goes back to the pool
-                    continue
-                text = _ollama_text(chunk)
-                if text:
-                    yield text
-                if "tool_calls" in (chunk.get("message") or ()):
-                    usage.tool_calls += ollama_tool_calls(chunk)
-                if chunk.get("done"):
-                    _record_ollama_usage(usage, chunk)
-                    done = True
-        finally:
-            await lines.aclose()
-        if not done:
+    def end(self, reply: dict[str, Any], usage: Usage) -> None:
+        if not reply["done"]:
             raise UpstreamError(f"Ollama at {self.base_url} ended the reply early (no done line)")
+
+    def read(self, line: bytes, reply: dict[str, Any], usage: Usage) -> str:
+        if not line.strip():
+            return ""
+        try:
+            chunk = json.loads(line)
+        except ValueError:
+            raise UpstreamError(f"Ollama sent a line that is not JSON: {line[:80]!r}") from None
+        if not isinstance(chunk, dict):
+            raise UpstreamError(f"Ollama sent an unexpected line: {line[:80]!r}")
+        if chunk.get("error"):
+            raise UpstreamError(f"Ollama: {chunk['error']}")
+        reply["done"] = bool(chunk.get("done"))
+        return self._chunk(chunk, usage)
+
+    def _chunk(self, chunk: dict[str, Any], usage: Usage) -> str:
+        """The text of a chat chunk (message.content) or a generate chunk (response); tool calls and, on the
+        final chunk, the counts go to `usage`. Every field is checked for its type."""
+        message = typed(chunk.get("message"), dict, "message", self.label)
+        if message is None:
+            text = typed(chunk.get("response"), str, "response", self.label)
+        else:
+            text = typed(message.get("content"), str, "message.content", self.label)
+            usage.tool_calls += ollama_tool_calls(typed(message.get("tool_calls"), list, "message.tool_calls",
+                                                        self.label) or [])
+        if chunk.get("done"):
+            usage.model = typed(chunk.get("model"), str, "model", self.label) or usage.model
+            usage.done_reason = typed(chunk.get("done_reason"), str, "done_reason", self.label)
+            usage.prompt_tokens = typed(chunk.get("prompt_eval_count"), int, "prompt_eval_count", self.label)
+            usage.completion_tokens = typed(chunk.get("eval_count"), int, "eval_count", self.label)
+        return text or ""
 
 
 def upstream_error_text(body: bytes, status: int) -> str:
@@ -1288,45 +1206,22 @@ def upstream_error_text(body: bytes, status: int) -> str:
         if isinstance(error, dict):
             error = error.get("message") or json.dumps(error)
         if error:
-            return str(error)
+            return str(error)[:500]
     except (ValueError, AttributeError):
         pass
     return body[:200].decode("utf-8", "replace").strip() or f"HTTP {status}"
 
 
-def parse_ndjson_line(line: bytes) -> dict[str, Any] | None:
-    """One NDJSON line -> dict; None for a blank line; an {"error"} line raises UpstreamError."""
-    if not line.strip():
-        return None
-    try:
-        chunk = json.loads(line)
-    except ValueError:
-        raise UpstreamError(f"Ollama sent a line that is not JSON: {line[:80]!r}") from None
-    if not isinstance(chunk, dict):
-        raise UpstreamError(f"Ollama sent an unexpected line: {line[:80]!r}")
-    if chunk.get("error"):
-        raise UpstreamError(f"Ollama: {chunk['error']}")
-    return chunk
-
-
-def _ollama_text(chunk: Mapping[str, Any]) -> str:
-    """The text in a chat chunk (message.content) or a generate chunk (response)."""
-    message = chunk.get("message")
-    if isinstance(message, dict):
-        return message.get("content") or ""
-    return chunk.get("response") or ""
-
-
-def ollama_tool_calls(chunk: Mapping[str, Any]) -> list[ToolCall]:
+def ollama_tool_calls(items: list[Any]) -> list[ToolCall]:
     """The tool calls in a chat chunk's message.tool_calls, whose arguments are a JSON object (OpenAI: text)."""
     calls = []
-    for item in (chunk.get("message") or {}).get("tool_calls") or []:
-        if not isinstance(item, dict):
+    for item in items:
+        function = item.get("function") if isinstance(item, dict) else None
+        if not isinstance(function, dict):
             continue
-        function = item.get("function") or {}
         arguments = function.get("arguments")
         text = arguments if isinstance(arguments, str) else json.dumps(arguments or {}, ensure_ascii=False)
-        calls.append(ToolCall(item.get("id") or new_call_id(), str(function.get("name") or ""), text))
+        calls.append(ToolCall(str(item.get("id") or new_call_id()), str(function.get("name") or ""), text))
     return calls
 
 
@@ -1358,13 +1253,6 @@ def json_object(text: Any) -> dict[str, Any]:
     except ValueError:
         return {}
     return value if isinstance(value, dict) else {}
-
-
-def _record_ollama_usage(usage: Usage, final: Mapping[str, Any]) -> None:
-    usage.model = final.get("model") or usage.model
-    usage.done_reason = final.get("done_reason")
-    usage.prompt_tokens = final.get("prompt_eval_count")
-    usage.completion_tokens = final.get("eval_count")
 
 
 class SSEDecoder:
@@ -1446,8 +1334,9 @@ class ToolCallParts:
 class OpenAIProvider(HTTPProvider):
     """An OpenAI-style /v1/chat/completions: OpenAI, llama.cpp's server, LM Studio, vLLM, Ollama's /v1."""
 
-    name, label = "openai", "the OpenAI-compatible server"
-    start_hint = "start it, or check OPENAI_BASE_URL"
+    name, label, model_prefix, url_field = "openai", "the OpenAI-compatible server", "OPENAI_MODEL_", "openai_base_url"
+    start_hint = "start it, check OPENAI_BASE_URL, or use another model server (PROVIDER)"
+    key_hint = "check OPENAI_API_KEY"
 
     def headers(self) -> dict[str, str]:
         key = self.config.openai_api_key
@@ -1458,13 +1347,13 @@ class OpenAIProvider(HTTPProvider):
                 f"in /v1); set OPENAI_MODEL_<AGENT> to one of {self.base_url}/models")
 
     async def probe(self) -> tuple[str, set[str]]:
-        listed = await self.get_json("/models")
-        return "an OpenAI-compatible server", {m.get("id", "") for m in listed.get("data") or []}
+        listed = typed((await self.get_json("/models")).get("data"), list, "data", self.label) or []
+        return "an OpenAI-compatible server", {str(m.get("id", "")) for m in listed if isinstance(m, dict)}
 
     async def warm(self, model: str) -> None:
         """OpenAI-style servers have no load call; their models load as they see fit."""
 
-    def _body(self, agent: Agent, prompt: Prompt, sampling: Sampling, stream: bool) -> dict[str, Any]:
+    def request(self, agent: Agent, prompt: Prompt, sampling: Sampling, stream: bool) -> tuple[str, dict[str, Any]]:
         body = {"model": agent.model, "messages": build_messages(prompt), "stream": stream,
                 "max_tokens": sampling.max_tokens, "temperature": sampling.temperature}
         if prompt.tools:
@@ -1473,66 +1362,54 @@ class OpenAIProvider(HTTPProvider):
                 body["tool_choice"] = prompt.tool_choice
         if stream:
             body["stream_options"] = {"include_usage": True}  # servers that do not know it ignore it
-        return body
+        return "/chat/completions", body
 
-    async def complete(self, agent: Agent, prompt: Prompt, sampling: Sampling, usage: Usage) -> str:
-        data = await self.post_json("/chat/completions", self._body(agent, prompt, sampling, False), agent.model)
-        choice = (data.get("choices") or [{}])[0]
-        _record_openai_usage(usage, data, choice)
+    def whole(self, data: dict[str, Any], usage: Usage) -> str:
+        choice = self._choice(data, usage)
+        message = typed(choice.get("message"), dict, "choices[0].message", self.label) or {}
         parts = ToolCallParts()
-        parts.feed((choice.get("message") or {}).get("tool_calls"))
+        parts.feed(typed(message.get("tool_calls"), list, "choices[0].message.tool_calls", self.label))
         usage.tool_calls += parts.calls()
-        return (choice.get("message") or {}).get("content") or ""
+        return typed(message.get("content"), str, "choices[0].message.content", self.label) or ""
 
-    async def stream(self, agent: Agent, prompt: Prompt, sampling: Sampling, usage: Usage) -> AsyncIterator[str]:
-        lines = self.stream_lines("/chat/completions", self._body(agent, prompt, sampling, True), agent.model)
-        decoder, done, parts = SSEDecoder(), False, ToolCallParts()
+    def read(self, line: bytes, reply: dict[str, Any], usage: Usage) -> str:
+        event = reply.setdefault("sse", SSEDecoder()).feed(line.decode("utf-8", "replace"))
+        if event is None:
+            return ""
+        if event[1].strip() == "[DONE]":
+            reply["done"] = True
+            return ""
         try:
-            async for line in lines:
-                event = None if done else decoder.feed(line.decode("utf-8", "replace"))  # after [DONE]: drain
-                if event is None:
-                    continue
-                if event[1].strip() == "[DONE]":
-                    done = True
-                    continue
-                text = self._chunk_text(event[1], usage, parts)
-                if text:
-                    yield text
-        finally:
-            await lines.aclose()
-        usage.tool_calls += parts.calls()
-        last = None if done else decoder.flush()
-        done = done or (last is not None and last[1].strip() == "[DONE]")
+            chunk = json.loads(event[1])
+        except ValueError:
+            raise UpstreamError(f"{self.label} sent an event that is not JSON: {event[1][:80]!r}") from None
+        if not isinstance(chunk, dict) or chunk.get("error"):
+            raise UpstreamError(f"{self.label}: {upstream_error_text(event[1].encode(), 200)}")
+        delta = typed(self._choice(chunk, usage).get("delta"), dict, "choices[0].delta", self.label) or {}
+        reply.setdefault("parts", ToolCallParts()).feed(typed(delta.get("tool_calls"), list, "choices[0].delta.tool_calls", self.label))
+        return typed(delta.get("content"), str, "choices[0].delta.content", self.label) or ""
+
+    def end(self, reply: dict[str, Any], usage: Usage) -> None:
+        usage.tool_calls += reply["parts"].calls() if "parts" in reply else []
+        last = reply["sse"].flush() if "sse" in reply else None
+        done = reply["done"] or (last is not None and last[1].strip() == "[DONE]")
         if not done and usage.done_reason is None:  # some servers end with no [DONE] after the finish_reason
             raise UpstreamError(f"{self.label} at {self.base_url} ended the reply early (no [DONE])")
 
-    def _chunk_text(self, data: str, usage: Usage, parts: ToolCallParts) -> str:
-        """The delta text of one chat.completion.chunk (tool-call fragments go to `parts`); an error object
-        raises UpstreamError."""
-        try:
-            chunk = json.loads(data)
-        except ValueError:
-            raise UpstreamError(f"{self.label} sent an event that is not JSON: {data[:80]!r}") from None
-        if not isinstance(chunk, dict) or chunk.get("error"):
-            raise UpstreamError(f"{self.label}: {upstream_error_text(data.encode(), 200)}")
-        choices = chunk.get("choices") or [{}]
-        _record_openai_usage(usage, chunk, choices[0])
-        delta = choices[0].get("delta") or {}
-        if delta.get("tool_calls"):
-            parts.feed(delta["tool_calls"])
-        return delta.get("content") or ""
+    def _choice(self, data: dict[str, Any], usage: Usage) -> dict[str, Any]:
+        """The first choice (an empty one for a usage-only chunk), with the reason and counts noted in `usage`."""
+        choices = typed(data.get("choices"), list, "choices", self.label) or [{}]
+        choice = typed(choices[0], dict, "choices[0]", self.label) or {}
+        usage.done_reason = typed(choice.get("finish_reason"), str, "finish_reason", self.label) or usage.done_reason
+        counts = typed(data.get("usage"), dict, "usage", self.label) or {}
+        for name in ("prompt_tokens", "completion_tokens"):
+            if counts.get(name) is not None:
+                setattr(usage, name, typed(counts[name], int, f"usage.{name}", self.label))
+        return choice
 
 
-
-def _record_openai_usage(usage: Usage, data: Mapping[str, Any], choice: Mapping[str, Any]) -> None:
-    usage.done_reason = choice.get("finish_reason") or usage.done_reason
-    counts = data.get("usage") or {}
-    usage.prompt_tokens = counts.get("prompt_tokens", usage.prompt_tokens)
-    usage.completion_tokens = counts.get("completion_tokens", usage.completion_tokens)
-
-
-#: PROVIDER name -> class, built as cls(httpx.AsyncClient, Config). Keys are Config's PROVIDER_NAMES.
-PROVIDERS: dict[str, type] = {"ollama": OllamaProvider, "openai": OpenAIProvider}
+#: PROVIDER name -> class, built as cls(httpx.AsyncClient, Config); PROVIDER's choices are its keys.
+PROVIDERS: dict[str, type[HTTPProvider]] = {"ollama": OllamaProvider, "openai": OpenAIProvider}
 
 
 # ---------------------------------------------------------------------------
@@ -1540,10 +1417,6 @@ PROVIDERS: dict[str, type] = {"ollama": OllamaProvider, "openai": OpenAIProvider
 # ---------------------------------------------------------------------------
 # A tool is one function taking its parsed arguments and returning text for the model, plus its entry in TOOLS
 # with a JSON-schema description of those arguments. It may raise ToolError to refuse; nothing else escapes.
-
-
-class ToolError(Exception):
-    """A tool refused its input; the message goes back to the model as the call's result."""
 
 
 #: Longest expression calc reads, in characters; longer ones are refused before parsing.
@@ -1663,16 +1536,17 @@ def now(arguments: dict[str, Any]) -> str:
 
 
 class Tool(NamedTuple):
-    """A tool's function, the description the model reads, and its arguments' JSON schema."""
+    """A tool's function, the description the model reads, and its arguments' JSON schema. `run` takes the
+    parsed arguments and returns text; a plain function runs in a thread, a coroutine function on the loop."""
 
-    run: Callable[[dict[str, Any]], str]
+    run: Callable[[dict[str, Any]], str | Awaitable[str]]
     description: str
     parameters: dict[str, Any]
     timeout_s: float = 2.0  # the call is answered with an error after this long
 
 
-#: Every tool piagent has, by name; an agent runs only those in its AGENT_<NAME>_TOOLS.
-TOOLS: dict[str, Tool] = {
+#: The built-in tools, by name (read-only: an app's own set is create_app's `tools`).
+TOOLS: Mapping[str, Tool] = MappingProxyType({
     "calc": Tool(calc, "Compute an arithmetic expression exactly. Use it for any calculation.", {
         "type": "object", "additionalProperties": False, "required": ["expression"],
         "properties": {"expression": {"type": "string", "maxLength": CALC_MAX_CHARS,
@@ -1681,28 +1555,13 @@ TOOLS: dict[str, Tool] = {
         "type": "object", "additionalProperties": False, "properties": {"timezone": {
             "type": "string", "maxLength": 64,
             "description": "IANA timezone such as Europe/London; leave out for the local time"}}}),
-}
+})
 #: Calls run per model reply; more in one reply are answered with an error.
 MAX_TOOL_CALLS_PER_ROUND = 8
 #: A tool's result is cut to this many characters before the model reads it.
 MAX_TOOL_RESULT_CHARS = 2000
 JSON_TYPES: dict[str, type | tuple[type, ...]] = {"string": str, "number": (int, float), "integer": int,
                                                    "boolean": bool, "object": dict, "array": list}
-
-
-def check_tools(config: Config) -> None:
-    """Raise ConfigError if an agent's AGENT_<NAME>_TOOLS names a tool that is not in TOOLS."""
-    for agent in config.agents:
-        unknown = [name for name in agent.tools if name not in TOOLS]
-        if unknown:
-            raise ConfigError(f"AGENT_{agent.name.upper()}_TOOLS={','.join(agent.tools)!r} is not valid: no tool "
-                              f"named {unknown[0]!r}; piagent has: {', '.join(TOOLS)}")
-
-
-def tool_specs(names: tuple[str, ...]) -> tuple[dict[str, Any], ...]:
-    """The function specs the model is offered, in the shape both Ollama and OpenAI take."""
-    return tuple({"type": "function", "function": {"name": name, "description": TOOLS[name].description,
-                                                   "parameters": TOOLS[name].parameters}} for name in names)
 
 
 def argument_problem(schema: dict[str, Any], arguments: Any) -> str | None:
@@ -1719,8 +1578,11 @@ def argument_problem(schema: dict[str, Any], arguments: Any) -> str | None:
     for name, value in arguments.items():
         rule = properties.get(name)
         if rule is None:
-            return f"unexpected {name!r}; expected only: {', '.join(properties) or 'no arguments'}"
-        if not isinstance(value, JSON_TYPES[rule["type"]]) or (rule["type"] != "boolean" and type(value) is bool):
+            if schema.get("additionalProperties", True) is False or not properties:
+                return f"unexpected {name!r}; expected only: {', '.join(properties) or 'no arguments'}"
+            continue
+        kind = JSON_TYPES.get(rule.get("type"), object)
+        if not isinstance(value, kind) or (rule.get("type") not in ("boolean", None) and type(value) is bool):
             return f"{name!r} must be a {rule['type']}"
         if isinstance(value, str) and len(value) > rule.get("maxLength", len(value)):
             return f"{name!r} is longer than {rule['maxLength']} characters"
@@ -1747,77 +1609,93 @@ class ToolEvent(NamedTuple):
             return self.call.arguments
 
 
-async def run_tool(call: ToolCall, allowed: tuple[str, ...]) -> ToolEvent:
-    """Run one call if `allowed` has it and its arguments fit the schema, within the tool's time limit.
+class Toolbox:
+    """The tools of one app, by the name the model sees: the built-ins, or a test's own set."""
 
-    Every failure becomes the event's error, for the model to read; nothing is raised.
-    """
-    tool = TOOLS.get(call.name) if call.name in allowed else None
-    if tool is None:
-        return ToolEvent(call, None, f"there is no tool {call.name!r}; the tools are: {', '.join(allowed)}")
-    try:
-        arguments = call.parsed_arguments()
-    except ValueError:
-        return ToolEvent(call, None, f"the arguments for {call.name} are not valid JSON")
-    problem = argument_problem(tool.parameters, arguments)
-    if problem is not None:
-        return ToolEvent(call, None, f"bad arguments for {call.name}: {problem}")
-    try:  # in a thread, so a slow tool never stalls the streams of others
-        result = await asyncio.wait_for(asyncio.to_thread(tool.run, arguments), tool.timeout_s)
-    except ToolError as exc:
-        return ToolEvent(call, None, str(exc))
-    except asyncio.TimeoutError:
-        return ToolEvent(call, None, f"{call.name} took longer than {tool.timeout_s:g} s")
-    except Exception:
-        log.exception("tool %s failed", call.name)
-        return ToolEvent(call, None, f"{call.name} failed")
-    return ToolEvent(call, result[:MAX_TOOL_RESULT_CHARS], None)
+    def __init__(self, tools: Mapping[str, Tool]):
+        self.tools = dict(tools)
+
+    def check(self, config: Config) -> None:
+        """Raise ConfigError if an agent's AGENT_<NAME>_TOOLS names a tool that is not here."""
+        for agent in config.agents:
+            unknown = [name for name in agent.tools if name not in self.tools]
+            if unknown:
+                raise ConfigError(f"AGENT_{agent.name.upper()}_TOOLS={','.join(agent.tools)!r} is not valid: no tool "
+                                  f"named {unknown[0]!r}; piagent has: {', '.join(self.tools)}")
+
+    def specs(self, names: tuple[str, ...]) -> tuple[dict[str, Any], ...]:
+        """The function specs the model is offered, in the shape both Ollama and OpenAI take."""
+        return tuple({"type": "function", "function": {"name": name, "description": self.tools[name].description,
+                                                       "parameters": self.tools[name].parameters}}
+                     for name in names if name in self.tools)
+
+    async def run(self, call: ToolCall, allowed: tuple[str, ...]) -> ToolEvent:
+        """Run one call if `allowed` has it and its arguments fit the schema, within the tool's time limit.
+
+        Every failure of the call becomes the event's error, for the model to read; a bug is logged too.
+        """
+        tool = self.tools.get(call.name) if call.name in allowed else None
+        if tool is None:
+            return ToolEvent(call, None, f"there is no tool {call.name!r}; the tools are: {', '.join(allowed)}")
+        try:
+            arguments = call.parsed_arguments()
+        except ValueError:
+            return ToolEvent(call, None, f"the arguments for {call.name} are not valid JSON")
+        problem = argument_problem(tool.parameters, arguments)
+        if problem is not None:
+            return ToolEvent(call, None, f"bad arguments for {call.name}: {problem}")
+        try:
+            async with asyncio.timeout(tool.timeout_s):
+                if inspect.iscoroutinefunction(tool.run):
+                    result = await tool.run(arguments)
+                else:  # in a thread, so a slow tool never stalls the streams of others
+                    result = await asyncio.to_thread(tool.run, arguments)
+        except ToolError as exc:
+            return ToolEvent(call, None, str(exc))
+        except TimeoutError:
+            return ToolEvent(call, None, f"{call.name} took longer than {tool.timeout_s:g} s")
+        except Exception:  # a bug in the tool: the model hears it failed, the log has the traceback
+            log.exception("tool %s failed", call.name)
+            return ToolEvent(call, None, f"{call.name} failed")
+        return ToolEvent(call, str(result)[:MAX_TOOL_RESULT_CHARS], None)
 
 
-async def tool_loop(provider: Provider, agent: Agent, prompt: Prompt, sampling: Sampling, usage: Usage,
-                    max_rounds: int, stream: bool) -> AsyncIterator[str | ToolEvent]:
+async def tool_loop(provider: Provider, toolbox: Toolbox, agent: Agent, prompt: Prompt, sampling: Sampling,
+                    usage: Usage, max_rounds: int, stream: bool) -> AsyncIterator[str | ToolEvent]:
     """The reply of an agent with tools: text pieces as they come, and a ToolEvent for each call run.
 
     The model is offered the agent's tools; while it answers with calls (at most `max_rounds` times) they are
     run and their results appended for the next request; then it is asked once more without tools, so a reply
     always ends in text. `usage` ends with the last request's reason and the token counts of all of them.
     """
-    specs, counts = tool_specs(agent.tools), [0, 0, False]
+    specs, counts = toolbox.specs(agent.tools), [0, 0, False]
     for round_number in range(max_rounds + 1):
         offer = specs if round_number < max_rounds else ()
         said: list[str] = []
         usage.tool_calls = []
         ask = prompt._replace(tools=offer)
         if stream:
-            async for piece in provider.stream(agent, ask, sampling, usage):
-                said.append(piece)
-                yield piece
+            async with aclosing(provider.stream(agent, ask, sampling, usage)) as pieces:
+                async for piece in pieces:
+                    said.append(piece)
+                    yield piece
         else:
             said.append(await provider.complete(agent, ask, sampling, usage))
             if said[0]:
                 yield said[0]
-        _count_tokens(usage, counts)
+        if usage.prompt_tokens is not None or usage.completion_tokens is not None:
+            counts = [counts[0] + (usage.prompt_tokens or 0), counts[1] + (usage.completion_tokens or 0), True]
         if not usage.tool_calls or not offer:
             break
         events = []
-        for call in usage.tool_calls[:MAX_TOOL_CALLS_PER_ROUND]:
-            events.append(await run_tool(call, agent.tools))
-            yield events[-1]
-        for call in usage.tool_calls[MAX_TOOL_CALLS_PER_ROUND:]:
-            events.append(ToolEvent(call, None, f"more than {MAX_TOOL_CALLS_PER_ROUND} calls at once; not run"))
+        for i, call in enumerate(usage.tool_calls):
+            events.append(await toolbox.run(call, agent.tools) if i < MAX_TOOL_CALLS_PER_ROUND else
+                          ToolEvent(call, None, f"more than {MAX_TOOL_CALLS_PER_ROUND} calls at once; not run"))
             yield events[-1]
         turn = tool_call_message("".join(said), [e.call.as_message_part() for e in events])
         prompt = prompt._replace(tail=(*prompt.tail, turn, *(e.as_message() for e in events)))
     if counts[2]:
         usage.prompt_tokens, usage.completion_tokens = counts[0], counts[1]
-
-
-def _count_tokens(usage: Usage, counts: list[Any]) -> None:
-    """Add one request's token counts to `counts` ([prompt, completion, any reported])."""
-    if usage.prompt_tokens is not None or usage.completion_tokens is not None:
-        counts[0] += usage.prompt_tokens or 0
-        counts[1] += usage.completion_tokens or 0
-        counts[2] = True
 
 
 # ---------------------------------------------------------------------------
@@ -1832,26 +1710,6 @@ OPEN_PATHS = frozenset({"/health"})
 MAX_RATE_BUCKETS = 10_000
 #: What a client may send as X-Request-Id; anything else gets a fresh id.
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-
-
-class Unauthorized(PiagentError):
-    status, code = 401, "unauthorized"
-
-
-class RateLimited(PiagentError):
-    status, code = 429, "rate_limited"
-
-
-class BodyTooLarge(PiagentError):
-    status, code = 413, "body_too_large"
-
-
-class QueueFull(PiagentError):
-    status, code = 503, "queue_full"
-
-
-class ShuttingDown(PiagentError):
-    status, code = 503, "shutting_down"
 
 
 def key_id(key: str) -> str:
@@ -1923,115 +1781,141 @@ class TokenBuckets:
             self._buckets.popitem(last=False)
 
 
-class Gate:
-    """At most `limit` generations run at once; up to `max_queue` more wait in FIFO order; beyond that, QueueFull.
+class Ticket:
+    """One request's place at the gate: waiting, then holding (a slot and its conversation), then gone."""
 
-    A waiter is a future resolved when a slot is handed to it. Cancelling it (its client left) takes it out of
-    the queue at once. `moved` is an event set whenever queue positions change.
-    """
+    def __init__(self, conversation: str | None, slot: bool, future: asyncio.Future):
+        self.conversation, self.slot, self.future = conversation, slot, future
+        self.granted = False
+        self.active_at = time.monotonic()  # last sign of life from the upstream (for /ready's stall check)
+
+
+class Gate:
+    """Who may generate now: at most `limit` at once and one per conversation; everyone else waits in one FIFO
+    queue of at most `max_queue` (beyond it, QueueFull), so a conversation's second turn waits and is counted
+    like any other request. A ticket that needs no slot (forgetting a conversation) waits for its conversation
+    only. Whenever the queue changes, `changed` (a future) is resolved and replaced."""
 
     def __init__(self, limit: int, max_queue: int):
         self.limit, self.max_queue = limit, max_queue
         self.active = 0
+        self.busy: set[str] = set()  # conversations held by a ticket
+        self.holders: set[Ticket] = set()
         self.closed = False  # set while draining for shutdown: no new entries
-        self._waiting: deque[asyncio.Future] = deque()
-        self.moved = asyncio.Event()
+        self._waiting: deque[Ticket] = deque()
+        self._changed: asyncio.Future | None = None
 
     @property
     def queued(self) -> int:
         return len(self._waiting)
 
-    def enter(self) -> asyncio.Future | None:
-        """A slot now (None), or a queue ticket to await. Raises QueueFull or ShuttingDown."""
+    def changed(self) -> asyncio.Future:
+        """A future resolved the next time queue positions change."""
+        if self._changed is None or self._changed.done():
+            self._changed = asyncio.get_running_loop().create_future()
+        return self._changed
+
+    def enter(self, conversation: str | None, slot: bool = True) -> Ticket:
+        """A ticket, granted at once if it may go now, else queued. Raises QueueFull or ShuttingDown."""
         if self.closed:
             raise ShuttingDown("piagent is shutting down; retry in a few seconds", {"Retry-After": "5"})
-        if self.active < self.limit and not self._waiting:
-            self.active += 1
-            return None
-        if len(self._waiting) >= self.max_queue:
+        ticket = Ticket(conversation, slot, asyncio.get_running_loop().create_future())
+        if self._may_go(ticket):
+            self._grant(ticket)
+        elif len(self._waiting) >= self.max_queue:
             raise QueueFull(f"the model is busy and {self.max_queue} requests already wait (MAX_QUEUE); retry shortly",
                             {"Retry-After": str(DEFAULT_RETRY_AFTER_S)})
-        ticket = asyncio.get_running_loop().create_future()
-        ticket.add_done_callback(self._left_queue)
-        self._waiting.append(ticket)
+        else:
+            self._waiting.append(ticket)
         return ticket
 
-    def position(self, ticket: asyncio.Future) -> int:
-        """1 for the next in line; 0 once the ticket holds a slot."""
-        return self._waiting.index(ticket) + 1 if ticket in self._waiting else 0
+    async def positions(self, ticket: Ticket) -> AsyncIterator[int]:
+        """The ticket's place in the queue (1 = next) each time it changes, until it is granted."""
+        shown = 0
+        while not ticket.granted:
+            position = self._waiting.index(ticket) + 1
+            if position != shown:
+                shown = position
+                yield position
+            await asyncio.wait({ticket.future, self.changed()}, return_when=asyncio.FIRST_COMPLETED)
 
-    def leave(self) -> None:
-        """Give a slot back: it passes to the first waiter, if any."""
-        while self._waiting:
-            ticket = self._waiting.popleft()
-            if not ticket.done():
-                ticket.set_result(None)  # the slot changes hands; `active` stays the same
-                self._notify()
-                return
-        self.active -= 1
-
-    def _left_queue(self, ticket: asyncio.Future) -> None:
-        if ticket.cancelled() and ticket in self._waiting:
+    def leave(self, ticket: Ticket) -> None:
+        """Give back what the ticket holds, or take it out of the queue; then let the next ones in."""
+        if ticket.granted:
+            ticket.granted = False
+            self.holders.discard(ticket)
+            self.active -= ticket.slot
+            self.busy.discard(ticket.conversation)
+        elif ticket in self._waiting:
             self._waiting.remove(ticket)
-            self._notify()
+        ticket.future.cancel()
+        for waiting in list(self._waiting):  # in order: nobody passes a waiter that may go
+            if self._may_go(waiting):
+                self._waiting.remove(waiting)
+                self._grant(waiting)
+        self.changed().set_result(None)
 
-    def _notify(self) -> None:
-        self.moved.set()
-        self.moved = asyncio.Event()
+    def stalled(self, limit_s: float) -> int:
+        """How many slots have been held with no upstream activity for longer than `limit_s`."""
+        now = time.monotonic()
+        return sum(1 for t in self.holders if t.slot and now - t.active_at > limit_s)
 
+    def _may_go(self, ticket: Ticket) -> bool:
+        return (not ticket.slot or self.active < self.limit) and ticket.conversation not in self.busy
 
-class Slot:
-    """One request's place at the gate, from entry to release (which is safe to call twice)."""
-
-    def __init__(self, gate: Gate):
-        self.gate = gate
-        self.ticket = gate.enter()
-        self.released = False
-
-    @property
-    def granted(self) -> bool:
-        return self.ticket is None or (self.ticket.done() and not self.ticket.cancelled())
-
-    async def wait(self) -> None:
-        """Until the slot is ours (cancelling this leaves the queue)."""
-        if self.ticket is not None:
-            await self.ticket
-
-    def release(self) -> None:
-        if self.released:
-            return
-        self.released = True
-        if self.granted:
-            self.gate.leave()
-        else:
-            self.ticket.cancel()
+    def _grant(self, ticket: Ticket) -> None:
+        ticket.granted, ticket.active_at = True, time.monotonic()
+        self.holders.add(ticket)
+        self.active += ticket.slot
+        if ticket.conversation is not None:
+            self.busy.add(ticket.conversation)
+        ticket.future.set_result(None)
 
 
 class Drain:
-    """Graceful shutdown: on begin(), the gate closes; `grace_s` later, `expired` tells waiters and streams to stop."""
+    """Graceful shutdown: begin() closes the gate; `grace_s` later the `expired` future tells every exchange
+    still running to stop."""
 
     def __init__(self, grace_s: float):
         self.grace_s = grace_s
-        self.expired = asyncio.Event()
         self.loop: asyncio.AbstractEventLoop | None = None  # set by the app's lifespan
+        self.expired: asyncio.Future | None = None
+
+    def start(self) -> None:
+        """Called by the lifespan, on the loop that serves requests."""
+        self.loop = asyncio.get_running_loop()
+        self.expired = self.loop.create_future()
 
     def begin(self, gate: Gate) -> None:
         """Called on the event loop when the server is told to stop."""
         gate.closed = True
-        asyncio.get_running_loop().call_later(self.grace_s, self.expired.set)
+        asyncio.get_running_loop().call_later(self.grace_s, lambda: self.expired.done() or self.expired.set_result(None))
+
+
+#: OpenAI error "type" by HTTP status, for the /v1 front door.
+OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                      422: "invalid_request_error", 429: "rate_limit_error"}
+
+
+def error_body(path: str, status: int, code: str, message: str) -> dict[str, Any]:
+    """The error shape of the door at `path`: {"error": {"code", "message"}}, or OpenAI's under /v1/."""
+    if path.startswith("/v1/"):
+        kind = OPENAI_ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+        return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    return {"error": {"code": code, "message": message}}
+
+
+def error_response(scope: MutableMapping[str, Any], exc: PiagentError) -> JSONResponse:
+    """The one place a typed error becomes HTTP (guards, routes, streams that had not begun); noted for the log."""
+    scope.get(LOG_FIELDS_KEY, {})["error"] = exc.code
+    return JSONResponse(error_body(scope["path"], exc.status, exc.code, exc.message), exc.status, headers=exc.headers)
 
 
 class Guards:
-    """ASGI middleware in front of the routes: request id, client address, body size, API key, rate limit.
+    """ASGI middleware in front of the routes: request id, client address, body size, API key, rate limit."""
 
-    Its errors are rendered by `render(scope, error) -> ASGI app`, given by the API section, so every error
-    still has one shape.
-    """
-
-    def __init__(self, app: Callable, config: Config, clock: Callable[[], float],
-                 render: Callable[[dict, PiagentError], Callable]):
-        self.app, self.config, self.render = app, config, render
-        self.buckets = TokenBuckets(config.rate_limit_per_min, clock) if config.rate_limit_per_min else None
+    def __init__(self, app: Callable, config: Config, buckets: TokenBuckets | None):
+        self.app, self.config, self.buckets = app, config, buckets
         # the page itself holds no data (it asks for the key), and a public /metrics is the operator's choice
         self.open_paths = OPEN_PATHS | {p for p, on in (("/", config.enable_ui), ("/metrics", config.metrics_public))
                                          if on}
@@ -2057,7 +1941,7 @@ class Guards:
                 identity = self._authorize(headers, fields)
                 extra_headers.extend(self._limit(identity))
         except PiagentError as exc:
-            return await self.render(scope, exc)(scope, receive, send_with_headers)
+            return await error_response(scope, exc)(scope, receive, send_with_headers)
         await self.app(scope, receive, send_with_headers)
 
     async def _bounded_body(self, headers: Mapping[str, str], receive: Callable) -> Callable:
@@ -2122,16 +2006,755 @@ def startup_warnings(config: Config) -> list[str]:
 
 
 # ---------------------------------------------------------------------------
-# API: request/response models, create_app(config, transport=None), routes
+# Streaming: one exchange per request (a scope that owns and releases everything),
+#            and the adapters that render its events for each front door
+# ---------------------------------------------------------------------------
+# A generation request, start to end: the route checks the body and returns a Generation (an Exchange and a
+# Door). Generation enters the exchange with `async with`. The exchange's events (its place in the queue, then
+# text pieces and tool calls) are produced in a task of their own by Relay: it takes a ticket at the gate (a
+# slot and the conversation), reads the history, builds the prompt and reads the provider's stream (running the
+# agent's tools in rounds). The request's own task writes each event through the door, pings while nothing
+# comes, and notices the client leaving or the shutdown grace ending. Leaving the `async with`, whatever the
+# reason, closes the upstream, stores what the client was given (when that is the rule) and gives the ticket
+# back, once each.
+
+#: Headers that keep reverse proxies and browsers from holding streamed tokens back.
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+#: Events that may wait for a slow client; then the exchange, and so the upstream, waits too (back-pressure).
+RELAY_BUFFER = 32
+#: Characters of reply piecewise per MAX_TOKENS token, at most: an upstream that ignores the limit is cut there.
+REPLY_CHARS_PER_TOKEN = 32
+#: The least a reply may be before it is cut, in characters (a small MAX_TOKENS still allows a paragraph).
+MIN_REPLY_CAP_CHARS = 4096
+
+
+class Ask(NamedTuple):
+    """What a request asks, before memory and the context budget are applied."""
+
+    system: list[Message]  # the client's own system messages (OpenAI front door)
+    history: list[Message] | None  # the client's own history; None: piagent's memory, by conversation_id
+    message: str  # the new user message
+    tail: tuple[Message, ...] = ()  # the client's tool calls and their results after that message
+    tools: tuple[dict[str, Any], ...] = ()  # the client's own tools (their calls go back to the client)
+    tool_choice: str | dict[str, Any] | None = None  # and the client's tool_choice for them
+
+
+class Queued(NamedTuple):
+    """The exchange waits for the model, at `position` in the queue (1 = next)."""
+
+    position: int
+
+
+class Signal(NamedTuple):
+    """What Relay hands over besides events: PING (nothing for a while) and END (the exchange is over)."""
+
+    name: str
+
+
+PING, END = Signal("ping"), Signal("end")
+
+
+@dataclass
+class Runtime:
+    """Everything requests share, made once per app by create_app and passed explicitly (never a global).
+
+    `metrics` and `warmup` are the Operations section's; nothing above that section uses them.
+    """
+
+    config: Config
+    provider: Provider
+    store: MemoryStore | None
+    toolbox: Toolbox
+    gate: Gate
+    drain: Drain
+    buckets: TokenBuckets | None
+    metrics: Metrics
+    warmup: Warmup
+    clock: Callable[[], float]
+    streams: int = 0  # streamed responses in progress (a gauge in /metrics)
+
+
+class Exchange:
+    """One generation, from its place in the queue to its log fields: `async with Exchange(...) as x`.
+
+    What it takes is registered on `held` the moment it is taken (the gate's ticket: a slot and the
+    conversation); the upstream connection lives inside `events` and is closed with it. Leaving the `async with`
+    by any road — success, any exception, the client gone, a time-out, shutdown — closes `held` once, after
+    storing what a client that left mid-stream was given. Request state lives here; the log reads `record()`.
+    """
+
+    def __init__(self, rt: Runtime, agent: Agent, ask: Ask, sampling: Sampling, conversation_id: str | None,
+                 stream: bool, fields: dict[str, Any]):
+        self.rt, self.agent, self.ask, self.sampling, self.stream, self.fields = rt, agent, ask, sampling, stream, fields
+        self.conversation_id = conversation_id or ""
+        self.remember = bool(conversation_id) and ask.history is None and rt.store is not None
+        self.usage = Usage(model=agent.model)
+        self.sent: list[str] = []  # text pieces the client was given: what memory keeps
+        self.tool_events: list[ToolEvent] = []  # the agent's tool calls, as they ran
+        self.history_truncated = 0  # stored turns left out to fit CTX_TOKENS
+        self.saved: bool | None = None  # whether the turn was stored (None: nothing to store)
+        self.capped: str | None = None  # "length" when piagent cut a reply longer than MAX_TOKENS allows
+        self.started = fields.get("start", time.perf_counter())
+        self.generating_at: float | None = None
+        self.first_at: float | None = None
+        self.held = AsyncExitStack()
+
+    async def __aenter__(self) -> Exchange:
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        try:
+            if self.stream and kind in (None, ClientGone):  # a client that left keeps what it received
+                await self.save()
+        finally:
+            await self.held.aclose()
+            self.fields.update(self.record())
+
+    async def events(self) -> AsyncIterator[Queued | str | ToolEvent]:
+        """Everything a door shows, in order: queue positions, then text pieces and tool calls (the reply is cut
+        at its cap, which says done_reason "length")."""
+        ticket = self.rt.gate.enter(self.conversation_id if self.remember else None)
+        self.held.callback(self.rt.gate.leave, ticket)
+        async for position in self.rt.gate.positions(ticket):
+            yield Queued(position)
+        self.generating_at = time.perf_counter()
+        prompt = await self.prompt()
+        room = max(MIN_REPLY_CAP_CHARS, REPLY_CHARS_PER_TOKEN * self.sampling.max_tokens)
+        async with aclosing(self.generate(prompt)) as pieces:
+            async for item in pieces:
+                ticket.active_at = time.monotonic()
+                if isinstance(item, str):
+                    item, room = item[:room], room - len(item)
+                    if room < 0:
+                        self.usage.done_reason = self.capped = "length"
+                        yield item
+                        return  # leaving `aclosing` closes the upstream request
+                yield item
+
+    async def prompt(self) -> Prompt:
+        """The prompt with as much history as fits CTX_TOKENS after the reply's tokens.
+
+        Tool descriptions count too (the model's template puts them in the prompt); the results of the agent's own
+        tool calls are small and bounded (MAX_TOOL_RESULT_CHARS), and are not counted ahead.
+        """
+        ask, config = self.ask, self.rt.config
+        if ask.history is None:
+            turns = await self.rt.store.history(self.conversation_id) if self.remember else []
+            ask = ask._replace(history=turns_as_messages(stable_window(turns, config.memory_max_turns)))
+        tools = ask.tools or self.rt.toolbox.specs(self.agent.tools)
+        fixed = [{"role": "system", "content": self.agent.system + (json.dumps(tools) if tools else "")},
+                 *ask.system, {"role": "user", "content": ask.message}, *ask.tail]
+        kept, self.history_truncated = fit_history(ask.history, fixed, config.ctx_tokens - self.sampling.max_tokens)
+        return Prompt(self.agent.system, ask.system + kept, ask.message, ask.tail, ask.tools, ask.tool_choice)
+
+    def generate(self, prompt: Prompt) -> AsyncIterator[str | ToolEvent]:
+        """The provider's reply; through the tool loop when piagent runs the agent's tools (not when the client
+        brought its own)."""
+        provider, agent = self.rt.provider, self.agent
+        if agent.tools and not prompt.tools:
+            return tool_loop(provider, self.rt.toolbox, agent, prompt, self.sampling, self.usage,
+                             self.rt.config.max_tool_rounds, self.stream)
+        if self.stream:
+            return provider.stream(agent, prompt, self.sampling, self.usage)
+        return self._whole(prompt)
+
+    async def _whole(self, prompt: Prompt) -> AsyncIterator[str]:
+        text = await self.rt.provider.complete(self.agent, prompt, self.sampling, self.usage)
+        if text:
+            yield text
+
+    def note(self, event: str | ToolEvent) -> None:
+        """Keep an event the door has written (text is what memory stores); a stream's first one is its TTFT."""
+        if self.stream and self.first_at is None:
+            self.first_at = time.perf_counter()
+        if isinstance(event, str):
+            self.sent.append(event)
+        else:
+            self.tool_events.append(event)
+
+    async def save(self) -> None:
+        """Store (message, what the client was given) once. A store that fails is noted and logged, not raised:
+        the client still gets the reply the Pi spent a minute on, told that it was not saved."""
+        if not self.remember or self.saved is not None or not self.sent:
+            return
+        try:
+            await self.rt.store.append(self.conversation_id, self.agent.name, self.ask.message, "".join(self.sent))
+            self.saved = True
+        except MemoryUnavailable as exc:
+            self.saved, self.fields["memory_error"] = False, exc.message
+            log.warning("the reply was delivered but not stored: %s", exc.message)
+
+    def client_tool_calls(self) -> list[dict[str, Any]]:
+        """The model's calls of the client's own tools, for the client to run (OpenAI's shape)."""
+        return [call.as_message_part() for call in self.usage.tool_calls] if self.ask.tools else []
+
+    def headers(self) -> dict[str, str]:
+        """X-Conversation-Id, X-History-Truncated (turns left out to fit) and X-Memory-Saved (when it failed)."""
+        headers = {"X-Conversation-Id": self.conversation_id} if self.conversation_id else {}
+        if self.history_truncated:
+            headers["X-History-Truncated"] = str(self.history_truncated)
+        if self.saved is False:
+            headers["X-Memory-Saved"] = "false"
+        return headers
+
+    def timings(self) -> dict[str, Any]:
+        """queue_wait_ms, ttft_ms, duration_ms and tokens_per_s (after the first token), as far as known."""
+        now = time.perf_counter()
+        out: dict[str, Any] = {"duration_ms": round((now - self.started) * 1000)}
+        for key, moment in (("queue_wait_ms", self.generating_at), ("ttft_ms", self.first_at)):
+            if moment is not None:
+                out[key] = round((moment - self.started) * 1000)
+        since = self.first_at or self.generating_at
+        if self.sent and since is not None and now > since:
+            out["tokens_per_s"] = round(len(self.sent) / (now - since), 2)
+        return out
+
+    def record(self) -> dict[str, Any]:
+        """What the request log says of this exchange."""
+        u, timings = self.usage, self.timings()
+        del timings["duration_ms"]
+        return {"agent": self.agent.name, "model": self.agent.model, "provider": self.rt.provider.name,
+                "conversation_id": self.conversation_id or None, "capped": self.capped,
+                "tokens": len(self.sent) if self.stream else u.completion_tokens, "prompt_tokens": u.prompt_tokens,
+                "history_truncated": self.history_truncated or None, "tool_calls": len(self.tool_events) or None,
+                "saved": False if self.saved is False else None,
+                "prompt": self.ask.message if self.rt.config.log_prompts else None, **timings}
+
+
+class Relay:
+    """An exchange's events, produced in a task of their own and handed to the request's task, which so stays free
+    to ping, to notice the client leaving or the shutdown grace ending, and to stop everything at once.
+
+    This is piagent's one "wait for the next thing, or the client leaving, or shutdown" and its one ping loop.
+    At most RELAY_BUFFER events wait for a slow client; then the producer waits, and the upstream with it.
+    """
+
+    def __init__(self, events: AsyncIterator[Any], receive: Callable[[], Awaitable[dict]], expired: asyncio.Future):
+        self.source, self.receive, self.expired = events, receive, expired
+        self.buffer: deque[Any] = deque()
+        self.ready: asyncio.Future | None = None  # resolved when the buffer gains an event
+        self.room: asyncio.Future | None = None  # resolved when the buffer has room again
+
+    async def __aenter__(self) -> Relay:
+        loop = asyncio.get_running_loop()
+        # the exchange runs apart from the request's task, so that this task can always answer the client
+        self.producer = loop.create_task(self._produce())
+        # reading from the client is the only way to learn it left while nothing is being sent to it
+        self.gone = loop.create_task(self._until_disconnect())
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        self.producer.cancel()
+        self.gone.cancel()
+        await asyncio.wait({self.producer, self.gone})  # the producer's `finally`s have closed the upstream
+
+    async def _produce(self) -> None:
+        async with aclosing(self.source) as events:
+            async for event in events:
+                self.buffer.append(event)
+                if self.ready is not None and not self.ready.done():
+                    self.ready.set_result(None)
+                while len(self.buffer) >= RELAY_BUFFER:
+                    self.room = asyncio.get_running_loop().create_future()
+                    await self.room
+
+    async def _until_disconnect(self) -> None:
+        while (await self.receive())["type"] != "http.disconnect":
+            pass
+
+    async def next(self, ping_s: float | None) -> Any:
+        """The next event; PING after `ping_s` seconds with none; END when the exchange is over. Raises what the
+        exchange raised, ClientGone when the client left, ShuttingDown when the shutdown grace is over."""
+        while not self.buffer:
+            if self.producer.done():
+                self.producer.result()
+                return END
+            self.ready = asyncio.get_running_loop().create_future()
+            done, _ = await asyncio.wait({self.ready, self.producer, self.gone, self.expired}, timeout=ping_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if self.gone.done():
+                raise ClientGone()
+            if self.expired.done():
+                raise ShuttingDown("piagent is shutting down; retry in a few seconds", {"Retry-After": "5"})
+            if not done:
+                return PING
+        if self.room is not None and not self.room.done():
+            self.room.set_result(None)
+        return self.buffer.popleft()
+
+
+class Door:
+    """How one front door shows an exchange: the text of each event while streaming, or one JSON body. A new
+    door is a subclass and a route. This base is the seed's plain-text stream: the bare text, nothing while
+    waiting, and a cut transfer (no closing chunk) if the upstream fails mid-reply."""
+
+    media_type = "text/plain; charset=utf-8"
+    ping_s: float | None = None  # send `ping` after this long with nothing else to send (None: wait silently)
+    ping = ""
+
+    def queued(self, position: int) -> str:
+        return ""
+
+    def text(self, piece: str, index: int) -> str:
+        return piece
+
+    def tool(self, event: ToolEvent) -> str:
+        return ""
+
+    def end(self, x: Exchange) -> str:
+        return ""
+
+    def failure(self, exc: PiagentError) -> str | None:
+        """What ends a stream that fails after it began; None: cut it (no closing chunk)."""
+        return None
+
+    def whole(self, x: Exchange) -> dict[str, Any]:
+        """The JSON body of a reply that is not streamed."""
+        raise NotImplementedError
+
+
+def tool_out(event: ToolEvent) -> dict[str, Any]:
+    """A tool call as clients see it (SSE `tool` event, `tools` in a JSON reply)."""
+    out = {"name": event.call.name, "arguments": event.arguments()}
+    return {**out, "result": event.result} if event.error is None else {**out, "error": event.error}
+
+
+class ChatDoor(Door):
+    """/chat: SSE (`queued`, `token`, `tool`, then `done` with counts and timings, or `error`), or one JSON reply."""
+
+    media_type = "text/event-stream; charset=utf-8"
+    ping = ": ping\n\n"
+
+    def __init__(self, ping_s: float):
+        self.ping_s = ping_s
+
+    def queued(self, position: int) -> str:
+        return sse_event({"position": position}, "queued")
+
+    def text(self, piece: str, index: int) -> str:
+        return sse_event({"text": piece}, "token")
+
+    def tool(self, event: ToolEvent) -> str:
+        return sse_event(tool_out(event), "tool")
+
+    def end(self, x: Exchange) -> str:
+        u = x.usage
+        return sse_event({"conversation_id": x.conversation_id, "agent": x.agent.name,
+                          "model": u.model or x.agent.model, "provider": x.rt.provider.name,
+                          "done_reason": u.done_reason, "tokens": len(x.sent), "prompt_tokens": u.prompt_tokens,
+                          "completion_tokens": u.completion_tokens, "history_truncated": x.history_truncated,
+                          "saved": x.saved, "ttft_ms": None, **x.timings()}, "done")
+
+    def failure(self, exc: PiagentError) -> str:
+        return sse_event(error_body("/chat", exc.status, exc.code, exc.message), "error")
+
+    def whole(self, x: Exchange) -> dict[str, Any]:
+        reply = {"reply": "".join(x.sent), "conversation_id": x.conversation_id,
+                 "model": x.usage.model or x.agent.model, "provider": x.rt.provider.name}
+        return {**reply, "tools": [tool_out(e) for e in x.tool_events]} if x.tool_events else reply
+
+
+def finish_reason(x: Exchange) -> str:
+    """OpenAI's finish_reason: "tool_calls" when the client's tools were called, else the upstream's reason."""
+    if x.client_tool_calls():
+        return "tool_calls"
+    reason = x.usage.done_reason or "stop"
+    return "stop" if reason == "tool_calls" else reason  # a call of piagent's own tools was answered already
+
+
+def openai_usage(x: Exchange) -> dict[str, int] | None:
+    """OpenAI's usage object, when the upstream reported counts."""
+    prompt, completion = x.usage.prompt_tokens, x.usage.completion_tokens
+    if prompt is None or completion is None:
+        return None
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class OpenAIDoor(Door):
+    """/v1/chat/completions: chat.completion.chunk events (role first, finish_reason last, optional usage,
+    [DONE]), or one chat.completion."""
+
+    media_type = "text/event-stream; charset=utf-8"
+    ping = ": ping\n\n"
+
+    def __init__(self, ping_s: float, model: str, include_usage: bool):
+        self.ping_s, self.model, self.include_usage = ping_s, model, include_usage
+        self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> str:
+        return sse_event({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                          "model": self.model, "choices": choices, **extra})
+
+    def text(self, piece: str, index: int) -> str:
+        delta = {"role": "assistant", "content": piece} if index == 0 else {"content": piece}
+        return self._chunk([{"index": 0, "delta": delta, "finish_reason": None}])
+
+    def end(self, x: Exchange) -> str:
+        calls, out = x.client_tool_calls(), ""
+        if calls:  # each call whole, in one fragment: valid for every OpenAI client
+            delta = {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}
+            head = {} if x.sent else {"role": "assistant", "content": None}
+            out = self._chunk([{"index": 0, "delta": {**head, **delta}, "finish_reason": None}])
+        delta = {} if x.sent or calls else {"role": "assistant", "content": ""}
+        out += self._chunk([{"index": 0, "delta": delta, "finish_reason": finish_reason(x)}])
+        if self.include_usage:
+            out += self._chunk([], usage=openai_usage(x))
+        return out + sse_event("[DONE]")
+
+    def failure(self, exc: PiagentError) -> str:
+        return sse_event(error_body("/v1/", exc.status, exc.code, exc.message))  # and no [DONE]
+
+    def whole(self, x: Exchange) -> dict[str, Any]:
+        reply = "".join(x.sent)
+        message: dict[str, Any] = {"role": "assistant", "content": reply}
+        if x.client_tool_calls():
+            message.update(content=reply or None, tool_calls=x.client_tool_calls())
+        result = {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                  "choices": [{"index": 0, "message": message, "finish_reason": finish_reason(x)}]}
+        return {**result, "usage": openai_usage(x)} if openai_usage(x) else result
+
+
+class Generation(Response):
+    """The response of a generation route: the exchange's whole life, written through its door.
+
+    An error before anything was sent is an ordinary HTTP error (error_response); after, the door ends the
+    stream its own way. A client that stops reading for WRITE_TIMEOUT_S is dropped like one that left.
+    """
+
+    def __init__(self, x: Exchange, door: Door):
+        self.x, self.door, self.started = x, door, False
+        self.status_code, self.background, self.raw_headers = 200, None, []  # what FastAPI reads of a Response
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        x, door = self.x, self.door
+        try:
+            async with x, Relay(x.events(), receive, x.rt.drain.expired) as relay:
+                if x.stream:
+                    await self._stream(relay, send)
+                else:
+                    await self._whole(relay)
+            if not x.stream:
+                await JSONResponse(door.whole(x), headers=x.headers())(scope, receive, send)
+        except ClientGone:
+            x.fields["error"] = "client_gone"  # nothing more can be sent
+        except PiagentError as exc:
+            if not self.started:
+                return await error_response(scope, exc)(scope, receive, send)
+            x.fields["error"] = exc.code
+            log.warning("stream ended by a failure after it began: %s: %s", exc.code, exc.message)
+            tail = door.failure(exc)
+            if tail is not None:  # else no closing chunk: the client must see this reply as incomplete
+                await self._write(send, tail)
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            x.rt.streams -= self.started
+
+    async def _whole(self, relay: Relay) -> None:
+        while (event := await relay.next(None)) is not END:
+            if isinstance(event, (str, ToolEvent)):
+                self.x.note(event)
+        await self.x.save()
+
+    async def _stream(self, relay: Relay, send: Callable) -> None:
+        x, door = self.x, self.door
+        while (event := await relay.next(door.ping_s)) is not END:
+            if event is PING:
+                out = door.ping
+            elif isinstance(event, Queued):
+                out = door.queued(event.position)
+            elif isinstance(event, ToolEvent):
+                out = door.tool(event)
+            else:
+                out = door.text(event, len(x.sent))
+            if out:
+                await self._write(send, out)
+            if isinstance(event, (str, ToolEvent)):
+                x.note(event)  # after it was written: memory keeps what the client was given
+        await x.save()  # before the client hears the reply is done
+        await self._write(send, door.end(x))
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _write(self, send: Callable, text: str) -> None:
+        if not self.started:
+            headers = {"Content-Type": self.door.media_type, **STREAM_HEADERS, **self.x.headers()}
+            await send({"type": "http.response.start", "status": 200, "headers": [
+                *((k.lower().encode(), v.encode()) for k, v in headers.items()), *self.raw_headers]})
+            self.started = True
+            self.x.rt.streams += 1
+        try:
+            async with asyncio.timeout(self.x.rt.config.write_timeout_s):
+                await send({"type": "http.response.body", "body": text.encode(), "more_body": True})
+        except (TimeoutError, OSError):  # it stopped reading, or it is gone (the server's ClientDisconnected)
+            raise ClientGone() from None
+
+
+# ---------------------------------------------------------------------------
+# Operations: metrics, readiness, warm-up, the request log
+# ---------------------------------------------------------------------------
+
+#: Histogram bounds in seconds: a Pi answers in a fraction of a second or in minutes.
+LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+#: Error codes that mean the upstream failed (counted in piagent_upstream_errors_total).
+UPSTREAM_CODES = frozenset({"upstream_unavailable", "model_not_found", "upstream_auth", "upstream_busy",
+                            "upstream_timeout", "upstream_error"})
+
+
+class Histogram:
+    """A Prometheus histogram: counts per upper bound, sum and count."""
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS_S):
+        self.bounds, self.counts = bounds, [0] * len(bounds)
+        self.sum, self.count = 0.0, 0
+
+    def observe(self, value: float) -> None:
+        self.sum += value
+        self.count += 1
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
+                return
+
+    def lines(self, name: str, labels: str = "") -> list[str]:
+        out, running = [], 0
+        for bound, n in zip(self.bounds, self.counts):
+            running += n
+            out.append(f'{name}_bucket{{{labels}le="{bound:g}"}} {running}')
+        out.append(f'{name}_bucket{{{labels}le="+Inf"}} {self.count}')
+        tail = f"{{{labels.rstrip(',')}}}" if labels else ""
+        return out + [f"{name}_sum{tail} {self.sum:.6f}", f"{name}_count{tail} {self.count}"]
+
+
+def _label(value: Any) -> str:
+    """Escape a label value: backslash, double quote and newline (the exposition format's rule)."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _rss_bytes() -> int:
+    """This process's resident memory, from /proc (Linux, so a Pi); 0 elsewhere."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class Metrics:
+    """Counters and histograms piagent keeps for /metrics (one set per app; gauges are read when scraped)."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, int], int] = {}
+        self.durations: dict[str, Histogram] = {}
+        self.ttft = Histogram()
+        self.tokens = 0
+        self.tool_calls = 0
+        self.upstream_errors: dict[str, int] = {}
+
+    def observe(self, route: str, record: Mapping[str, Any]) -> None:
+        """Count one finished request (its record as RequestLog made it)."""
+        key = (route, record["status"])
+        self.requests[key] = self.requests.get(key, 0) + 1
+        self.durations.setdefault(route, Histogram()).observe(record["duration_ms"] / 1000)
+        if "ttft_ms" in record:
+            self.ttft.observe(record["ttft_ms"] / 1000)
+        self.tokens += record.get("tokens") or 0
+        self.tool_calls += record.get("tool_calls") or 0
+        if record.get("error") in UPSTREAM_CODES:
+            self.upstream_errors[record["error"]] = self.upstream_errors.get(record["error"], 0) + 1
+
+    def render(self, queued: int, generating: int, streams: int, conversations: int | None) -> str:
+        """The Prometheus text exposition format (version 0.0.4)."""
+        lines: list[str] = []
+
+        def family(name: str, kind: str, help_text: str, samples: list[str]) -> None:
+            lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *samples])
+
+        family("piagent_requests_total", "counter", "Requests answered, by route and status.",
+               [f'piagent_requests_total{{route="{_label(r)}",status="{s}"}} {n}'
+                for (r, s), n in sorted(self.requests.items())])
+        family("piagent_request_duration_seconds", "histogram", "Time to answer a request (to the end of a stream).",
+               [line for r, h in sorted(self.durations.items())
+                for line in h.lines("piagent_request_duration_seconds", f'route="{_label(r)}",')])
+        family("piagent_time_to_first_token_seconds", "histogram", "Time from request to the first streamed token.",
+               self.ttft.lines("piagent_time_to_first_token_seconds"))
+        family("piagent_tokens_generated_total", "counter", "Text pieces (about tokens) sent to clients.",
+               [f"piagent_tokens_generated_total {self.tokens}"])
+        family("piagent_tool_calls_total", "counter", "Tool calls agents made (run or answered with an error).",
+               [f"piagent_tool_calls_total {self.tool_calls}"])
+        family("piagent_upstream_errors_total", "counter", "Upstream failures, by error code.",
+               [f'piagent_upstream_errors_total{{code="{c}"}} {n}' for c, n in sorted(self.upstream_errors.items())])
+        family("piagent_queue_depth", "gauge", "Requests waiting for a generation slot.", [f"piagent_queue_depth {queued}"])
+        family("piagent_generations_active", "gauge", "Generations holding a slot.",
+               [f"piagent_generations_active {generating}"])
+        family("piagent_active_streams", "gauge", "Streamed responses in progress.",
+               [f"piagent_active_streams {streams}"])
+        if conversations is not None:
+            family("piagent_conversations", "gauge", "Conversations kept in memory.",
+                   [f"piagent_conversations {conversations}"])
+        family("process_resident_memory_bytes", "gauge", "Resident memory of the piagent process.",
+               [f"process_resident_memory_bytes {_rss_bytes()}"])
+        return "\n".join(lines) + "\n"
+
+
+class Warmup:
+    """Loads each agent's model in the background at start-up, so the first chat does not pay a cold load.
+
+    Ollama may still be starting when piagent does (both at boot): an unreachable Ollama is retried a few times.
+    """
+
+    attempts, pause_s = 10, 3.0
+
+    def __init__(self) -> None:
+        self.state = "off"  # off | warming | done
+        self.problems: list[str] = []
+        self._task: asyncio.Task | None = None
+
+    def start(self, provider: Provider, models: list[str]) -> None:
+        self.state = "warming"
+        self._task = asyncio.get_running_loop().create_task(self._run(provider, models))
+
+    async def _run(self, provider: Provider, models: list[str]) -> None:
+        try:
+            for model in models:
+                await self._warm_one(provider, model)
+        finally:
+            self.state = "done"
+
+    async def _warm_one(self, provider: Provider, model: str) -> None:
+        for attempt in range(self.attempts):
+            try:
+                started = time.perf_counter()
+                await provider.warm(model)
+                log.info("model %s is loaded (%.1f s)", model, time.perf_counter() - started)
+                return
+            except UpstreamUnavailable as exc:
+                if attempt == self.attempts - 1:
+                    self.problems.append(f"{model}: {exc.message}")
+                    log.warning("could not load %s: %s", model, exc.message)
+                    return
+                await asyncio.sleep(self.pause_s)  # a pause between retries, not synchronisation
+            except UpstreamFailure as exc:
+                self.problems.append(f"{model}: {exc.message}")
+                log.warning("could not load %s: %s", model, exc.message)
+                return
+
+    async def stop(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+async def readiness(rt: Runtime) -> tuple[bool, dict[str, Any]]:
+    """(ready, body) for /ready: the upstream answers, every agent's model is there, warm-up is over, and no
+    generation holds the model without a sign of life from the upstream for longer than UPSTREAM_TIMEOUT_S."""
+    checks: dict[str, dict[str, Any]] = {}
+    config, provider = rt.config, rt.provider
+    try:
+        description, available = await provider.probe()
+        checks["upstream"] = {"ok": True, "detail": f"{description} at {provider.base_url}"}
+        missing = sorted({a.model for a in config.agents if not has_model(a.model, available)})
+        fix = "; ".join(provider.not_found(m) for m in missing)
+        checks["models"] = {"ok": not missing, "detail": fix or "all agents' models are available"}
+    except UpstreamFailure as exc:
+        checks["upstream"] = {"ok": False, "detail": exc.message}
+    stalled = rt.gate.stalled(config.upstream_timeout_s)
+    if stalled:
+        checks["generation"] = {"ok": False, "detail": f"{stalled} generation(s) hold the model with no word from "
+                                f"{provider.label} for over {config.upstream_timeout_s:g} s; restart piagent "
+                                f"(sudo systemctl restart piagent) if this lasts"}
+    warmup = rt.warmup
+    if warmup.state != "off":
+        checks["warmup"] = {"ok": warmup.state == "done",
+                            "detail": "loading models" if warmup.state == "warming" else
+                            "; ".join(warmup.problems) or "models loaded"}
+    ready = all(c["ok"] for c in checks.values())
+    only_warming = not ready and all(c["ok"] for k, c in checks.items() if k != "warmup")
+    status = "ready" if ready else "warming" if only_warming and warmup.state == "warming" else "not_ready"
+    return ready, {"status": status, "checks": checks, "warnings": startup_warnings(config)}
+
+
+#: The fields of a request record, in the order a text line shows them (after method, path, status, duration).
+LOG_RECORD_FIELDS = ("request_id", "client", "key", "agent", "model", "provider", "conversation_id",
+                     "queue_wait_ms", "ttft_ms", "tokens", "tokens_per_s", "prompt_tokens", "history_truncated",
+                     "tool_calls", "saved", "capped", "memory_error", "error", "prompt")
+
+
+class RequestLog:
+    """The outermost of piagent's middleware: one INFO record per request when its response (or stream) ends,
+    and the one place a bug becomes a 500 — logged once with its traceback, counted as 500, and the client's
+    connection kept (nothing is re-raised to the server).
+
+    The record carries `request` (a dict of LOG_RECORD_FIELDS and more) for TextLog and JsonLog to render.
+    """
+
+    def __init__(self, app: Callable, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        fields: dict[str, Any] = {"start": time.perf_counter(), "status": None}
+        scope[LOG_FIELDS_KEY] = fields
+
+        async def send_and_note(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                fields["status"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        except Exception as exc:  # a bug: whatever the routes and streams did not turn into a response
+            log.error("unexpected error on %s %s", scope["method"], scope["path"], exc_info=exc)
+            if fields["status"] is None:
+                bug = PiagentError("piagent hit a bug; see its log")
+                await error_response(scope, bug)(scope, receive, send_and_note)
+            fields["error"] = "internal_error"  # a stream that had begun is cut
+        finally:
+            record = request_record(scope["method"], scope["path"], fields)
+            log.info("%s %s %s", scope["method"], scope["path"], record["status"], extra={"request": record})
+            route = scope.get("route")  # the matched template, so labels stay few whatever the paths
+            self.metrics.observe(getattr(route, "path", "other"), record)
+
+
+def request_record(method: str, path: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """The finished request as a flat dict: method, path, status, duration_ms, then the fields that are set."""
+    duration_ms = round((time.perf_counter() - fields["start"]) * 1000)
+    record = {"method": method, "path": path, "status": fields["status"] or 499, "duration_ms": duration_ms}
+    record.update((k, fields[k]) for k in LOG_RECORD_FIELDS if fields.get(k) is not None)
+    return record
+
+
+class TextLog(logging.Formatter):
+    """Human lines. Example: ... INFO piagent: POST /chat 200 1234ms request_id=ab.. agent=general tokens=40"""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        request = getattr(record, "request", None)
+        if request is not None:
+            pairs = " ".join(f"{k}={json.dumps(v) if k == 'prompt' else v}"
+                             for k, v in request.items() if k in LOG_RECORD_FIELDS)
+            record.message = f"{request['method']} {request['path']} {request['status']} {request['duration_ms']}ms {pairs}"
+        return super().formatMessage(record)
+
+
+class JsonLog(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and a request's fields at the top level."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+               "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+        out.update(getattr(record, "request", {}))
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False, default=str)
+
+
+# ---------------------------------------------------------------------------
+# API: request/response models, error handlers, create_app(config, ...), routes
 # ---------------------------------------------------------------------------
 
 #: What a client may send as conversation_id (also safe in a header and a log line).
 CONVERSATION_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
-#: Headers that keep reverse proxies and browsers from holding streamed tokens back.
-STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-#: OpenAI error "type" by HTTP status, for the /v1 front door.
-OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                      422: "invalid_request_error", 429: "rate_limit_error"}
 
 
 class ChatRequest(BaseModel):
@@ -2141,25 +2764,6 @@ class ChatRequest(BaseModel):
     agent: str = Field("general", max_length=64)
     stream: bool = False
     conversation_id: str | None = Field(None, pattern=CONVERSATION_ID_PATTERN)
-
-
-class ToolOut(BaseModel):
-    """A tool call the agent made while answering: its arguments and result (or the error the model was told)."""
-
-    name: str
-    arguments: Any
-    result: str | None = None
-    error: str | None = None
-
-
-class ChatResponse(BaseModel):
-    """POST /chat reply when not streaming (`tools` only when the agent used any)."""
-
-    reply: str
-    conversation_id: str
-    model: str | None = None
-    provider: str | None = None
-    tools: list[ToolOut] | None = None
 
 
 class TextPart(BaseModel):
@@ -2250,52 +2854,33 @@ class OpenAIChatRequest(BaseModel):
         None, description="passed on with `tools` to OpenAI-compatible upstreams; Ollama's API has no such field")
 
 
-class ErrorDetail(BaseModel):
-    code: str
-    message: str
+# Response shapes, for the OpenAPI schema (/openapi.json) and the fuzz tests that read it.
+class ErrorDetail(BaseModel): code: str; message: str  # noqa: E701, E702
+class ErrorBody(BaseModel): error: ErrorDetail  # noqa: E701
+class OpenAIErrorDetail(BaseModel): message: str; type: str; param: str | None = None; code: str | None = None  # noqa
+class OpenAIErrorBody(BaseModel): error: OpenAIErrorDetail  # noqa: E701
+class AgentList(BaseModel): agents: list[str]  # noqa: E701
+class Health(BaseModel): status: Literal["ok"]  # noqa: E701
+class ModelCard(BaseModel): id: str; object: Literal["model"]; created: int; owned_by: str  # noqa: E701, E702
+class ModelList(BaseModel): object: Literal["list"]; data: list[ModelCard]  # noqa: E701, E702
+class ToolOut(BaseModel): name: str; arguments: Any; result: str | None = None; error: str | None = None  # noqa
+class TurnOut(BaseModel): user: str; assistant: str; created_at: str  # noqa: E701, E702
+class ConversationOut(BaseModel): conversation_id: str; agent: str; turns: list[TurnOut]  # noqa: E701, E702
+class ConversationSummary(BaseModel): conversation_id: str; agent: str; last_used: str  # noqa: E701, E702
 
 
-class ErrorBody(BaseModel):
-    """Every JSON error outside /v1/."""
+class ChatResponse(BaseModel):
+    """POST /chat reply when not streaming (`tools` only when the agent used any)."""
 
-    error: ErrorDetail
-
-
-class OpenAIErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class OpenAIErrorBody(BaseModel):
-    """Every JSON error under /v1/ (OpenAI's shape)."""
-
-    error: OpenAIErrorDetail
-
-
-class AgentList(BaseModel):
-    agents: list[str]
-
-
-class Health(BaseModel):
-    status: Literal["ok"]
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"]
-    created: int
-    owned_by: str
-
-
-class ModelList(BaseModel):
-    object: Literal["list"]
-    data: list[ModelCard]
+    reply: str
+    conversation_id: str
+    model: str | None = None
+    provider: str | None = None
+    tools: list[ToolOut] | None = None
 
 
 class ChatCompletion(BaseModel):
-    """A non-streamed /v1/chat/completions reply (documentation: the route builds it directly)."""
+    """A non-streamed /v1/chat/completions reply."""
 
     id: str
     object: Literal["chat.completion"]
@@ -2303,6 +2888,13 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[dict[str, Any]]
     usage: dict[str, int] | None = None
+
+
+class ConversationPage(BaseModel):
+    """GET /conversations: newest first; pass next_before as `before` for the next page."""
+
+    conversations: list[ConversationSummary]
+    next_before: str | None = None
 
 
 def documented(errors: type[BaseModel], statuses: tuple[int, ...], ok: type[BaseModel] | None = None,
@@ -2317,884 +2909,107 @@ def documented(errors: type[BaseModel], statuses: tuple[int, ...], ok: type[Base
 #: Statuses any guarded route may answer with, besides its own.
 GUARD_STATUSES = (401, 413, 429)
 #: Statuses a generation may end with (see the README's error table).
-GENERATION_STATUSES = (*GUARD_STATUSES, 404, 422, 502, 503, 504)  # 413 is in GUARD_STATUSES
-
-
-class UnknownAgent(PiagentError):
-    status, code = 404, "unknown_agent"
-
-
-class InvalidRequest(PiagentError):
-    status, code = 422, "invalid_request"
-
-
-class MessageTooLong(PiagentError):
-    status, code = 413, "message_too_long"
-
-
-class ClientGone(Exception):
-    """The client hung up before the reply was ready; nothing is sent back."""
-
-
-async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, but cancel it the moment the client disconnects (then raise ClientGone), or when the
-    shutdown grace is over (then raise ShuttingDown).
-
-    This is what stops the model generating for a client that has gone while it waited for a reply.
-    """
-    task = asyncio.ensure_future(work)
-    await asyncio.sleep(0)  # one turn of the loop finishes most work (a free lock, a memory read): no watchers
-    if task.done():
-        return task.result()
-    gone = asyncio.ensure_future(_wait_for_disconnect(request.receive))
-    drained = asyncio.ensure_future(request.app.state.drain.expired.wait())
-    try:
-        await asyncio.wait({task, gone, drained}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        drained.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-    if task.cancelled():
-        if request.app.state.drain.expired.is_set():
-            raise ShuttingDown("piagent is shutting down; retry in a few seconds", {"Retry-After": "5"})
-        raise ClientGone()
-    return task.result()
-
-
-async def _wait_for_disconnect(receive: Callable[[], Awaitable[dict]]) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-@dataclass
-class Exchange:
-    """One request's generation: who answers, what is asked, how, and where its turn is stored."""
-
-    request: Request
-    agent: Agent
-    prompt: Prompt
-    sampling: Sampling
-    turn: PendingTurn
-    slot: Slot
-    fields: dict[str, Any]  # the request's log fields
-    usage: Usage = field(default_factory=Usage)
-    events: list[ToolEvent] = field(default_factory=list)  # the agent's tool calls, as they ran
-
-    @property
-    def provider(self) -> Provider:
-        return self.request.app.state.provider
-
-    @property
-    def runs_tools(self) -> bool:
-        """Whether piagent runs the agent's tools for this reply (not when the client brought its own)."""
-        return bool(self.agent.tools) and not self.prompt.tools
-
-    def pieces(self) -> AsyncIterator[str | ToolEvent]:
-        """The streamed reply: text pieces, and the agent's tool calls as they run."""
-        if not self.runs_tools:
-            return self.provider.stream(self.agent, self.prompt, self.sampling, self.usage)
-        return self._tool_loop(stream=True)
-
-    async def complete(self) -> str:
-        """The whole reply, after any tool calls (which land in `events`)."""
-        if not self.runs_tools:
-            return await self.provider.complete(self.agent, self.prompt, self.sampling, self.usage)
-        said: list[str] = []
-        async for item in self._tool_loop(stream=False):
-            self.note(item, said)
-        return "".join(said)
-
-    def _tool_loop(self, stream: bool) -> AsyncIterator[str | ToolEvent]:
-        rounds = self.request.app.state.config.max_tool_rounds
-        return tool_loop(self.provider, self.agent, self.prompt, self.sampling, self.usage, rounds, stream)
-
-    def note(self, item: str | ToolEvent | None, said: list[str]) -> bool:
-        """Add a text piece to `said` or a tool call to `events`; True if it was text."""
-        if isinstance(item, str):
-            if item:
-                said.append(item)
-            return True
-        if item is not None:
-            self.events.append(item)
-            self.fields["tool_calls"] = len(self.events)
-        return False
-
-    def client_tool_calls(self) -> list[dict[str, Any]]:
-        """The model's calls of the client's own tools, for the client to run (OpenAI's shape)."""
-        return [call.as_message_part() for call in self.usage.tool_calls] if self.prompt.tools else []
-
-    def elapsed_ms(self) -> int:
-        return round((time.perf_counter() - self.fields["start"]) * 1000)
-
-    def mark(self, moment: str) -> None:
-        """Note when generation began ("generating") or the first token came ("first_token"), for the log."""
-        now = time.perf_counter()
-        self.fields[f"{moment}_at"] = now
-        key = "queue_wait_ms" if moment == "generating" else "ttft_ms"
-        self.fields.setdefault(key, round((now - self.fields["start"]) * 1000))
-
-    async def wait_for_slot(self) -> None:
-        """Wait in the gate's queue (leaving it if the client goes), and note how long it took."""
-        if not self.slot.granted:
-            await until_disconnect(self.request, self.slot.wait())
-        self.mark("generating")
-
-    async def finish(self, reply: str | None) -> None:
-        """Free the model slot, then store the turn (unless reply is None) and unlock the conversation."""
-        self.slot.release()
-        await self.turn.finish(reply)
-
-
-class PlainText:
-    """The seed's stream: the bare text, and a cut transfer (no closing chunk) if the upstream fails."""
-
-    media_type = "text/plain; charset=utf-8"
-    ping_s: float | None = None  # nothing can be sent before the first token in plain text
-
-    def piece(self, text: str, index: int) -> str:
-        return text
-
-    def end(self, x: Exchange) -> str:
-        return ""
-
-    def failure(self, exc: PiagentError) -> str | None:
-        return None
-
-    def queued(self, position: int) -> str | None:
-        """What to send while waiting in the queue at `position`; None: this format waits silently."""
-        return None
-
-    def tool(self, event: ToolEvent) -> str | None:
-        """What to send when the agent ran a tool; None: this format shows only the answer."""
-        return None
-
-
-class ChatEvents(PlainText):
-    """SSE on /chat: `token` events, then `done` with counts and timings, or `error` with the error shape."""
-
-    media_type = "text/event-stream; charset=utf-8"
-
-    def __init__(self, ping_s: float):
-        self.ping_s = ping_s
-
-    def piece(self, text: str, index: int) -> str:
-        return sse_event({"text": text}, "token")
-
-    def end(self, x: Exchange) -> str:
-        u = x.usage
-        return sse_event({"conversation_id": x.turn.conversation_id, "agent": x.agent.name,
-                          "model": u.model or x.agent.model, "provider": x.provider.name,
-                          "done_reason": u.done_reason, "tokens": x.fields.get("tokens"),
-                          "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-                          "history_truncated": x.fields.get("history_truncated", 0),
-                          "ttft_ms": x.fields.get("ttft_ms"), "duration_ms": x.elapsed_ms()}, "done")
-
-    def failure(self, exc: PiagentError) -> str | None:
-        return sse_event(_error_body(exc.code, exc.message), "error")
-
-    def queued(self, position: int) -> str | None:
-        return sse_event({"position": position}, "queued")
-
-    def tool(self, event: ToolEvent) -> str | None:
-        return sse_event(tool_out(event), "tool")
-
-
-class OpenAIChunks(PlainText):
-    """OpenAI's chat.completion.chunk stream: role first, finish_reason last, optional usage, [DONE]."""
-
-    media_type = "text/event-stream; charset=utf-8"
-
-    def __init__(self, ping_s: float, model: str, include_usage: bool):
-        self.ping_s, self.model, self.include_usage = ping_s, model, include_usage
-        self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-
-    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> str:
-        return sse_event({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                          "model": self.model, "choices": choices, **extra})
-
-    def piece(self, text: str, index: int) -> str:
-        delta = {"role": "assistant", "content": text} if index == 0 else {"content": text}
-        return self._chunk([{"index": 0, "delta": delta, "finish_reason": None}])
-
-    def end(self, x: Exchange) -> str:
-        calls, out = x.client_tool_calls(), ""
-        if calls:  # each call whole, in one fragment: valid for every OpenAI client
-            delta = {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}
-            head = {} if x.fields.get("tokens") else {"role": "assistant", "content": None}
-            out = self._chunk([{"index": 0, "delta": {**head, **delta}, "finish_reason": None}])
-        delta = {} if x.fields.get("tokens") or calls else {"role": "assistant", "content": ""}
-        out += self._chunk([{"index": 0, "delta": delta, "finish_reason": finish_reason(x)}])
-        if self.include_usage:
-            out += self._chunk([], usage=openai_usage(x))
-        return out + sse_event("[DONE]")
-
-    def failure(self, exc: PiagentError) -> str | None:
-        return sse_event(_openai_error_body(exc.status, exc.code, exc.message))  # and no [DONE]
-
-
-def finish_reason(x: Exchange) -> str:
-    """OpenAI's finish_reason: "tool_calls" when the client's tools were called, else the upstream's reason."""
-    if x.client_tool_calls():
-        return "tool_calls"
-    reason = x.usage.done_reason or "stop"
-    return "stop" if reason == "tool_calls" else reason  # a call of piagent's own tools was answered already
-
-
-def tool_out(event: ToolEvent) -> dict[str, Any]:
-    """A tool call as clients see it (SSE `tool` event, `tools` in a JSON reply)."""
-    out = {"name": event.call.name, "arguments": event.arguments()}
-    return {**out, "result": event.result} if event.error is None else {**out, "error": event.error}
-
-
-def openai_usage(x: Exchange) -> dict[str, int] | None:
-    """OpenAI's usage object, when the upstream reported counts."""
-    prompt, completion = x.usage.prompt_tokens, x.usage.completion_tokens
-    if prompt is None or completion is None:
-        return None
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-class TokenStream(Response):
-    """ASGI response that writes each piece the moment it arrives.
-
-    Unlike Starlette's StreamingResponse it can end WITHOUT the closing zero-length chunk, so a plain-text
-    client sees an upstream failure mid-reply as an incomplete transfer, never as a clean end; and it stops
-    the source (closing the upstream request) the instant the client disconnects.
-    """
-
-    def __init__(self, pieces: AsyncIterator[str], headers: dict[str, str], fields: dict[str, Any], state: Any):
-        self.pieces, self.drain, self.metrics = pieces, state.drain, state.metrics
-        self.status_code, self.background = 200, None
-        self.raw_headers = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-        self.fields = fields  # request log fields; set "error" when the stream is cut
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        self.metrics.active_streams += 1
-        try:
-            await self._run(receive, send)
-        finally:
-            self.metrics.active_streams -= 1
-
-    async def _run(self, receive: Callable, send: Callable) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        pump = asyncio.ensure_future(self._pump(send))
-        gone = asyncio.ensure_future(_wait_for_disconnect(receive))
-        drained = asyncio.ensure_future(self.drain.expired.wait())
-        await asyncio.wait({pump, gone, drained}, return_when=asyncio.FIRST_COMPLETED)
-        gone.cancel()
-        drained.cancel()
-        if not pump.done():  # the client left, or the shutdown grace is over: stop the upstream now
-            self.fields["error"] = "shutting_down" if self.drain.expired.is_set() else "client_gone"
-            pump.cancel()
-        (outcome,) = await asyncio.gather(pump, return_exceptions=True)
-        if isinstance(outcome, Exception):  # a bug, not an upstream failure: say so, cut the stream
-            self.fields["error"] = "internal_error"
-            log.error("stream failed", exc_info=outcome)
-
-    async def _pump(self, send: Callable) -> None:
-        """Write pieces as they come; pieces that arrived while the last write was under way go out together."""
-        ready: list[str] = []
-        arrived = asyncio.Event()
-        producer = asyncio.ensure_future(self._produce(ready, arrived))
-        try:
-            while not producer.done() or ready:
-                await arrived.wait()
-                arrived.clear()
-                if ready:
-                    body = "".join(ready).encode()
-                    ready.clear()
-                    await send({"type": "http.response.body", "body": body, "more_body": True})
-        finally:
-            if not producer.done():  # the client left or time is up: stop the source (and the upstream) now
-                producer.cancel()
-            failure = (await asyncio.gather(producer, return_exceptions=True))[0]
-        if isinstance(failure, PiagentError):
-            self.fields["error"] = failure.code
-            log.warning("stream cut after it began: %s: %s", failure.code, failure.message)
-            return  # no closing chunk: the client must see this reply as incomplete
-        if isinstance(failure, BaseException):
-            raise failure
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-    async def _produce(self, ready: list[str], arrived: asyncio.Event) -> None:
-        try:
-            async for piece in self.pieces:
-                ready.append(piece)
-                arrived.set()
-        finally:
-            arrived.set()
-            await self.pieces.aclose()
-
-
-async def relay(first: asyncio.Future, rest: AsyncIterator[str], x: Exchange, fmt: PlainText) -> AsyncIterator[str]:
-    """The stream body: pings until the first piece (and after each tool call, while the model reads the
-    result), the pieces, then the format's end.
-
-    Stores the turn when done or when the client left mid-way; an upstream failure stores nothing,
-    so a retry never sees half a turn.
-    """
-    sent: list[str] = []
-    failed, waiting = False, first
-    try:
-        async for ping in _pings(first, fmt.ping_s):
-            yield ping
-        if "first_token_at" not in x.fields:
-            x.mark("first_token")
-        item = first.result()
-        while item is not None:
-            out = _render(item, sent, x, fmt)
-            if out:
-                yield out
-            if isinstance(item, ToolEvent) and fmt.ping_s is not None:  # the model reads the result: may take long
-                waiting = asyncio.ensure_future(anext(rest, None))
-                async for ping in _pings(waiting, fmt.ping_s):
-                    yield ping
-                item = waiting.result()
-            else:
-                item = await anext(rest, None)
-        x.fields["tokens"] = len(sent)
-        x.fields["prompt_tokens"] = x.usage.prompt_tokens
-        await x.finish("".join(sent))  # stored before the client is told it is done; a failure is reported
-        yield fmt.end(x)
-    except PiagentError as exc:  # the upstream failed (store nothing) or the memory did (nothing was stored)
-        failed = True
-        tail = fmt.failure(exc)
-        if tail is None:
-            raise
-        x.fields["error"] = exc.code
-        log.warning("stream ended by a failure: %s: %s", exc.code, exc.message)
-        yield tail
-    finally:
-        x.fields["tokens"] = len(sent)
-        for task in {first, waiting}:
-            if not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        await rest.aclose()
-        await x.finish(None if failed else "".join(sent))  # a client that left keeps what it received
-
-
-async def _pings(task: asyncio.Future, ping_s: float | None) -> AsyncIterator[str]:
-    """An SSE comment every `ping_s` seconds until `task` is done, so proxies never see an idle stream."""
-    while not task.done():
-        done, _ = await asyncio.wait({task}, timeout=ping_s)
-        if not done:
-            yield ": ping\n\n"
-
-
-def _render(item: str | ToolEvent | None, sent: list[str], x: Exchange, fmt: PlainText) -> str | None:
-    """One item of the reply in the stream's format (None: nothing to send); text is kept in `sent`."""
-    if x.note(item, sent):
-        return fmt.piece(item, len(sent) - 1) if item else None
-    return fmt.tool(item) if item is not None else None
-
-
-async def stream_reply(x: Exchange, fmt: PlainText) -> TokenStream:
-    """Start a streamed reply. A failure that comes before the first piece (or before the first ping is
-    due) is still raised here, so it becomes a proper HTTP error rather than a 200 that breaks.
-
-    A format that can report queueing (SSE on /chat) starts at once when it must wait for the model.
-    """
-    state = x.request.app.state
-    if not x.slot.granted and fmt.queued(1) is not None:
-        return TokenStream(queued_stream(x, fmt), stream_headers(x, fmt), x.fields, state)
-    try:
-        await x.wait_for_slot()
-    except BaseException:
-        await x.finish(None)
-        raise
-    pieces = x.pieces()
-    first = asyncio.ensure_future(anext(pieces, None))
-    try:
-        await until_disconnect(x.request, asyncio.wait({first}, timeout=fmt.ping_s))
-        if first.done():
-            x.mark("first_token")
-            first.result()
-    except BaseException:
-        first.cancel()
-        await asyncio.gather(first, return_exceptions=True)
-        await pieces.aclose()
-        await x.finish(None)
-        raise
-    return TokenStream(relay(first, pieces, x, fmt), stream_headers(x, fmt), x.fields, state)
-
-
-def stream_headers(x: Exchange, fmt: PlainText) -> dict[str, str]:
-    return {"Content-Type": fmt.media_type, **STREAM_HEADERS, **reply_headers(x)}
-
-
-def reply_headers(x: Exchange) -> dict[str, str]:
-    """X-Conversation-Id (when there is one) and X-History-Truncated (when turns were left out to fit)."""
-    headers = {}
-    if x.turn.conversation_id:
-        headers["X-Conversation-Id"] = x.turn.conversation_id
-    if x.fields.get("history_truncated"):
-        headers["X-History-Truncated"] = str(x.fields["history_truncated"])
-    return headers
-
-
-async def queued_stream(x: Exchange, fmt: PlainText) -> AsyncIterator[str]:
-    """`queued` events with the position as it changes (pings between), then the reply as `relay` sends it."""
-    gate: Gate = x.request.app.state.gate
-    waiting = asyncio.ensure_future(x.slot.wait())
-    try:
-        shown = None
-        while not waiting.done():
-            position = gate.position(x.slot.ticket)
-            yield fmt.queued(position) if position != shown else ": ping\n\n"
-            shown = position
-            moved = asyncio.ensure_future(gate.moved.wait())
-            await asyncio.wait({waiting, moved}, timeout=fmt.ping_s, return_when=asyncio.FIRST_COMPLETED)
-            moved.cancel()
-        waiting.result()
-    except BaseException:
-        waiting.cancel()
-        await x.finish(None)
-        raise
-    x.mark("generating")
-    pieces = x.pieces()
-    async for out in relay(asyncio.ensure_future(anext(pieces, None)), pieces, x, fmt):
-        yield out
-
-
-async def complete_reply(x: Exchange) -> str:
-    """The whole reply; the upstream call is cancelled if the client leaves while waiting."""
-    try:
-        await x.wait_for_slot()
-        reply = await until_disconnect(x.request, x.complete())
-    except BaseException:
-        await x.finish(None)
-        raise
-    await x.finish(reply)
-    x.fields.update(tokens=x.usage.completion_tokens, prompt_tokens=x.usage.prompt_tokens)
-    return reply
-
-
-def _error_body(code: str, message: str) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message}}
-
-
-def _openai_error_body(status: int, code: str, message: str) -> dict[str, Any]:
-    kind = OPENAI_ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
-    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
-
-
-def error_response(scope: Mapping[str, Any], status: int, code: str, message: str,
-                   headers: Mapping[str, str] | None = None) -> JSONResponse:
-    """The one place errors become HTTP: {"error": {"code", "message"}}, or OpenAI's shape under /v1/."""
-    scope.get(LOG_FIELDS_KEY, {})["error"] = code
-    if scope["path"].startswith("/v1/"):
-        return JSONResponse(_openai_error_body(status, code, message), status, headers=headers)
-    return JSONResponse(_error_body(code, message), status, headers=headers)
-
-
-def render_error(scope: Mapping[str, Any], exc: PiagentError) -> JSONResponse:
-    """error_response for a typed error (what Guards uses for its refusals)."""
-    return error_response(scope, exc.status, exc.code, exc.message, exc.headers)
+GENERATION_STATUSES = (*GUARD_STATUSES, 404, 422, 502, 503, 504)
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Route every error through error_response."""
+    """Route FastAPI's own errors through error_response too (bugs are RequestLog's: they become 500s there)."""
 
     @app.exception_handler(PiagentError)
     async def piagent_error(request: Request, exc: PiagentError) -> JSONResponse:
-        return render_error(request.scope, exc)
-
-    @app.exception_handler(ClientGone)
-    async def client_gone(request: Request, exc: ClientGone) -> Response:
-        request.scope[LOG_FIELDS_KEY]["error"] = "client_gone"
-        return Response(status_code=499)  # nginx's code for "client closed request"; nobody reads it
+        return error_response(request.scope, exc)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors()
         )
-        return error_response(request.scope, 422, "invalid_request", problems)
+        return error_response(request.scope, InvalidRequest(problems))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400:  # FastAPI's "error parsing the body" (e.g. not UTF-8): a bad body, like bad JSON
-            return error_response(request.scope, 422, "invalid_request", f"body: {exc.detail} (send UTF-8 JSON)")
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(request.scope, exc.status_code, code, str(exc.detail), exc.headers)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-        return error_response(request.scope, 500, "internal_error", "piagent hit a bug; see its log")
+            return error_response(request.scope, InvalidRequest(f"body: {exc.detail} (send UTF-8 JSON)"))
+        error = PiagentError(str(exc.detail), exc.headers)
+        error.status = exc.status_code
+        error.code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(request.scope, error)
 
 
-#: Histogram bounds in seconds: a Pi answers in a fraction of a second or in minutes.
-LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-#: Error codes that mean the upstream failed (counted in piagent_upstream_errors_total).
-UPSTREAM_CODES = frozenset({"upstream_unavailable", "model_not_found", "upstream_auth", "upstream_busy",
-                            "upstream_timeout", "upstream_error"})
+def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = None,
+               tools: Mapping[str, Tool] | None = None, clock: Callable[[], float] | None = None,
+               store: MemoryStore | None = None) -> FastAPI:
+    """Build a piagent app for `config`: its Runtime, routes and middleware. Nothing starts until its lifespan.
 
-
-class Histogram:
-    """A Prometheus histogram: counts per upper bound, sum and count."""
-
-    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS_S):
-        self.bounds, self.counts = bounds, [0] * len(bounds)
-        self.sum, self.count = 0.0, 0
-
-    def observe(self, value: float) -> None:
-        self.sum += value
-        self.count += 1
-        for i, bound in enumerate(self.bounds):
-            if value <= bound:
-                self.counts[i] += 1
-                return
-
-    def lines(self, name: str, labels: str = "") -> list[str]:
-        out, running = [], 0
-        for bound, n in zip(self.bounds, self.counts):
-            running += n
-            out.append(f'{name}_bucket{{{labels}le="{bound:g}"}} {running}')
-        out.append(f'{name}_bucket{{{labels}le="+Inf"}} {self.count}')
-        tail = f"{{{labels.rstrip(',')}}}" if labels else ""
-        return out + [f"{name}_sum{tail} {self.sum:.6f}", f"{name}_count{tail} {self.count}"]
-
-
-def _label(value: Any) -> str:
-    """Escape a label value: backslash, double quote and newline (the exposition format's rule)."""
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _rss_bytes() -> int:
-    """This process's resident memory, from /proc (Linux, so a Pi); 0 elsewhere."""
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-class Metrics:
-    """Counters and histograms piagent keeps for /metrics (one set per app; gauges are read when scraped)."""
-
-    def __init__(self) -> None:
-        self.requests: dict[tuple[str, int], int] = {}
-        self.durations: dict[str, Histogram] = {}
-        self.ttft = Histogram()
-        self.tokens = 0
-        self.tool_calls = 0
-        self.upstream_errors: dict[str, int] = {}
-        self.active_streams = 0
-
-    def observe(self, route: str, record: Mapping[str, Any]) -> None:
-        """Count one finished request (its record as RequestLog made it)."""
-        key = (route, record["status"])
-        self.requests[key] = self.requests.get(key, 0) + 1
-        self.durations.setdefault(route, Histogram()).observe(record["duration_ms"] / 1000)
-        if "ttft_ms" in record:
-            self.ttft.observe(record["ttft_ms"] / 1000)
-        self.tokens += record.get("tokens") or 0
-        self.tool_calls += record.get("tool_calls") or 0
-        if record.get("error") in UPSTREAM_CODES:
-            self.upstream_errors[record["error"]] = self.upstream_errors.get(record["error"], 0) + 1
-
-    def render(self, queued: int, generating: int, conversations: int | None) -> str:
-        """The Prometheus text exposition format (version 0.0.4)."""
-        lines: list[str] = []
-
-        def family(name: str, kind: str, help_text: str, samples: list[str]) -> None:
-            lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *samples])
-
-        family("piagent_requests_total", "counter", "Requests answered, by route and status.",
-               [f'piagent_requests_total{{route="{_label(r)}",status="{s}"}} {n}'
-                for (r, s), n in sorted(self.requests.items())])
-        family("piagent_request_duration_seconds", "histogram", "Time to answer a request (to the end of a stream).",
-               [line for r, h in sorted(self.durations.items())
-                for line in h.lines("piagent_request_duration_seconds", f'route="{_label(r)}",')])
-        family("piagent_time_to_first_token_seconds", "histogram", "Time from request to the first streamed token.",
-               self.ttft.lines("piagent_time_to_first_token_seconds"))
-        family("piagent_tokens_generated_total", "counter", "Text pieces (about tokens) sent to clients.",
-               [f"piagent_tokens_generated_total {self.tokens}"])
-        family("piagent_tool_calls_total", "counter", "Tool calls agents made (run or answered with an error).",
-               [f"piagent_tool_calls_total {self.tool_calls}"])
-        family("piagent_upstream_errors_total", "counter", "Upstream failures, by error code.",
-               [f'piagent_upstream_errors_total{{code="{c}"}} {n}' for c, n in sorted(self.upstream_errors.items())])
-        family("piagent_queue_depth", "gauge", "Requests waiting for a generation slot.", [f"piagent_queue_depth {queued}"])
-        family("piagent_generations_active", "gauge", "Generations holding a slot.",
-               [f"piagent_generations_active {generating}"])
-        family("piagent_active_streams", "gauge", "Streamed responses in progress.",
-               [f"piagent_active_streams {self.active_streams}"])
-        if conversations is not None:
-            family("piagent_conversations", "gauge", "Conversations kept in memory.",
-                   [f"piagent_conversations {conversations}"])
-        family("process_resident_memory_bytes", "gauge", "Resident memory of the piagent process.",
-               [f"process_resident_memory_bytes {_rss_bytes()}"])
-        return "\n".join(lines) + "\n"
-
-
-class Warmup:
-    """Loads each agent's model in the background at start-up, so the first chat does not pay a cold load.
-
-    Ollama may still be starting when piagent does (both at boot): an unreachable Ollama is retried a few times.
+    `transport` replaces httpx's network transport, `tools` the built-in TOOLS, `clock` the wall clock of memory
+    TTLs and rate limits, `store` the memory store MEMORY_BACKEND names (tests). Raises ConfigError if an agent
+    names a tool the toolbox does not have.
     """
-
-    attempts, pause_s = 10, 3.0
-
-    def __init__(self) -> None:
-        self.state = "off"  # off | warming | done
-        self.problems: list[str] = []
-        self._task: asyncio.Task | None = None
-
-    def start(self, provider: Provider, models: list[str]) -> None:
-        self.state = "warming"
-        self._task = asyncio.get_running_loop().create_task(self._run(provider, models))
-
-    async def _run(self, provider: Provider, models: list[str]) -> None:
-        try:
-            for model in models:
-                await self._warm_one(provider, model)
-        finally:
-            self.state = "done"
-
-    async def _warm_one(self, provider: Provider, model: str) -> None:
-        for attempt in range(self.attempts):
-            try:
-                started = time.perf_counter()
-                await provider.warm(model)
-                log.info("model %s is loaded (%.1f s)", model, time.perf_counter() - started)
-                return
-            except UpstreamUnavailable as exc:
-                if attempt == self.attempts - 1:
-                    self.problems.append(f"{model}: {exc.message}")
-                    log.warning("could not load %s: %s", model, exc.message)
-                    return
-                await asyncio.sleep(self.pause_s)  # a pause between retries, not synchronisation
-            except UpstreamFailure as exc:
-                self.problems.append(f"{model}: {exc.message}")
-                log.warning("could not load %s: %s", model, exc.message)
-                return
-
-    async def stop(self) -> None:
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
-
-async def readiness(state: Any, config: Config) -> tuple[bool, dict[str, Any]]:
-    """(ready, body) for /ready: the upstream answers, every agent's model is there, and warm-up is over."""
-    checks: dict[str, dict[str, Any]] = {}
-    try:
-        description, available = await state.provider.probe()
-        checks["upstream"] = {"ok": True, "detail": f"{description} at {config.upstream_url}"}
-        missing = sorted({a.model for a in config.agents if not has_model(a.model, available)})
-        fix = "; ".join(state.provider.not_found(m) for m in missing)
-        checks["models"] = {"ok": not missing, "detail": fix or "all agents' models are available"}
-    except UpstreamFailure as exc:
-        checks["upstream"] = {"ok": False, "detail": exc.message}
-    warmup: Warmup = state.warmup
-    if warmup.state != "off":
-        checks["warmup"] = {"ok": warmup.state == "done",
-                            "detail": "loading models" if warmup.state == "warming" else
-                            "; ".join(warmup.problems) or "models loaded"}
-    ready = all(c["ok"] for c in checks.values())
-    only_warming = not ready and all(c["ok"] for k, c in checks.items() if k != "warmup")
-    status = "ready" if ready else "warming" if only_warming and warmup.state == "warming" else "not_ready"
-    return ready, {"status": status, "checks": checks, "warnings": startup_warnings(config)}
-
-
-#: The fields of a request record, in the order a text line shows them (after method, path, status, duration).
-LOG_RECORD_FIELDS = ("request_id", "client", "key", "agent", "model", "provider", "conversation_id",
-                     "queue_wait_ms", "ttft_ms", "tokens", "tokens_per_s", "prompt_tokens", "history_truncated",
-                     "tool_calls", "error", "prompt")
-
-
-class RequestLog:
-    """ASGI middleware: one INFO record per request, written when the response (or stream) ends.
-
-    The record carries `request` (a dict of LOG_RECORD_FIELDS and more) for TextLog and JsonLog to render.
-    """
-
-    def __init__(self, app: Callable, metrics: Metrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        fields: dict[str, Any] = {"start": time.perf_counter(), "status": None}
-        scope[LOG_FIELDS_KEY] = fields
-
-        async def send_and_note(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                fields["status"] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_note)
-        finally:
-            record = request_record(scope["method"], scope["path"], fields)
-            log.info("%s %s %s", scope["method"], scope["path"], record["status"], extra={"request": record})
-            route = scope.get("route")  # the matched template, so labels stay few whatever the paths
-            self.metrics.observe(getattr(route, "path", "other"), record)
-
-
-def request_record(method: str, path: str, fields: dict[str, Any]) -> dict[str, Any]:
-    """The finished request as a flat dict: method, path, status, duration_ms, then the fields that are set."""
-    end = time.perf_counter()
-    duration_ms = round((end - fields["start"]) * 1000)
-    since = fields.get("first_token_at", fields.get("generating_at"))  # a stream's rate after its first token
-    if fields.get("tokens") and since is not None and end > since:
-        fields["tokens_per_s"] = round(fields["tokens"] / (end - since), 2)
-    record = {"method": method, "path": path, "status": fields["status"] or 499, "duration_ms": duration_ms}
-    record.update((k, fields[k]) for k in LOG_RECORD_FIELDS if fields.get(k) is not None)
-    return record
-
-
-class TextLog(logging.Formatter):
-    """Human lines. Example: ... INFO piagent: POST /chat 200 1234ms request_id=ab.. agent=general tokens=40"""
-
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    def formatMessage(self, record: logging.LogRecord) -> str:
-        request = getattr(record, "request", None)
-        if request is not None:
-            pairs = " ".join(f"{k}={json.dumps(v) if k == 'prompt' else v}"
-                             for k, v in request.items() if k in LOG_RECORD_FIELDS)
-            record.message = f"{request['method']} {request['path']} {request['status']} {request['duration_ms']}ms {pairs}"
-        return super().formatMessage(record)
-
-
-class JsonLog(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, and a request's fields at the top level."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        out = {"time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
-               "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
-        out.update(getattr(record, "request", {}))
-        if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out, ensure_ascii=False, default=str)
-
-
-def create_app(config: Config, transport: httpx.AsyncBaseTransport | None = None,
-               clock: Callable[[], float] = time.time) -> FastAPI:
-    """Build a piagent app for `config`. Its lifespan owns the upstream client, the memory store and the gate.
-
-    `transport` replaces httpx's network transport (tests); `clock` drives memory TTLs and rate limits (tests).
-    Raises ConfigError if an agent names a tool piagent does not have.
-    """
-    check_tools(config)
+    clock = clock or time.time
+    toolbox = Toolbox(TOOLS if tools is None else tools)
+    toolbox.check(config)
+    timeout = httpx.Timeout(config.upstream_timeout_s, connect=config.upstream_connect_timeout_s)
+    client = httpx.AsyncClient(timeout=timeout, transport=transport)
+    if store is None and config.enable_memory:
+        store = MEMORY_STORES[config.memory_backend](config, clock)
+    buckets = TokenBuckets(config.rate_limit_per_min, clock) if config.rate_limit_per_min else None
+    rt = Runtime(config, PROVIDERS[config.provider](client, config), store, toolbox,
+                 Gate(config.max_concurrent, config.max_queue), Drain(config.shutdown_grace_s), buckets, Metrics(),
+                 Warmup(), clock)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        timeout = httpx.Timeout(config.ollama_timeout_s, connect=config.ollama_connect_timeout_s)
-        async with httpx.AsyncClient(timeout=timeout, transport=transport) as client:
-            app.state.provider = PROVIDERS[config.provider](client, config)
-            store = MEMORY_STORES[config.memory_backend](config, clock) if config.enable_memory else None
-            if store is not None:
-                await store.open()
-            app.state.store = store
-            app.state.locks = ConversationLocks()
-            app.state.gate = Gate(config.max_concurrent, config.max_queue)
-            app.state.drain.loop = asyncio.get_running_loop()
+        async with client:
+            if rt.store is not None:
+                await rt.store.open()
+            rt.drain.start()
             if config.warmup:
-                app.state.warmup.start(app.state.provider, list(dict.fromkeys(a.model for a in config.agents)))
+                rt.warmup.start(rt.provider, list(dict.fromkeys(a.model for a in config.agents)))
             try:
                 yield
             finally:
-                await app.state.warmup.stop()
-                if store is not None:
-                    await store.close()
+                await rt.warmup.stop()
+                if rt.store is not None:
+                    await rt.store.close()
 
     app = FastAPI(title="piagent", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.config = config
-    app.state.drain = Drain(config.shutdown_grace_s)
-    app.state.metrics = Metrics()
-    app.state.warmup = Warmup()
+    app.state.runtime = rt
     install_error_handlers(app)
-    add_routes(app, config)
-    add_openai_routes(app, config)
-    add_conversation_routes(app)
+    add_routes(app, rt)
+    add_openai_routes(app, rt)
+    add_conversation_routes(app, rt)
     add_page_route(app, config)  # the one forward reference: the page is data, kept at the end of the file
     # added innermost first: RequestLog wraps CORS, which wraps Guards (so preflights need no key)
-    app.add_middleware(Guards, config=config, clock=clock, render=render_error)
+    app.add_middleware(Guards, config=config, buckets=buckets)
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_credentials=False,
                            allow_methods=["GET", "POST", "DELETE"], max_age=600,
                            allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Conversation-Id",
                                           "X-Request-Id"],
                            expose_headers=["X-Conversation-Id", "X-Request-Id", "Retry-After",
-                                           "X-RateLimit-Remaining"])
-    app.add_middleware(RequestLog, metrics=app.state.metrics)
+                                           "X-RateLimit-Remaining", "X-Memory-Saved"])
+    app.add_middleware(RequestLog, metrics=rt.metrics)
     return app
 
 
-def _find_agent(config: Config, name: str) -> Agent:
+def find_agent(config: Config, name: str) -> Agent:
+    """The agent called `name`, or UnknownAgent listing the ones there are."""
     agent = config.agent(name)
     if agent is None:
-        names = ", ".join(a.name for a in config.agents)
-        raise UnknownAgent(f"no agent named {name!r}; available: {names}")
+        raise UnknownAgent(f"no agent named {name!r}; available: {', '.join(a.name for a in config.agents)}")
     return agent
 
 
-def _check_length(config: Config, text: str) -> None:
+def check_length(config: Config, text: str) -> None:
+    """MessageTooLong when `text` is over MAX_MESSAGE_CHARS."""
     if len(text) > config.max_message_chars:
         raise MessageTooLong(f"a message may be at most {config.max_message_chars} characters (MAX_MESSAGE_CHARS); "
                              f"this one has {len(text)}")
 
 
-class Ask(NamedTuple):
-    """What a request asks, before memory and the context budget are applied."""
-
-    system: list[Message]  # the client's own system messages (OpenAI front door)
-    history: list[Message] | None  # the client's own history; None: piagent's memory, by conversation_id
-    message: str  # the new user message
-    tail: tuple[Message, ...] = ()  # the client's tool calls and their results after that message
-    tools: tuple[dict[str, Any], ...] = ()  # the client's own tools (their calls go back to the client)
-    tool_choice: str | dict[str, Any] | None = None  # and the client's tool_choice for them
-
-
-async def _exchange(request: Request, agent: Agent, conversation_id: str | None, ask: Ask,
-                    sampling: Sampling) -> Exchange:
-    """Lock the conversation (if any), read its history, take a place at the gate, and gather the rest."""
-    state, config = request.app.state, request.app.state.config
-    fields = request.scope[LOG_FIELDS_KEY]
-    fields.update(agent=agent.name, model=agent.model, provider=state.provider.name, conversation_id=conversation_id)
-    if config.log_prompts:
-        fields["prompt"] = ask.message
-    store = state.store if conversation_id and ask.history is None else None
-    turn = PendingTurn(store, state.locks, conversation_id or "", agent.name, ask.message)
-    kept = turns_as_messages(stable_window(await until_disconnect(request, turn.begin()), config.memory_max_turns))
-    try:
-        slot = Slot(state.gate)
-    except PiagentError:
-        await turn.finish(None)
-        raise
-    try:
-        prompt = budgeted_prompt(config, agent, ask._replace(history=kept if ask.history is None else ask.history),
-                                 sampling, fields)
-    except PiagentError:
-        slot.release()
-        await turn.finish(None)
-        raise
-    return Exchange(request, agent, prompt, sampling, turn, slot, fields, Usage(model=agent.model))
-
-
-def budgeted_prompt(config: Config, agent: Agent, ask: Ask, sampling: Sampling, fields: dict[str, Any]) -> Prompt:
-    """The prompt with as much history as fits CTX_TOKENS after the reply's tokens; notes what was dropped.
-
-    Tool descriptions count too (the model's template puts them in the prompt); the results of the agent's own
-    tool calls are small and bounded (MAX_TOOL_RESULT_CHARS), and are not counted ahead.
-    """
-    tools = ask.tools or tool_specs(agent.tools)
-    fixed = [{"role": "system", "content": agent.system + (json.dumps(tools) if tools else "")}, *ask.system,
-             {"role": "user", "content": ask.message}, *ask.tail]
-    kept, dropped = fit_history(ask.history or [], fixed, config.ctx_tokens - sampling.max_tokens)
-    if dropped:
-        fields["history_truncated"] = dropped
-    return Prompt(agent.system, ask.system + kept, ask.message, ask.tail, ask.tools, ask.tool_choice)
-
-
-def add_routes(app: FastAPI, config: Config) -> None:
-    """Attach /health, /agents and /chat to `app`."""
+def add_routes(app: FastAPI, rt: Runtime) -> None:
+    """Attach /health, /ready, /metrics, /agents and /chat to `app`."""
+    config = rt.config
     defaults = Sampling(config.max_tokens, config.temperature)
 
     @app.get("/health", response_model=Health, responses=documented(ErrorBody, (413,)))
@@ -3202,15 +3017,17 @@ def add_routes(app: FastAPI, config: Config) -> None:
         return {"status": "ok"}
 
     @app.get("/ready", responses={**documented(ErrorBody, GUARD_STATUSES), 503: {"description": "not ready"}})
-    async def ready(request: Request) -> JSONResponse:
-        is_ready, body = await readiness(request.app.state, config)
+    async def ready() -> JSONResponse:
+        is_ready, body = await readiness(rt)
         return JSONResponse(body, 200 if is_ready else 503)
 
     @app.get("/metrics", include_in_schema=False)
-    async def metrics(request: Request) -> Response:
-        state = request.app.state
-        conversations = await state.store.count() if state.store is not None else None
-        text = state.metrics.render(state.gate.queued, state.gate.active, conversations)
+    async def metrics() -> Response:
+        try:  # the metrics never depend on the memory being up
+            conversations = await rt.store.count() if rt.store is not None else None
+        except PiagentError:
+            conversations = None
+        text = rt.metrics.render(rt.gate.queued, rt.gate.active, rt.streams, conversations)
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/agents", response_model=AgentList, responses=documented(ErrorBody, GUARD_STATUSES))
@@ -3219,23 +3036,17 @@ def add_routes(app: FastAPI, config: Config) -> None:
 
     @app.post("/chat", response_model=ChatResponse, responses=documented(
         ErrorBody, GENERATION_STATUSES, ChatResponse, ("text/plain", "text/event-stream")))
-    async def chat(body: ChatRequest, request: Request) -> Any:
-        agent = _find_agent(config, body.agent)
-        _check_length(config, body.message)
-        conversation_id = body.conversation_id or uuid.uuid4().hex
-        x = await _exchange(request, agent, conversation_id, Ask([], None, body.message), defaults)
-        if body.stream:
-            wants_events = "text/event-stream" in request.headers.get("accept", "")
-            return await stream_reply(x, ChatEvents(config.sse_ping_s) if wants_events else PlainText())
-        reply = await complete_reply(x)
-        result = ChatResponse(reply=reply, conversation_id=conversation_id, model=x.usage.model or agent.model,
-                              provider=x.provider.name).model_dump(exclude={"tools"})
-        if x.events:
-            result["tools"] = [tool_out(event) for event in x.events]
-        return JSONResponse(result, headers=reply_headers(x))
+    async def chat(body: ChatRequest, request: Request) -> Generation:
+        agent = find_agent(config, body.agent)
+        check_length(config, body.message)
+        ask = Ask([], None, body.message)
+        x = Exchange(rt, agent, ask, defaults, body.conversation_id or uuid.uuid4().hex, body.stream,
+                     request.scope[LOG_FIELDS_KEY])
+        plain = body.stream and "text/event-stream" not in request.headers.get("accept", "")
+        return Generation(x, Door() if plain else ChatDoor(config.sse_ping_s))
 
 
-def _split_openai_messages(body: OpenAIChatRequest) -> Ask:
+def split_openai_messages(body: OpenAIChatRequest) -> Ask:
     """An OpenAI request as an Ask: system messages, the history, the last user message, and what follows it
     (the client's tool calls and their results, when it runs its own tools)."""
     messages = body.messages
@@ -3254,9 +3065,9 @@ def _split_openai_messages(body: OpenAIChatRequest) -> Ask:
     return Ask(system, history, messages[last].text(), tuple(m.as_message() for m in tail), tools, choice)
 
 
-def add_openai_routes(app: FastAPI, config: Config) -> None:
+def add_openai_routes(app: FastAPI, rt: Runtime) -> None:
     """Attach the OpenAI-compatible front door: /v1/models and /v1/chat/completions (agents are models)."""
-    created = int(time.time())
+    config, created = rt.config, int(time.time())
 
     @app.get("/v1/models", response_model=ModelList, responses=documented(OpenAIErrorBody, GUARD_STATUSES))
     async def models() -> dict[str, Any]:
@@ -3265,15 +3076,15 @@ def add_openai_routes(app: FastAPI, config: Config) -> None:
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=documented(
         OpenAIErrorBody, GENERATION_STATUSES, ChatCompletion, ("text/event-stream",)))
-    async def completions(body: OpenAIChatRequest, request: Request) -> Any:
-        agent = _find_agent(config, body.model)
+    async def completions(body: OpenAIChatRequest, request: Request) -> Generation:
+        agent = find_agent(config, body.model)
         max_tokens = body.max_completion_tokens or body.max_tokens or config.max_tokens
         if max_tokens >= config.ctx_tokens:
             raise InvalidRequest(f"max_tokens={max_tokens} must be below the context size {config.ctx_tokens}")
         sampling = Sampling(max_tokens, config.temperature if body.temperature is None else body.temperature)
-        ask = _split_openai_messages(body)
+        ask = split_openai_messages(body)
         for m in [*ask.system, *ask.history, {"content": ask.message}, *ask.tail]:
-            _check_length(config, m.get("content") or "")
+            check_length(config, m.get("content") or "")
         conversation_id = request.headers.get("x-conversation-id")
         if conversation_id is not None and not re.fullmatch(CONVERSATION_ID_PATTERN, conversation_id):
             raise InvalidRequest(f"X-Conversation-Id must match {CONVERSATION_ID_PATTERN}")
@@ -3282,52 +3093,10 @@ def add_openai_routes(app: FastAPI, config: Config) -> None:
                                  "history in messages instead")
         if ask.tools and config.provider == "ollama" and config.ollama_api == "generate":
             raise InvalidRequest("tools need OLLAMA_API=chat on this piagent")
-        x = await _exchange(request, agent, conversation_id, ask._replace(history=None) if conversation_id else ask,
-                            sampling)
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return await stream_reply(x, OpenAIChunks(config.sse_ping_s, agent.name, include_usage))
-        reply = await complete_reply(x)
-        message: dict[str, Any] = {"role": "assistant", "content": reply}
-        if x.client_tool_calls():
-            message.update(content=reply or None, tool_calls=x.client_tool_calls())
-        result = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                  "model": agent.name, "choices": [{"index": 0, "message": message,
-                                                    "finish_reason": finish_reason(x)}]}
-        if openai_usage(x):
-            result["usage"] = openai_usage(x)
-        return JSONResponse(result, headers=reply_headers(x))
-
-
-class TurnOut(BaseModel):
-    user: str
-    assistant: str
-    created_at: str  # ISO 8601, UTC
-
-
-class ConversationOut(BaseModel):
-    """GET /conversations/{id}."""
-
-    conversation_id: str
-    agent: str
-    turns: list[TurnOut]
-
-
-class ConversationSummary(BaseModel):
-    conversation_id: str
-    agent: str
-    last_used: str  # ISO 8601, UTC
-
-
-class ConversationPage(BaseModel):
-    """GET /conversations: newest first; pass next_before as `before` for the next page."""
-
-    conversations: list[ConversationSummary]
-    next_before: str | None = None
-
-
-class ConversationNotFound(PiagentError):
-    status, code = 404, "conversation_not_found"
+        x = Exchange(rt, agent, ask._replace(history=None) if conversation_id else ask, sampling, conversation_id,
+                     body.stream, request.scope[LOG_FIELDS_KEY])
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return Generation(x, OpenAIDoor(config.sse_ping_s, agent.name, include_usage))
 
 
 def iso_time(epoch_s: float) -> str:
@@ -3339,15 +3108,14 @@ def iso_time(epoch_s: float) -> str:
     return datetime.fromtimestamp(seconds, timezone.utc).replace(microsecond=micros).isoformat(timespec="microseconds")
 
 
-def add_conversation_routes(app: FastAPI) -> None:
+def add_conversation_routes(app: FastAPI, rt: Runtime) -> None:
     """Attach the conversation API: read, list and forget what piagent remembers."""
     conversation_id_path = FastAPIPath(pattern=CONVERSATION_ID_PATTERN)
 
     @app.get("/conversations/{conversation_id}", response_model=ConversationOut,
              responses=documented(ErrorBody, (*GUARD_STATUSES, 404, 422, 503)))
-    async def read_conversation(request: Request, conversation_id: str = conversation_id_path) -> Any:
-        store = request.app.state.store
-        found = await store.get(conversation_id) if store is not None else None
+    async def read_conversation(conversation_id: str = conversation_id_path) -> Any:
+        found = await rt.store.get(conversation_id) if rt.store is not None else None
         if found is None:
             raise ConversationNotFound(f"no conversation {conversation_id!r} (never started, expired, or deleted)")
         return {"conversation_id": found.conversation_id, "agent": found.agent, "turns": [
@@ -3355,24 +3123,22 @@ def add_conversation_routes(app: FastAPI) -> None:
 
     @app.delete("/conversations/{conversation_id}", status_code=204,
                 responses=documented(ErrorBody, (*GUARD_STATUSES, 422, 503)))
-    async def forget_conversation(request: Request, conversation_id: str = conversation_id_path) -> Response:
-        state = request.app.state
-        if state.store is not None:  # wait for a reply in progress, so it cannot bring the conversation back
-            await until_disconnect(request, state.locks.acquire(conversation_id))
+    async def forget_conversation(conversation_id: str = conversation_id_path) -> Response:
+        if rt.store is not None:  # after a reply in progress, so that it cannot bring the conversation back
+            ticket = rt.gate.enter(conversation_id, slot=False)
             try:
-                await state.store.delete(conversation_id)
+                await ticket.future
+                await rt.store.delete(conversation_id)
             finally:
-                state.locks.release(conversation_id)
+                rt.gate.leave(ticket)
         return Response(status_code=204)
 
     @app.get("/conversations", response_model=ConversationPage,
              responses=documented(ErrorBody, (*GUARD_STATUSES, 422, 503)))
-    async def list_conversations(request: Request, limit: int = Query(20, ge=1, le=MAX_PAGE),
-                                 before: datetime | None = None) -> Any:
-        store = request.app.state.store
+    async def list_conversations(limit: int = Query(20, ge=1, le=MAX_PAGE), before: datetime | None = None) -> Any:
         if before is not None and before.tzinfo is None:
             before = before.replace(tzinfo=timezone.utc)
-        rows = await store.recent(limit, before.timestamp() if before else None) if store is not None else []
+        rows = await rt.store.recent(limit, before.timestamp() if before else None) if rt.store is not None else []
         page = [{"conversation_id": cid, "agent": agent, "last_used": iso_time(used)} for cid, agent, used in rows]
         return {"conversations": page, "next_before": page[-1]["last_used"] if len(page) == limit else None}
 
@@ -3552,6 +3318,105 @@ def add_page_route(app: FastAPI, config: Config) -> None:
 # ---------------------------------------------------------------------------
 
 
+def load_config(environ: Mapping[str, str], env_file: Path | None = None) -> Config:
+    """Config from the real environment over the env file over the defaults; a ConfigError names what is wrong.
+
+    PROVIDER and MEMORY_BACKEND choose among PROVIDERS and MEMORY_STORES; the provider's class names its agents'
+    model variables and whether models warm up by default. Old names still work: OLLAMA_TIMEOUT_S and
+    OLLAMA_CONNECT_TIMEOUT_S for UPSTREAM_TIMEOUT_S and UPSTREAM_CONNECT_TIMEOUT_S.
+    """
+    file_values = read_env_file(env_file) if env_file is not None else {}
+    s = _Settings({**file_values, **environ})
+    d = Config()
+    provider = s.choice("PROVIDER", d.provider, tuple(PROVIDERS))
+    state_dir = s.text("STATE_DIRECTORY", None)  # set by systemd's StateDirectory=
+    backend = s.choice("MEMORY_BACKEND", "sqlite" if state_dir else d.memory_backend, tuple(MEMORY_STORES))
+    workers = s.integer("WORKERS", d.workers, 1, 64)
+    if workers > 1 and backend == "memory":
+        raise s.fail("WORKERS", "1 with MEMORY_BACKEND=memory (each worker would keep its own memory); "
+                                "use MEMORY_BACKEND=sqlite or redis for several workers")
+    ollama_api = s.choice("OLLAMA_API", d.ollama_api, OLLAMA_APIS)
+    keep_alive = s.text("OLLAMA_KEEP_ALIVE", None)
+    if keep_alive is not None and not KEEP_ALIVE_PATTERN.match(keep_alive):
+        raise s.fail("OLLAMA_KEEP_ALIVE", "seconds or a duration such as 30m, 1h, -1 (forever)")
+    return Config(
+        provider=provider,
+        openai_base_url=s.url("OPENAI_BASE_URL", d.openai_base_url),
+        openai_api_key=s.text("OPENAI_API_KEY", None),
+        ollama_host=s.url("OLLAMA_HOST", d.ollama_host),
+        ollama_api=ollama_api,
+        ollama_keep_alive=keep_alive,
+        upstream_connect_timeout_s=s.number(s.named("UPSTREAM_CONNECT_TIMEOUT_S", "OLLAMA_CONNECT_TIMEOUT_S"),
+                                            d.upstream_connect_timeout_s, 0.1, 600),
+        upstream_timeout_s=s.number(s.named("UPSTREAM_TIMEOUT_S", "OLLAMA_TIMEOUT_S"), d.upstream_timeout_s, 0.1, 86400),
+        write_timeout_s=s.number("WRITE_TIMEOUT_S", d.write_timeout_s, 0.1, 3600),
+        ctx_tokens=s.integer("CTX_TOKENS", d.ctx_tokens, 128, 1_048_576),
+        max_tokens=s.integer("MAX_TOKENS", d.max_tokens, 1, 1_048_576),
+        temperature=s.number("TEMPERATURE", d.temperature, 0.0, 2.0),
+        enable_memory=s.boolean("ENABLE_MEMORY", d.enable_memory),
+        memory_max_turns=s.integer("MEMORY_MAX_TURNS", d.memory_max_turns, 1, 1000),
+        memory_ttl_min=s.number("MEMORY_TTL_MIN", d.memory_ttl_min, 0.01, 525_600),
+        memory_max_conversations=s.integer("MEMORY_MAX_CONVERSATIONS", d.memory_max_conversations, 1, 1_000_000),
+        memory_backend=backend,
+        memory_path=s.text("MEMORY_PATH", str(Path(state_dir) / "piagent.db") if state_dir else d.memory_path),
+        redis_url=_redis_url(s),
+        workers=workers,
+        host=s.text("HOST", d.host) or d.host,
+        port=s.integer("PORT", d.port, 1, 65535),
+        log_level=s.choice("LOG_LEVEL", d.log_level, LOG_LEVELS),
+        sse_ping_s=s.number("SSE_PING_S", d.sse_ping_s, 0.01, 3600),
+        log_format=s.choice("LOG_FORMAT", d.log_format, LOG_FORMATS),
+        log_prompts=s.boolean("LOG_PROMPTS", d.log_prompts),
+        api_keys=s.items("API_KEYS", re.compile(r"^[\x21-\x2b\x2d-\x7e]{8,256}$"),
+                         "comma-separated keys of 8 to 256 printable characters, no spaces"),
+        rate_limit_per_min=s.integer("RATE_LIMIT_PER_MIN", d.rate_limit_per_min, 0, 100_000),
+        trust_proxy=s.boolean("TRUST_PROXY", d.trust_proxy),
+        max_body_bytes=s.integer("MAX_BODY_BYTES", d.max_body_bytes, 1024, 16_777_216),
+        max_message_chars=s.integer("MAX_MESSAGE_CHARS", d.max_message_chars, 1, 1_000_000),
+        cors_origins=s.items("CORS_ORIGINS", ORIGIN_PATTERN,
+                             "comma-separated origins such as http://pi.local:8000 (never *)"),
+        max_concurrent=s.integer("MAX_CONCURRENT", d.max_concurrent, 1, 1024),
+        max_queue=s.integer("MAX_QUEUE", d.max_queue, 0, 100_000),
+        shutdown_grace_s=s.number("SHUTDOWN_GRACE_S", d.shutdown_grace_s, 0, 3600),
+        enable_ui=s.boolean("ENABLE_UI", d.enable_ui),
+        metrics_public=s.boolean("METRICS_PUBLIC", d.metrics_public),
+        warmup=s.boolean("WARMUP", PROVIDERS[provider].warm_by_default),
+        max_tool_rounds=s.integer("MAX_TOOL_ROUNDS", d.max_tool_rounds, 0, 10),
+        agents=_read_agents(s, PROVIDERS[provider].model_prefix, d.agents[0].model,
+                            tools_ok=provider == "openai" or ollama_api == "chat"),
+    )
+
+
+
+
+def _redis_url(settings: _Settings) -> str:
+    url = settings.text("REDIS_URL", Config.redis_url) or Config.redis_url
+    if not re.match(r"^(redis|rediss|unix)://", url):
+        raise settings.fail("REDIS_URL", "a URL such as redis://127.0.0.1:6379/0")
+    return url
+
+
+def _read_agents(settings: _Settings, prefix: str, default_model: str, tools_ok: bool) -> tuple[Agent, ...]:
+    """AGENTS=a,b plus <prefix><NAME> (the model), AGENT_<NAME>_SYSTEM and AGENT_<NAME>_TOOLS for each.
+
+    An agent without its own model uses <prefix>GENERAL, then `default_model`.
+    """
+    names = [n.strip().lower() for n in (settings.text("AGENTS", "general") or "general").split(",")]
+    if not all(AGENT_NAME_PATTERN.match(n) for n in names) or len(set(names)) != len(names):
+        raise settings.fail("AGENTS", "distinct comma-separated names of lowercase letters, digits and _")
+    agents = []
+    general = settings.text(f"{prefix}GENERAL", default_model) or default_model
+    for name in names:
+        upper = name.upper()
+        model = settings.text(f"{prefix}{upper}", general) or general
+        system = settings.text(f"AGENT_{upper}_SYSTEM", DEFAULT_SYSTEM_PROMPT) or DEFAULT_SYSTEM_PROMPT
+        tools = settings.items(f"AGENT_{upper}_TOOLS", TOOL_NAME_PATTERN, "comma-separated tool names such as calc,now")
+        if tools and not tools_ok:
+            raise settings.fail(f"AGENT_{upper}_TOOLS", "no tools with OLLAMA_API=generate (tools need /api/chat)")
+        agents.append(Agent(name, model, system, tuple(dict.fromkeys(tools))))
+    return tuple(agents)
+
+
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     """Parse flags, load config, run the server until SIGTERM/SIGINT. Exit 2 with one line on a config error."""
     import argparse
@@ -3571,7 +3436,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     env_file = args.env_file or default_env_file(environ)
     try:
         config = load_config({**environ, **overrides}, env_file)
-        check_tools(config)
+        Toolbox(TOOLS).check(config)
     except ConfigError as exc:  # --check reports it as a failed check (exit 1); start-up stops with exit 2
         print(f"✗ settings: {exc}" if args.check else f"piagent: {exc}", file=sys.stdout if args.check else sys.stderr)
         return 1 if args.check else 2
@@ -3588,7 +3453,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         return 1 if exc.retry_may_help else 2  # systemd restarts on 1 (Redis may come back), not on 2
     configure_logging(config, sys.stderr)
     log.info("piagent on http://%s:%d -> %s %s, agents: %s, memory: %s", config.host, config.port,
-             config.provider, config.upstream_url, ", ".join(f"{a.name}={a.model}" for a in config.agents),
+             config.provider, getattr(config, PROVIDERS[config.provider].url_field), ", ".join(f"{a.name}={a.model}" for a in config.agents),
              _memory_description(config))
     for warning in startup_warnings(config):
         log.warning(warning)
@@ -3604,9 +3469,9 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
             # first signal: close the gate and start the grace period on the loop, then let uvicorn drain
-            loop = app.state.drain.loop
-            if loop is not None and not self.should_exit:
-                loop.call_soon_threadsafe(app.state.drain.begin, app.state.gate)
+            rt = app.state.runtime
+            if rt.drain.loop is not None and not self.should_exit:
+                rt.drain.loop.call_soon_threadsafe(rt.drain.begin, rt.gate)
             super().handle_exit(sig, frame)
 
     Server(uvicorn.Config(app, host=config.host, port=config.port, **uvicorn_options(config))).run()
@@ -3655,9 +3520,9 @@ async def run_checks(config: Config, env_file: Path | None) -> list[tuple[bool, 
         try:
             description, available = await provider.probe()
         except UpstreamFailure as exc:
-            results.append((False, f"upstream at {config.upstream_url}", exc.message))
+            results.append((False, f"upstream at {provider.base_url}", exc.message))
         else:
-            results.append((True, f"{description} answers at {config.upstream_url}", ""))
+            results.append((True, f"{description} answers at {provider.base_url}", ""))
             for agent in config.agents:
                 ok = has_model(agent.model, available)
                 results.append((ok, f"agent {agent.name}: model {agent.model}" + (" is available" if ok else ""),

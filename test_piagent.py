@@ -33,7 +33,7 @@ import uvicorn
 
 import piagent
 from fake_ollama import BUSY_TEXT, FakeOllama, Script
-from piagent import (Config, ConfigError, ConversationLocks, InProcessStore, Prompt, Turn, build_messages,
+from piagent import (Config, ConfigError, Gate, InProcessStore, Prompt, Turn, build_messages,
                      create_app, load_config, parse_env_file, render_prompt)
 
 HERE = Path(__file__).resolve().parent
@@ -65,7 +65,7 @@ class LiveServer:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        options = {**piagent.uvicorn_options(app.state.config), "log_level": "warning"}
+        options = {**piagent.uvicorn_options(app.state.runtime.config), "log_level": "warning"}
         self.server = uvicorn.Server(uvicorn.Config(app, **options))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
@@ -92,10 +92,10 @@ def serve(fake):
     """serve(**env) -> LiveServer of piagent configured from env (OLLAMA_HOST = the fake)."""
     servers = []
 
-    def start(clock=time.time, **env):
+    def start(clock=time.time, tools=None, **env):
         # warm-up off unless a test asks: it loads models in the background, which other tests need not see
         config = load_config({"OLLAMA_HOST": fake.url, "WARMUP": "false", **{k: str(v) for k, v in env.items()}})
-        server = LiveServer(create_app(config, clock=clock)).__enter__()
+        server = LiveServer(create_app(config, clock=clock, tools=tools)).__enter__()
         servers.append(server)
         return server
 
@@ -151,7 +151,7 @@ def test_defaults_are_the_documented_ones():
     assert (c.provider, c.ollama_host, c.ctx_tokens, c.max_tokens, c.temperature) == (
         "ollama", "http://127.0.0.1:11434", 2048, 200, 0.7)
     assert (c.enable_memory, c.memory_max_turns, c.memory_ttl_min, c.memory_max_conversations) == (True, 8, 60, 500)
-    assert (c.host, c.port, c.log_level, c.ollama_connect_timeout_s, c.ollama_timeout_s) == (
+    assert (c.host, c.port, c.log_level, c.upstream_connect_timeout_s, c.upstream_timeout_s) == (
         "127.0.0.1", 8000, "info", 5, 300)
     assert [(a.name, a.model) for a in c.agents] == [("general", "qwen2.5:3b-instruct")]
     assert c.agents[0].system  # a sensible default prompt
@@ -209,18 +209,28 @@ def test_env_template_parses_and_holds_exactly_the_defaults():
     keys = set(parse_env_file(path.read_text()))
     commented = set(re.findall(r"^#\s?([A-Z_]+)=", path.read_text(), re.M))
     documented = {"PROVIDER", "OLLAMA_HOST", "OLLAMA_API", "OLLAMA_MODEL_GENERAL", "OLLAMA_KEEP_ALIVE",
-                  "OLLAMA_CONNECT_TIMEOUT_S", "OLLAMA_TIMEOUT_S", "CTX_TOKENS", "MAX_TOKENS", "TEMPERATURE",
+                  "UPSTREAM_CONNECT_TIMEOUT_S", "UPSTREAM_TIMEOUT_S", "CTX_TOKENS", "MAX_TOKENS", "TEMPERATURE",
                   "ENABLE_MEMORY", "MEMORY_MAX_TURNS", "MEMORY_TTL_MIN", "MEMORY_MAX_CONVERSATIONS", "HOST",
                   "PORT", "LOG_LEVEL", "AGENTS", "AGENT_GENERAL_SYSTEM", "OPENAI_BASE_URL", "OPENAI_API_KEY",
                   "OPENAI_MODEL_GENERAL", "SSE_PING_S", "LOG_FORMAT", "LOG_PROMPTS", "API_KEYS",
                   "RATE_LIMIT_PER_MIN", "TRUST_PROXY", "MAX_BODY_BYTES", "MAX_MESSAGE_CHARS", "CORS_ORIGINS",
                   "MAX_CONCURRENT", "MAX_QUEUE", "SHUTDOWN_GRACE_S", "MEMORY_BACKEND", "MEMORY_PATH", "REDIS_URL",
-                  "WORKERS", "ENABLE_UI", "METRICS_PUBLIC", "WARMUP", "AGENT_GENERAL_TOOLS", "MAX_TOOL_ROUNDS"}
+                  "WORKERS", "ENABLE_UI", "METRICS_PUBLIC", "WARMUP", "AGENT_GENERAL_TOOLS", "MAX_TOOL_ROUNDS",
+                  "WRITE_TIMEOUT_S"}
     assert documented <= keys | commented
 
 
-def test_every_provider_name_has_a_provider_class():
-    assert set(piagent.PROVIDERS) == set(piagent.PROVIDER_NAMES)
+def test_provider_and_memory_choices_are_the_registries_names():
+    for key, registry in (("PROVIDER", piagent.PROVIDERS), ("MEMORY_BACKEND", piagent.MEMORY_STORES)):
+        with pytest.raises(ConfigError, match="expected one of " + ", ".join(registry)):
+            load_config({key: "nonesuch"})
+
+
+def test_the_old_timeout_names_still_work_and_the_new_ones_win():
+    old = load_config({"OLLAMA_TIMEOUT_S": "7", "OLLAMA_CONNECT_TIMEOUT_S": "2"})
+    assert (old.upstream_timeout_s, old.upstream_connect_timeout_s) == (7, 2)
+    both = load_config({"OLLAMA_TIMEOUT_S": "7", "UPSTREAM_TIMEOUT_S": "9"})
+    assert both.upstream_timeout_s == 9
 
 
 def run_piagent(*args, env=None, timeout=20) -> subprocess.CompletedProcess:
@@ -476,16 +486,17 @@ def test_several_workers_need_a_shared_memory():
     assert load_config({"WORKERS": "2", "MEMORY_BACKEND": "sqlite"}).workers == 2
 
 
-def test_conversation_locks_serialise_one_conversation_and_leave_no_entries():
+def test_the_gate_serialises_one_conversation_and_leaves_no_entries():
     async def scenario():
-        locks, order = ConversationLocks(), []
+        gate, order = Gate(limit=3, max_queue=8), []
 
         async def use(cid, tag, hold):
-            await locks.acquire(cid)
+            ticket = gate.enter(cid)
+            await ticket.future
             order.append(f"{tag}+")
             await hold.wait()
             order.append(f"{tag}-")
-            locks.release(cid)
+            gate.leave(ticket)
 
         gate_a, gate_other = asyncio.Event(), asyncio.Event()
         gate_other.set()
@@ -493,10 +504,10 @@ def test_conversation_locks_serialise_one_conversation_and_leave_no_entries():
         b = asyncio.create_task(use("x", "b", gate_other))
         c = asyncio.create_task(use("y", "c", gate_other))
         await asyncio.wait_for(c, DEADLINE_S)  # another conversation never waits for x
-        assert order == ["a+", "c+", "c-"] and locks.users("x") == 2
+        assert order == ["a+", "c+", "c-"] and gate.busy == {"x"} and gate.queued == 1
         gate_a.set()
         await asyncio.wait_for(asyncio.gather(a, b), DEADLINE_S)
-        assert order[3:] == ["a-", "b+", "b-"] and len(locks) == 0
+        assert order[3:] == ["a-", "b+", "b-"] and not gate.busy and gate.active == 0 and gate.queued == 0
 
     run(scenario())
 
@@ -514,11 +525,11 @@ def test_every_backend_stores_completed_partial_and_no_failed_turns(serve, fake,
     sock = raw_post(server.port, "/chat", {"message": "left", "stream": True, "conversation_id": "c"})
     read_until(sock, b"ial")
     sock.close()  # left mid-stream: what it received is stored
-    wait_until(lambda: len(server.app.state.locks) == 0, what="the partial turn to be stored")
+    wait_until(lambda: not server.app.state.runtime.gate.busy, what="the partial turn to be stored")
     fake.script = Script(error_after=1)
     with pytest.raises(httpx.RemoteProtocolError):  # the upstream fails mid-way: the stream is cut
         chat(server, message="failed", conversation_id="c", stream=True)
-    wait_until(lambda: len(server.app.state.locks) == 0, what="the failed turn to end")
+    wait_until(lambda: not server.app.state.runtime.gate.busy, what="the failed turn to end")
     fake.script = Script()
     turns = httpx.get(f"{server.url}/conversations/c").json()["turns"]
     assert [(t["user"], t["assistant"]) for t in turns] == [("done", "Hello from the Pi!"), ("left", "partial")]
@@ -868,7 +879,7 @@ def test_generate_mode_posts_rendered_prompt_with_system(serve, fake):
 def test_same_conversation_waits_its_turn_and_others_do_not(serve, fake):
     fake.script = Script(tokens=["A1", "A2"], hold_after=1)
     server = serve(MAX_CONCURRENT=2)  # room for two generations: only the conversation lock may hold b back
-    locks = server.app.state.locks
+    gate = server.app.state.runtime.gate
     with httpx.stream("POST", f"{server.url}/chat", json={"message": "a", "stream": True,
                                                            "conversation_id": "x"}) as first:
         pieces = first.iter_text()
@@ -876,7 +887,7 @@ def test_same_conversation_waits_its_turn_and_others_do_not(serve, fake):
         results = {}
         second = threading.Thread(target=lambda: results.update(b=chat(server, message="b", conversation_id="x")))
         second.start()
-        wait_until(lambda: locks.users("x") == 2, what="second request to queue on the conversation")
+        wait_until(lambda: gate.queued == 1, what="second request to queue behind its conversation")
         assert len(fake.generations()) == 1  # it waits in piagent, not at the model
         fake.script = Script(tokens=["C"], hold_after=None, release=fake.script.release)
         assert chat(server, message="c", conversation_id="y").json()["reply"] == "C"  # y never waits for x
@@ -1014,7 +1025,7 @@ def test_client_leaving_mid_stream_stops_the_upstream_and_keeps_what_it_received
     gone_at = time.monotonic()
     wait_until(lambda: fake.hangups, timeout=1.0, what="the fake to see the hang-up")
     assert fake.hangups[0] - gone_at < 1.0 and fake.completed == 0
-    wait_until(lambda: len(server.app.state.locks) == 0, what="the turn to be stored")
+    wait_until(lambda: not server.app.state.runtime.gate.busy, what="the turn to be stored")
     fake.script = Script()
     chat(server, message="next", conversation_id="c")
     history = [m["content"] for m in fake.generations()[1].body["messages"][1:]]
@@ -1038,7 +1049,7 @@ def test_client_leaving_a_non_stream_request_cancels_the_upstream_call(serve, fa
     sock.close()
     wait_until(lambda: fake.hangups, timeout=1.0, what="the fake to see the hang-up")
     assert fake.completed == 0
-    wait_until(lambda: len(server.app.state.locks) == 0, what="the conversation to be released")
+    wait_until(lambda: not server.app.state.runtime.gate.busy, what="the conversation to be released")
     fake.script = Script()
     chat(server, message="next", conversation_id="c")
     assert len(fake.generations()[1].body["messages"]) == 2  # nothing was delivered, nothing stored
@@ -1413,7 +1424,7 @@ def test_official_openai_sdk_talks_to_piagent(serve, fake):
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from piagent import TOOLS, Tool, ToolCall, ToolError, calc, now, run_tool  # noqa: E402
+from piagent import TOOLS, Tool, ToolCall, ToolError, Toolbox, calc, now  # noqa: E402
 
 #: A hang guard, not a speed test: calc refuses by size before computing, and 9**9**9 would run for minutes.
 HANG_S = 2.0
@@ -1538,12 +1549,12 @@ def test_now_refuses_a_timezone_that_is_not_an_iana_name(zone):
         now({"timezone": zone})
 
 
-def test_a_tool_call_over_its_time_limit_is_answered_with_an_error(monkeypatch):
+def test_a_tool_call_over_its_time_limit_is_answered_with_an_error():
     release = threading.Event()
-    monkeypatch.setitem(TOOLS, "slow", Tool(lambda args: str(release.wait(DEADLINE_S)), "waits", {
-        "type": "object", "properties": {}}, timeout_s=0.05))
+    toolbox = Toolbox({"slow": Tool(lambda args: str(release.wait(DEADLINE_S)), "waits", {
+        "type": "object", "properties": {}}, timeout_s=0.05)})
     try:
-        event = asyncio.run(run_tool(ToolCall("call_1", "slow", "{}"), ("slow",)))
+        event = asyncio.run(toolbox.run(ToolCall("call_1", "slow", "{}"), ("slow",)))
     finally:
         release.set()
     assert event.result is None and event.error == "slow took longer than 0.05 s"
@@ -1561,7 +1572,7 @@ def test_a_tool_call_over_its_time_limit_is_answered_with_an_error(monkeypatch):
 ])
 def test_a_call_piagent_will_not_run_is_answered_with_an_error_for_the_model(name, arguments, error):
     allowed = ("calc", "now") if "longer" in error else ("calc",)
-    event = asyncio.run(run_tool(ToolCall("call_1", name, arguments), allowed))
+    event = asyncio.run(Toolbox(TOOLS).run(ToolCall("call_1", name, arguments), allowed))
     assert event.result is None and error in event.error
     assert event.as_message() == {"role": "tool", "tool_call_id": "call_1", "content": f"error: {event.error}"}
 
@@ -1771,15 +1782,15 @@ def test_now_is_wired_like_calc(serve, fake):
     assert stamp.utcoffset().total_seconds() == 0 and text == f"results: {tools[0]['result']}"
 
 
-def test_a_tool_added_to_tools_is_offered_and_run_like_the_built_in_ones(serve, fake, monkeypatch):
+def test_a_tool_added_to_tools_is_offered_and_run_like_the_built_in_ones(serve, fake):
     # what the README's "Adding a tool" says: one function, one entry in TOOLS, then AGENT_<NAME>_TOOLS lists it
     def reverse(arguments):
         return arguments["word"][::-1]
 
-    monkeypatch.setitem(TOOLS, "reverse", Tool(reverse, "Reverse a word.", {
-        "type": "object", "required": ["word"], "properties": {"word": {"type": "string"}}}))
+    tools = {**TOOLS, "reverse": Tool(reverse, "Reverse a word.", {
+        "type": "object", "required": ["word"], "properties": {"word": {"type": "string"}}})}
     fake.script = Script(tool_rounds=[[("reverse", {"word": "piagent"})]], echo_tools=True)
-    text, _ = tool_reply(serve(AGENT_GENERAL_TOOLS="reverse,calc"), "json")
+    text, _ = tool_reply(serve(tools=tools, AGENT_GENERAL_TOOLS="reverse,calc"), "json")
     assert text == "results: tnegaip"
     assert [t["function"]["name"] for t in fake.generations()[0].body["tools"]] == ["reverse", "calc"]
 
@@ -2149,7 +2160,7 @@ def in_background(fn, *args, **kwargs) -> tuple[threading.Thread, dict]:
 def test_queue_serves_waiters_in_order_and_refuses_beyond_max_queue(serve, fake):
     fake.script = Script(tokens=["A1", "A2"], hold_after=1)
     server = serve(MAX_CONCURRENT=1, MAX_QUEUE=2)
-    gate = server.app.state.gate
+    gate = server.app.state.runtime.gate
     with httpx.stream("POST", f"{server.url}/chat", json={"message": "a", "stream": True}) as first:
         pieces = first.iter_text()
         assert next(pieces) == "A1"
@@ -2174,7 +2185,7 @@ def test_queue_serves_waiters_in_order_and_refuses_beyond_max_queue(serve, fake)
 def test_the_openai_front_door_waits_in_the_same_queue(serve, fake):
     fake.script = Script(tokens=["A1", "A2"], hold_after=1)
     server = serve(MAX_CONCURRENT=1, MAX_QUEUE=1)
-    gate = server.app.state.gate
+    gate = server.app.state.runtime.gate
     with httpx.stream("POST", f"{server.url}/chat", json={"message": "a", "stream": True}) as first:
         pieces = first.iter_text()
         assert next(pieces) == "A1"
@@ -2191,7 +2202,7 @@ def test_the_openai_front_door_waits_in_the_same_queue(serve, fake):
 def test_a_queued_client_that_leaves_is_removed_and_never_reaches_the_model(serve, fake):
     fake.script = Script(tokens=["A1", "A2"], hold_after=1)
     server = serve(MAX_CONCURRENT=1)
-    gate = server.app.state.gate
+    gate = server.app.state.runtime.gate
     with httpx.stream("POST", f"{server.url}/chat", json={"message": "a", "stream": True}) as first:
         pieces = first.iter_text()
         assert next(pieces) == "A1"
@@ -2210,7 +2221,7 @@ def test_a_queued_client_that_leaves_is_removed_and_never_reaches_the_model(serv
 def test_sse_stream_waiting_in_the_queue_reports_its_position(serve, fake):
     fake.script = Script(tokens=["A1", "A2"], hold_after=1)
     server = serve(MAX_CONCURRENT=1)
-    gate = server.app.state.gate
+    gate = server.app.state.runtime.gate
     with httpx.stream("POST", f"{server.url}/chat", json={"message": "a", "stream": True}) as first:
         pieces = first.iter_text()
         assert next(pieces) == "A1"
@@ -2328,7 +2339,7 @@ def test_warmup_loads_each_model_in_the_background_with_keep_alive(serve, fake):
     assert [(r.path, r.body) for r in fake.loads()] == [
         ("/api/generate", {"model": MODEL, "stream": False, "keep_alive": "30m"}),
         ("/api/generate", {"model": "tiny", "stream": False, "keep_alive": "30m"})]
-    wait_until(lambda: server.app.state.warmup.state == "done", what="warm-up to finish")
+    wait_until(lambda: server.app.state.runtime.warmup.state == "done", what="warm-up to finish")
     assert httpx.get(f"{server.url}/ready").json()["checks"]["warmup"] == {"ok": True, "detail": "models loaded"}
 
 
@@ -2396,7 +2407,7 @@ def test_metrics_in_prometheus_format_count_requests_tokens_and_errors(serve, fa
 
 
 def piagent_requests(server) -> dict:
-    return server.app.state.metrics.requests
+    return server.app.state.runtime.metrics.requests
 
 
 def test_metrics_show_the_queue_and_active_streams(serve, fake):
@@ -2406,7 +2417,7 @@ def test_metrics_show_the_queue_and_active_streams(serve, fake):
         pieces = first.iter_text()
         next(pieces)
         waiter, _ = in_background(chat, server, message="b")
-        wait_until(lambda: server.app.state.gate.queued == 1, what="b to queue")
+        wait_until(lambda: server.app.state.runtime.gate.queued == 1, what="b to queue")
         families = parse_metrics(httpx.get(f"{server.url}/metrics").text)
         assert sample(families, "piagent_queue_depth") == 1 and sample(families, "piagent_active_streams") == 1
         assert sample(families, "piagent_generations_active") == 1
