@@ -2566,7 +2566,7 @@ README_MAX_BYTES = 15_000  # the README is for the person with the Pi; the rest 
 
 def readme_section(readme: str, heading: str) -> str:
     """The text under a `## ` or `### ` heading of README.md, up to the next heading of any level."""
-    match = re.search(rf"^#{{2,3}} {re.escape(heading)}\n(.*?)(?=^#{{1,3}} |\Z)", readme, re.S | re.M)
+    match = re.search(rf"^#{{2,3}} {re.escape(heading)}\n(.*?)(?=^#{{2,3}} |\Z)", readme, re.S | re.M)
     assert match, f"README.md has no section {heading!r}"
     return match.group(1)
 
