@@ -3391,18 +3391,18 @@ PAGE_STYLE = r"""
 display:flex;flex-direction:column;height:100vh;height:100dvh}
 header,#keyrow,#chats,#log,#status,form{padding:.55em max(.75em,calc(50% - 24rem))}
 header,#keyrow,form{display:flex;gap:.5em;align-items:center;background:var(--card);border-bottom:1px solid var(--line)}
-header b{margin-right:auto;font-size:1.1em}
-select,input,textarea,button{font:inherit;color:inherit;padding:.4em .7em;border:1px solid var(--line);
-border-radius:.5em;background:var(--card);min-width:0}
-button{background:var(--acc);color:var(--on);border-color:var(--acc);cursor:pointer}
-.plain,.open,.del{background:none;color:var(--acc)}#keyrow input{flex:1}
+header b{flex:1}
+select,input,textarea,button{font:inherit;color:inherit;padding:.4em .65em;border:1px solid var(--line);
+border-radius:.5em;background:var(--card)}:focus-visible{outline:2px solid var(--acc)}
+button{background:var(--acc);color:var(--on);border-color:var(--acc);cursor:pointer;white-space:nowrap}
+.plain,.open,.del{background:none;color:var(--acc)}#keyrow input{flex:1;min-width:0}
 #chats{background:var(--card);border-bottom:1px solid var(--line);max-height:45vh;overflow-y:auto}
 .chat{display:flex;gap:.3em;align-items:center}.open{flex:1;text-align:left;color:inherit;border-color:transparent;
 display:flex;flex-direction:column;overflow:hidden}.on .open{border-color:var(--acc)}
 .open span{white-space:nowrap;overflow:hidden;text-overflow:ellipsis;max-width:100%}
 small,.mute{color:var(--mute);font-size:.8em}.del{color:var(--errfg);border-color:transparent}.sure{background:var(--err)}
 #log{flex:1;overflow-y:auto;display:flex;flex-direction:column;gap:.7em;padding-top:1em;padding-bottom:1em}
-#log:empty::before{content:"Ask anything to start. Enter sends, Shift+Enter adds a line. Chats reopens earlier ones.";
+#log:empty::before{content:"Ask anything. Enter sends, Shift+Enter adds a line; Chats has earlier ones.";
 margin:auto;max-width:21em;text-align:center;color:var(--mute)}
 .msg{max-width:88%;padding:.5em .85em;border-radius:1em;white-space:pre-wrap;overflow-wrap:anywhere}
 .user{align-self:flex-end;background:var(--me);border-bottom-right-radius:.25em}
@@ -3410,9 +3410,9 @@ margin:auto;max-width:21em;text-align:center;color:var(--mute)}
 .assistant>*{margin:.5em 0}.assistant>:first-child{margin-top:0}.assistant>:last-child{margin-bottom:0}
 ul,ol{padding-left:1.5em}.h{font-weight:700}a{color:var(--acc)}
 code{font:.88em ui-monospace,Menlo,Consolas,monospace;background:var(--code);padding:.1em .3em;border-radius:.3em}
-.code{position:relative}pre{margin:0;background:var(--code);padding:.7em;border-radius:.5em;overflow-x:auto;
-white-space:pre}pre code{padding:0}.copy{position:absolute;top:.35em;right:.35em;font-size:.75em;padding:.15em .5em}
-.pending::after{content:" \2026";color:var(--mute)}
+.code{position:relative}pre{margin:0;background:var(--code);padding:1.9em .8em .8em;border-radius:.5em;
+overflow-x:auto;white-space:pre}pre code{padding:0}.copy{position:absolute;top:.35em;right:.35em;font-size:.75em;padding:.15em .5em}
+.pending:empty::after,.pending>:last-child::after{content:" \2026";color:var(--mute)}
 .stopped::after{content:"Stopped";display:block;color:var(--mute);font-size:.8em}
 .error{align-self:center;background:var(--err);color:var(--errfg);border:1px solid var(--errfg)}
 .tool{align-self:flex-start;color:var(--mute);font-size:.85em;padding:0 .85em}
@@ -3420,8 +3420,8 @@ white-space:pre}pre code{padding:0}.copy{position:absolute;top:.35em;right:.35em
 #state::before{content:"\25CF  ";color:var(--dot,var(--mute))}.ready{--dot:#40916c}.warming{--dot:#d4a017}
 .not_ready,.down{--dot:#d9534f}
 #note{float:right}form{border:0;align-items:flex-end}
-textarea{flex:1;resize:none;field-sizing:content;min-height:2.6em;max-height:10em}
-#stop{background:var(--fg);color:var(--bg);border-color:var(--fg)}[hidden]{display:none!important}
+textarea{flex:1;min-width:0;resize:none;field-sizing:content;min-height:2.6em;max-height:10em}
+#stop{background:var(--fg);color:var(--bg);border-color:var(--fg)}[hidden],select:empty,#state:empty{display:none!important}
 """
 
 PAGE_SCRIPT = r"""
@@ -3446,14 +3446,20 @@ async function call(path, options = {}) {
   if (r.status === 401) $("keyrow").hidden = false;
   return r;
 }
-async function reason(r) {  // the server's own words: they say what to do
+async function reason(r) {  // the server's own words
   const b = await r.json().catch(() => null);
   return b?.error?.message || "piagent answered HTTP " + r.status + ".";
+}
+async function ask(path, options) {  // ok or 404; else null, the problem shown
+  let r;
+  try { r = await call(path, options); } catch (e) { return fail(null, NET); }
+  if (r.ok || r.status === 404) return r;
+  fail(null, await reason(r));
 }
 function link(text, url) {
   if (!/^https?:\/\//i.test(url)) return el("span", "nolink", text);
   const a = el("a", "", text);
-  a.href = url; a.target = "_blank"; a.rel = "noopener noreferrer"; a.title = url;
+  a.href = url; a.target = "_blank"; a.rel = "noopener noreferrer";
   return a;
 }
 const INLINE = /`([^`\n]+)`|\*\*(\S(?:[^\n]*?\S)?)\*\*|\*(\S(?:[^*\n]*?\S)?)\*|\[([^\]\n]+)\]\(([^)\s]+)\)|(https?:\/\/[^\s<>"'()]*[^\s<>"'().,;:!?])/g;
@@ -3520,17 +3526,17 @@ function statusLine() {
   $("state").textContent = [a + (models[a] ? " \u2192 " + models[a] : ""), st.ready, st.rate].filter(Boolean).join(" \u00b7 ");
 }
 async function ready() {
-  clearTimeout(timer);
   let d = {};
   if (!document.hidden) {
     try { d = await (await call("/ready")).json(); } catch (e) { d = {status: "down"}; }
-    const checks = Object.values(d.checks || {}), bad = checks.find((c) => !c.ok) || {}, up = (d.checks || {}).upstream;
+    const c = d.checks || {}, bad = Object.values(c).find((x) => !x.ok) || {};
     st.ready = {ready: "ready", warming: "warming up", down: "piagent unreachable"}[d.status]
-      || (up && !up.ok ? "upstream down" : d.status ? "not ready" : "");
+      || (c.upstream?.ok === false ? "upstream down" : d.status ? "not ready" : "");
     $("why").textContent = d.status === "not_ready" ? bad.detail || "" : "";
     $("status").className = d.status || "";
     statusLine();
   }
+  clearTimeout(timer);  // one timer, however many calls overlapped
   timer = setTimeout(ready, d.status === "warming" ? 3000 : 30000);
 }
 const busy = (on) => { $("send").hidden = on; $("stop").hidden = !on; };
@@ -3559,8 +3565,8 @@ function handle(s, raw) {
   } else if (event === "done") {
     s.end = true; saved("cid", d.conversation_id); models[d.agent] = d.model;
     const t = d.tokens_per_s != null ? d.tokens_per_s : d.tokens / ((d.duration_ms - d.ttft_ms) / 1000);
-    st.rate = isFinite(t) && t > 0 ? t.toFixed(1) + " tokens/s" : "";
-    note(d.history_truncated ? "Older turns were left out to fit the model's context." : "");
+    st.rate = isFinite(t) && t > 0 ? t.toFixed(1) + " tok/s" : "";
+    note(d.history_truncated ? "Older turns were left out to fit." : "");
     statusLine();
   } else if (event === "error") { s.end = true; fail(s.out, d.error?.message || "The model failed."); }
 }
@@ -3570,8 +3576,7 @@ async function send(text) {
   bubble("user", text);
   const out = s.out = bubble("assistant", "");
   out.classList.add("pending");
-  const body = {message: text, agent: $("agent").value, stream: true};
-  if (saved("cid")) body.conversation_id = saved("cid");
+  const body = {message: text, agent: $("agent").value, stream: true, conversation_id: saved("cid") || undefined};
   try {
     const r = await call("/chat", {method: "POST", body: JSON.stringify(body), signal: s.ac.signal,
       headers: {Accept: "text/event-stream"}});
@@ -3600,11 +3605,9 @@ async function openChat(cid) {
   reset(cid);
   const e = epoch;
   if (!cid) return;
-  let r;
-  try { r = await call(conv(cid)); } catch (x) { return fail(null, NET); }
-  if (e !== epoch) return;
+  const r = await ask(conv(cid));
+  if (!r || e !== epoch) return;
   if (r.status === 404) return saved("cid", null);
-  if (!r.ok) return fail(null, await reason(r));
   const c = await r.json();
   if (e !== epoch) return;
   const a = $("agent"), was = a.value;
@@ -3615,9 +3618,8 @@ async function openChat(cid) {
 }
 async function chats() {
   const box = $("chats");
-  let r;
-  try { r = await call("/conversations?limit=20"); } catch (e) { return fail(null, NET); }
-  if (!r.ok) return fail(null, await reason(r));
+  const r = await ask("/conversations?limit=20");
+  if (!r) return;
   const list = (await r.json()).conversations;
   box.replaceChildren();
   if (!list.length) box.append(el("p", "mute", "No saved chats yet."));
@@ -3631,24 +3633,21 @@ async function chats() {
     del.onclick = async () => {
       if (!del.classList.contains("sure")) { del.classList.add("sure"); del.textContent = "Delete?"; return; }
       if (id === saved("cid")) reset(null);
-      let r;
-      try { r = await call(conv(id), {method: "DELETE"}); } catch (e) { return fail(null, NET); }
-      if (r.ok || r.status === 404) row.remove(); else fail(null, await reason(r));
+      if (await ask(conv(id), {method: "DELETE"})) row.remove();
     };
     if (!c.preview) call(conv(id)).then((r) => r.ok ? r.json() : null)
       .then((d) => { title.textContent = d?.turns[0]?.user || "(empty)"; }).catch(() => {});
   }
 }
 async function loadAgents() {
-  let r;
-  try { r = await call("/agents"); } catch (e) { return fail(null, NET); }
-  if (!r.ok) return fail(null, await reason(r));
+  const r = await ask("/agents");
+  if (!r) return;
   $("keyrow").hidden = true;
   const d = await r.json(), select = $("agent");
   Object.assign(models, d.models);
   select.replaceChildren(...d.agents.map((name) => new Option(name, name)));
   if (d.agents.includes(saved("agent"))) select.value = saved("agent");
-  ready();
+  statusLine(); ready();
   await openChat(saved("cid"));
 }
 $("form").onsubmit = (e) => {

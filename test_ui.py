@@ -443,7 +443,7 @@ def test_status_line_shows_agent_model_readiness_and_speed(page_of, fake):
     send(page, "count")
     expect(done_replies(page)).to_have_count(1)
     expect(page.locator("#state")).to_have_text(
-        re.compile(rf"^general \u2192 {re.escape(MODEL)} \u00b7 ready \u00b7 \d+\.\d tokens/s$"))
+        re.compile(rf"^general \u2192 {re.escape(MODEL)} \u00b7 ready \u00b7 \d+\.\d tok/s$"))
 
 
 def test_readme_screenshot(page_of, fake, browser):
@@ -458,7 +458,7 @@ def test_readme_screenshot(page_of, fake, browser):
     fake.script = Script(tokens=[answer[i:i + 9] for i in range(0, len(answer), 9)], token_delay_s=0.01)
     send(desktop, "How do I restart it after editing the settings?")
     expect(done_replies(desktop)).to_have_count(2)
-    expect(desktop.locator("#state")).to_contain_text("tokens/s")
+    expect(desktop.locator("#state")).to_contain_text("tok/s")
 
     phone, _ = page_of(viewport=PHONE, dark=True, server=server)
     phone.click("#chatsbtn")
