@@ -2,6 +2,7 @@
 
 piagent runs under uvicorn on a loopback port in front of the fake Ollama. Each test saves a screenshot in its
 temp folder (the path is printed) so a person can look at the page when something fails.
+test_readme_screenshot also rewrites docs/page.png (laptop, light + phone, dark), which the README shows.
 Skips without chromium or playwright, except under CI=true, where that is a failure.
 """
 
