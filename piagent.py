@@ -3148,145 +3148,311 @@ def add_conversation_routes(app: FastAPI, rt: Runtime) -> None:
 # ---------------------------------------------------------------------------
 # Placed last because it is mostly data; create_app (API, above) attaches it with add_page_route.
 
-PAGE_STYLE = """
-*{box-sizing:border-box}body{margin:0;font:16px/1.45 system-ui,sans-serif;background:#f4f4f2;color:#1d1d1b;
-display:flex;flex-direction:column;height:100vh;height:100dvh}header,form,#keyrow{display:flex;gap:.5em;
-padding:.6em;background:#fff;border-bottom:1px solid #ddd;align-items:center;flex-wrap:wrap}header b{margin-right:auto}
-select,input,textarea,button{font:inherit;padding:.45em .6em;border:1px solid #bbb;border-radius:.4em;background:#fff}
-button{background:#2d6a4f;color:#fff;border-color:#2d6a4f;cursor:pointer}button:disabled{opacity:.5}
-button.plain{background:#fff;color:#2d6a4f}#log{flex:1;overflow-y:auto;padding:.8em;display:flex;flex-direction:column;
-gap:.6em}.msg{max-width:85%;padding:.55em .8em;border-radius:.8em;white-space:pre-wrap;overflow-wrap:anywhere}
-.user{align-self:flex-end;background:#d8f3dc}.assistant{align-self:flex-start;background:#fff;border:1px solid #ddd}
-.pending::after{content:" \\2026";color:#888}.error{align-self:center;background:#ffe5e5;color:#8a1c1c;
-border:1px solid #f3b6b6}.tool{align-self:flex-start;color:#555;font-size:.85em;padding:.2em .8em}#status{min-height:1.3em;padding:0 .8em;color:#666;font-size:.9em}form{border-top:1px solid #ddd;
-border-bottom:0}textarea{flex:1;min-width:0;resize:none;height:2.8em}[hidden]{display:none!important}
+PAGE_STYLE = r"""
+:root{color-scheme:light dark;--bg:#f4f4f1;--fg:#1d1d1b;--card:#fff;--line:#d9d9d4;--mute:#676762;--acc:#2d6a4f;
+--on:#fff;--me:#d8f3dc;--code:#efefeb;--err:#fde8e8;--errfg:#8a1c1c}
+@media (prefers-color-scheme:dark){:root{--bg:#121412;--fg:#e3e3de;--card:#1d201d;--line:#353935;--mute:#9c9c96;
+--acc:#74c69d;--on:#0b1f14;--me:#1e3a2a;--code:#0c0e0c;--err:#3a1c1c;--errfg:#f5b5b5}}
+*{box-sizing:border-box}body{margin:0;font:16px/1.5 system-ui,sans-serif;background:var(--bg);color:var(--fg);
+display:flex;flex-direction:column;height:100vh;height:100dvh}
+header,#keyrow,#chats,#log,#status,form{padding:.55em max(.75em,calc(50% - 24rem))}
+header,#keyrow,form{display:flex;gap:.5em;align-items:center;background:var(--card);border-bottom:1px solid var(--line)}
+header b{flex:1}
+select,input,textarea,button{font:inherit;color:inherit;padding:.4em .65em;border:1px solid var(--line);
+border-radius:.5em;background:var(--card)}:focus-visible{outline:2px solid var(--acc)}
+button{background:var(--acc);color:var(--on);border-color:var(--acc);cursor:pointer;white-space:nowrap}
+.plain,.open,.del{background:none;color:var(--acc)}#keyrow input{flex:1;min-width:0}
+#chats{background:var(--card);border-bottom:1px solid var(--line);max-height:45vh;overflow-y:auto}
+.chat{display:flex;gap:.3em;align-items:center}.open{flex:1;text-align:left;color:inherit;border-color:transparent;
+display:flex;flex-direction:column;overflow:hidden}.on .open{border-color:var(--acc)}
+.open span{white-space:nowrap;overflow:hidden;text-overflow:ellipsis;max-width:100%}
+small,.mute{color:var(--mute);font-size:.8em}.del{color:var(--errfg);border-color:transparent}.sure{background:var(--err)}
+#log{flex:1;overflow-y:auto;display:flex;flex-direction:column;gap:.7em;padding-top:1em;padding-bottom:1em}
+#log:empty::before{content:"Ask anything. Enter sends, Shift+Enter adds a line; Chats has earlier ones.";
+margin:auto;max-width:21em;text-align:center;color:var(--mute)}
+.msg{max-width:88%;padding:.5em .85em;border-radius:1em;white-space:pre-wrap;overflow-wrap:anywhere}
+.user{align-self:flex-end;background:var(--me);border-bottom-right-radius:.25em}
+.assistant{align-self:flex-start;background:var(--card);border:1px solid var(--line);border-bottom-left-radius:.25em}
+.assistant>*{margin:.5em 0}.assistant>:first-child{margin-top:0}.assistant>:last-child{margin-bottom:0}
+ul,ol{padding-left:1.5em}.h{font-weight:700}a{color:var(--acc)}
+code{font:.88em ui-monospace,Menlo,Consolas,monospace;background:var(--code);padding:.1em .3em;border-radius:.3em}
+.code{position:relative}pre{margin:0;background:var(--code);padding:1.9em .8em .8em;border-radius:.5em;
+overflow-x:auto;white-space:pre}pre code{padding:0}.copy{position:absolute;top:.35em;right:.35em;font-size:.75em;padding:.15em .5em}
+.pending:empty::after,.pending>:last-child::after{content:" \2026";color:var(--mute)}
+.stopped::after{content:"Stopped";display:block;color:var(--mute);font-size:.8em}
+.error{align-self:center;background:var(--err);color:var(--errfg);border:1px solid var(--errfg)}
+.tool{align-self:flex-start;color:var(--mute);font-size:.85em;padding:0 .85em}
+#status{padding-top:.3em;padding-bottom:.3em;color:var(--mute);font-size:.85em;border-top:1px solid var(--line)}
+#state::before{content:"\25CF  ";color:var(--dot,var(--mute))}.ready{--dot:#40916c}.warming{--dot:#d4a017}
+.not_ready,.down{--dot:#d9534f}
+#note{float:right}form{border:0;align-items:flex-end}
+textarea{flex:1;min-width:0;resize:none;field-sizing:content;min-height:2.6em;max-height:10em}
+#stop{background:var(--fg);color:var(--bg);border-color:var(--fg)}[hidden],select:empty,#state:empty{display:none!important}
 """
 
-PAGE_SCRIPT = """
+PAGE_SCRIPT = r"""
 const $ = (id) => document.getElementById(id);
 const saved = (k, v) => v === undefined ? localStorage.getItem("piagent." + k) || ""
   : (v ? localStorage.setItem("piagent." + k, v) : localStorage.removeItem("piagent." + k));
-const WORDS = {
-  upstream_unavailable: "Ollama is not running (or piagent cannot reach it). Start it, then try again.",
-  upstream_timeout: "The model took too long to start answering. It may be too big for this Pi.",
-  upstream_busy: "Ollama is busy. Try again in a few seconds.",
-  queue_full: "The Pi is busy with other chats. Try again in a few seconds.",
-  rate_limited: "Too many messages in a minute. Wait a little, then try again.",
-  unauthorized: "This piagent needs an API key: enter it above.",
-  shutting_down: "piagent is restarting. Try again in a few seconds.",
-  memory_unavailable: "piagent cannot reach its memory store right now. Try again shortly."};
-const explain = (body) => { const e = (body && body.error) || {}; return WORDS[e.code] || e.message || "Something went wrong."; };
-const headers = (extra) => { const h = Object.assign({"Content-Type": "application/json"}, extra);
-  if (saved("key")) h["Authorization"] = "Bearer " + saved("key"); return h; };
-function bubble(kind, text) {
-  const d = document.createElement("div");
-  d.className = "msg " + kind;
-  d.textContent = text;  // never innerHTML: model text is shown as text
-  $("log").appendChild(d);
-  d.scrollIntoView({block: "end"});
-  return d;
+const NET = "piagent is not reachable: is it running, and is this its address?";
+const CUT = "The connection dropped before the reply was finished.";
+const conv = (id) => "/conversations/" + encodeURIComponent(id);
+const models = {}, st = {ready: "", rate: ""};
+let epoch = 0, live = null, timer = 0;  // a stream from an older epoch (before New chat, reopen) writes nothing
+function el(tag, cls, text) {
+  const e = document.createElement(tag);
+  e.className = cls || "";
+  if (text != null) e.textContent = text;  // model text is only ever text, never markup
+  return e;
 }
-const status = (text) => { $("status").textContent = text; };
-function fail(out, text) { if (out && !out.textContent) out.remove(); else if (out) out.classList.remove("pending"); bubble("error", text); }
-async function call(path, options) {
-  const r = await fetch(path, Object.assign({headers: headers()}, options));
+async function call(path, options = {}) {
+  const h = options.headers = Object.assign({"Content-Type": "application/json"}, options.headers);
+  if (saved("key")) h.Authorization = "Bearer " + saved("key");
+  const r = await fetch(path, options);
   if (r.status === 401) $("keyrow").hidden = false;
   return r;
 }
-async function loadAgents() {
+async function reason(r) {  // the server's own words
+  const b = await r.json().catch(() => null);
+  return b?.error?.message || "piagent answered HTTP " + r.status + ".";
+}
+async function ask(path, options) {  // ok or 404; else null, the problem shown
   let r;
-  try { r = await call("/agents"); } catch (e) { return fail(null, "piagent is not reachable."); }
-  if (!r.ok) return fail(null, explain(await r.json().catch(() => null)));
-  $("keyrow").hidden = !saved("key");
-  const select = $("agent");
-  select.replaceChildren();
-  for (const name of (await r.json()).agents) select.add(new Option(name, name));
-  if (saved("agent")) select.value = saved("agent");
-  await loadHistory();
+  try { r = await call(path, options); } catch (e) { return fail(null, NET); }
+  if (r.ok || r.status === 404) return r;
+  fail(null, await reason(r));
 }
-async function loadHistory() {
-  const cid = saved("cid");
-  $("log").replaceChildren();
-  if (!cid) return;
-  const r = await call("/conversations/" + encodeURIComponent(cid));
-  if (r.status === 404) return saved("cid", null);
-  if (!r.ok) return;
-  const c = await r.json();
-  if (c.agent) $("agent").value = c.agent;
-  for (const t of c.turns) { bubble("user", t.user); bubble("assistant", t.assistant); }
+function link(text, url) {
+  if (!/^https?:\/\//i.test(url)) return el("span", "nolink", text);
+  const a = el("a", "", text);
+  a.href = url; a.target = "_blank"; a.rel = "noopener noreferrer";
+  return a;
 }
-function handle(raw, out) {
+const INLINE = /`([^`\n]+)`|\*\*(\S(?:[^\n]*?\S)?)\*\*|\*(\S(?:[^*\n]*?\S)?)\*|\[([^\]\n]+)\]\(([^)\s]+)\)|(https?:\/\/[^\s<>"'()]*[^\s<>"'().,;:!?])/g;
+function inline(parent, s) {
+  const re = new RegExp(INLINE);
+  let at = 0, m;
+  while ((m = re.exec(s))) {
+    parent.append(s.slice(at, m.index));
+    if (m[1]) parent.append(el("code", "", m[1]));
+    else if (m[2] || m[3]) inline(parent.appendChild(el(m[2] ? "strong" : "em")), m[2] || m[3]);
+    else parent.append(link(m[4] || m[6], m[5] || m[6]));
+    at = re.lastIndex;
+  }
+  parent.append(s.slice(at));
+}
+function copy(pre, b) {
+  const said = (t) => { b.textContent = t; setTimeout(() => { b.textContent = "Copy"; }, 1500); };
+  const select = () => { getSelection().selectAllChildren(pre); said("Selected"); };  // then Ctrl+C or long press
+  try { navigator.clipboard.writeText(pre.textContent).then(() => said("Copied"), select); } catch (e) { select(); }
+}
+function md(box, text) {  // a safe Markdown subset, built as DOM nodes
+  const out = document.createDocumentFragment(), lines = text.split("\n");
+  let para = null, list = null, m;
+  for (let i = 0; i < lines.length; i++) {
+    const line = lines[i];
+    if ((m = /^\s*(```|~~~)/.exec(line))) {
+      const code = [];
+      while (++i < lines.length && !lines[i].trim().startsWith(m[1])) code.push(lines[i]);
+      const pre = el("pre"), b = el("button", "copy", "Copy");
+      pre.append(el("code", "", code.join("\n")));
+      b.type = "button"; b.onclick = () => copy(pre, b);
+      out.appendChild(el("div", "code")).append(pre, b); para = list = null;
+    } else if (!line.trim()) para = list = null;
+    else if ((m = /^\s*(?:([-*+])|(\d{1,9})[.)])\s+(.*)/.exec(line))) {
+      const tag = m[1] ? "UL" : "OL";
+      if (!list || list.tagName !== tag) {
+        list = out.appendChild(el(tag));
+        if (m[2] && m[2] !== "1") list.start = +m[2];
+      }
+      inline(list.appendChild(el("li")), m[3]); para = null;
+    } else if ((m = /^#{1,6}\s+(.*)/.exec(line))) { inline(out.appendChild(el("p", "h")), m[1]); para = list = null; }
+    else if (list && /^\s/.test(line)) inline(list.lastChild, " " + line.trim());
+    else {
+      if (para) para.append("\n"); else para = out.appendChild(el("p"));
+      list = null; inline(para, line);
+    }
+  }
+  box.replaceChildren(out);
+}
+function bubble(kind, text) {
+  const d = el("div", "msg " + kind);
+  if (kind === "assistant") md(d, text || ""); else d.textContent = text;
+  $("log").append(d);
+  d.scrollIntoView({block: "end"});
+  return d;
+}
+const note = (text) => { $("note").textContent = text; };
+function fail(out, text) {
+  if (out && !out.textContent) out.remove(); else if (out) out.classList.remove("pending");
+  bubble("error", text);
+}
+function statusLine() {
+  const a = $("agent").value;
+  $("state").textContent = [a + (models[a] ? " \u2192 " + models[a] : ""), st.ready, st.rate].filter(Boolean).join(" \u00b7 ");
+}
+async function ready() {
+  let d = {};
+  if (!document.hidden) {
+    try { d = await (await call("/ready")).json(); } catch (e) { d = {status: "down"}; }
+    const c = d.checks || {}, bad = Object.values(c).find((x) => !x.ok) || {};
+    st.ready = {ready: "ready", warming: "warming up", down: "piagent unreachable"}[d.status]
+      || (c.upstream?.ok === false ? "upstream down" : d.status ? "not ready" : "");
+    $("why").textContent = d.status === "not_ready" ? bad.detail || "" : "";
+    $("status").className = d.status || "";
+    statusLine();
+  }
+  clearTimeout(timer);  // one timer, however many calls overlapped
+  timer = setTimeout(ready, d.status === "warming" ? 3000 : 30000);
+}
+const busy = (on) => { $("send").hidden = on; $("stop").hidden = !on; };
+function stop() { if (live) { live.stopped = true; live.ac.abort(); } }
+function reset(cid) {  // leave this chat; its stream, if any, is abandoned
+  if (live) live.ac.abort();
+  live = null; epoch++; busy(false);
+  saved("cid", cid); $("log").replaceChildren(); note("");
+}
+function handle(s, raw) {
   let event = "message"; const data = [];
-  for (const line of raw.split("\\n")) {
+  for (const line of raw.split("\n")) {
     if (line.startsWith("event:")) event = line.slice(6).trim();
     else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
   }
-  if (!data.length) return;
-  const d = JSON.parse(data.join("\\n"));
-  if (event === "token") { status(""); out.textContent += d.text; out.scrollIntoView({block: "end"}); }
-  else if (event === "queued") status("Waiting for the model: position " + d.position + " in line");
-  else if (event === "tool") {  // the agent used a tool: show what it asked and got, above the answer
+  if (!data.length || s.e !== epoch) return;
+  const d = JSON.parse(data.join("\n")), log = $("log");
+  if (event === "token") {
+    const near = log.scrollHeight - log.scrollTop - log.clientHeight < 80;
+    note(""); md(s.out, s.text += d.text);
+    if (near) log.scrollTop = log.scrollHeight;
+  } else if (event === "queued") note("Waiting: number " + d.position + " in line");
+  else if (event === "tool") {  // what a tool was asked and answered, above the answer
     const args = typeof d.arguments === "string" ? d.arguments : JSON.stringify(d.arguments);
-    $("log").insertBefore(bubble("tool", d.name + " " + args + " \u2192 " + (d.error ? "error: " + d.error : d.result)), out);
-  }
-  else if (event === "done") saved("cid", d.conversation_id);
-  else if (event === "error") fail(out, explain(d));
+    log.insertBefore(bubble("tool", d.name + " " + args + " \u2192 " + (d.error ? "error: " + d.error : d.result)), s.out);
+  } else if (event === "done") {
+    s.end = true; saved("cid", d.conversation_id); models[d.agent] = d.model;
+    const t = d.tokens_per_s != null ? d.tokens_per_s : d.tokens / ((d.duration_ms - d.ttft_ms) / 1000);
+    st.rate = isFinite(t) && t > 0 ? t.toFixed(1) + " tok/s" : "";
+    note(d.history_truncated ? "Older turns were left out to fit." : "");
+    statusLine();
+  } else if (event === "error") { s.end = true; fail(s.out, d.error?.message || "The model failed."); }
 }
 async function send(text) {
+  const s = live = {e: epoch, ac: new AbortController(), text: ""}, mine = () => s.e === epoch;
+  busy(true);
   bubble("user", text);
-  const out = bubble("assistant", "");
+  const out = s.out = bubble("assistant", "");
   out.classList.add("pending");
-  const body = {message: text, agent: $("agent").value, stream: true};
-  if (saved("cid")) body.conversation_id = saved("cid");
-  let r;
+  const body = {message: text, agent: $("agent").value, stream: true, conversation_id: saved("cid") || undefined};
   try {
-    r = await call("/chat", {method: "POST", body: JSON.stringify(body), headers: headers({"Accept": "text/event-stream"})});
-  } catch (e) { return fail(out, "piagent is not reachable."); }
-  if (!r.ok) return fail(out, explain(await r.json().catch(() => null)));
-  if (r.headers.get("X-Conversation-Id")) saved("cid", r.headers.get("X-Conversation-Id"));
-  const reader = r.body.getReader(), decoder = new TextDecoder();
-  let buffer = "";
-  try {
+    const r = await call("/chat", {method: "POST", body: JSON.stringify(body), signal: s.ac.signal,
+      headers: {Accept: "text/event-stream"}});
+    if (!r.ok) { const why = await reason(r); return mine() && fail(out, why); }
+    if (mine() && r.headers.get("X-Conversation-Id")) saved("cid", r.headers.get("X-Conversation-Id"));
+    const reader = r.body.getReader(), decoder = new TextDecoder();
+    let buffer = "";
     for (;;) {
       const {value, done} = await reader.read();
       if (done) break;
       buffer += decoder.decode(value, {stream: true});
       let end;
-      while ((end = buffer.indexOf("\\n\\n")) >= 0) { handle(buffer.slice(0, end), out); buffer = buffer.slice(end + 2); }
+      while ((end = buffer.indexOf("\n\n")) >= 0) { handle(s, buffer.slice(0, end)); buffer = buffer.slice(end + 2); }
     }
-  } catch (e) { return fail(out, "The reply was cut off."); }
-  out.classList.remove("pending");
+    if (!s.end && mine()) fail(out, CUT);
+  } catch (e) {
+    if (!mine()) return;
+    if (s.stopped) out.classList.add("stopped");
+    else fail(out, s.text ? CUT : NET);
+  } finally {
+    out.classList.remove("pending");
+    if (live === s) { live = null; busy(false); ready(); }
+  }
 }
-$("form").addEventListener("submit", async (e) => {
+async function openChat(cid) {
+  reset(cid);
+  const e = epoch;
+  if (!cid) return;
+  const r = await ask(conv(cid));
+  if (!r || e !== epoch) return;
+  if (r.status === 404) return saved("cid", null);
+  const c = await r.json();
+  if (e !== epoch) return;
+  const a = $("agent"), was = a.value;
+  a.value = c.agent;
+  if (!a.value) a.value = was;
+  for (const t of c.turns) { bubble("user", t.user); bubble("assistant", t.assistant); }
+  statusLine();
+}
+async function chats() {
+  const box = $("chats");
+  const r = await ask("/conversations?limit=20");
+  if (!r) return;
+  const list = (await r.json()).conversations;
+  box.replaceChildren();
+  if (!list.length) box.append(el("p", "mute", "No saved chats yet."));
+  for (const c of list) {
+    const id = c.conversation_id, row = box.appendChild(el("div", "chat" + (id === saved("cid") ? " on" : "")));
+    const open = row.appendChild(el("button", "open")), del = row.appendChild(el("button", "del", "Delete"));
+    const title = open.appendChild(el("span", "", c.preview || "\u2026"));
+    open.append(el("small", "", c.agent + " \u00b7 " + new Date(c.last_used).toLocaleString([], {dateStyle: "medium", timeStyle: "short"})));
+    open.type = del.type = "button";
+    open.onclick = () => { box.hidden = true; openChat(id); };
+    del.onclick = async () => {
+      if (!del.classList.contains("sure")) { del.classList.add("sure"); del.textContent = "Delete?"; return; }
+      if (id === saved("cid")) reset(null);
+      if (await ask(conv(id), {method: "DELETE"})) row.remove();
+    };
+    if (!c.preview) call(conv(id)).then((r) => r.ok ? r.json() : null)
+      .then((d) => { title.textContent = d?.turns[0]?.user || "(empty)"; }).catch(() => {});
+  }
+}
+async function loadAgents() {
+  const r = await ask("/agents");
+  if (!r) return;
+  $("keyrow").hidden = true;
+  const d = await r.json(), select = $("agent");
+  Object.assign(models, d.models);
+  select.replaceChildren(...d.agents.map((name) => new Option(name, name)));
+  if (d.agents.includes(saved("agent"))) select.value = saved("agent");
+  statusLine(); ready();
+  await openChat(saved("cid"));
+}
+$("form").onsubmit = (e) => {
   e.preventDefault();
   const text = $("text").value.trim();
-  if (!text) return;
+  if (!text || live) return;
   $("text").value = "";
-  $("send").disabled = true;
-  try { await send(text); } finally { $("send").disabled = false; status(""); $("text").focus(); }
-});
-$("text").addEventListener("keydown", (e) => {
-  if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("form").requestSubmit(); }
-});
-$("agent").addEventListener("change", () => saved("agent", $("agent").value));
-$("new").addEventListener("click", () => { saved("cid", null); $("log").replaceChildren(); status(""); $("text").focus(); });
-$("savekey").addEventListener("click", () => { saved("key", $("key").value.trim()); $("key").value = ""; loadAgents(); });
+  $("chats").hidden = true;
+  send(text);
+};
+$("text").onkeydown = (e) => {
+  if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); $("form").requestSubmit(); }
+};
+document.onkeydown = (e) => { if (e.key === "Escape") stop(); };
+document.onvisibilitychange = () => { if (!document.hidden) ready(); };
+$("stop").onclick = stop;
+$("agent").onchange = () => { stop(); saved("agent", $("agent").value); statusLine(); };
+$("new").onclick = () => { openChat(null); $("chats").hidden = true; $("text").focus(); };
+$("chatsbtn").onclick = () => { if (!($("chats").hidden = !$("chats").hidden)) chats(); };
+$("savekey").onclick = () => { saved("key", $("key").value.trim()); $("key").value = ""; loadAgents(); };
+$("key").onkeydown = (e) => { if (e.key === "Enter") $("savekey").click(); };
 loadAgents();
 """
 
-PAGE_HTML = """<!doctype html>
+PAGE_HTML = r"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width,initial-scale=1">
 <title>piagent</title><style>{style}</style></head>
 <body>
 <header><b>piagent</b><select id="agent" aria-label="Agent"></select>
+<button id="chatsbtn" class="plain" type="button">Chats</button>
 <button id="new" class="plain" type="button">New chat</button></header>
 <div id="keyrow" hidden><input id="key" type="password" placeholder="API key" aria-label="API key" autocomplete="off">
 <button id="savekey" type="button">Save key</button></div>
+<nav id="chats" hidden aria-label="Recent chats"></nav>
 <main id="log" aria-live="polite"></main>
-<div id="status"></div>
+<div id="status"><span id="state"></span><span id="note"></span><div id="why"></div></div>
 <form id="form"><textarea id="text" placeholder="Message" aria-label="Message" autofocus></textarea>
-<button id="send">Send</button></form>
+<button id="send">Send</button><button id="stop" type="button" hidden>Stop</button></form>
 <script>{script}</script>
 </body></html>
 """

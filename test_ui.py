@@ -2,21 +2,26 @@
 
 piagent runs under uvicorn on a loopback port in front of the fake Ollama. Each test saves a screenshot in its
 temp folder (the path is printed) so a person can look at the page when something fails.
+test_readme_screenshot also rewrites docs/page.png (laptop, light + phone, dark), which the README shows.
 Skips without chromium or playwright, except under CI=true, where that is a failure.
 """
 
 from __future__ import annotations
 
+import base64
 import importlib.util
+import json
 import os
+import re
 import shutil
+from pathlib import Path
 
 import httpx
 import pytest
 
 from fake_ollama import FakeOllama, Script
 from piagent import create_app, load_config
-from test_piagent import DEADLINE_S, MODEL, LiveServer
+from test_piagent import DEADLINE_S, MODEL, LiveServer, wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -44,22 +49,31 @@ def browser():
         instance.close()
 
 
+PHONE = {"width": 390, "height": 844}
+DESKTOP = {"width": 1280, "height": 800}
+PAGE_LIMIT = 16 * 1024  # the whole page, style and script included
+DOCS_SHOT = Path(__file__).resolve().parent / "docs" / "page.png"  # shown in the README; test_readme_screenshot
+
+
 @pytest.fixture
 def fake():
-    server = FakeOllama(models=[MODEL]).start()
+    server = FakeOllama(models=[MODEL, "tiny:latest"]).start()
     yield server
     server.stop()
 
 
 @pytest.fixture
 def page_of(browser, fake, tmp_path):
-    """page_of(**env) -> (Playwright page on piagent's /, the LiveServer); screenshot saved at the end."""
+    """page_of(viewport=PHONE, dark=False, **env) -> (Playwright page on piagent's /, the LiveServer).
+
+    Every page opened is screenshotted at the end of the test, into the test's temp folder (path printed)."""
     opened = []
 
-    def open_page(**env):
-        config = load_config({"OLLAMA_HOST": fake.url, "WARMUP": "false", **env})
-        server = LiveServer(create_app(config)).__enter__()
-        context = browser.new_context(viewport={"width": 390, "height": 760})  # a phone in portrait
+    def open_page(viewport=PHONE, dark=False, server=None, **env):
+        if server is None:
+            config = load_config({"OLLAMA_HOST": fake.url, "WARMUP": "false", **env})
+            server = LiveServer(create_app(config)).__enter__()
+        context = browser.new_context(viewport=viewport, color_scheme="dark" if dark else "light")
         page = context.new_page()
         page.set_default_timeout(DEADLINE_S * 1000)
         errors = []
@@ -69,12 +83,14 @@ def page_of(browser, fake, tmp_path):
         return page, server
 
     yield open_page
-    for server, context, page, errors in opened:
-        shot = tmp_path / "page.png"
+    for i, (server, context, page, errors) in enumerate(opened):
+        shot = tmp_path / ("page.png" if i == 0 else f"page-{i + 1}.png")
         page.screenshot(path=str(shot))
         print(f"screenshot: {shot}")
         context.close()
+    for server in {id(o[0]): o[0] for o in opened}.values():
         server.__exit__(None, None, None)
+    for *_, errors in opened:
         assert errors == [], errors  # no script error on the page
 
 
@@ -98,13 +114,19 @@ def send(page, text: str) -> None:
     page.press("#text", "Enter")
 
 
+def stored_id(page) -> str | None:
+    return page.evaluate("localStorage.getItem('piagent.cid')")
+
+
 def test_page_is_small_self_contained_and_locked_down(page_of):
     page, server = page_of()
     response = httpx.get(server.url + "/")
-    assert response.headers["content-type"] == "text/html; charset=utf-8" and len(response.content) < 20_000
+    assert response.headers["content-type"] == "text/html; charset=utf-8" and len(response.content) <= PAGE_LIMIT
     assert "default-src 'none'" in response.headers["content-security-policy"]
     assert "http://" not in response.text and "https://" not in response.text  # no CDN, fonts or scripts
+    assert "innerHTML" not in response.text and "insertAdjacentHTML" not in response.text
     assert page.locator("#agent option").all_text_contents() == ["general"]
+    expect(page.locator("#log")).to_be_empty()  # the empty-state hint is CSS (#log:empty::before)
 
 
 def test_chat_streams_continues_and_survives_a_reload(page_of, fake):
@@ -112,8 +134,10 @@ def test_chat_streams_continues_and_survives_a_reload(page_of, fake):
     fake.script = Script(tokens=["Hello", " from", " the", " Pi", "!"], hold_after=2)
     send(page, "first question")
     expect(page.locator(".msg.assistant.pending")).to_have_text("Hello from")  # shown while the rest is not made
+    expect(page.locator("#stop")).to_be_visible()
     fake.script.release.set()
     expect(done_replies(page)).to_have_text(["Hello from the Pi!"])
+    expect(page.locator("#send")).to_be_visible()
 
     fake.script = Script(tokens=["Second", " answer"])
     page.fill("#text", "second question")
@@ -135,6 +159,84 @@ def test_chat_streams_continues_and_survives_a_reload(page_of, fake):
     assert len(fake.generations()[-1].body["messages"]) == 2  # a new conversation: no history
 
 
+def test_shift_enter_makes_a_new_line_and_enter_sends(page_of, fake):
+    page, _ = page_of()
+    fake.script = Script(echo=True)
+    page.fill("#text", "line one")
+    page.press("#text", "Shift+Enter")
+    page.type("#text", "line two")
+    expect(page.locator(".msg")).to_have_count(0)
+    page.press("#text", "Enter")
+    expect(page.locator(".msg.user")).to_have_text(["line one\nline two"])
+    expect(done_replies(page)).to_have_count(1)
+    expect(page.locator("#text")).to_have_value("")
+
+
+def test_stop_mid_stream_frees_the_upstream(page_of, fake):
+    page, _ = page_of()
+    fake.script = Script(tokens=["Partial", " answer"] + [" more"] * 20, hold_after=2)
+    send(page, "tell me a long story")
+    expect(page.locator(".msg.assistant.pending")).to_have_text("Partial answer")
+    page.click("#stop")
+    wait_until(lambda: fake.hangups, timeout=2.0, what="the fake to see the hang-up")
+    assert fake.completed == 0
+    expect(page.locator(".msg.assistant.stopped")).to_have_text("Partial answer")  # what came is kept, marked
+    expect(page.locator("#send")).to_be_visible()
+    expect(page.locator("#stop")).to_be_hidden()
+    expect(page.locator(".msg.error")).to_have_count(0)
+
+    fake.script = Script(tokens=["Next"])  # the conversation goes on, with what was shown before the stop
+    send(page, "go on")
+    expect(done_replies(page)).to_have_count(2)
+    history = [m["content"] for m in fake.generations()[-1].body["messages"][1:]]
+    assert history == ["tell me a long story", "Partial answer", "go on"]
+
+
+def test_new_chat_mid_stream_really_starts_a_new_conversation(page_of, fake):
+    page, _ = page_of(viewport=DESKTOP)
+    fake.script = Script(tokens=["Old", " answer"])
+    send(page, "old topic")
+    expect(done_replies(page)).to_have_text(["Old answer"])
+    old_id = stored_id(page)
+    fake.script = Script(tokens=["Still", " going"] + [" on"] * 20, hold_after=2)
+    send(page, "and more")
+    expect(page.locator(".msg.assistant.pending")).to_have_text("Still going")
+    page.click("#new")
+    expect(page.locator(".msg")).to_have_count(0)
+    wait_until(lambda: fake.hangups, timeout=2.0, what="the fake to see the hang-up")
+    expect(page.locator("#send")).to_be_visible()
+    assert stored_id(page) is None
+
+    fake.script = Script(tokens=["Fresh", " start"])
+    send(page, "new topic")
+    expect(done_replies(page)).to_have_text(["Fresh start"])
+    assert [m["content"] for m in fake.generations()[-1].body["messages"][1:]] == ["new topic"]  # no history
+    assert stored_id(page) not in (None, old_id)
+    page.reload()
+    expect(page.locator(".msg.user")).to_have_text(["new topic"])  # the old one does not come back
+    expect(page.locator(".msg.assistant")).to_have_text(["Fresh start"])
+    expect(page.locator(".msg.error")).to_have_count(0)
+
+
+def test_switching_agent_mid_stream_stops_and_goes_on_with_the_new_agent(page_of, fake):
+    page, _ = page_of(AGENTS="general,coder", OLLAMA_MODEL_CODER="tiny:latest")
+    expect(page.locator("#agent option")).to_have_count(2)
+    fake.script = Script(tokens=["General", " says"] + [" more"] * 20, hold_after=2)
+    send(page, "hello")
+    expect(page.locator(".msg.assistant.pending")).to_have_text("General says")
+    page.select_option("#agent", "coder")
+    wait_until(lambda: fake.hangups, timeout=2.0, what="the fake to see the hang-up")
+    expect(page.locator(".msg.assistant.stopped")).to_have_text("General says")
+    expect(page.locator("#state")).to_contain_text("coder")
+    fake.script = Script(tokens=["Coder", " here"])
+    send(page, "now you")
+    expect(done_replies(page)).to_have_count(2)
+    assert fake.generations()[-1].body["model"] == "tiny:latest"
+    expect(page.locator("#state")).to_contain_text("coder \u2192 tiny:latest")
+    page.reload()
+    expect(page.locator("#agent")).to_have_value("coder")
+
+
 def test_model_output_is_shown_as_text_never_run(page_of, fake):
     page, _ = page_of()
     hostile = ["<script>document.title = 'pwned'</script>", '<img src=x onerror="document.title = \'pwned\'">',
@@ -146,21 +248,166 @@ def test_model_output_is_shown_as_text_never_run(page_of, fake):
     expect(page.locator(".msg.assistant img, .msg.assistant script, .msg.assistant b")).to_have_count(0)
 
 
-def test_errors_are_told_in_plain_words(page_of, fake):
-    page, _ = page_of(OLLAMA_HOST="http://127.0.0.1:9")  # nothing listens there
+MARKDOWN = """# A plan
+
+Some **bold <b>x</b>** and *italic* and `<img src=x onerror="document.title='pwned'">` here.
+A second line.
+
+- one <script>document.title='pwned'</script>
+- two with [a bad link](javascript:document.title='pwned') and [a good one](http://127.0.0.1:9/docs)
+
+3. third
+4. fourth
+
+```html
+<iframe src="javascript:document.title='pwned'"></iframe>
+<b>not bold</b>
+```
+See https://example.org/page. <svg onload="document.title='pwned'"></svg>"""
+
+
+def test_markdown_is_rendered_as_inert_nodes(page_of, fake):
+    page, _ = page_of(viewport=DESKTOP)
+    fake.script = Script(tokens=[MARKDOWN[i:i + 7] for i in range(0, len(MARKDOWN), 7)], token_delay_s=0.002)
+    send(page, "show me markdown")
+    reply = done_replies(page)
+    expect(reply).to_have_count(1)
+    expect(reply.locator("p.h")).to_have_text("A plan")
+    expect(reply.locator("strong")).to_have_text("bold <b>x</b>")
+    expect(reply.locator("em")).to_have_text("italic")
+    expect(reply.locator("p code")).to_have_text('<img src=x onerror="document.title=\'pwned\'">')
+    expect(reply.locator("p").nth(1)).to_contain_text("here.\nA second line.")
+    expect(reply.locator("ul > li")).to_have_count(2)
+    expect(reply.locator("ol > li")).to_have_text(["third", "fourth"])
+    assert reply.locator("ol").get_attribute("start") == "3"
+    expect(reply.locator("pre code")).to_have_text(
+        "<iframe src=\"javascript:document.title='pwned'\"></iframe>\n<b>not bold</b>")
+    # nothing from the reply became an element it asked for
+    expect(reply.locator("img, script, iframe, svg, b")).to_have_count(0)
+    # links: only http(s) are links; the javascript: one is plain text
+    expect(reply.locator("a")).to_have_count(2)
+    assert [reply.locator("a").nth(i).get_attribute("href") for i in range(2)] == [
+        "http://127.0.0.1:9/docs", "https://example.org/page"]
+    expect(reply.locator(".nolink")).to_have_text("a bad link")
+    reply.locator(".nolink").click()
+    assert page.title() == "piagent" and page.url.endswith("/")
+    # the copy button: copies, or (no clipboard) selects the code; never throws
+    reply.locator(".copy").click()
+    expect(reply.locator(".copy")).to_have_text(re.compile("Copied|Selected"))
+
+
+def test_copy_without_a_clipboard_selects_the_code(page_of, fake):
+    page, _ = page_of()
+    page.context.add_init_script("delete Navigator.prototype.clipboard")  # as on plain http (no secure context)
+    page.reload()
+    fake.script = Script(tokens=["Run:\n```\nsudo systemctl restart piagent\n```"])
+    send(page, "how do I restart?")
+    expect(done_replies(page)).to_have_count(1)
+    assert page.evaluate("navigator.clipboard === undefined")
+    page.click(".copy")
+    expect(page.locator(".copy")).to_have_text(re.compile("Copied|Selected"))
+    assert page.evaluate("getSelection().toString()").strip() == "sudo systemctl restart piagent"
+
+
+def test_dark_mode_follows_the_system(page_of, fake):
+    page, _ = page_of(viewport=DESKTOP, dark=True)
+    fake.script = Script(tokens=["Dark **and** readable:\n```\ncode\n```"])
+    send(page, "hello in the dark")
+    expect(done_replies(page)).to_have_count(1)
+    expect(page.locator("body")).to_have_css("background-color", "rgb(18, 20, 18)")
+    expect(page.locator("body")).to_have_css("color", "rgb(227, 227, 222)")
+    expect(page.locator(".msg.assistant")).to_have_css("background-color", "rgb(29, 32, 29)")
+
+
+def test_wide_screens_get_a_readable_column(page_of, fake):
+    page, _ = page_of(viewport={"width": 1600, "height": 900})
+    fake.script = Script(tokens=["word " * 200])
+    send(page, "a long answer please")
+    expect(done_replies(page)).to_have_count(1)
+    box = page.locator(".msg.assistant").bounding_box()
+    assert box["width"] <= 48 * 16 and box["x"] > 300  # at most 48rem, centred
+
+
+def test_recent_chats_reopen_and_delete(page_of, fake):
+    page, server = page_of()
+    for question, answer in (("about cats", "Cats purr."), ("about dogs", "Dogs bark.")):
+        page.click("#new")
+        fake.script = Script(tokens=[answer])
+        send(page, question)
+        expect(done_replies(page)).to_have_text([answer])
+    page.click("#chatsbtn")
+    rows = page.locator("#chats .chat")
+    expect(rows).to_have_count(2)
+    expect(rows.locator(".open span")).to_have_text(["about dogs", "about cats"])  # newest first
+    expect(page.locator("#chats .chat.on .open span")).to_have_text("about dogs")  # the one shown
+    rows.nth(1).locator(".open").click()
+    expect(page.locator("#chats")).to_be_hidden()
+    expect(page.locator(".msg")).to_have_text(["about cats", "Cats purr."])
+    fake.script = Script(tokens=["Still cats."])
+    send(page, "more cats")
+    expect(done_replies(page)).to_have_count(2)
+    assert [m["content"] for m in fake.generations()[-1].body["messages"][1:]] == [
+        "about cats", "Cats purr.", "more cats"]
+
+    cats = stored_id(page)
+    page.click("#chatsbtn")
+    expect(rows.locator(".open span")).to_have_text(["about cats", "about dogs"])
+    delete = rows.nth(0).locator(".del")
+    delete.click()
+    expect(delete).to_have_text("Delete?")  # asks once more: a mis-tap on a phone deletes nothing
+    delete.click()
+    expect(rows).to_have_count(1)
+    expect(page.locator(".msg")).to_have_count(0)  # the chat shown was the one deleted
+    assert stored_id(page) is None
+    assert httpx.get(f"{server.url}/conversations/{cats}").status_code == 404
+    page.reload()
+    expect(page.locator(".msg")).to_have_count(0)
+
+
+def test_errors_show_the_servers_own_message(page_of, fake):
+    page, server = page_of(OLLAMA_HOST="http://127.0.0.1:9")  # nothing listens there
+    told = httpx.post(server.url + "/chat", json={"message": "hi"}).json()["error"]["message"]
+    assert "cannot reach" in told
+    expect(page.locator("#state")).to_contain_text("upstream down")
+    expect(page.locator("#why")).to_have_text(re.compile("cannot reach"))
     send(page, "hello?")
+    expect(page.locator(".msg.error")).to_have_text(told)
+    expect(page.locator(".msg.assistant")).to_have_count(0)
+
+
+def test_a_model_error_mid_stream_shows_the_servers_message(page_of, fake):
+    page, server = page_of()
+    fake.script = Script(tokens=["Half", " a", " b", " c"], error_after=2)
+    send(page, "hi")
+    expect(page.locator(".msg.error")).to_have_count(1)
+    expect(page.locator(".msg.assistant")).to_have_text(["Half a"])  # what came stays
+    stream = httpx.post(server.url + "/chat", json={"message": "hi", "stream": True},
+                        headers={"Accept": "text/event-stream"}, timeout=DEADLINE_S).text
+    told = json.loads(stream.split("event: error\ndata: ")[1].split("\n")[0])["error"]["message"]
+    expect(page.locator(".msg.error")).to_have_text(told)
+
+
+def test_only_a_network_failure_uses_the_pages_own_words(page_of, fake):
+    page, server = page_of()
+    expect(page.locator("#agent option")).to_have_count(1)
+    server.__exit__(None, None, None)  # piagent goes away
+    send(page, "anyone there?")
     expect(page.locator(".msg.error")).to_have_text(
-        "Ollama is not running (or piagent cannot reach it). Start it, then try again.")
+        "piagent is not reachable: is it running, and is this its address?")
+    expect(page.locator("#send")).to_be_visible()
 
 
 def test_key_field_appears_when_the_server_needs_one(page_of, fake):
-    page, _ = page_of(API_KEYS="kitchen-pi-key-1")
+    page, server = page_of(API_KEYS="kitchen-pi-key-1")
+    told = httpx.get(server.url + "/agents").json()["error"]["message"]
     expect(page.locator("#keyrow")).to_be_visible()
-    expect(page.locator(".msg.error")).to_have_text("This piagent needs an API key: enter it above.")
+    expect(page.locator(".msg.error")).to_have_text(told)
     expect(page.locator("#agent option")).to_have_count(0)
     page.fill("#key", "kitchen-pi-key-1")
     page.click("#savekey")
     expect(page.locator("#agent option")).to_have_count(1)
+    expect(page.locator("#keyrow")).to_be_hidden()
+    expect(page.locator("#state")).to_contain_text("ready")  # /ready needs the key too
     fake.script = Script(tokens=["Keyed"])
     send(page, "hi")
     expect(done_replies(page)).to_have_text(["Keyed"])
@@ -187,3 +434,48 @@ def test_tool_calls_show_above_the_answer_as_text(page_of, fake):
     assert page.locator(".msg").evaluate_all("ms => ms.map(m => m.className)") == [
         "msg user", "msg tool", "msg tool", "msg assistant"]
     expect(page.locator(".msg.tool b")).to_have_count(0)
+
+
+def test_status_line_shows_agent_model_readiness_and_speed(page_of, fake):
+    page, _ = page_of()
+    expect(page.locator("#status")).to_have_class("ready")
+    expect(page.locator("#state")).to_have_text("general \u00b7 ready")
+    fake.script = Script(tokens=["One", " two", " three", " four", " five"], token_delay_s=0.02)
+    send(page, "count")
+    expect(done_replies(page)).to_have_count(1)
+    expect(page.locator("#state")).to_have_text(
+        re.compile(rf"^general \u2192 {re.escape(MODEL)} \u00b7 ready \u00b7 \d+\.\d tok/s$"))
+
+
+def test_readme_screenshot(page_of, fake, browser):
+    """docs/page.png (the README shows it): the page on a laptop, light, and on a phone, dark, side by side."""
+    desktop, server = page_of(viewport={"width": 1100, "height": 720}, AGENT_GENERAL_TOOLS="calc")
+    fake.script = Script(tool_rounds=[[("calc", {"expression": "2340 * 0.17"})]], echo_tools=True)
+    send(desktop, "What is 17% of 2340?")
+    expect(done_replies(desktop)).to_have_count(1)
+    answer = ("To restart piagent after changing **piagent.env**:\n\n1. Save the file\n2. Run:\n\n"
+              "```\nsudo systemctl restart piagent\n```\n\nThen check it with `piagent --check`. "
+              "See *the README* for more.")
+    fake.script = Script(tokens=[answer[i:i + 9] for i in range(0, len(answer), 9)], token_delay_s=0.01)
+    send(desktop, "How do I restart it after editing the settings?")
+    expect(done_replies(desktop)).to_have_count(2)
+    expect(desktop.locator("#state")).to_contain_text("tok/s")
+
+    phone, _ = page_of(viewport=PHONE, dark=True, server=server)
+    phone.click("#chatsbtn")
+    phone.locator("#chats .open").first.click()
+    expect(done_replies(phone)).to_have_count(2)
+    expect(phone.locator("#state")).to_contain_text("ready")
+    shots = [base64.b64encode(p.screenshot()).decode() for p in (desktop, phone)]
+    sheet = browser.new_page(viewport={"width": 1600, "height": 920})
+    try:  # a plain page of two images (no CSP: it is not piagent's)
+        sheet.set_content(
+            '<body style="margin:0;background:#cfd4cc;display:flex;gap:48px;align-items:center;'
+            'justify-content:center;height:100vh">'
+            + "".join(f'<img style="border-radius:14px;box-shadow:0 6px 28px #0005" src="data:image/png;base64,{s}">'
+                      for s in shots) + "</body>")
+        DOCS_SHOT.parent.mkdir(exist_ok=True)
+        sheet.screenshot(path=str(DOCS_SHOT))
+    finally:
+        sheet.close()
+    print(f"screenshot: {DOCS_SHOT}")
