@@ -59,8 +59,9 @@ def hserve(fake):
     servers = []
 
     def start(*, store=None, tools=None, transport=None, **env):
+        # no rate limit unless a test sets one: these tests poll /ready and /metrics
         config = load_config({"OLLAMA_HOST": fake.url, "WARMUP": "false", "SHUTDOWN_GRACE_S": "1",
-                              **{k: str(v) for k, v in env.items()}})
+                              "RATE_LIMIT_PER_MIN": "0", **{k: str(v) for k, v in env.items()}})
         seams = {}
         if store is not None:
             seams["store"] = store(config)
@@ -1190,8 +1191,15 @@ def _stage_history_read(ctx):
 
 
 def _stage_prompt_nested_tool(ctx):
-    return post(ctx.server, "/v1/chat/completions", raw=_v1_body(tools=_tool(
-        f'{{"type":"object","x":{nested_brackets(960)}}}')))
+    # around 960 levels, where JSON parsing still succeeds (how deep exactly depends on the stack) but building
+    # the prompt recurses too deep; each is refused at the door in the end, so all are tried until one is not
+    response = None
+    for depth in range(1000, 900, -1):
+        response = post(ctx.server, "/v1/chat/completions", raw=_v1_body(tools=_tool(
+            f'{{"type":"object","x":{nested_brackets(depth)}}}')))
+        if response.status_code != 422:
+            break
+    return response
 
 
 def _stage_prompt_list_content(ctx):
@@ -1243,17 +1251,18 @@ def _stage_log_record(ctx):
     return chat(ctx.server, message="go", conversation_id="leak")
 
 
-LEAK_STAGES = {
-    "history-read": (_stage_history_read, {}),
-    "prompt-build-nested-client-tool": (_stage_prompt_nested_tool, {}),
-    "prompt-build-upstream-list-content": (_stage_prompt_list_content, {}),
-    "provider-call-raises": (_stage_provider_call, {}),
-    "tool-round-1-raises": (_stage_tool_round(1), {"tools": 1}),
-    "tool-round-2-raises": (_stage_tool_round(2), {"tools": 2}),
-    "relay-client-gone": (_stage_relay_client_gone, {}),
-    "memory-write-oserror": (_stage_memory_write(lambda: OSError(errno.ENOSPC, "No space left on device")), {}),
-    "memory-write-runtimeerror": (_stage_memory_write(lambda: RuntimeError("injected: append")), {}),
-    "log-record-count-as-text": (_stage_log_record, {}),
+LEAK_STAGES = {  # stage: (what fails, the seams it needs)
+    "history-read": (_stage_history_read, {"store"}),
+    "prompt-build-nested-client-tool": (_stage_prompt_nested_tool, set()),
+    "prompt-build-upstream-list-content": (_stage_prompt_list_content, set()),
+    "provider-call-raises": (_stage_provider_call, {"transport"}),
+    "tool-round-1-raises": (_stage_tool_round(1), {"tools-1"}),
+    "tool-round-2-raises": (_stage_tool_round(2), {"tools-2"}),
+    "relay-client-gone": (_stage_relay_client_gone, set()),
+    "memory-write-oserror": (_stage_memory_write(lambda: OSError(errno.ENOSPC, "No space left on device")),
+                             {"store"}),
+    "memory-write-runtimeerror": (_stage_memory_write(lambda: RuntimeError("injected: append")), {"store"}),
+    "log-record-count-as-text": (_stage_log_record, set()),
 }
 
 
@@ -1263,16 +1272,17 @@ class _Ctx:
 
 @pytest.mark.parametrize("stage", list(LEAK_STAGES))
 def test_a_failure_at_any_stage_leaves_the_slot_and_the_conversation_free(hserve, fake, stage):
-    run, options = LEAK_STAGES[stage]
+    run, seams = LEAK_STAGES[stage]
     ctx, holder = _Ctx(), {}
     ctx.fake = fake
     ctx.transport = FailingTransport(lambda: RuntimeError("injected: provider call"))
     env = {"MAX_CONCURRENT": 1, "RATE_LIMIT_PER_MIN": 0}
-    if "tools" in options:
+    tools = next((_tool_raising_in_round(int(s[-1])) for s in seams if s.startswith("tools-")), None)
+    if tools is not None:
         env["AGENT_GENERAL_TOOLS"] = "boom"
-    ctx.server = hserve(store=flaky(holder), transport=ctx.transport,
-                        tools=_tool_raising_in_round(options["tools"]) if "tools" in options else None, **env)
-    ctx.store = holder["store"]
+    ctx.server = hserve(store=flaky(holder) if "store" in seams else None,
+                        transport=ctx.transport if "transport" in seams else None, tools=tools, **env)
+    ctx.store = holder.get("store")
     served_chat(ctx.server, "leak", message="seed")
     assert stored(ctx.server, "leak") == SEED
     try:
