@@ -20,6 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Any, Callable
 
 #: Ollama's queue-full message, verbatim (note the two spaces).
 BUSY_TEXT = "server busy, please try again.  maximum pending requests exceeded"
@@ -52,6 +53,14 @@ class Script:
     calls_together: bool = True  # native: all of a round's calls in one chunk (False: a chunk per call)
     fragment_chars: int = 5  # /v1 streams arguments text in pieces of this many characters
     echo_tools: bool = False  # once the calls are done, reply "results: <each tool message's content> | ..."
+    # Broken upstreams (native API only): mangle(obj, kind) returns what is sent instead of each JSON object of a
+    # generation, kind "piece" (a streamed token line), "final" (the streamed done line) or "whole" (a non-stream
+    # body); e.g. lambda o, k: {**o, "message": 5} if k == "piece" else o.
+    mangle: Callable[[dict, str], Any] | None = None
+    # A line that never ends: before token `blob_after`, stream the start of a line and then `blob_bytes` bytes
+    # of "x" with no newline (in 64 KiB chunks), then wait like hold_after (until `release` or the client leaves).
+    blob_bytes: int = 0
+    blob_after: int = 0
 
 
 @dataclass
@@ -220,6 +229,10 @@ class FakeOllama:
             if body.get("stream", not openai):  # native API streams by default, /v1 does not
                 return await self._stream(wire, script, writer, gone)
             return await self._whole(wire, script, writer, gone)
+        except ConnectionError:  # a write failed because the client hung up mid-response: that is a hang-up too
+            gone.set()
+            self._note_hangup(gone)
+            raise
         finally:
             watcher.cancel()  # and wait for it: the next request on this connection reads the same stream
             await asyncio.gather(watcher, return_exceptions=True)
@@ -250,6 +263,8 @@ class FakeOllama:
             return False
         head = wire.head()  # like Ollama: no headers until the first token is ready
         for i, token in enumerate(script.tokens):
+            if script.blob_bytes and i == script.blob_after:
+                return await self._blob(wire, script, writer, gone, head)
             if i == script.hold_after and await self._hold(script, gone):
                 return False
             if i and await self._pause(script.token_delay_s, gone):
@@ -282,6 +297,23 @@ class FakeOllama:
         await writer.drain()
         self.completed += 1
         return True
+
+    async def _blob(self, wire, script: Script, writer, gone: "_Hangup", head: bytes) -> bool:
+        """Script.blob_bytes: the start of a line, then "x" * blob_bytes with no newline, then hold."""
+        writer.write(head + wire.chunk(wire.blob_start()))
+        await writer.drain()
+        left, piece = script.blob_bytes, b"x" * 65536
+        while left > 0:
+            if self._note_hangup(gone):
+                return False
+            writer.write(wire.chunk(piece[:left]))
+            left -= len(piece)
+            try:
+                await writer.drain()
+            except ConnectionError:
+                gone.set()
+        await self._hold(script, gone)
+        return False
 
     async def _whole(self, wire, script: Script, writer, gone: "_Hangup") -> bool:
         if await self._pause(script.first_byte_delay_s, gone):
@@ -330,21 +362,28 @@ class NDJSONWire:
 
     chunk = staticmethod(lambda data: _chunk(data))
 
+    def _mangled(self, value: dict, kind: str) -> Any:
+        return self.script.mangle(value, kind) if self.script.mangle else value
+
+    def blob_start(self) -> bytes:
+        return b'{"model":"' + str(self.model).encode() + b'","message":{"role":"assistant","content":"'
+
     def piece(self, token: str, i: int, split: bool) -> list[bytes]:
-        return _split(_line(_piece(self.model, token, self.chat)), split)
+        return _split(_line(self._mangled(_piece(self.model, token, self.chat), "piece")), split)
 
     def mid_stream_error(self) -> bytes:
         return _line({"error": "an error was encountered while running the model"})
 
     def final(self) -> bytes:
-        return _line(_final(self.model, "", self.chat, self.body, self.script.tokens, self.started))
+        return _line(self._mangled(_final(self.model, "", self.chat, self.body, self.script.tokens, self.started),
+                                   "final"))
 
     def whole(self) -> bytes:
         text = "".join(self.script.tokens)
         final = _final(self.model, text, self.chat, self.body, self.script.tokens, self.started)
         if self.calls:
             final["message"]["tool_calls"] = [self._call(i, *c) for i, c in enumerate(self.calls)]
-        return _json(200, final)
+        return _json(200, self._mangled(final, "whole"))
 
 
 class OpenAIWire(NDJSONWire):
@@ -372,6 +411,9 @@ class OpenAIWire(NDJSONWire):
         if self.script.sse_comments:
             event = b": keep-alive\n\n" + event
         return _split(event, split)
+
+    def blob_start(self) -> bytes:
+        return b'data: {"choices":[{"index":0,"delta":{"content":"'
 
     def mid_stream_error(self) -> bytes:
         return b'data: {"error":{"message":"an error was encountered while running the model","type":"api_error"}}\n\n'
