@@ -24,9 +24,11 @@ from __future__ import annotations
 import ast
 import asyncio
 import base64
+import errno
 import hashlib
 import hmac
 import inspect
+import ipaddress
 import json
 import logging
 import math
@@ -39,12 +41,12 @@ import uuid
 import zoneinfo
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AsyncExitStack, aclosing, asynccontextmanager
+from contextlib import AsyncExitStack, aclosing, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from types import MappingProxyType
-from typing import (Any, AsyncIterator, Awaitable, Callable, Literal, Mapping, MutableMapping, NamedTuple, Protocol,
+from typing import (Any, AsyncIterator, Awaitable, Callable, Iterator, Literal, Mapping, MutableMapping, NamedTuple, Protocol,
                     TypeVar)
 
 import httpx
@@ -130,6 +132,7 @@ class PromptTooLarge(PiagentError): status, code = 413, "prompt_too_large"  # no
 class BodyTooLarge(PiagentError): status, code = 413, "body_too_large"  # noqa: E701
 class Unauthorized(PiagentError): status, code = 401, "unauthorized"  # noqa: E701
 class RateLimited(PiagentError): status, code = 429, "rate_limited"  # noqa: E701
+class HostNotAllowed(PiagentError): status, code = 400, "host_not_allowed"  # noqa: E701
 class QueueFull(PiagentError): status, code = 503, "queue_full"  # noqa: E701
 class ShuttingDown(PiagentError): status, code = 503, "shutting_down"  # noqa: E701
 class MemoryUnavailable(PiagentError): status, code = 503, "memory_unavailable"  # noqa: E701
@@ -190,10 +193,13 @@ class Config:
     max_body_bytes: int = 65_536  # larger bodies are refused before parsing
     max_message_chars: int = 4000  # longer messages are refused: a Pi cannot read a novel per request
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API; empty = no CORS headers
+    allowed_hosts: tuple[str, ...] = ()  # Host names a keyless server on loopback answers to, besides loopback
     max_concurrent: int = 1  # generations at once: a Pi runs one well
     max_queue: int = 8  # more requests than this waiting -> 503 queue_full instead of piling up
     shutdown_grace_s: float = 10.0  # on SIGTERM, in-flight streams get this long to finish
     write_timeout_s: float = 30.0  # a client that reads nothing of a stream for this long is dropped
+    max_connections: int = 256  # open client connections; more are answered 503 at once and closed
+    header_timeout_s: float = 10.0  # a connection must send a whole request head within this (slow clients)
     enable_ui: bool = True  # the chat page at /
     metrics_public: bool = False  # /metrics without a key (for a Prometheus on the LAN)
     warmup: bool = True  # load each agent's model at start-up (Ollama only), so the first chat is not cold
@@ -388,11 +394,15 @@ class MemoryStore(Protocol):
     async def delete(self, conversation_id: str) -> None:
         """Forget the conversation (nothing happens if it is unknown)."""
 
-    async def recent(self, limit: int, before: float | None) -> list[tuple[str, str, float]]:
-        """(id, agent, last_used) of live conversations used before `before`, newest first."""
+    async def recent(self, limit: int, before: float | None, owner: str = "") -> list[tuple[str, str, float]]:
+        """(id, agent, last_used) of live conversations used before `before` whose agent starts with `owner`
+        (see `owned`), newest first."""
 
     async def count(self) -> int:
         """How many live conversations are kept."""
+
+    async def check(self) -> None:
+        """A cheap write and read, for /ready; raises MemoryUnavailable naming the cause."""
 
 
 class CappedStore:
@@ -429,6 +439,9 @@ class InProcessStore(CappedStore):
         pass
 
     async def close(self) -> None:
+        pass
+
+    async def check(self) -> None:
         pass
 
     def _sweep(self, now: float) -> None:
@@ -471,18 +484,51 @@ class InProcessStore(CappedStore):
         self._sweep(self.clock())
         return len(self._kept)
 
-    async def recent(self, limit: int, before: float | None) -> list[tuple[str, str, float]]:
+    async def recent(self, limit: int, before: float | None, owner: str = "") -> list[tuple[str, str, float]]:
         self._sweep(self.clock())
         found = []
         for conversation_id in reversed(self._kept):  # newest first
             kept = self._kept[conversation_id]
-            if before is None or kept.last_used < before:
+            if (before is None or kept.last_used < before) and kept.agent.startswith(owner):
                 found.append((conversation_id, kept.agent, kept.last_used))
                 if len(found) == limit:
                     break
         return found
 
 
+@contextmanager
+def storage_errors() -> Iterator[None]:
+    """A storage failure a store lets through (a disk's OSError, a database's error) is MemoryUnavailable with
+    its cause, like the stores' own; anything else is a bug."""
+    try:
+        yield
+    except (sqlite3.Error, OSError) as exc:
+        raise MemoryUnavailable(sqlite_problem(exc, Path("MEMORY_PATH")),
+                                {"Retry-After": str(DEFAULT_RETRY_AFTER_S)}) from None
+
+
+def sqlite_problem(exc: sqlite3.Error | OSError, path: Path) -> str:
+    """What a SQLite error means for the person running piagent, and what to do; only a damaged file is ever
+    worth moving aside. Example: "database or disk is full" -> "the disk holding ... is full: free some space ..."
+    """
+    text = str(exc).lower()
+    if "full" in text or getattr(exc, "errno", None) == errno.ENOSPC:
+        return (f"the disk is full (MEMORY_PATH={path}): free some space (DELETE /conversations/<id> frees a "
+                f"little; old logs and files more)")
+    if "readonly" in text or "read-only" in text:
+        return f"MEMORY_PATH={path} is read-only: let piagent's user write it and its folder (check the owner)"
+    if "disk i/o" in text:
+        return f"the disk holding MEMORY_PATH={path} failed to read or write: is the SD card failing?"
+    if "malformed" in text or "not a database" in text or "no such table" in text:
+        return (f"MEMORY_PATH={path} is not a usable SQLite database ({exc}): it is damaged or was replaced; stop "
+                f"piagent, move the file aside, and start it again with an empty memory")
+    return f"the SQLite memory at {path} failed: {exc}"
+
+
+#: Bytes kept free beside the SQLite file (in <file>-reserve): room for a DELETE when the disk is full.
+SQLITE_RESERVE_BYTES = 64 << 10
+#: Seconds between /ready's write probes of the SQLite file (a write: not on every poll of a monitor).
+SQLITE_PROBE_S = 30.0
 SQLITE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
     id TEXT PRIMARY KEY, agent TEXT NOT NULL, last_used REAL NOT NULL);
@@ -492,6 +538,7 @@ CREATE TABLE IF NOT EXISTS turns (
     conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
     user TEXT NOT NULL, assistant TEXT NOT NULL, created_at REAL NOT NULL, number INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS turns_by_conversation ON turns(conversation_id, seq);
+CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY, at REAL NOT NULL);
 """
 
 
@@ -505,6 +552,7 @@ class SQLiteStore(CappedStore):
     def __init__(self, config: Config, clock: Callable[[], float]):
         super().__init__(config, clock)
         self.path = Path(config.memory_path)
+        self.reserve = self.path.with_name(self.path.name + "-reserve")
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="piagent-sqlite")
         self._db: sqlite3.Connection | None = None
 
@@ -512,8 +560,7 @@ class SQLiteStore(CappedStore):
         try:
             return await asyncio.get_running_loop().run_in_executor(self._thread, work, *args)
         except sqlite3.Error as exc:
-            raise MemoryUnavailable(f"the SQLite memory at {self.path} failed: {exc}",
-                                    {"Retry-After": str(DEFAULT_RETRY_AFTER_S)}) from None
+            raise MemoryUnavailable(sqlite_problem(exc, self.path), {"Retry-After": str(DEFAULT_RETRY_AFTER_S)}) from None
 
     async def open(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._thread, self._connect)
@@ -531,10 +578,18 @@ class SQLiteStore(CappedStore):
             db.execute("PRAGMA synchronous=NORMAL")  # with WAL: a crash loses nothing committed, never corrupts
             db.execute("PRAGMA foreign_keys=ON")
             db.executescript(SQLITE_SCHEMA)
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{where} is not a usable SQLite database ({exc}); "
-                             f"move it aside to start with an empty memory") from None
-        self._db = db
+        except sqlite3.Error as exc:
+            raise StoreError(sqlite_problem(exc, self.path)) from None
+        self._db, self._inode, self._probed = db, self.path.stat().st_ino, -math.inf
+        self._keep_reserve()
+
+    def _keep_reserve(self) -> None:
+        """Keep SQLITE_RESERVE_BYTES of disk beside the database, for a DELETE to use when the disk is full."""
+        try:
+            if not self.reserve.exists():
+                self.reserve.write_bytes(bytes(SQLITE_RESERVE_BYTES))
+        except OSError:
+            self.reserve.unlink(missing_ok=True)  # no room now: try again at the next check
 
     async def close(self) -> None:
         if self._db is not None:
@@ -593,7 +648,16 @@ class SQLiteStore(CappedStore):
         return await self._run(read)
 
     async def delete(self, conversation_id: str) -> None:
-        await self._run(self._db.execute, "DELETE FROM conversations WHERE id = ?", (conversation_id,))
+        def forget() -> None:
+            try:
+                self._db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+            except sqlite3.OperationalError as exc:  # a full disk: spend the reserve, so that space can be freed
+                if "full" not in str(exc) or not self.reserve.exists():
+                    raise
+                self.reserve.unlink()
+                self._db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+
+        await self._run(forget)
 
     async def count(self) -> int:
         def read() -> int:
@@ -602,12 +666,34 @@ class SQLiteStore(CappedStore):
 
         return await self._run(read)
 
-    async def recent(self, limit: int, before: float | None) -> list[tuple[str, str, float]]:
+    async def check(self) -> None:
+        def probe() -> None:
+            try:  # every time: the file is still the one opened, and still looks like a database
+                with self.path.open("rb") as file:
+                    if os.fstat(file.fileno()).st_ino != self._inode or file.read(16) != b"SQLite format 3\x00":
+                        raise sqlite3.DatabaseError("file is not a database: it was replaced or overwritten")
+            except FileNotFoundError:
+                raise sqlite3.OperationalError("unable to open: the file was deleted") from None
+            if time.monotonic() - self._probed >= SQLITE_PROBE_S:  # a real write, now and then (SD cards wear)
+                self._transaction(lambda db, now: db.execute("INSERT OR REPLACE INTO probe VALUES (1, ?)", (now,)))
+                self._probed = time.monotonic()
+                self._keep_reserve()
+
+        try:
+            await self._run(probe)
+        except MemoryUnavailable as exc:
+            if "deleted" in exc.message or "unable to open" in exc.message:
+                exc.message = (f"MEMORY_PATH={self.path} was deleted while piagent ran; turns are going nowhere: "
+                               f"restart piagent (sudo systemctl restart piagent) to start a new memory")
+            raise
+
+    async def recent(self, limit: int, before: float | None, owner: str = "") -> list[tuple[str, str, float]]:
         def read() -> list[tuple[str, str, float]]:
             return self._db.execute(
                 "SELECT id, agent, last_used FROM conversations WHERE last_used > ? AND last_used < ? "
-                "ORDER BY last_used DESC LIMIT ?",
-                (self.clock() - self.ttl_s, math.inf if before is None else before, limit)).fetchall()
+                "AND substr(agent, 1, ?) = ? ORDER BY last_used DESC LIMIT ?",
+                (self.clock() - self.ttl_s, math.inf if before is None else before, len(owner), owner,
+                 limit)).fetchall()
 
         return await self._run(read)
 
@@ -721,25 +807,37 @@ class RedisStore(CappedStore):
             pipe.delete(turns_key, meta_key).zrem(recent_key, conversation_id)
             await self._call(pipe.execute())
 
+    async def check(self) -> None:
+        await self._call(self._redis.set(f"{REDIS_PREFIX}probe", self.clock(), ex=60))
+
     async def count(self) -> int:
         return await self._call(self._redis.zcount(f"{REDIS_PREFIX}recent", f"({self.clock() - self.ttl_s!r}", "+inf"))
 
-    async def recent(self, limit: int, before: float | None) -> list[tuple[str, str, float]]:
-        low, high = self.clock() - self.ttl_s, "+inf" if before is None else f"({before!r}"
-        found = await self._call(self._redis.zrevrangebyscore(
-            f"{REDIS_PREFIX}recent", high, f"({low!r}", start=0, num=limit, withscores=True))
-        if not found:
-            return []
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for conversation_id, _ in found:
-                pipe.hget(f"{REDIS_PREFIX}meta:{conversation_id}", "agent")
-            agents = await self._call(pipe.execute())
-        return [(cid, agent or "", used) for (cid, used), agent in zip(found, agents)]
+    async def recent(self, limit: int, before: float | None, owner: str = "") -> list[tuple[str, str, float]]:
+        low, high, rows = self.clock() - self.ttl_s, "+inf" if before is None else f"({before!r}", []
+        for start in range(0, self.max_conversations, MAX_PAGE):  # pages, until `limit` of this owner's
+            found = await self._call(self._redis.zrevrangebyscore(
+                f"{REDIS_PREFIX}recent", high, f"({low!r}", start=start, num=MAX_PAGE, withscores=True))
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for conversation_id, _ in found:
+                    pipe.hget(f"{REDIS_PREFIX}meta:{conversation_id}", "agent")
+                agents = await self._call(pipe.execute())
+            rows += [(cid, a or "", used) for (cid, used), a in zip(found, agents) if (a or "").startswith(owner)]
+            if len(rows) >= limit or len(found) < MAX_PAGE:
+                return rows[:limit]
+        return rows[:limit]
 
 
 def _turn_from_json(text: str) -> Turn:
     data = json.loads(text)
     return Turn(data["user"], data["assistant"], data["created_at"], data.get("index", 0))
+
+
+def owned(agent: str, owner: str | None) -> str:
+    """What a store keeps as a conversation's agent: with API keys, the owning key's id first, so that a
+    conversation belongs to the key that made it. Example: owned("general", "1a2b3c4d") -> "1a2b3c4d/general"
+    """
+    return f"{owner}/{agent}" if owner else agent
 
 
 #: MEMORY_BACKEND name -> store class, built as cls(Config, clock); MEMORY_BACKEND's choices are its keys.
@@ -1710,6 +1808,44 @@ OPEN_PATHS = frozenset({"/health"})
 MAX_RATE_BUCKETS = 10_000
 #: What a client may send as X-Request-Id; anything else gets a fresh id.
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+#: Wrong keys one client address may send a minute before it is refused with 429 (key guessing is slow).
+AUTH_FAILURES_PER_MIN = 10
+#: The deepest nesting accepted anywhere in a JSON body (a real request nests a few levels).
+MAX_JSON_DEPTH = 64
+#: Host names a keyless server on loopback answers to (with ALLOWED_HOSTS): a web page that points its own
+#: DNS name at 127.0.0.1 (DNS rebinding) is refused.
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def json_problem(body: bytes) -> str | None:
+    """What makes a JSON body unsafe to act on, naming the field: a lone surrogate, NaN or Infinity, nesting
+    deeper than MAX_JSON_DEPTH. None if it is fine, or not JSON at all (the route says what is wrong then).
+
+    Example: json_problem(b'{"messages": [{"content": "\\ud800"}]}') -> "messages.0.content: a lone surrogate ..."
+    """
+    try:
+        value = json.loads(body)
+    except RecursionError:
+        return f"body: nested deeper than {MAX_JSON_DEPTH} levels"
+    except ValueError:
+        return None
+    stack: list[tuple[str, Any, int]] = [("body", value, 0)]
+    while stack:
+        where, value, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            return f"{where}: nested deeper than {MAX_JSON_DEPTH} levels"
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"{where}: {value} is not a JSON number; send finite numbers"
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, item in items:
+            path = f"{where}.{key}" if where != "body" else str(key)
+            if isinstance(key, str) and not key.isascii() or isinstance(item, str) and not item.isascii():
+                try:
+                    f"{key}{item if isinstance(item, str) else ''}".encode()
+                except UnicodeEncodeError:
+                    return f"{path}: a lone surrogate (an unpaired \\ud800-\\udfff escape) is not text; send UTF-8"
+            stack.append((path, item, depth + 1))
+    return None
 
 
 def key_id(key: str) -> str:
@@ -1735,11 +1871,23 @@ def match_key(presented: str, keys: tuple[str, ...]) -> str | None:
 
 
 def client_ip(scope: Mapping[str, Any], headers: Mapping[str, str], trust_proxy: bool) -> str:
-    """The caller's address; behind a trusted proxy, the last X-Forwarded-For entry (the one the proxy added)."""
-    forwarded = headers.get("x-forwarded-for", "")
-    if trust_proxy and forwarded.strip():
-        return forwarded.split(",")[-1].strip()
-    return (scope.get("client") or ("unknown", 0))[0]
+    """The caller's address; behind a trusted proxy, the last X-Forwarded-For entry (the one the proxy added),
+    when it is an address: anything else is not believed, and the proxy's own address is used."""
+    peer = (scope.get("client") or ("unknown", 0))[0]
+    if trust_proxy:
+        try:
+            return str(ipaddress.ip_address(headers.get("x-forwarded-for", "").split(",")[-1].strip()))
+        except ValueError:
+            return peer
+    return peer
+
+
+def host_name(headers: Mapping[str, str]) -> str:
+    """The Host header's name, without port or brackets. Example: "[::1]:8000" -> "::1"; "Pi.local" -> "pi.local"."""
+    host = headers.get("host", "").strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 class TokenBuckets:
@@ -1914,8 +2062,12 @@ def error_response(scope: MutableMapping[str, Any], exc: PiagentError) -> JSONRe
 class Guards:
     """ASGI middleware in front of the routes: request id, client address, body size, API key, rate limit."""
 
-    def __init__(self, app: Callable, config: Config, buckets: TokenBuckets | None):
+    def __init__(self, app: Callable, config: Config, buckets: TokenBuckets | None, clock: Callable[[], float]):
         self.app, self.config, self.buckets = app, config, buckets
+        self.failures = TokenBuckets(AUTH_FAILURES_PER_MIN, clock)
+        # a keyless server on loopback trusts whoever reaches it, so only loopback names may reach it
+        self.hosts = LOOPBACK_NAMES | set(config.allowed_hosts) if (
+            not config.api_keys and config.host in LOOPBACK_NAMES) else None
         # the page itself holds no data (it asks for the key), and a public /metrics is the operator's choice
         self.open_paths = OPEN_PATHS | {p for p, on in (("/", config.enable_ui), ("/metrics", config.metrics_public))
                                          if on}
@@ -1929,13 +2081,20 @@ class Guards:
         fields["request_id"] = given if REQUEST_ID_PATTERN.match(given) else uuid.uuid4().hex
         fields["client"] = client_ip(scope, headers, self.config.trust_proxy)
         extra_headers = [(b"x-request-id", fields["request_id"].encode())]
+        head = scope["method"] == "HEAD"  # answered as GET, without the body
+        scope["method"] = "GET" if head else scope["method"]
 
         async def send_with_headers(message: dict) -> None:
             if message["type"] == "http.response.start":
                 message = {**message, "headers": [*message.get("headers", []), *extra_headers]}
+            elif head:
+                message = {**message, "body": b""}
             await send(message)
 
         try:
+            if self.hosts is not None and host_name(headers) not in self.hosts:
+                raise HostNotAllowed(f"this piagent answers only to {', '.join(sorted(self.hosts))}; to reach it by "
+                                     f"another name, add that name to ALLOWED_HOSTS (or set API_KEYS)")
             receive = await self._bounded_body(headers, receive)
             if scope["path"] not in self.open_paths and scope["method"] != "OPTIONS":
                 identity = self._authorize(headers, fields)
@@ -1962,6 +2121,9 @@ class Guards:
             more = message.get("more_body", False)
             if len(body) > limit:
                 raise too_large
+        problem = json_problem(body) if body[:1] in (b"{", b"[") else None
+        if problem is not None:
+            raise InvalidRequest(problem)
         replayed = False
 
         async def replay() -> dict:
@@ -1980,6 +2142,10 @@ class Guards:
             return f"ip:{fields['client']}"
         key = match_key(presented_key(headers) or "", keys)
         if key is None:
+            allowed, _, retry_s = self.failures.take(f"ip:{fields['client']}")
+            if not allowed:
+                raise RateLimited(f"more than {AUTH_FAILURES_PER_MIN} wrong keys a minute from {fields['client']}; "
+                                  f"retry in {retry_s} s", {"Retry-After": str(retry_s)})
             raise Unauthorized("missing or wrong API key: send Authorization: Bearer <key> or X-API-Key: <key>",
                                {"WWW-Authenticate": "Bearer"})
         fields["key"] = key_id(key)
@@ -2088,6 +2254,7 @@ class Exchange:
         self.rt, self.agent, self.ask, self.sampling, self.stream, self.fields = rt, agent, ask, sampling, stream, fields
         self.conversation_id = conversation_id or ""
         self.remember = bool(conversation_id) and ask.history is None and rt.store is not None
+        self.owner = fields.get("key")  # with API keys, the key's id: it owns the conversations it makes
         self.usage = Usage(model=agent.model)
         self.sent: list[str] = []  # text pieces the client was given: what memory keeps
         self.tool_events: list[ToolEvent] = []  # the agent's tool calls, as they ran
@@ -2139,7 +2306,12 @@ class Exchange:
         """
         ask, config = self.ask, self.rt.config
         if ask.history is None:
-            turns = await self.rt.store.history(self.conversation_id) if self.remember else []
+            with storage_errors():
+                if self.remember and self.owner:  # another key's conversation is not there, for this key
+                    found = await self.rt.store.get(self.conversation_id)
+                    if found is not None and not found.agent.startswith(f"{self.owner}/"):
+                        raise ConversationNotFound(f"no conversation {self.conversation_id!r} for this key")
+                turns = await self.rt.store.history(self.conversation_id) if self.remember else []
             ask = ask._replace(history=turns_as_messages(stable_window(turns, config.memory_max_turns)))
         tools = ask.tools or self.rt.toolbox.specs(self.agent.tools)
         fixed = [{"role": "system", "content": self.agent.system + (json.dumps(tools) if tools else "")},
@@ -2178,7 +2350,9 @@ class Exchange:
         if not self.remember or self.saved is not None or not self.sent:
             return
         try:
-            await self.rt.store.append(self.conversation_id, self.agent.name, self.ask.message, "".join(self.sent))
+            with storage_errors():
+                await self.rt.store.append(self.conversation_id, owned(self.agent.name, self.owner), self.ask.message,
+                                           "".join(self.sent))
             self.saved = True
         except MemoryUnavailable as exc:
             self.saved, self.fields["memory_error"] = False, exc.message
@@ -2642,6 +2816,16 @@ class Warmup:
             await asyncio.gather(self._task, return_exceptions=True)
 
 
+async def memory_check(rt: Runtime) -> dict[str, Any]:
+    """/ready's memory entry: the store's own check (cheap; it rate-limits its write probe)."""
+    try:
+        with storage_errors():
+            await rt.store.check()
+        return {"ok": True, "detail": "the memory store reads and writes"}
+    except MemoryUnavailable as exc:
+        return {"ok": False, "detail": exc.message}
+
+
 async def readiness(rt: Runtime) -> tuple[bool, dict[str, Any]]:
     """(ready, body) for /ready: the upstream answers, every agent's model is there, warm-up is over, and no
     generation holds the model without a sign of life from the upstream for longer than UPSTREAM_TIMEOUT_S."""
@@ -2655,6 +2839,8 @@ async def readiness(rt: Runtime) -> tuple[bool, dict[str, Any]]:
         checks["models"] = {"ok": not missing, "detail": fix or "all agents' models are available"}
     except UpstreamFailure as exc:
         checks["upstream"] = {"ok": False, "detail": exc.message}
+    if rt.store is not None:
+        checks["memory"] = await memory_check(rt)
     stalled = rt.gate.stalled(config.upstream_timeout_s)
     if stalled:
         checks["generation"] = {"ok": False, "detail": f"{stalled} generation(s) hold the model with no word from "
@@ -2675,6 +2861,26 @@ async def readiness(rt: Runtime) -> tuple[bool, dict[str, Any]]:
 LOG_RECORD_FIELDS = ("request_id", "client", "key", "agent", "model", "provider", "conversation_id",
                      "queue_wait_ms", "ttft_ms", "tokens", "tokens_per_s", "prompt_tokens", "history_truncated",
                      "tool_calls", "saved", "capped", "memory_error", "error", "prompt")
+
+
+class AcceptErrors:
+    """The event loop's exception handler: a failed accept() (out of file descriptors, say) is logged once a
+    minute with a count, not once per attempt with a traceback, which would fill a Pi's SD card; anything else
+    goes to asyncio's own handler."""
+
+    interval_s = 60.0
+
+    def __init__(self) -> None:
+        self.last, self.since = -math.inf, 0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if "accept" not in context.get("message", ""):
+            return loop.default_exception_handler(context)
+        self.since += 1
+        if time.monotonic() - self.last >= self.interval_s:
+            log.error("cannot accept connections (%s; %d times since the last report): raise LimitNOFILE in the "
+                      "unit or lower MAX_CONNECTIONS", context.get("exception"), self.since)
+            self.last, self.since = time.monotonic(), 0
 
 
 class RequestLog:
@@ -2722,6 +2928,10 @@ def request_record(method: str, path: str, fields: dict[str, Any]) -> dict[str, 
     return record
 
 
+#: What a text log value may not hold bare (it is then written as a JSON string): one record stays one line.
+UNSAFE_IN_LOG = r'[\s"=\\]|[^\x21-\x7e]'
+
+
 class TextLog(logging.Formatter):
     """Human lines. Example: ... INFO piagent: POST /chat 200 1234ms request_id=ab.. agent=general tokens=40"""
 
@@ -2731,7 +2941,7 @@ class TextLog(logging.Formatter):
     def formatMessage(self, record: logging.LogRecord) -> str:
         request = getattr(record, "request", None)
         if request is not None:
-            pairs = " ".join(f"{k}={json.dumps(v) if k == 'prompt' else v}"
+            pairs = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) and re.search(UNSAFE_IN_LOG, v) else v}"
                              for k, v in request.items() if k in LOG_RECORD_FIELDS)
             record.message = f"{request['method']} {request['path']} {request['status']} {request['duration_ms']}ms {pairs}"
         return super().formatMessage(record)
@@ -2891,10 +3101,11 @@ class ChatCompletion(BaseModel):
 
 
 class ConversationPage(BaseModel):
-    """GET /conversations: newest first; pass next_before as `before` for the next page."""
+    """GET /conversations: newest first; pass `next` as `cursor` for the next page (safe to paste into a URL)."""
 
     conversations: list[ConversationSummary]
-    next_before: str | None = None
+    next: str | None = None
+    next_before: str | None = None  # the older cursor, an ISO time, for `before`
 
 
 def documented(errors: type[BaseModel], statuses: tuple[int, ...], ok: type[BaseModel] | None = None,
@@ -2963,11 +3174,14 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
             if rt.store is not None:
                 await rt.store.open()
             rt.drain.start()
+            loop, quiet = asyncio.get_running_loop(), AcceptErrors()
+            handler, _ = loop.get_exception_handler(), loop.set_exception_handler(quiet)
             if config.warmup:
                 rt.warmup.start(rt.provider, list(dict.fromkeys(a.model for a in config.agents)))
             try:
                 yield
             finally:
+                loop.set_exception_handler(handler)
                 await rt.warmup.stop()
                 if rt.store is not None:
                     await rt.store.close()
@@ -2980,7 +3194,7 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
     add_conversation_routes(app, rt)
     add_page_route(app, config)  # the one forward reference: the page is data, kept at the end of the file
     # added innermost first: RequestLog wraps CORS, which wraps Guards (so preflights need no key)
-    app.add_middleware(Guards, config=config, buckets=buckets)
+    app.add_middleware(Guards, config=config, buckets=buckets, clock=clock)
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_credentials=False,
                            allow_methods=["GET", "POST", "DELETE"], max_age=600,
@@ -3112,35 +3326,54 @@ def add_conversation_routes(app: FastAPI, rt: Runtime) -> None:
     """Attach the conversation API: read, list and forget what piagent remembers."""
     conversation_id_path = FastAPIPath(pattern=CONVERSATION_ID_PATTERN)
 
+    def mine(request: Request) -> str:
+        """The agent prefix of the calling key's conversations ("" without API keys)."""
+        owner = request.scope[LOG_FIELDS_KEY].get("key")
+        return f"{owner}/" if owner else ""
+
+    async def find(conversation_id: str, request: Request) -> Conversation:
+        with storage_errors():
+            found = await rt.store.get(conversation_id) if rt.store is not None else None
+        if found is None or not found.agent.startswith(mine(request)):
+            raise ConversationNotFound(f"no conversation {conversation_id!r} (never started, expired, or deleted)")
+        return found
+
     @app.get("/conversations/{conversation_id}", response_model=ConversationOut,
              responses=documented(ErrorBody, (*GUARD_STATUSES, 404, 422, 503)))
-    async def read_conversation(conversation_id: str = conversation_id_path) -> Any:
-        found = await rt.store.get(conversation_id) if rt.store is not None else None
-        if found is None:
-            raise ConversationNotFound(f"no conversation {conversation_id!r} (never started, expired, or deleted)")
-        return {"conversation_id": found.conversation_id, "agent": found.agent, "turns": [
+    async def read_conversation(request: Request, conversation_id: str = conversation_id_path) -> Any:
+        found = await find(conversation_id, request)
+        return {"conversation_id": found.conversation_id, "agent": found.agent.split("/")[-1], "turns": [
             {"user": t.user, "assistant": t.assistant, "created_at": iso_time(t.created_at)} for t in found.turns]}
 
     @app.delete("/conversations/{conversation_id}", status_code=204,
-                responses=documented(ErrorBody, (*GUARD_STATUSES, 422, 503)))
-    async def forget_conversation(conversation_id: str = conversation_id_path) -> Response:
+                responses=documented(ErrorBody, (*GUARD_STATUSES, 404, 422, 503)))
+    async def forget_conversation(request: Request, conversation_id: str = conversation_id_path) -> Response:
         if rt.store is not None:  # after a reply in progress, so that it cannot bring the conversation back
             ticket = rt.gate.enter(conversation_id, slot=False)
             try:
                 await ticket.future
-                await rt.store.delete(conversation_id)
+                if mine(request):  # with keys: only the owner's; unknown ids stay a no-op without keys
+                    await find(conversation_id, request)
+                with storage_errors():
+                    await rt.store.delete(conversation_id)
             finally:
                 rt.gate.leave(ticket)
         return Response(status_code=204)
 
     @app.get("/conversations", response_model=ConversationPage,
              responses=documented(ErrorBody, (*GUARD_STATUSES, 422, 503)))
-    async def list_conversations(limit: int = Query(20, ge=1, le=MAX_PAGE), before: datetime | None = None) -> Any:
-        if before is not None and before.tzinfo is None:
-            before = before.replace(tzinfo=timezone.utc)
-        rows = await rt.store.recent(limit, before.timestamp() if before else None) if rt.store is not None else []
-        page = [{"conversation_id": cid, "agent": agent, "last_used": iso_time(used)} for cid, agent, used in rows]
-        return {"conversations": page, "next_before": page[-1]["last_used"] if len(page) == limit else None}
+    async def list_conversations(request: Request, limit: int = Query(20, ge=1, le=MAX_PAGE),
+                                 cursor: float | None = Query(None, description="`next` of the previous page"),
+                                 before: datetime | None = Query(None, description="older form of `cursor`")) -> Any:
+        if before is not None:
+            cursor = (before if before.tzinfo else before.replace(tzinfo=timezone.utc)).timestamp()
+        with storage_errors():
+            rows = await rt.store.recent(limit, cursor, mine(request)) if rt.store is not None else []
+        page = [{"conversation_id": cid, "agent": agent.split("/")[-1], "last_used": iso_time(used)}
+                for cid, agent, used in rows]
+        more = len(page) == limit
+        return {"conversations": page, "next": repr(rows[-1][2]) if more else None,
+                "next_before": page[-1]["last_used"] if more else None}
 
 
 # ---------------------------------------------------------------------------
@@ -3516,6 +3749,8 @@ def load_config(environ: Mapping[str, str], env_file: Path | None = None) -> Con
                                             d.upstream_connect_timeout_s, 0.1, 600),
         upstream_timeout_s=s.number(s.named("UPSTREAM_TIMEOUT_S", "OLLAMA_TIMEOUT_S"), d.upstream_timeout_s, 0.1, 86400),
         write_timeout_s=s.number("WRITE_TIMEOUT_S", d.write_timeout_s, 0.1, 3600),
+        max_connections=s.integer("MAX_CONNECTIONS", d.max_connections, 1, 100_000),
+        header_timeout_s=s.number("HEADER_TIMEOUT_S", d.header_timeout_s, 0.1, 3600),
         ctx_tokens=s.integer("CTX_TOKENS", d.ctx_tokens, 128, 1_048_576),
         max_tokens=s.integer("MAX_TOKENS", d.max_tokens, 1, 1_048_576),
         temperature=s.number("TEMPERATURE", d.temperature, 0.0, 2.0),
@@ -3541,6 +3776,8 @@ def load_config(environ: Mapping[str, str], env_file: Path | None = None) -> Con
         max_message_chars=s.integer("MAX_MESSAGE_CHARS", d.max_message_chars, 1, 1_000_000),
         cors_origins=s.items("CORS_ORIGINS", ORIGIN_PATTERN,
                              "comma-separated origins such as http://pi.local:8000 (never *)"),
+        allowed_hosts=tuple(h.lower() for h in s.items("ALLOWED_HOSTS", re.compile(r"^[A-Za-z0-9.:-]{1,253}$"),
+                                                        "comma-separated host names such as pi.local")),
         max_concurrent=s.integer("MAX_CONCURRENT", d.max_concurrent, 1, 1024),
         max_queue=s.integer("MAX_QUEUE", d.max_queue, 0, 100_000),
         shutdown_grace_s=s.number("SHUTDOWN_GRACE_S", d.shutdown_grace_s, 0, 3600),
@@ -3618,6 +3855,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         print(f"piagent: {exc}", file=sys.stderr)
         return 1 if exc.retry_may_help else 2  # systemd restarts on 1 (Redis may come back), not on 2
     configure_logging(config, sys.stderr)
+    raise_fd_limit()
     log.info("piagent on http://%s:%d -> %s %s, agents: %s, memory: %s", config.host, config.port,
              config.provider, getattr(config, PROVIDERS[config.provider].url_field), ", ".join(f"{a.name}={a.model}" for a in config.agents),
              _memory_description(config))
@@ -3742,7 +3980,10 @@ def app_from_environment() -> FastAPI:
 
 def uvicorn_options(config: Config) -> dict[str, Any]:
     """How piagent runs uvicorn (the tests use the same)."""
+    # several workers get uvicorn's own cap (their config is pickled, and a class made here cannot be)
+    guard = {"http": guarded_http(config)} if config.workers == 1 else {"limit_concurrency": config.max_connections}
     return {
+        **guard,
         "log_level": config.log_level,
         "access_log": False,  # piagent writes its own record per request
         "log_config": None,  # keep piagent's logging set-up (text or JSON) for uvicorn's lines too
@@ -3752,6 +3993,66 @@ def uvicorn_options(config: Config) -> dict[str, Any]:
     }
 
 
+def guarded_http(config: Config) -> type:
+    """uvicorn's HTTP/1.1 protocol with piagent's connection limits: beyond MAX_CONNECTIONS a connection is
+    answered 503 at once and closed, and one that has not sent a whole request head HEADER_TIMEOUT_S after it
+    opened (or after its last response) is closed, so idle and half-open connections cannot pile up."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    body = json.dumps(error_body("/", 503, "too_many_connections", "piagent has MAX_CONNECTIONS connections open; "
+                                 "retry in a few seconds")).encode()
+    refusal = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 5\r\n"
+               b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+
+    class GuardedH11(H11Protocol):
+        deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if len(self.connections) > config.max_connections:
+                transport.write(refusal)
+                transport.close()
+            else:
+                self._await_request()
+
+        def handle_events(self) -> None:
+            cycle = self.cycle
+            super().handle_events()
+            if self.cycle is not cycle and self.deadline is not None:  # a request head arrived whole
+                self.deadline.cancel()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._await_request()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.deadline is not None:
+                self.deadline.cancel()
+            super().connection_lost(exc)
+
+        def _await_request(self) -> None:
+            if self.deadline is not None:
+                self.deadline.cancel()
+            self.deadline = self.loop.call_later(config.header_timeout_s, self._too_slow)
+
+        def _too_slow(self) -> None:
+            if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+                self.transport.close()
+
+    return GuardedH11
+
+
+def raise_fd_limit() -> None:
+    """Raise this process's soft limit of open files to its hard limit (systemd's default soft limit is 1,024:
+    a few hundred idle clients would stop piagent from accepting any more)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 65_536)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def configure_logging(config: Config, stream: Any) -> None:
     """Root logging to `stream` at LOG_LEVEL, as text or JSON lines (auto: text on a terminal)."""
     use_json = config.log_format == "json" or (config.log_format == "auto" and not stream.isatty())
@@ -3759,6 +4060,10 @@ def configure_logging(config: Config, stream: Any) -> None:
     handler.setFormatter(JsonLog() if use_json else TextLog())
     logging.basicConfig(level=config.log_level.upper(), handlers=[handler], force=True)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # piagent's own request record says it all
+    # a stream piagent cut on purpose (the upstream failed mid-reply) ends without its closing chunk; piagent logs
+    # that itself, once, so the server's complaint about it is noise
+    logging.getLogger("uvicorn.error").addFilter(
+        lambda record: "returned without completing response" not in record.getMessage())
 
 
 if __name__ == "__main__":

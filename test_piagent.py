@@ -216,7 +216,7 @@ def test_env_template_parses_and_holds_exactly_the_defaults():
                   "RATE_LIMIT_PER_MIN", "TRUST_PROXY", "MAX_BODY_BYTES", "MAX_MESSAGE_CHARS", "CORS_ORIGINS",
                   "MAX_CONCURRENT", "MAX_QUEUE", "SHUTDOWN_GRACE_S", "MEMORY_BACKEND", "MEMORY_PATH", "REDIS_URL",
                   "WORKERS", "ENABLE_UI", "METRICS_PUBLIC", "WARMUP", "AGENT_GENERAL_TOOLS", "MAX_TOOL_ROUNDS",
-                  "WRITE_TIMEOUT_S"}
+                  "WRITE_TIMEOUT_S", "MAX_CONNECTIONS", "HEADER_TIMEOUT_S", "ALLOWED_HOSTS"}
     assert documented <= keys | commented
 
 
