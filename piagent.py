@@ -2503,19 +2503,24 @@ class OllamaDoor(Door):
         return {**body, "message": message, **extra}
 
     def _line(self, value: dict[str, Any]) -> str:
+        """One compact NDJSON line."""
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False) + "\n"
 
     def text(self, piece: str, index: int) -> str:
+        """A text piece, as the moment it came."""
         return self._line(self.reply(piece, done=False))
 
     def end(self, x: Exchange) -> str:
+        """The client's tool calls (when the model made any), then the done line."""
         calls = self._line(self.reply("", x, done=False)) if x.client_tool_calls() else ""
         return calls + self._line(self.reply("", done=True, **self.counts(x)))
 
     def failure(self, exc: PiagentError) -> str:
+        """Ollama's mid-stream error line."""
         return self._line({"error": exc.message})  # then the stream ends: Ollama sends no done line after it
 
     def whole(self, x: Exchange) -> dict[str, Any]:
+        """The whole reply as one object, done."""
         return self.reply("".join(x.sent), x, done=True, **self.counts(x))
 
     def counts(self, x: Exchange) -> dict[str, Any]:
@@ -3266,6 +3271,8 @@ def add_openai_routes(app: FastAPI, rt: Runtime) -> None:
 
 
 class OllamaFunction(BaseModel):
+    """The function of a tool call in Ollama's dialect."""
+
     name: str = Field(min_length=1, max_length=64)
     arguments: dict[str, Any] | str = Field(default_factory=dict)  # an object in Ollama's dialect
 
@@ -3300,17 +3307,23 @@ class OllamaAsk(BaseModel):
 
 
 class OllamaChatRequest(OllamaAsk):
+    """POST /api/chat body."""
+
     messages: list[OllamaMessage] = Field(default_factory=list, max_length=1000)
     tools: list[ClientTool] | None = Field(None, max_length=64)
 
 
 class OllamaGenerateRequest(OllamaAsk):
+    """POST /api/generate body (raw, template, suffix and context are ignored)."""
+
     prompt: str = ""
     system: str | None = None
     images: list[str] | None = None
 
 
 class OllamaShowRequest(BaseModel):
+    """POST /api/show body."""
+
     model: str = Field("", max_length=128)
     name: str = Field("", max_length=128)  # the old name of `model`
 
@@ -3438,13 +3451,37 @@ def upstream_models(listed: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return found
 
 
+def embed_fields(config: Config, body: OllamaEmbedRequest) -> dict[str, Any]:
+    """The client's own /api/embed fields for Ollama (truncate, dimensions, keep_alive, options), num_ctx at most
+    CTX_TOKENS."""
+    fields = body.model_dump(include={"truncate", "dimensions", "keep_alive", "options"}, exclude_none=True)
+    asked = fields.get("options", {}).get("num_ctx")
+    if isinstance(asked, int):
+        fields["options"]["num_ctx"] = min(asked, config.ctx_tokens)
+    return fields
+
+
+async def refuse_model_management(request: Request) -> Response:
+    """Pull, push, create, copy, delete and blobs: refused in Ollama's shape, saying what to do instead."""
+    try:
+        sent = json.loads(await request.body() or b"{}")
+        model = (sent.get("model") or sent.get("name") or sent.get("source")) if isinstance(sent, dict) else None
+    except ValueError:
+        model = None
+    agents = ", ".join(a.name for a in request.app.state.runtime.config.agents)
+    raise ModelsNotManaged(f"piagent does not manage models: on the Pi, run `ollama pull {model or '<model>'}` and "
+                           f"set OLLAMA_MODEL_<AGENT>; piagent's models are its agents ({agents})")
+
+
 def add_ollama_routes(app: FastAPI, rt: Runtime) -> None:
-    """Attach Ollama's API (/api/...): chat, generate, embed, and the model lists; the models are the agents."""
-    config, started = rt.config, ollama_time()
-    hidden = {"include_in_schema": False}  # Ollama's API is documented by Ollama (see DEVELOPING.md)
+    """Attach Ollama's API (/api/...): chat, generate, embed, the model lists (the agents are the models), and
+    refusals of model management. Out of /openapi.json: Ollama documents its own API."""
+    config, hidden = rt.config, {"include_in_schema": False}
+    add_ollama_model_routes(app, rt)
 
     @app.post("/api/chat", **hidden)
     async def ollama_chat(request: Request) -> Response:
+        """A chat: the client's messages and tools after the agent's system prompt."""
         body = await ollama_body(request, OllamaChatRequest)
         agent = ollama_agent(config, body.model)
         if not body.messages:
@@ -3455,6 +3492,7 @@ def add_ollama_routes(app: FastAPI, rt: Runtime) -> None:
 
     @app.post("/api/generate", **hidden)
     async def ollama_generate(request: Request) -> Response:
+        """A prompt (and the client's `system`, after the agent's) answered by the agent."""
         body = await ollama_body(request, OllamaGenerateRequest)
         agent = ollama_agent(config, body.model)
         if body.images:
@@ -3464,32 +3502,59 @@ def add_ollama_routes(app: FastAPI, rt: Runtime) -> None:
         system = [{"role": "system", "content": body.system}] if body.system else []
         return ollama_generation(rt, agent, body, Ask(system, [], body.prompt), request)
 
+    @app.post("/api/embed", **hidden)
+    @app.post("/api/embeddings", **hidden)
+    async def ollama_embed(request: Request) -> dict[str, Any]:
+        """Embeddings by the agent's model (or EMBED_MODEL); /api/embeddings is the older one, for one prompt."""
+        body, began = await ollama_body(request, OllamaEmbedRequest), time.perf_counter()
+        agent, legacy = ollama_agent(config, body.model), request.url.path.endswith("/embeddings")
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        texts = ([body.prompt] if body.prompt else []) if legacy else texts
+        for text in texts:
+            check_length(config, text)
+        model = config.embed_model or agent.model
+        vectors, tokens = await embed(rt, model, texts, embed_fields(config, body)) if texts else ([], None)
+        if legacy:
+            return {"embedding": vectors[0] if vectors else []}
+        return {"model": body.model, "embeddings": vectors, "prompt_eval_count": tokens or 0,
+                "total_duration": round((time.perf_counter() - began) * 1e9)}
+
+    for path, methods in OLLAMA_MANAGEMENT:
+        app.add_api_route(path, refuse_model_management, methods=methods, **hidden)
+
+
+def add_ollama_model_routes(app: FastAPI, rt: Runtime) -> None:
+    """Attach Ollama's model lists (/api/tags, /api/ps, /api/show), /api/version, and its probe at HEAD /."""
+    config, started, hidden = rt.config, ollama_time(), {"include_in_schema": False}
+
     @app.api_route("/api/tags", methods=["GET", "HEAD"], **hidden)
     async def ollama_tags() -> dict[str, Any]:
+        """The agents as models, with their model's size and details when Ollama tells them."""
         known = upstream_models(await upstream_info(rt, "/api/tags"))
         return {"models": [ollama_model(a, known.get(a.model, {}), started) for a in config.agents]}
 
     @app.get("/api/ps", **hidden)
     async def ollama_ps() -> dict[str, Any]:
+        """The agents whose model Ollama has loaded (none with another upstream)."""
         loaded, models = upstream_models(await upstream_info(rt, "/api/ps")), []
-        for agent in config.agents:
-            if agent.model in loaded:
-                up = loaded[agent.model]
-                models.append({**ollama_model(agent, up, started), "expires_at": up.get("expires_at") or started,
-                               "size_vram": up.get("size_vram") or 0,
-                               "context_length": min(up.get("context_length") or config.ctx_tokens, config.ctx_tokens)})
+        for agent in (a for a in config.agents if a.model in loaded):
+            up = loaded[agent.model]
+            context = up.get("context_length") if isinstance(up.get("context_length"), int) else config.ctx_tokens
+            models.append({**ollama_model(agent, up, started), "expires_at": up.get("expires_at") or started,
+                           "size_vram": up.get("size_vram") or 0, "context_length": min(context, config.ctx_tokens)})
         return {"models": models}
 
     @app.post("/api/show", **hidden)
     async def ollama_show(request: Request) -> dict[str, Any]:
+        """An agent as a model: its model's details, model_info and template, with piagent's prompt and limits."""
         body = await ollama_body(request, OllamaShowRequest)
         if not (body.model or body.name):
             raise InvalidRequest("model is required")
         agent = ollama_agent(config, body.model or body.name)
         shown = await upstream_info(rt, "/api/show", {"model": agent.model})
         tools = bool(agent.tools) or "tools" in (shown.get("capabilities") or [])
-        parameters = f"num_ctx {config.ctx_tokens}\nnum_predict {config.max_tokens}\ntemperature {config.temperature:g}"
-        return {"modelfile": f"FROM {agent.model}\nSYSTEM {json.dumps(agent.system)}\n", "parameters": parameters,
+        limits = f"num_ctx {config.ctx_tokens}\nnum_predict {config.max_tokens}\ntemperature {config.temperature:g}"
+        return {"modelfile": f"FROM {agent.model}\nSYSTEM {json.dumps(agent.system)}\n", "parameters": limits,
                 "template": shown.get("template") if isinstance(shown.get("template"), str) else "{{ .Prompt }}",
                 "system": agent.system, "details": ollama_model(agent, shown, started)["details"],
                 "model_info": shown.get("model_info") if isinstance(shown.get("model_info"), dict) else {},
@@ -3497,46 +3562,13 @@ def add_ollama_routes(app: FastAPI, rt: Runtime) -> None:
 
     @app.api_route("/api/version", methods=["GET", "HEAD"], **hidden)
     async def ollama_version() -> JSONResponse:
+        """The Ollama API version piagent speaks (a plain dotted number), and that it is piagent."""
         return JSONResponse({"version": OLLAMA_API_VERSION}, headers={"X-Piagent": "1"})
 
     @app.api_route("/", methods=["HEAD"] if config.enable_ui else ["GET", "HEAD"], **hidden)
-    async def ollama_probe() -> Response:  # GET / with the page on: add_page_route answers non-browsers the same
+    async def ollama_probe() -> Response:
+        """Ollama's liveness probe (with the page on, GET / is add_page_route's, which answers non-browsers so)."""
         return Response(OLLAMA_PROBE_TEXT, media_type="text/plain; charset=utf-8")
-
-    @app.post("/api/embed", **hidden)
-    @app.post("/api/embeddings", **hidden)
-    async def ollama_embed(request: Request) -> dict[str, Any]:
-        body, began = await ollama_body(request, OllamaEmbedRequest), time.perf_counter()
-        agent = ollama_agent(config, body.model)
-        legacy = request.url.path.endswith("/embeddings")
-        texts = ([body.prompt] if body.prompt else []) if legacy else [body.input] if isinstance(body.input, str) \
-            else body.input
-        for text in texts:
-            check_length(config, text)
-        options = dict(body.options or {})
-        if isinstance(options.get("num_ctx"), int):  # CTX_TOKENS is a ceiling here too
-            options["num_ctx"] = min(options["num_ctx"], config.ctx_tokens)
-        extra = {**body.model_dump(include={"truncate", "dimensions", "keep_alive"}, exclude_none=True),
-                 **({"options": options} if options else {})}
-        vectors, tokens = await embed(rt, config.embed_model or agent.model, texts, extra) if texts else ([], None)
-        if legacy:
-            return {"embedding": vectors[0] if vectors else []}
-        return {"model": body.model, "embeddings": vectors, "total_duration": round((time.perf_counter() - began) * 1e9),
-                "prompt_eval_count": tokens or 0}
-
-    async def refuse_model_management(request: Request) -> Response:
-        """Pull, push, create, copy, delete and blobs: refused in Ollama's shape, saying what to do instead."""
-        try:
-            sent = json.loads(await request.body() or b"{}")
-            model = (sent.get("model") or sent.get("name") or sent.get("source")) if isinstance(sent, dict) else None
-        except ValueError:
-            model = None
-        raise ModelsNotManaged(f"piagent does not manage models: on the Pi, run `ollama pull {model or '<model>'}` "
-                               f"and set OLLAMA_MODEL_<AGENT>; piagent's models are its agents "
-                               f"({', '.join(a.name for a in config.agents)})")
-
-    for path, methods in OLLAMA_MANAGEMENT:
-        app.add_api_route(path, refuse_model_management, methods=methods, **hidden)
 
 
 def iso_time(epoch_s: float) -> str:
@@ -3907,14 +3939,14 @@ def render_page() -> tuple[str, str]:
 
 
 def add_page_route(app: FastAPI, config: Config) -> None:
-    """Serve the chat page at / (404 in the error shape when ENABLE_UI=false)."""
+    """Serve the chat page at / to browsers, Ollama's probe to other clients (ENABLE_UI=false: only the probe)."""
     if not config.enable_ui:
         return
     page, csp = render_page()
 
     @app.get("/", include_in_schema=False)
     async def chat_page(request: Request) -> Response:
-        if "text/html" not in request.headers.get("accept", ""):  # not a browser: Ollama's probe (see add_ollama_routes)
+        if "text/html" not in request.headers.get("accept", ""):  # not a browser: Ollama's probe (add_ollama_routes)
             return Response(OLLAMA_PROBE_TEXT, media_type="text/plain; charset=utf-8")
         return Response(page, media_type="text/html; charset=utf-8", headers={
             "Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
