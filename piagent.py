@@ -204,6 +204,7 @@ class Config:
     metrics_public: bool = False  # /metrics without a key (for a Prometheus on the LAN)
     warmup: bool = True  # load each agent's model at start-up (Ollama only), so the first chat is not cold
     max_tool_rounds: int = 3  # model calls that may ask for tools per reply; then it must answer without them
+    embed_model: str | None = None  # the model of /api/embed for every agent; unset: the agent's own model
     agents: tuple[Agent, ...] = field(
         default=(Agent("general", "qwen2.5:3b-instruct", DEFAULT_SYSTEM_PROMPT),)
     )
@@ -871,6 +872,44 @@ class Sampling(NamedTuple):
 
     max_tokens: int
     temperature: float
+    # a client's own upstream fields, in Ollama's terms: "options" (num_ctx, top_p, ...) and OLLAMA_PASSED_FIELDS;
+    # providers apply piagent's ceilings (ollama_options) or translate what has an equivalent (openai_options)
+    extra: Mapping[str, Any] = MappingProxyType({})
+
+
+#: The fields of Sampling.extra an Ollama request takes as they are (its "options" are merged by ollama_options).
+OLLAMA_PASSED_FIELDS = ("keep_alive", "format", "think")
+#: Ollama options an OpenAI-style request has under the same name (num_predict and temperature go by Sampling).
+OPENAI_SAME_OPTIONS = ("top_p", "seed", "stop", "presence_penalty", "frequency_penalty")
+
+
+def ollama_options(config: Config, sampling: Sampling) -> dict[str, Any]:
+    """Ollama's `options`: a client's own (Sampling.extra["options"]) under piagent's ceilings: num_predict and
+    temperature are the sampling's, and num_ctx is at most CTX_TOKENS (a client may ask for less).
+
+    Example: extra {"options": {"num_ctx": 8192, "top_k": 20}}, CTX_TOKENS=2048 -> {"top_k": 20, "num_ctx": 2048, ...}
+    """
+    options = dict(sampling.extra.get("options") or {})
+    asked = options.get("num_ctx")
+    fits = isinstance(asked, int) and not isinstance(asked, bool) and 0 < asked < config.ctx_tokens
+    return {**options, "num_ctx": asked if fits else config.ctx_tokens, "num_predict": sampling.max_tokens,
+            "temperature": sampling.temperature}
+
+
+def openai_options(extra: Mapping[str, Any]) -> dict[str, Any]:
+    """What of a client's Ollama fields (Sampling.extra) an OpenAI-style request can say; the rest is dropped.
+
+    Example: {"options": {"seed": 1, "top_k": 5}, "format": "json"} -> {"seed": 1, "response_format": {"type":
+    "json_object"}}
+    """
+    options = extra.get("options") or {}
+    out = {name: options[name] for name in OPENAI_SAME_OPTIONS if options.get(name) is not None}
+    form = extra.get("format")
+    if form == "json":
+        out["response_format"] = {"type": "json_object"}
+    elif isinstance(form, dict):
+        out["response_format"] = {"type": "json_schema", "json_schema": {"name": "reply", "schema": form}}
+    return out
 
 
 def turns_as_messages(turns: list[Turn]) -> list[Message]:
@@ -1226,9 +1265,10 @@ class OllamaProvider(HTTPProvider):
         body: dict[str, Any] = {
             "model": agent.model,
             "stream": stream,
-            "options": {"num_ctx": c.ctx_tokens, "num_predict": sampling.max_tokens, "temperature": sampling.temperature},
+            "options": ollama_options(c, sampling),
         }
-        if self.keep_alive is not None:
+        body.update((k, sampling.extra[k]) for k in OLLAMA_PASSED_FIELDS if sampling.extra.get(k) is not None)
+        if self.keep_alive is not None and "keep_alive" not in body:  # a client's own keep_alive wins
             body["keep_alive"] = self.keep_alive
         if c.ollama_api == "generate":
             body.update(system=prompt.system, prompt=render_prompt(prompt))
@@ -1454,6 +1494,7 @@ class OpenAIProvider(HTTPProvider):
     def request(self, agent: Agent, prompt: Prompt, sampling: Sampling, stream: bool) -> tuple[str, dict[str, Any]]:
         body = {"model": agent.model, "messages": build_messages(prompt), "stream": stream,
                 "max_tokens": sampling.max_tokens, "temperature": sampling.temperature}
+        body.update(openai_options(sampling.extra))
         if prompt.tools:
             body["tools"] = list(prompt.tools)
             if prompt.tool_choice is not None:
@@ -1803,7 +1844,7 @@ async def tool_loop(provider: Provider, toolbox: Toolbox, agent: Agent, prompt: 
 #: The ASGI scope key where a request's log fields are gathered (by Guards, the routes and RequestLog).
 LOG_FIELDS_KEY = "piagent.log"
 #: Paths anyone may call without a key or a rate limit (liveness must work for systemd and monitors).
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/"})
 #: At most this many rate-limit buckets are kept; the least recently used go first.
 MAX_RATE_BUCKETS = 10_000
 #: What a client may send as X-Request-Id; anything else gets a fresh id.
@@ -2046,7 +2087,10 @@ OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
 
 
 def error_body(path: str, status: int, code: str, message: str) -> dict[str, Any]:
-    """The error shape of the door at `path`: {"error": {"code", "message"}}, or OpenAI's under /v1/."""
+    """The error shape of the door at `path`: {"error": {"code", "message"}}, or OpenAI's under /v1/, Ollama's
+    ({"error": "..."}) under /api/."""
+    if path.startswith("/api/"):
+        return {"error": message}
     if path.startswith("/v1/"):
         kind = OPENAI_ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
         return {"error": {"message": message, "type": kind, "param": None, "code": code}}
@@ -2056,7 +2100,8 @@ def error_body(path: str, status: int, code: str, message: str) -> dict[str, Any
 def error_response(scope: MutableMapping[str, Any], exc: PiagentError) -> JSONResponse:
     """The one place a typed error becomes HTTP (guards, routes, streams that had not begun); noted for the log."""
     scope.get(LOG_FIELDS_KEY, {})["error"] = exc.code
-    return JSONResponse(error_body(scope["path"], exc.status, exc.code, exc.message), exc.status, headers=exc.headers)
+    status = 400 if exc.status == 422 and scope["path"].startswith("/api/") else exc.status  # Ollama's bad request
+    return JSONResponse(error_body(scope["path"], status, exc.code, exc.message), status, headers=exc.headers)
 
 
 class Guards:
@@ -2586,6 +2631,131 @@ class OpenAIDoor(Door):
         result = {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
                   "choices": [{"index": 0, "message": message, "finish_reason": finish_reason(x)}]}
         return {**result, "usage": openai_usage(x)} if openai_usage(x) else result
+
+
+#: Ollama's API version piagent speaks at /api/version (clients such as Open WebUI want a plain dotted number).
+OLLAMA_API_VERSION = "0.12.6"
+#: What Ollama answers at / to a client that is not a browser.
+OLLAMA_PROBE_TEXT = "Ollama is running"
+
+
+def ollama_time(epoch_s: float | None = None) -> str:
+    """RFC 3339 in UTC with a Z, as Ollama writes created_at. Example: 0 -> "1970-01-01T00:00:00.000000Z\""""
+    moment = datetime.fromtimestamp(time.time() if epoch_s is None else epoch_s, timezone.utc)
+    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def ollama_tool_call(call: dict[str, Any], index: int) -> dict[str, Any]:
+    """A tool call in OpenAI's shape (see Message) as Ollama writes it: arguments as an object, an index.
+
+    Example: {"id": "c1", "function": {"name": "f", "arguments": '{"a": 1}'}} -> {"id": "c1", "function":
+    {"index": 0, "name": "f", "arguments": {"a": 1}}}
+    """
+    function = call["function"]
+    return {"id": call["id"], "function": {"index": index, "name": function["name"],
+                                           "arguments": json_object(function["arguments"])}}
+
+
+class OllamaDoor(Door):
+    """/api/chat and /api/generate: NDJSON, one object per line (a text piece each, the client's tool calls, then a
+    `done` line with Ollama's counts and durations in ns; a failure is an {"error"} line), or one object."""
+
+    media_type = "application/x-ndjson"
+
+    def __init__(self, model: str, chat: bool):
+        self.model, self.chat = model, chat
+
+    def reply(self, text: str, x: Exchange | None = None, **extra: Any) -> dict[str, Any]:
+        """One reply object: the text as message.content (chat) or response (generate), and `extra`."""
+        body: dict[str, Any] = {"model": self.model, "created_at": ollama_time()}
+        if not self.chat:
+            return {**body, "response": text, **extra}
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        calls = x.client_tool_calls() if x is not None else []
+        if calls:
+            message["tool_calls"] = [ollama_tool_call(call, i) for i, call in enumerate(calls)]
+        return {**body, "message": message, **extra}
+
+    def _line(self, value: dict[str, Any]) -> str:
+        """One compact NDJSON line."""
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False) + "\n"
+
+    def text(self, piece: str, index: int) -> str:
+        """A text piece, as the moment it came."""
+        return self._line(self.reply(piece, done=False))
+
+    def end(self, x: Exchange) -> str:
+        """The client's tool calls (when the model made any), then the done line."""
+        calls = self._line(self.reply("", x, done=False)) if x.client_tool_calls() else ""
+        return calls + self._line(self.reply("", done=True, **self.counts(x)))
+
+    def failure(self, exc: PiagentError) -> str:
+        """Ollama's mid-stream error line."""
+        return self._line({"error": exc.message})  # then the stream ends: Ollama sends no done line after it
+
+    def whole(self, x: Exchange) -> dict[str, Any]:
+        """The whole reply as one object, done."""
+        return self.reply("".join(x.sent), x, done=True, **self.counts(x))
+
+    def counts(self, x: Exchange) -> dict[str, Any]:
+        """done_reason, and Ollama's counts and durations (ns, measured at piagent: the queue counts as loading)."""
+        ns = lambda s: max(0, round(s * 1e9))  # noqa: E731
+        now, began = time.perf_counter(), x.generating_at or time.perf_counter()
+        first = x.first_at or began  # a whole reply has no first token: all of it is evaluation
+        u = x.usage
+        reason = "length" if (x.capped or u.done_reason == "length") else "stop"
+        return {"done_reason": reason, "total_duration": ns(now - x.started), "load_duration": ns(began - x.started),
+                "prompt_eval_count": u.prompt_tokens or 0, "prompt_eval_duration": ns(first - began),
+                "eval_count": u.completion_tokens or len(x.sent), "eval_duration": ns(now - first)}
+
+
+class ModelsNotManaged(PiagentError):
+    """An Ollama client asked piagent to pull, push, create, copy or delete a model."""
+
+    status, code = 403, "models_not_managed"
+
+
+async def embed(rt: Runtime, model: str, texts: list[str], extra: dict[str, Any]) -> tuple[list[Any], int | None]:
+    """(one vector per text, prompt tokens) from the upstream's embeddings endpoint, in a slot of the gate.
+
+    Ollama takes /api/embed with the client's own fields (`extra`: truncate, dimensions, keep_alive, options);
+    an OpenAI-style server takes /embeddings, which has no such fields."""
+    provider = rt.provider
+    if not isinstance(provider, HTTPProvider):
+        raise InvalidRequest(f"PROVIDER={provider.name} has no embeddings")
+    ticket = rt.gate.enter(None)
+    try:
+        await ticket.future
+        if isinstance(provider, OllamaProvider):
+            data = await provider.post_json("/api/embed", {**extra, "model": model, "input": texts}, model)
+            vectors = typed(data.get("embeddings"), list, "embeddings", provider.label) or []
+            return vectors, typed(data.get("prompt_eval_count"), int, "prompt_eval_count", provider.label)
+        data = await provider.post_json("/embeddings", {"model": model, "input": texts}, model)
+        items = [i for i in typed(data.get("data"), list, "data", provider.label) or [] if isinstance(i, dict)]
+        vectors = [i.get("embedding") for i in sorted(items, key=lambda i: i.get("index") or 0)]
+        used = typed(data.get("usage"), dict, "usage", provider.label) or {}
+        return vectors, typed(used.get("prompt_tokens"), int, "usage.prompt_tokens", provider.label)
+    finally:
+        rt.gate.leave(ticket)
+
+
+#: Seconds /api/tags and /api/show wait for the upstream's own model details (Home Assistant allows 5 in all).
+MODEL_INFO_TIMEOUT_S = 2.0
+
+
+async def upstream_info(rt: Runtime, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What Ollama says at `path` (GET, or POST `body`), or {} when the upstream is not Ollama or does not answer
+    in time: model lists must answer even then."""
+    provider = rt.provider
+    if not isinstance(provider, OllamaProvider):
+        return {}
+    try:
+        async with asyncio.timeout(MODEL_INFO_TIMEOUT_S):
+            if body is None:
+                return await provider.get_json(path)
+            return await provider.post_json(path, body, body.get("model", ""))
+    except (PiagentError, TimeoutError):
+        return {}
 
 
 class Generation(Response):
@@ -3191,6 +3361,7 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
     install_error_handlers(app)
     add_routes(app, rt)
     add_openai_routes(app, rt)
+    add_ollama_routes(app, rt)
     add_conversation_routes(app, rt)
     add_page_route(app, config)  # the one forward reference: the page is data, kept at the end of the file
     # added innermost first: RequestLog wraps CORS, which wraps Guards (so preflights need no key)
@@ -3311,6 +3482,307 @@ def add_openai_routes(app: FastAPI, rt: Runtime) -> None:
                      body.stream, request.scope[LOG_FIELDS_KEY])
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return Generation(x, OpenAIDoor(config.sse_ping_s, agent.name, include_usage))
+
+
+class OllamaFunction(BaseModel):
+    """The function of a tool call in Ollama's dialect."""
+
+    name: str = Field(min_length=1, max_length=64)
+    arguments: dict[str, Any] | str = Field(default_factory=dict)  # an object in Ollama's dialect
+
+
+class OllamaToolCall(BaseModel):
+    """A tool call in an assistant message an Ollama client sends back (the id is optional there)."""
+
+    id: str | None = Field(None, max_length=128)
+    function: OllamaFunction
+
+
+class OllamaMessage(BaseModel):
+    """One message of an Ollama chat request (the libraries leave out an empty content)."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = ""
+    images: list[str] | None = None
+    tool_calls: list[OllamaToolCall] | None = Field(None, max_length=64)
+    tool_name: str | None = Field(None, max_length=64)
+    tool_call_id: str | None = Field(None, max_length=128)
+
+
+class OllamaAsk(BaseModel):
+    """What /api/chat and /api/generate share (fields piagent does not use, such as truncate, are ignored)."""
+
+    model: str = Field(min_length=1, max_length=128, description="an agent: <agent> or <agent>:latest")
+    stream: bool = True  # Ollama streams unless told not to
+    format: Literal["json", ""] | dict[str, Any] | None = None
+    options: dict[str, Any] | None = None
+    keep_alive: int | float | str | None = None
+    think: bool | Literal["low", "medium", "high", "max"] | None = None
+
+
+class OllamaChatRequest(OllamaAsk):
+    """POST /api/chat body."""
+
+    messages: list[OllamaMessage] = Field(default_factory=list, max_length=1000)
+    tools: list[ClientTool] | None = Field(None, max_length=64)
+
+
+class OllamaGenerateRequest(OllamaAsk):
+    """POST /api/generate body (raw, template, suffix and context are ignored)."""
+
+    prompt: str = ""
+    system: str | None = None
+    images: list[str] | None = None
+
+
+class OllamaShowRequest(BaseModel):
+    """POST /api/show body."""
+
+    model: str = Field("", max_length=128)
+    name: str = Field("", max_length=128)  # the old name of `model`
+
+
+class OllamaEmbedRequest(BaseModel):
+    """POST /api/embed; /api/embeddings (the older one) sends `prompt` instead of `input`."""
+
+    model: str = Field(min_length=1, max_length=128)
+    input: str | list[str] = Field(default_factory=list, max_length=256)
+    prompt: str | None = None
+    truncate: bool | None = None
+    dimensions: int | None = Field(None, ge=1)
+    keep_alive: int | float | str | None = None
+    options: dict[str, Any] | None = None
+
+
+#: What /api/tags and /api/show say of a model the upstream told nothing about.
+OLLAMA_DETAILS = {"parent_model": "", "format": "gguf", "family": "unknown", "families": ["unknown"],
+                  "parameter_size": "", "quantization_level": ""}
+#: Ollama's model management, which piagent refuses: (path, methods).
+OLLAMA_MANAGEMENT = (("/api/pull", ["POST"]), ("/api/push", ["POST"]), ("/api/create", ["POST"]),
+                     ("/api/copy", ["POST"]), ("/api/delete", ["DELETE"]), ("/api/blobs/{digest}", ["HEAD", "POST"]))
+M = TypeVar("M", bound=BaseModel)
+
+
+async def ollama_body(request: Request, model: type[M]) -> M:
+    """The body as `model`: JSON whatever the Content-Type says, as Ollama reads it (its docs use curl -d)."""
+    try:
+        return model.model_validate_json(await request.body() or b"null")
+    except ValueError as exc:  # pydantic's ValidationError is one
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+
+
+def ollama_agent(config: Config, model: str) -> Agent:
+    """The agent an Ollama client names as `model` (`<agent>` or `<agent>:latest`), or Ollama's 404."""
+    name, _, tag = model.partition(":")
+    agent = config.agent(name) if tag in ("", "latest") else None
+    if agent is None:
+        raise UnknownAgent(f"model '{model}' not found")
+    return agent
+
+
+def ollama_sampling(config: Config, body: OllamaAsk) -> Sampling:
+    """The client's options within piagent's limits: num_predict at most MAX_TOKENS, its own temperature, and
+    everything else (num_ctx, top_p, ..., keep_alive, format, think) for the provider (see Sampling.extra).
+
+    Example: options {"num_predict": 999, "top_k": 5}, MAX_TOKENS=200 -> Sampling(200, TEMPERATURE, {...})
+    """
+    options = dict(body.options or {})
+    asked, heat = options.get("num_predict"), options.get("temperature")
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    max_tokens = min(int(asked), config.max_tokens) if number(asked) and asked >= 1 else config.max_tokens
+    extra = {k: v for k, v in body.model_dump(include=set(OLLAMA_PASSED_FIELDS)).items() if v not in (None, "")}
+    return Sampling(max_tokens, float(heat) if number(heat) else config.temperature, {**extra, "options": options})
+
+
+def ollama_as_openai(messages: list[OllamaMessage]) -> list[OpenAIMessage]:
+    """Ollama chat messages as /v1's: a call without an id gets one, and a tool result without one the id of the
+    call it answers (the first open one with its tool_name, else the first open one)."""
+    out, open_calls = [], []  # open_calls: (id, name) of calls not answered yet
+    for m in messages:
+        if m.images:
+            raise InvalidRequest("piagent's agents read text only: send no images")
+        calls = []
+        for call in m.tool_calls or []:
+            arguments = call.function.arguments
+            calls.append({"id": call.id or new_call_id(), "function": {"name": call.function.name, "arguments":
+                          arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)}})
+            open_calls.append((calls[-1]["id"], call.function.name))
+        answered = m.tool_call_id
+        if m.role == "tool" and not answered and open_calls:
+            answered = next((i for i, name in open_calls if name == m.tool_name), open_calls[0][0])
+        open_calls = [c for c in open_calls if c[0] != answered]
+        try:
+            out.append(OpenAIMessage(role=m.role, content=m.content, tool_calls=calls or None,
+                                     tool_call_id=answered if m.role == "tool" else None))
+        except ValueError as exc:  # pydantic's ValidationError
+            raise InvalidRequest(f"messages: {exc.errors()[0]['msg']}") from None
+    return out
+
+
+def ollama_generation(rt: Runtime, agent: Agent, body: OllamaAsk, ask: Ask, request: Request) -> Generation:
+    """The exchange of an Ollama chat or generate request, through the Ollama door; memory only with
+    X-Conversation-Id (as on /v1: the client sends the whole history otherwise)."""
+    config = rt.config
+    for m in [*ask.system, *ask.history, {"content": ask.message}, *ask.tail]:
+        check_length(config, m.get("content") or "")
+    conversation_id = request.headers.get("x-conversation-id")
+    if conversation_id is not None and not re.fullmatch(CONVERSATION_ID_PATTERN, conversation_id):
+        raise InvalidRequest(f"X-Conversation-Id must match {CONVERSATION_ID_PATTERN}")
+    if conversation_id is not None and (ask.tools or ask.tail):
+        raise InvalidRequest("X-Conversation-Id cannot be used with the client's own tools; send the whole "
+                             "history in messages instead")
+    if ask.tools and config.provider == "ollama" and config.ollama_api == "generate":
+        raise InvalidRequest("tools need OLLAMA_API=chat on this piagent")
+    x = Exchange(rt, agent, ask._replace(history=None) if conversation_id else ask, ollama_sampling(config, body),
+                 conversation_id, body.stream, request.scope[LOG_FIELDS_KEY])
+    return Generation(x, OllamaDoor(body.model, isinstance(body, OllamaChatRequest)))
+
+
+def ollama_loaded(body: OllamaAsk, chat: bool) -> JSONResponse:
+    """Ollama's answer to a request with nothing to say (a model load or unload): done at once. The model is the
+    operator's to load and unload (WARMUP, OLLAMA_KEEP_ALIVE), so nothing goes upstream."""
+    reason = "unload" if body.keep_alive in (0, "0", "0s", "0m") else "load"
+    return JSONResponse(OllamaDoor(body.model, chat).reply("", done=True, done_reason=reason))
+
+
+def ollama_model(agent: Agent, upstream: Mapping[str, Any], modified_at: str) -> dict[str, Any]:
+    """An agent as an entry of /api/tags, named <agent>:latest: size and details are its model's when the
+    upstream told them (`upstream`: its entry), sane values otherwise; the digest is the agent's own."""
+    told = upstream.get("details") if isinstance(upstream.get("details"), dict) else {}
+    details = {**OLLAMA_DETAILS, **{k: v for k, v in told.items() if k in OLLAMA_DETAILS}}
+    size = upstream.get("size") if isinstance(upstream.get("size"), int) else 0
+    seed = json.dumps([agent.name, agent.model, agent.system, agent.tools, upstream.get("digest")])
+    return {"name": f"{agent.name}:latest", "model": f"{agent.name}:latest", "modified_at": modified_at,
+            "size": size, "digest": hashlib.sha256(seed.encode()).hexdigest(), "details": details}
+
+
+def upstream_models(listed: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Ollama's model list ({"models": [...]}) by name, each also under its name without ":latest"."""
+    found = {}
+    for entry in listed.get("models") or []:
+        if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+            found[entry["name"]] = found[entry["name"].removesuffix(":latest")] = entry
+    return found
+
+
+def embed_fields(config: Config, body: OllamaEmbedRequest) -> dict[str, Any]:
+    """The client's own /api/embed fields for Ollama (truncate, dimensions, keep_alive, options), num_ctx at most
+    CTX_TOKENS."""
+    fields = body.model_dump(include={"truncate", "dimensions", "keep_alive", "options"}, exclude_none=True)
+    asked = fields.get("options", {}).get("num_ctx")
+    if isinstance(asked, int):
+        fields["options"]["num_ctx"] = min(asked, config.ctx_tokens)
+    return fields
+
+
+async def refuse_model_management(request: Request) -> Response:
+    """Pull, push, create, copy, delete and blobs: refused in Ollama's shape, saying what to do instead."""
+    try:
+        sent = json.loads(await request.body() or b"{}")
+        model = (sent.get("model") or sent.get("name") or sent.get("source")) if isinstance(sent, dict) else None
+    except ValueError:
+        model = None
+    agents = ", ".join(a.name for a in request.app.state.runtime.config.agents)
+    raise ModelsNotManaged(f"piagent does not manage models: on the Pi, run `ollama pull {model or '<model>'}` and "
+                           f"set OLLAMA_MODEL_<AGENT>; piagent's models are its agents ({agents})")
+
+
+def add_ollama_routes(app: FastAPI, rt: Runtime) -> None:
+    """Attach Ollama's API (/api/...): chat, generate, embed, the model lists (the agents are the models), and
+    refusals of model management. Out of /openapi.json: Ollama documents its own API."""
+    config, hidden = rt.config, {"include_in_schema": False}
+    add_ollama_model_routes(app, rt)
+
+    @app.post("/api/chat", **hidden)
+    async def ollama_chat(request: Request) -> Response:
+        """A chat: the client's messages and tools after the agent's system prompt."""
+        body = await ollama_body(request, OllamaChatRequest)
+        agent = ollama_agent(config, body.model)
+        if not body.messages:
+            return ollama_loaded(body, chat=True)
+        openai = OpenAIChatRequest.model_construct(messages=ollama_as_openai(body.messages), tool_choice=None,
+                                                   tools=body.tools)
+        return ollama_generation(rt, agent, body, split_openai_messages(openai), request)
+
+    @app.post("/api/generate", **hidden)
+    async def ollama_generate(request: Request) -> Response:
+        """A prompt (and the client's `system`, after the agent's) answered by the agent."""
+        body = await ollama_body(request, OllamaGenerateRequest)
+        agent = ollama_agent(config, body.model)
+        if body.images:
+            raise InvalidRequest("piagent's agents read text only: send no images")
+        if not body.prompt:
+            return ollama_loaded(body, chat=False)
+        system = [{"role": "system", "content": body.system}] if body.system else []
+        return ollama_generation(rt, agent, body, Ask(system, [], body.prompt), request)
+
+    @app.post("/api/embed", **hidden)
+    @app.post("/api/embeddings", **hidden)
+    async def ollama_embed(request: Request) -> dict[str, Any]:
+        """Embeddings by the agent's model (or EMBED_MODEL); /api/embeddings is the older one, for one prompt."""
+        body, began = await ollama_body(request, OllamaEmbedRequest), time.perf_counter()
+        agent, legacy = ollama_agent(config, body.model), request.url.path.endswith("/embeddings")
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        texts = ([body.prompt] if body.prompt else []) if legacy else texts
+        for text in texts:
+            check_length(config, text)
+        model = config.embed_model or agent.model
+        vectors, tokens = await embed(rt, model, texts, embed_fields(config, body)) if texts else ([], None)
+        if legacy:
+            return {"embedding": vectors[0] if vectors else []}
+        return {"model": body.model, "embeddings": vectors, "prompt_eval_count": tokens or 0,
+                "total_duration": round((time.perf_counter() - began) * 1e9)}
+
+    for path, methods in OLLAMA_MANAGEMENT:
+        app.add_api_route(path, refuse_model_management, methods=methods, **hidden)
+
+
+def add_ollama_model_routes(app: FastAPI, rt: Runtime) -> None:
+    """Attach Ollama's model lists (/api/tags, /api/ps, /api/show), /api/version, and its probe at HEAD /."""
+    config, started, hidden = rt.config, ollama_time(), {"include_in_schema": False}
+
+    @app.api_route("/api/tags", methods=["GET", "HEAD"], **hidden)
+    async def ollama_tags() -> dict[str, Any]:
+        """The agents as models, with their model's size and details when Ollama tells them."""
+        known = upstream_models(await upstream_info(rt, "/api/tags"))
+        return {"models": [ollama_model(a, known.get(a.model, {}), started) for a in config.agents]}
+
+    @app.get("/api/ps", **hidden)
+    async def ollama_ps() -> dict[str, Any]:
+        """The agents whose model Ollama has loaded (none with another upstream)."""
+        loaded, models = upstream_models(await upstream_info(rt, "/api/ps")), []
+        for agent in (a for a in config.agents if a.model in loaded):
+            up = loaded[agent.model]
+            context = up.get("context_length") if isinstance(up.get("context_length"), int) else config.ctx_tokens
+            models.append({**ollama_model(agent, up, started), "expires_at": up.get("expires_at") or started,
+                           "size_vram": up.get("size_vram") or 0, "context_length": min(context, config.ctx_tokens)})
+        return {"models": models}
+
+    @app.post("/api/show", **hidden)
+    async def ollama_show(request: Request) -> dict[str, Any]:
+        """An agent as a model: its model's details, model_info and template, with piagent's prompt and limits."""
+        body = await ollama_body(request, OllamaShowRequest)
+        if not (body.model or body.name):
+            raise InvalidRequest("model is required")
+        agent = ollama_agent(config, body.model or body.name)
+        shown = await upstream_info(rt, "/api/show", {"model": agent.model})
+        tools = bool(agent.tools) or "tools" in (shown.get("capabilities") or [])
+        limits = f"num_ctx {config.ctx_tokens}\nnum_predict {config.max_tokens}\ntemperature {config.temperature:g}"
+        return {"modelfile": f"FROM {agent.model}\nSYSTEM {json.dumps(agent.system)}\n", "parameters": limits,
+                "template": shown.get("template") if isinstance(shown.get("template"), str) else "{{ .Prompt }}",
+                "system": agent.system, "details": ollama_model(agent, shown, started)["details"],
+                "model_info": shown.get("model_info") if isinstance(shown.get("model_info"), dict) else {},
+                "capabilities": ["completion", "tools"] if tools else ["completion"], "modified_at": started}
+
+    @app.api_route("/api/version", methods=["GET", "HEAD"], **hidden)
+    async def ollama_version() -> JSONResponse:
+        """The Ollama API version piagent speaks (a plain dotted number), and that it is piagent."""
+        return JSONResponse({"version": OLLAMA_API_VERSION}, headers={"X-Piagent": "1"})
+
+    @app.api_route("/", methods=["HEAD"] if config.enable_ui else ["GET", "HEAD"], **hidden)
+    async def ollama_probe() -> Response:
+        """Ollama's liveness probe (with the page on, GET / is add_page_route's, which answers non-browsers so)."""
+        return Response(OLLAMA_PROBE_TEXT, media_type="text/plain; charset=utf-8")
 
 
 def iso_time(epoch_s: float) -> str:
@@ -3700,13 +4172,15 @@ def render_page() -> tuple[str, str]:
 
 
 def add_page_route(app: FastAPI, config: Config) -> None:
-    """Serve the chat page at / (404 in the error shape when ENABLE_UI=false)."""
+    """Serve the chat page at / to browsers, Ollama's probe to other clients (ENABLE_UI=false: only the probe)."""
     if not config.enable_ui:
         return
     page, csp = render_page()
 
     @app.get("/", include_in_schema=False)
-    async def chat_page() -> Response:
+    async def chat_page(request: Request) -> Response:
+        if "text/html" not in request.headers.get("accept", ""):  # not a browser: Ollama's probe (add_ollama_routes)
+            return Response(OLLAMA_PROBE_TEXT, media_type="text/plain; charset=utf-8")
         return Response(page, media_type="text/html; charset=utf-8", headers={
             "Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
             "Cache-Control": "no-cache"})
@@ -3785,6 +4259,7 @@ def load_config(environ: Mapping[str, str], env_file: Path | None = None) -> Con
         metrics_public=s.boolean("METRICS_PUBLIC", d.metrics_public),
         warmup=s.boolean("WARMUP", PROVIDERS[provider].warm_by_default),
         max_tool_rounds=s.integer("MAX_TOOL_ROUNDS", d.max_tool_rounds, 0, 10),
+        embed_model=s.text("EMBED_MODEL", None),
         agents=_read_agents(s, PROVIDERS[provider].model_prefix, d.agents[0].model,
                             tools_ok=provider == "openai" or ollama_api == "chat"),
     )

@@ -120,7 +120,7 @@ def stored_id(page) -> str | None:
 
 def test_page_is_small_self_contained_and_locked_down(page_of):
     page, server = page_of()
-    response = httpx.get(server.url + "/")
+    response = httpx.get(server.url + "/", headers={"Accept": "text/html"})  # other clients get Ollama's probe
     assert response.headers["content-type"] == "text/html; charset=utf-8" and len(response.content) <= PAGE_LIMIT
     assert "default-src 'none'" in response.headers["content-security-policy"]
     assert "http://" not in response.text and "https://" not in response.text  # no CDN, fonts or scripts
@@ -414,11 +414,11 @@ def test_key_field_appears_when_the_server_needs_one(page_of, fake):
     assert fake.generations()[0].body["messages"][-1]["content"] == "hi"
 
 
-def test_ui_off_serves_404(fake):
+def test_ui_off_serves_no_page_only_ollamas_probe(fake):
     config = load_config({"OLLAMA_HOST": fake.url, "WARMUP": "false", "ENABLE_UI": "false"})
     with LiveServer(create_app(config)) as server:
-        response = httpx.get(server.url + "/")
-    assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+        response = httpx.get(server.url + "/", headers={"Accept": "text/html"})
+    assert response.headers["content-type"].startswith("text/plain") and response.text == "Ollama is running"
 
 
 def test_tool_calls_show_above_the_answer_as_text(page_of, fake):

@@ -1,0 +1,429 @@
+"""Ollama's own API on piagent's port (/api/...): every Ollama app gets piagent's agents.
+
+The client is the official `ollama` Python library (what Home Assistant uses), and assertions are on what it
+parses. piagent runs under uvicorn on a loopback port in front of fake_ollama.FakeOllama (PROVIDER=ollama, or its
+/v1 for PROVIDER=openai); the end-to-end tests at the bottom put it in front of llama.cpp with a real model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import httpx
+import pytest
+
+from fake_ollama import Script, _json
+from piagent import create_app, load_config
+from test_piagent import (DEADLINE_S, MODEL, LiveServer, in_background, parse_metrics, raw_post, read_until, sample,
+                          wait_until)
+from test_piagent import fake, serve, serve_openai  # noqa: F401
+
+if os.environ.get("CI") == "true":  # under CI a missing library is a failure, never a skip
+    import ollama
+else:
+    ollama = pytest.importorskip("ollama", reason="pip install -r requirements-dev.txt")
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                           "required": ["city"]}}}
+VECTOR = [0.6, 0.8]
+
+
+@pytest.fixture
+def upstream(fake):  # noqa: F811
+    """The fake, also answering Ollama's /api/show, /api/ps and /api/embed and /v1/embeddings (as Ollama does)."""
+    original = fake._dispatch
+
+    async def dispatch(req, reader, writer):
+        body = req.body or {}
+        answers = {
+            "/api/show": lambda: _json(200, {"template": "{{ .Prompt }}", "capabilities": ["completion", "tools"],
+                                             "model_info": {"general.architecture": "qwen2"},
+                                             "details": {"family": "qwen2", "parameter_size": "3.1B"}}),
+            "/api/ps": lambda: _json(200, {"models": [{"name": MODEL, "model": MODEL, "size": 5, "digest": "d" * 64,
+                                                       "expires_at": "2030-01-01T00:00:00Z", "size_vram": 0,
+                                                       "context_length": 4096}]}),
+            "/api/embed": lambda: _json(200, {"model": body.get("model"), "prompt_eval_count": 3,
+                                              "embeddings": [VECTOR for _ in body.get("input", [])]}),
+            "/v1/embeddings": lambda: _json(200, {"object": "list", "usage": {"prompt_tokens": 4, "total_tokens": 4},
+                                                  "data": [{"object": "embedding", "index": i, "embedding": VECTOR}
+                                                           for i, _ in enumerate(body.get("input", []))]}),
+        }
+        if req.path not in answers:
+            return await original(req, reader, writer)
+        fake.requests.append(req)
+        writer.write(answers[req.path]())
+        await writer.drain()
+        return True
+
+    fake._dispatch = dispatch
+    return fake
+
+
+def client(server, **kwargs) -> "ollama.Client":
+    return ollama.Client(host=server.url, timeout=DEADLINE_S, **kwargs)
+
+
+def received(fake, path: str) -> list[dict]:
+    return [r.body for r in list(fake.requests) if r.path == path]
+
+
+# ---------------------------------------------------------------------------
+# Model lists: tags, show, ps, version, the / probe
+# ---------------------------------------------------------------------------
+
+
+def test_list_shows_each_agent_as_a_tagged_model_with_its_models_details(serve, upstream):
+    server = serve(AGENTS="general,coder")
+    models = client(server).list().models
+    assert [m.model for m in models] == ["general:latest", "coder:latest"]
+    assert models[0].details.family == "qwen2" and models[0].details.parameter_size == "3.1B"
+    assert models[0].size == 1_929_912_432 and len(models[0].digest) == 64 and models[0].modified_at
+    raw = httpx.get(f"{server.url}/api/tags").json()["models"][0]
+    assert raw["name"] == raw["model"] == "general:latest"  # Open WebUI reads both
+    assert httpx.head(f"{server.url}/api/tags").status_code == 200
+
+
+def test_list_answers_with_sane_details_when_the_upstream_is_down(serve, fake):  # noqa: F811
+    server = serve(OLLAMA_HOST="http://127.0.0.1:9")
+    (model,) = client(server).list().models
+    assert model.model == "general:latest" and model.details.format == "gguf" and model.size == 0
+
+
+def test_show_gives_details_model_info_capabilities_and_the_agents_prompt(serve, upstream):
+    shown = client(server := serve(AGENT_GENERAL_SYSTEM="Be brief.")).show("general")
+    assert shown.modelinfo == {"general.architecture": "qwen2"} and shown.details.family == "qwen2"
+    assert shown.capabilities == ["completion", "tools"]
+    assert httpx.post(f"{server.url}/api/show", json={"model": "general"}).json()["system"] == "Be brief."
+    assert isinstance(shown.template, str) and "num_ctx 2048" in shown.parameters and shown.modified_at
+    assert received(upstream, "/api/show")[0] == {"model": MODEL}
+    with pytest.raises(ollama.ResponseError) as info:
+        client(server).show("nope")
+    assert info.value.status_code == 404 and info.value.error == "model 'nope' not found"
+
+
+def test_show_without_an_ollama_upstream_still_has_model_info(serve_openai):  # noqa: F811
+    shown = client(serve_openai(AGENT_GENERAL_TOOLS="calc")).show("general:latest")
+    assert shown.modelinfo == {} and shown.capabilities == ["completion", "tools"]
+
+
+def test_ps_lists_the_agents_whose_model_is_loaded(serve, upstream):
+    (loaded,) = client(serve(AGENTS="general,coder", OLLAMA_MODEL_CODER="tiny")).ps().models
+    assert loaded.model == "general:latest" and loaded.context_length == 2048 and loaded.expires_at.year == 2030
+
+
+def test_version_is_dotted_and_says_piagent(serve, fake):  # noqa: F811
+    response = httpx.get(f"{serve().url}/api/version")
+    assert response.json() == {"version": "0.12.6"} and response.headers["x-piagent"] == "1"
+
+
+@pytest.mark.parametrize("ui", ["true", "false"])
+def test_root_is_ollamas_probe_for_clients_and_the_page_for_browsers_without_a_key(serve, fake, ui):  # noqa: F811
+    server = serve(ENABLE_UI=ui, API_KEYS="k" * 16)
+    probe = httpx.get(server.url, headers={"Accept": "*/*"})
+    assert (probe.status_code, probe.text, probe.headers["content-type"]) == (
+        200, "Ollama is running", "text/plain; charset=utf-8")
+    assert httpx.head(server.url).status_code == 200
+    browser = httpx.get(server.url, headers={"Accept": "text/html,application/xhtml+xml"})
+    assert browser.headers["content-type"].startswith("text/html" if ui == "true" else "text/plain")
+
+
+# ---------------------------------------------------------------------------
+# Chat and generate through the library
+# ---------------------------------------------------------------------------
+
+
+def test_chat_not_streamed_gives_the_reply_with_ollamas_counts(serve, fake):  # noqa: F811
+    reply = client(serve(AGENT_GENERAL_SYSTEM="Be brief.")).chat(
+        "general", messages=[{"role": "system", "content": "Mind the house."}, {"role": "user", "content": "hi"}])
+    assert reply.message.role == "assistant" and reply.message.content == "Hello from the Pi!"
+    assert reply.done and reply.done_reason == "stop" and reply.model == "general"
+    assert reply.eval_count == 5 and reply.prompt_eval_count > 0 and reply.total_duration > 0
+    (sent,) = fake.generations()
+    assert sent.body["messages"] == [{"role": "system", "content": "Be brief."},
+                                     {"role": "system", "content": "Mind the house."}, {"role": "user", "content": "hi"}]
+
+
+def test_chat_streamed_arrives_piece_by_piece_and_ends_with_done(serve, fake):  # noqa: F811
+    parts = list(client(serve()).chat("general:latest", messages=[{"role": "user", "content": "hi"}], stream=True))
+    assert [p.message.content for p in parts] == ["Hello", " from", " the", " Pi", "!", ""]
+    assert [p.done for p in parts] == [False] * 5 + [True]
+    last = parts[-1]
+    assert last.done_reason == "stop" and last.eval_count == 5
+    for name in ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_duration"):
+        assert isinstance(getattr(last, name), int), name
+
+
+def test_stream_is_the_default_ndjson_with_no_blank_line(serve, fake):  # noqa: F811
+    # curl -d sends no JSON content type and no "stream": Ollama streams and reads the JSON anyway
+    response = httpx.post(f"{serve().url}/api/chat", content=json.dumps(
+        {"model": "general", "messages": [{"role": "user", "content": "hi"}]}),
+        headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert response.headers["content-type"] == "application/x-ndjson"
+    lines = response.text.split("\n")
+    assert lines[-1] == "" and all(lines[:-1])
+    assert [json.loads(line)["done"] for line in lines[:-1]] == [False] * 5 + [True]
+
+
+def test_generate_streamed_and_not(serve, fake):  # noqa: F811
+    c = client(serve())
+    whole = c.generate("general", "hi", system="Short answers.")
+    assert whole.response == "Hello from the Pi!" and whole.done and whole.done_reason == "stop"
+    assert fake.generations()[0].body["messages"][:2] == [
+        {"role": "system", "content": piagent_default_prompt()}, {"role": "system", "content": "Short answers."}]
+    parts = list(c.generate("general", "hi", stream=True))
+    assert "".join(p.response for p in parts) == "Hello from the Pi!" and parts[-1].done
+
+
+def piagent_default_prompt() -> str:
+    import piagent
+
+    return piagent.DEFAULT_SYSTEM_PROMPT
+
+
+def test_a_load_or_unload_answers_at_once_and_goes_nowhere(serve, fake):  # noqa: F811
+    server = serve()
+    loaded = httpx.post(f"{server.url}/api/generate", json={"model": "general"}).json()
+    unloaded = httpx.post(f"{server.url}/api/generate", json={"model": "general", "keep_alive": 0, "prompt": ""})
+    chat_load = client(server).chat("general", messages=[])
+    assert (loaded["done_reason"], unloaded.json()["done_reason"], chat_load.done_reason) == ("load", "unload", "load")
+    assert not fake.requests
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_models_calls_of_the_clients_tools_come_back_whole_and_a_tool_round_passes_through(serve, fake, stream):  # noqa: F811,E501
+    fake.script = Script(tool_rounds=[[("get_weather", {"city": "Paris"})]], echo_tools=True)
+    c = client(serve(AGENT_GENERAL_TOOLS="calc"))  # the agent's own tools stay out when the client brings some
+    messages = [{"role": "user", "content": "weather in Paris?"}]
+    reply = c.chat("general", messages=messages, tools=[WEATHER], stream=stream)
+    message = list(reply)[-2].message if stream else reply.message
+    (call,) = message.tool_calls
+    assert call.function.name == "get_weather" and call.function.arguments == {"city": "Paris"}
+    assert fake.generations()[0].body["tools"] == [WEATHER]
+    # the client runs it and sends the result back, as Home Assistant does (tool_name, no id)
+    messages += [{"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": '{"data": "sunny"}', "tool_name": "get_weather"}]
+    answer = c.chat("general", messages=messages, tools=[WEATHER])
+    assert answer.message.content == 'results: {"data": "sunny"}' and not answer.message.tool_calls
+    sent = fake.generations()[-1].body["messages"]
+    assert sent[-2]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": {"city": "Paris"}}
+    assert sent[-1]["tool_name"] == "get_weather" and sent[-1]["content"] == '{"data": "sunny"}'
+
+
+def test_an_agents_own_tools_run_when_the_client_sends_none(serve, fake):  # noqa: F811
+    fake.script = Script(tool_rounds=[[("calc", {"expression": "6*7"})]], echo_tools=True)
+    reply = client(serve(AGENT_GENERAL_TOOLS="calc")).chat("general", messages=[{"role": "user", "content": "6*7?"}],
+                                                          tools=[])  # the library always sends "tools": []
+    assert reply.message.content == "results: 42" and not reply.message.tool_calls
+
+
+def test_embed_uses_the_agents_model_or_embed_model(serve, upstream):
+    server = serve()
+    result = client(server).embed("general", ["a", "b"])
+    assert result.embeddings == [VECTOR, VECTOR] and result.prompt_eval_count == 3
+    assert received(upstream, "/api/embed") == [{"model": MODEL, "input": ["a", "b"]}]
+    other = serve(EMBED_MODEL="nomic-embed-text")
+    legacy = httpx.post(f"{other.url}/api/embeddings", json={"model": "general", "prompt": "a"}).json()
+    assert legacy == {"embedding": VECTOR} and received(upstream, "/api/embed")[-1]["model"] == "nomic-embed-text"
+
+
+def test_embed_with_an_openai_upstream_uses_v1_embeddings(serve_openai, upstream):
+    assert client(serve_openai()).embed("general", "a").embeddings == [VECTOR]
+    assert received(upstream, "/v1/embeddings") == [{"model": MODEL, "input": ["a"]}]
+
+
+@pytest.mark.parametrize("path", ["/api/pull", "/api/push", "/api/create", "/api/copy"])
+def test_model_management_is_refused_saying_what_to_do(serve, fake, path):  # noqa: F811
+    response = httpx.post(f"{serve().url}{path}", json={"model": "llama3.2"})
+    assert response.status_code == 403 and "ollama pull llama3.2" in response.json()["error"]
+    assert not fake.requests
+
+
+def test_the_library_sees_a_refused_pull_and_delete(serve, fake):  # noqa: F811
+    c = client(serve())
+    with pytest.raises(ollama.ResponseError) as info:
+        c.pull("general")
+    assert info.value.status_code == 403 and "ollama pull general" in info.value.error
+    with pytest.raises(ollama.ResponseError):
+        c.delete("general")
+    assert httpx.post(f"{serve().url}/api/blobs/sha256:{'0' * 64}", content=b"x").status_code == 403
+    assert not fake.requests
+
+
+def test_a_key_goes_through_headers_and_errors_are_ollamas_shape(serve, fake):  # noqa: F811
+    server = serve(API_KEYS="a-long-test-key")
+    with pytest.raises(ollama.ResponseError) as info:
+        client(server).list()
+    assert info.value.status_code == 401 and "API key" in info.value.error
+    keyed = client(server, headers={"Authorization": "Bearer a-long-test-key"})
+    assert keyed.list().models and keyed.chat("general", messages=[{"role": "user", "content": "hi"}]).message.content
+    assert httpx.get(f"{server.url}/api/tags", headers={"X-API-Key": "a-long-test-key"}).status_code == 200
+    bad = httpx.post(f"{server.url}/api/chat", json={"messages": []}, headers={"X-API-Key": "a-long-test-key"})
+    assert bad.status_code == 400 and set(bad.json()) == {"error"} and "model" in bad.json()["error"]
+
+
+def test_unknown_model_is_ollamas_404(serve, fake):  # noqa: F811
+    with pytest.raises(ollama.ResponseError) as info:
+        client(serve()).chat("nope:7b", messages=[{"role": "user", "content": "hi"}])
+    assert info.value.status_code == 404 and info.value.error == "model 'nope:7b' not found"
+
+
+# ---------------------------------------------------------------------------
+# What reaches the upstream (PROVIDER=ollama, and translated for PROVIDER=openai)
+# ---------------------------------------------------------------------------
+
+CLIENT_OPTIONS = {"num_ctx": 8192, "num_predict": 5000, "temperature": 0.2, "top_k": 7, "top_p": 0.5, "seed": 3,
+                  "stop": ["\n\n"]}
+
+
+def test_options_keep_alive_format_and_think_reach_ollama_within_the_ceilings(serve, fake):  # noqa: F811
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}}
+    client(serve(MAX_TOKENS=100, CTX_TOKENS=2048)).chat(
+        "general", messages=[{"role": "user", "content": "hi"}], options=CLIENT_OPTIONS, keep_alive=-1,
+        format=schema, think=False, tools=[WEATHER])
+    (sent,) = fake.generations()
+    assert sent.body["options"] == {**CLIENT_OPTIONS, "num_ctx": 2048, "num_predict": 100}  # lowered, not raised
+    assert (sent.body["keep_alive"], sent.body["format"], sent.body["think"]) == (-1, schema, False)
+    assert sent.body["tools"] == [WEATHER]
+
+
+def test_a_lower_num_ctx_and_num_predict_are_the_clients_to_choose(serve, fake):  # noqa: F811
+    client(serve(OLLAMA_KEEP_ALIVE="30m")).generate("general", "hi", options={"num_ctx": 1024, "num_predict": 9})
+    (sent,) = fake.generations()
+    assert (sent.body["options"]["num_ctx"], sent.body["options"]["num_predict"], sent.body["keep_alive"]) == (
+        1024, 9, "30m")  # with no keep_alive of the client's, OLLAMA_KEEP_ALIVE applies
+
+
+def test_openai_upstream_gets_the_options_it_has_an_equivalent_for(serve_openai, fake):  # noqa: F811
+    client(serve_openai(MAX_TOKENS=100)).chat("general", messages=[{"role": "user", "content": "hi"}],
+                                              options=CLIENT_OPTIONS, format="json", keep_alive="5m")
+    (sent,) = fake.generations()
+    body = {k: v for k, v in sent.body.items() if k != "messages"}
+    assert body == {"model": MODEL, "stream": False, "max_tokens": 100, "temperature": 0.2, "top_p": 0.5, "seed": 3,
+                    "stop": ["\n\n"], "response_format": {"type": "json_object"}}
+
+
+def test_conversation_header_uses_piagents_memory(serve, fake):  # noqa: F811
+    c = client(serve(), headers={"X-Conversation-Id": "kitchen"})
+    c.chat("general", messages=[{"role": "user", "content": "I am Ada."}])
+    c.chat("general", messages=[{"role": "user", "content": "Who am I?"}])
+    assert [m["content"] for m in fake.generations()[1].body["messages"][1:]] == [
+        "I am Ada.", "Hello from the Pi!", "Who am I?"]
+
+
+# ---------------------------------------------------------------------------
+# Failures, the queue, a client leaving, metrics
+# ---------------------------------------------------------------------------
+
+
+def test_mid_stream_failure_is_an_error_line_and_a_clean_end(serve, fake):  # noqa: F811
+    fake.script = Script(error_after=2)
+    server = serve()
+    with httpx.stream("POST", f"{server.url}/api/chat", json={
+            "model": "general", "messages": [{"role": "user", "content": "hi"}]}) as response:
+        lines = [json.loads(line) for line in response.iter_lines()]  # a cut transfer would raise here
+    assert [line.get("message", {}).get("content") for line in lines[:2]] == ["Hello", " from"]
+    assert set(lines[2]) == {"error"} and "error was encountered" in lines[2]["error"] and len(lines) == 3
+    with pytest.raises(ollama.ResponseError) as info:
+        list(client(server).chat("general", messages=[{"role": "user", "content": "hi"}], stream=True))
+    assert "error was encountered" in info.value.error
+
+
+def test_queue_full_is_503_with_retry_after_in_ollamas_shape(serve, fake):  # noqa: F811
+    fake.script = Script(tokens=["A1", "A2"], hold_after=1)
+    server = serve(MAX_CONCURRENT=1, MAX_QUEUE=1)
+    gate = server.app.state.runtime.gate
+    ask = {"model": "general", "messages": [{"role": "user", "content": "hi"}], "stream": False}
+    with httpx.stream("POST", f"{server.url}/api/chat", json={**ask, "stream": True}) as first:
+        lines = first.iter_lines()
+        assert json.loads(next(lines))["message"]["content"] == "A1"
+        waiter, result = in_background(httpx.post, f"{server.url}/api/chat", json=ask, timeout=DEADLINE_S)
+        wait_until(lambda: gate.queued == 1, what="the second request to queue")
+        refused = httpx.post(f"{server.url}/api/chat", json=ask)
+        assert refused.status_code == 503 and int(refused.headers["retry-after"]) > 0
+        assert set(refused.json()) == {"error"} and "MAX_QUEUE" in refused.json()["error"]
+        fake.script.release.set()
+        list(lines)
+    waiter.join(DEADLINE_S)
+    assert result["value"].status_code == 200
+
+
+def test_client_leaving_mid_stream_hangs_up_on_the_upstream_within_a_second(serve, fake):  # noqa: F811
+    fake.script = Script(tokens=["Hello", " there"] + [" more"] * 50, token_delay_s=0.05, hold_after=2)
+    server = serve()
+    sock = raw_post(server.port, "/api/chat", {"model": "general", "messages": [{"role": "user", "content": "hi"}]})
+    read_until(sock, b"there")
+    sock.close()
+    gone_at = time.monotonic()
+    wait_until(lambda: fake.hangups, timeout=1.0, what="the fake to see the hang-up")
+    assert fake.hangups[0] - gone_at < 1.0 and fake.completed == 0
+
+
+def test_requests_are_counted_under_their_route(serve, fake):  # noqa: F811
+    server = serve()
+    client(server).chat("general", messages=[{"role": "user", "content": "hi"}])
+    client(server).list()
+    families = None
+
+    def counted() -> bool:
+        nonlocal families
+        families = parse_metrics(httpx.get(f"{server.url}/metrics").text)
+        return any(s.labels.get("route") == "/api/tags" for s in families["piagent_requests"].samples)
+
+    wait_until(counted, what="both requests counted")
+    assert sample(families, "piagent_requests_total", "piagent_requests", route="/api/chat", status="200") == 1
+
+
+# ---------------------------------------------------------------------------
+# End to end: the ollama library -> piagent -> llama.cpp with SmolLM2 (test_e2e.py's server)
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    from test_e2e import run_llm
+
+    yield from run_llm(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def real(llm):
+    from test_e2e import serve_piagent
+
+    yield from serve_piagent(llm)
+
+
+def test_e2e_ollama_library_chats_through_piagent_with_a_real_model(real, llm):
+    from test_e2e import prime
+
+    c = ollama.Client(host=real, timeout=120)
+    messages = [{"role": "user", "content": "Say something about the sea."}]
+    prime(llm)
+    whole = c.chat("general", messages=messages)
+    assert whole.message.content.strip() and whole.done_reason in ("stop", "length") and whole.eval_count > 0
+    prime(llm)
+    parts = list(c.chat("general", messages=messages, stream=True))
+    assert len(parts) > 3 and parts[-1].done and "".join(p.message.content for p in parts) == whole.message.content
+    assert c.generate("general", "Name a fruit.").response.strip()
+
+
+def test_e2e_client_leaving_mid_stream_frees_llama_cpp_at_once(llm):
+    from test_e2e import LONG_REPLY_TOKENS
+
+    config = load_config({"PROVIDER": "openai", "OPENAI_BASE_URL": llm, "TEMPERATURE": "0",
+                          "MAX_TOKENS": str(LONG_REPLY_TOKENS), "CTX_TOKENS": "2048"})
+    with LiveServer(create_app(config)) as server:
+        sock = raw_post(server.port, "/api/chat", {"model": "general", "messages": [
+            {"role": "user", "content": "Write a very long story about a dragon."}]})
+        read_until(sock, b"\r\n\r\n")  # headers come with the first token: generation is under way
+        sock.close()
+        started = time.monotonic()
+        # llama.cpp serves one request at a time: this one can only finish once the abandoned one stopped
+        response = httpx.post(f"{llm}/chat/completions", timeout=60, json={
+            "model": "smollm2", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]})
+        waited = time.monotonic() - started
+    assert response.status_code == 200
+    assert waited < 10.0, f"the next request waited {waited:.1f} s: the abandoned generation kept running"
