@@ -28,6 +28,7 @@ import errno
 import hashlib
 import hmac
 import inspect
+import itertools
 import ipaddress
 import json
 import logging
@@ -2939,46 +2940,50 @@ class Metrics:
 
 
 class Warmup:
-    """Loads each agent's model in the background at start-up, so the first chat does not pay a cold load.
+    """At start-up, in the background: find the upstream, then (WARMUP) load each agent's model, so the first
+    chat does not pay a cold load. An upstream that cannot be reached is said at once, in one warning line with
+    both fixes, and then retried quietly (at boot the model server may start after piagent)."""
 
-    Ollama may still be starting when piagent does (both at boot): an unreachable Ollama is retried a few times.
-    """
-
-    attempts, pause_s = 10, 3.0
+    pause_s = 3.0
 
     def __init__(self) -> None:
-        self.state = "off"  # off | warming | done
+        self.state = "off"  # off | warming | done (only with WARMUP)
         self.problems: list[str] = []
         self._task: asyncio.Task | None = None
 
     def start(self, provider: Provider, models: list[str]) -> None:
-        self.state = "warming"
+        """Begin in the background; `models` empty: only check that the upstream can be reached."""
+        self.state = "warming" if models else "off"
+        # in the background, so that /health answers at once however slow the model server is
         self._task = asyncio.get_running_loop().create_task(self._run(provider, models))
 
     async def _run(self, provider: Provider, models: list[str]) -> None:
         try:
+            for attempt in itertools.count():
+                try:
+                    await provider.probe()
+                    break
+                except UpstreamUnavailable as exc:
+                    if attempt == 0:
+                        log.warning("%s; piagent keeps trying in the background", exc.message)
+                    if not models:
+                        return
+                    await asyncio.sleep(self.pause_s)  # a pause between retries, not synchronisation
+                except UpstreamFailure:
+                    break  # reachable; what is wrong shows in the loads below and in /ready
             for model in models:
                 await self._warm_one(provider, model)
         finally:
-            self.state = "done"
+            self.state = "done" if models else "off"
 
     async def _warm_one(self, provider: Provider, model: str) -> None:
-        for attempt in range(self.attempts):
-            try:
-                started = time.perf_counter()
-                await provider.warm(model)
-                log.info("model %s is loaded (%.1f s)", model, time.perf_counter() - started)
-                return
-            except UpstreamUnavailable as exc:
-                if attempt == self.attempts - 1:
-                    self.problems.append(f"{model}: {exc.message}")
-                    log.warning("could not load %s: %s", model, exc.message)
-                    return
-                await asyncio.sleep(self.pause_s)  # a pause between retries, not synchronisation
-            except UpstreamFailure as exc:
-                self.problems.append(f"{model}: {exc.message}")
-                log.warning("could not load %s: %s", model, exc.message)
-                return
+        try:
+            started = time.perf_counter()
+            await provider.warm(model)
+            log.info("model %s is loaded (%.1f s)", model, time.perf_counter() - started)
+        except UpstreamFailure as exc:
+            self.problems.append(f"{model}: {exc.message}")
+            log.warning("could not load %s: %s", model, exc.message)
 
     async def stop(self) -> None:
         if self._task is not None and not self._task.done():
@@ -3018,7 +3023,7 @@ async def readiness(rt: Runtime) -> tuple[bool, dict[str, Any]]:
                                 f"(sudo systemctl restart piagent) if this lasts"}
     warmup = rt.warmup
     if warmup.state != "off":
-        checks["warmup"] = {"ok": warmup.state == "done",
+        checks["warmup"] = {"ok": warmup.state == "done" and not warmup.problems,
                             "detail": "loading models" if warmup.state == "warming" else
                             "; ".join(warmup.problems) or "models loaded"}
     ready = all(c["ok"] for c in checks.values())
@@ -3239,7 +3244,7 @@ class ErrorDetail(BaseModel): code: str; message: str  # noqa: E701, E702
 class ErrorBody(BaseModel): error: ErrorDetail  # noqa: E701
 class OpenAIErrorDetail(BaseModel): message: str; type: str; param: str | None = None; code: str | None = None  # noqa
 class OpenAIErrorBody(BaseModel): error: OpenAIErrorDetail  # noqa: E701
-class AgentList(BaseModel): agents: list[str]  # noqa: E701
+class AgentList(BaseModel): agents: list[str]; models: dict[str, str]  # noqa: E701, E702
 class Health(BaseModel): status: Literal["ok"]  # noqa: E701
 class ModelCard(BaseModel): id: str; object: Literal["model"]; created: int; owned_by: str  # noqa: E701, E702
 class ModelList(BaseModel): object: Literal["list"]; data: list[ModelCard]  # noqa: E701, E702
@@ -3346,8 +3351,7 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
             rt.drain.start()
             loop, quiet = asyncio.get_running_loop(), AcceptErrors()
             handler, _ = loop.get_exception_handler(), loop.set_exception_handler(quiet)
-            if config.warmup:
-                rt.warmup.start(rt.provider, list(dict.fromkeys(a.model for a in config.agents)))
+            rt.warmup.start(rt.provider, list(dict.fromkeys(a.model for a in config.agents)) if config.warmup else [])
             try:
                 yield
             finally:
@@ -3416,8 +3420,8 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/agents", response_model=AgentList, responses=documented(ErrorBody, GUARD_STATUSES))
-    async def agents() -> dict[str, list[str]]:
-        return {"agents": [a.name for a in config.agents]}
+    async def agents() -> dict[str, Any]:
+        return {"agents": [a.name for a in config.agents], "models": {a.name: a.model for a in config.agents}}
 
     @app.post("/chat", response_model=ChatResponse, responses=documented(
         ErrorBody, GENERATION_STATUSES, ChatResponse, ("text/plain", "text/event-stream")))

@@ -759,7 +759,8 @@ def test_health_answers_even_with_no_upstream():
 
 def test_agents_lists_configured_agents(serve):
     server = serve(AGENTS="general,coder")
-    assert httpx.get(f"{server.url}/agents").json() == {"agents": ["general", "coder"]}
+    assert httpx.get(f"{server.url}/agents").json() == {"agents": ["general", "coder"], "models": {
+        "general": MODEL, "coder": MODEL}}
 
 
 def test_chat_returns_reply_new_conversation_id_model_and_provider(serve, fake):
@@ -2636,6 +2637,31 @@ def test_python_piagent_py_with_no_upstream_gives_the_documented_error():
     with piagent_process({"OLLAMA_HOST": f"http://127.0.0.1:{free_port()}"}) as url:
         response = httpx.post(f"{url}/chat", json={"message": "hi"})
     assert response.status_code == 503 and error_of(response)["code"] == "upstream_unavailable"
+
+
+@pytest.mark.parametrize("provider, fix", [("ollama", "sudo systemctl start ollama"), ("openai", "OPENAI_BASE_URL")])
+def test_an_upstream_that_cannot_be_reached_at_start_is_said_at_once_with_both_fixes(provider, fix):
+    url = f"http://127.0.0.1:{free_port()}"
+    env = {"PROVIDER": provider, "OLLAMA_HOST": url, "OPENAI_BASE_URL": f"{url}/v1", "LOG_FORMAT": "text"}
+    with piagent_process(env, capture=True) as (_, proc):
+        first = ""
+        while "WARNING" not in first:  # bounded: the process writes little, and readline ends at exit
+            first = proc.stdout.readline()
+            assert first, "piagent ended without a warning"
+        ready = httpx.get(f"{_}/ready").json()
+    assert url in first and fix in first and "PROVIDER" in first and "keeps trying" in first, first
+    assert not any(c["ok"] and "cannot reach" in c["detail"] for c in ready["checks"].values()), ready
+
+
+def test_the_conversation_list_cursor_is_safe_to_paste_into_a_url(serve, fake):
+    server = serve()
+    for cid in ("a", "b", "c"):
+        chat(server, message="hi", conversation_id=cid)
+    first = httpx.get(f"{server.url}/conversations?limit=2").json()
+    assert [c["conversation_id"] for c in first["conversations"]] == ["c", "b"]
+    assert re.fullmatch(r"[0-9.e+-]+", first["next"]) and "+" not in first["next"]
+    rest = httpx.get(f"{server.url}/conversations?limit=2&cursor={first['next']}").json()  # pasted as is
+    assert [c["conversation_id"] for c in rest["conversations"]] == ["a"] and rest["next"] is None
 
 
 def test_flags_override_environment(fake):
