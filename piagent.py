@@ -4520,10 +4520,10 @@ def _read_agents(settings: _Settings, prefix: str, default_model: str, tools_ok:
         tools = settings.items(f"AGENT_{upper}_TOOLS", TOOL_NAME_PATTERN, "comma-separated tool names such as calc,now")
         if tools and not tools_ok:
             raise settings.fail(f"AGENT_{upper}_TOOLS", "no tools with OLLAMA_API=generate (tools need /api/chat)")
-        unknown = [t for t in tools if "." in t and t.split(".")[0] not in {server.name for server in servers}]
+        unknown = [t.split(".")[0] for t in tools if "." in t and t.split(".")[0] not in {m.name for m in servers}]
         if unknown:
-            raise settings.fail(f"AGENT_{upper}_TOOLS", f"{unknown[0]!r} names an MCP server that MCP_SERVERS does "
-                                                        f"not list; add it there, with MCP_<NAME>_COMMAND or _URL")
+            raise settings.fail(f"AGENT_{upper}_TOOLS", f"tools of servers in MCP_SERVERS; add {unknown[0]!r} there, "
+                                                        f"with MCP_{unknown[0].upper()}_COMMAND or _URL")
         agents.append(Agent(name, model, system, tuple(dict.fromkeys(tools))))
     return tuple(agents)
 

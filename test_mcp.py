@@ -466,3 +466,156 @@ def test_stop_leaves_no_process_even_one_ignoring_stdin_close_and_sigterm(tmp_pa
         with pytest.raises(ToolError, match="stopped"):
             await server.call("anything", {})
     run(scenario())
+
+
+# --- end to end: MCP tools through piagent's tool loop, with the fake upstream calling them -------------------------
+
+from fake_ollama import Script  # noqa: E402
+from test_piagent import (DEADLINE_S, fake, free_port, raw_post, run_piagent, serve, serve_openai,  # noqa: E402,F401
+                          tool_reply, wait_until)
+
+
+def need_filesystem() -> None:
+    need(FILESYSTEM_SERVER.exists(), "@modelcontextprotocol/server-filesystem (cd mcp_servers && npm ci)")
+
+
+@pytest.fixture(params=["ollama", "openai"])
+def serve_mcp(request, serve, serve_openai):
+    """serve_mcp(**env) -> piagent in front of either provider, once its MCP servers have listed their tools."""
+    def start(**env):
+        server = serve(**env) if request.param == "ollama" else serve_openai(**env)
+        names = [n for n in env.get("MCP_SERVERS", "").split(",") if n]
+        wait_until(lambda: all(httpx.get(f"{server.url}/ready").json()["checks"][f"mcp:{n}"]["ok"] for n in names),
+                   timeout=30, what="the MCP servers to list their tools")
+        return server
+    return start
+
+
+def metric(server, name: str) -> str:
+    return next(line for line in httpx.get(f"{server.url}/metrics").text.splitlines() if line.startswith(name))
+
+
+@pytest.mark.parametrize("mode", ["json", "sse"])
+def test_an_mcp_tool_is_offered_by_its_model_name_and_run_through_the_loop(serve_mcp, fake, tmp_path, mode):
+    need_filesystem()
+    (tmp_path / "todo.txt").write_text("water the basil")
+    fake.script = Script(tool_rounds=[[("files__read_text_file", {"path": str(tmp_path / "todo.txt")})]],
+                         echo_tools=True)
+    server = serve_mcp(MCP_SERVERS="files", MCP_FILES_COMMAND=f"{FILESYSTEM_SERVER} {tmp_path}",
+                       AGENT_GENERAL_TOOLS="calc,files.read_text_file")
+    text, tools = tool_reply(server, mode)
+    assert text == "results: water the basil"
+    assert tools == [{"name": "files__read_text_file", "arguments": {"path": str(tmp_path / "todo.txt")},
+                      "result": "water the basil"}]
+    offered = {t["function"]["name"]: t["function"] for t in fake.generations()[0].body["tools"]}
+    assert list(offered) == ["calc", "files__read_text_file"]  # only the allowlist, never the other file tools
+    assert "path" in offered["files__read_text_file"]["parameters"]["properties"]  # the server's own schema
+    assert metric(server, "piagent_mcp_calls_total") == 'piagent_mcp_calls_total{server="files"} 1'
+    assert metric(server, "piagent_mcp_failures_total") == 'piagent_mcp_failures_total{server="files"} 0'
+
+
+def test_a_call_outside_the_allowlist_or_refused_by_the_server_is_an_error_for_the_model(serve_mcp, fake, tmp_path):
+    need_filesystem()
+    fake.script = Script(tool_rounds=[[("files__write_file", {"path": str(tmp_path / "x"), "content": "x"}),
+                                       ("files__read_text_file", {"path": "/etc/passwd"})]], echo_tools=True)
+    server = serve_mcp(MCP_SERVERS="files", MCP_FILES_COMMAND=f"{FILESYSTEM_SERVER} {tmp_path}",
+                       AGENT_GENERAL_TOOLS="files.read_text_file")
+    _, tools = tool_reply(server, "json")
+    assert tools[0]["error"].startswith("there is no tool 'files__write_file'") and not (tmp_path / "x").exists()
+    assert "Access denied" in tools[1]["error"]
+    assert metric(server, "piagent_mcp_failures_total") == 'piagent_mcp_failures_total{server="files"} 1'
+
+
+def test_a_star_allows_every_tool_of_a_server_and_a_dead_server_only_fails_its_own_check(serve, fake):
+    need(TIME_SERVER is not None, "mcp-server-time (pip install mcp-server-time)")
+    server = serve(MCP_SERVERS="time,broken", MCP_TIME_COMMAND=TIME_SERVER, MCP_BROKEN_COMMAND="/nonexistent/mcp",
+                   AGENTS="general,clock", AGENT_CLOCK_TOOLS="time.*,broken.*")
+    wait_until(lambda: httpx.get(f"{server.url}/ready").json()["checks"]["mcp:time"]["ok"], timeout=30)
+    checks = httpx.get(f"{server.url}/ready").json()["checks"]
+    assert not checks["mcp:broken"]["ok"] and "No such file" in checks["mcp:broken"]["detail"]
+    fake.script = Script(tool_rounds=[[("time__get_current_time", {"timezone": "UTC"})]], echo_tools=True)
+    text, tools = tool_reply(server, "json", agent="clock")
+    assert '"timezone": "UTC"' in tools[0]["result"] and text.startswith("results: {")
+    offered = sorted(t["function"]["name"] for t in fake.generations()[0].body["tools"])
+    assert offered == ["time__convert_time", "time__get_current_time"]
+    assert httpx.post(f"{server.url}/chat", json={"message": "hi"}).status_code == 200  # other agents go on
+
+
+def test_a_client_leaving_during_a_slow_mcp_call_cancels_it_at_the_server(serve, fake, tmp_path):
+    need_sdk()
+    fake.script = Script(tool_rounds=[[("sdk__slow", {"seconds": 30})]], echo_tools=True)
+    server = serve(MCP_SERVERS="sdk", MCP_SDK_COMMAND=f"{PY} {SDK_SERVER} stdio --events {tmp_path / 'events'}",
+                   AGENT_GENERAL_TOOLS="sdk.slow")
+    wait_until(lambda: httpx.get(f"{server.url}/ready").json()["checks"]["mcp:sdk"]["ok"], timeout=30)
+    sock = raw_post(server.port, "/chat", {"message": "hi", "stream": True})
+    wait_until(lambda: "started slow" in events(tmp_path), what="the slow call to start")
+    sock.close()
+    wait_until(lambda: "cancelled slow" in events(tmp_path), what="the server to see notifications/cancelled")
+    assert len(fake.generations()) == 1  # the answer round never ran
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process started under `pid` (MCP servers run in their own sessions, so not found by group)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def test_sigterm_of_piagent_leaves_no_mcp_server_behind(fake, tmp_path):
+    need_sdk()
+    need_filesystem()
+    port = free_port()
+    env = {**os.environ, "OLLAMA_HOST": fake.url, "WARMUP": "false", "PORT": str(port), "PIAGENT_ENV_FILE": "",
+           "MCP_SERVERS": "sdk,files", "MCP_SDK_COMMAND": f"{PY} {SDK_SERVER} stdio",
+           "MCP_FILES_COMMAND": f"{FILESYSTEM_SERVER} {tmp_path}", "AGENT_GENERAL_TOOLS": "sdk.*,files.*"}
+    proc = subprocess.Popen([PY, str(HERE / "piagent.py")], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        def both_up():
+            try:
+                checks = httpx.get(f"http://127.0.0.1:{port}/ready").json()["checks"]
+            except httpx.HTTPError:
+                return False
+            return checks["mcp:sdk"]["ok"] and checks["mcp:files"]["ok"]
+        wait_until(both_up, timeout=30, what="both MCP servers")
+        children = descendants(proc.pid)
+        assert len(children) >= 2
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the SIGTERM once it has shut down
+        assert [pid for pid in children if alive(pid)] == []
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("env, says", [
+    ({"MCP_SERVERS": "files"}, "MCP_FILES_COMMAND"),
+    ({"MCP_SERVERS": "files", "MCP_FILES_COMMAND": "npx 'oops"}, "MCP_FILES_COMMAND"),
+    ({"MCP_SERVERS": "web", "MCP_WEB_URL": "localhost:8931"}, "MCP_WEB_URL"),
+    ({"AGENT_GENERAL_TOOLS": "web.*"}, "AGENT_GENERAL_TOOLS='web.*' is not valid: expected tools of servers in MCP_SERVERS; add 'web'"),
+])
+def test_a_bad_mcp_setting_stops_start_up_with_exit_2_naming_the_variable(env, says):
+    result = run_piagent(env={"PIAGENT_ENV_FILE": "", **env})
+    assert result.returncode == 2 and says in result.stderr and "Traceback" not in result.stderr
+
+
+def test_check_lists_each_servers_tools_and_marks_entries_that_match_nothing(fake):
+    need(TIME_SERVER is not None, "mcp-server-time (pip install mcp-server-time)")
+    result = run_piagent("--check", env={"PIAGENT_ENV_FILE": "", "OLLAMA_HOST": fake.url, "PORT": str(free_port()),
+                                         "MCP_SERVERS": "time,broken", "MCP_TIME_COMMAND": TIME_SERVER,
+                                         "MCP_BROKEN_COMMAND": "/nonexistent/mcp",
+                                         "AGENT_GENERAL_TOOLS": "time.get_current_time,time.nope"}, timeout=60)
+    assert "✓ MCP server time: get_current_time, convert_time" in result.stdout
+    assert "✗ MCP server broken: cannot start" in result.stdout and "MCP_BROKEN_COMMAND" in result.stdout
+    assert "✗ agent general: time.nope matches no tool" in result.stdout
+    assert "time.get_current_time matches" not in result.stdout and result.returncode == 1
