@@ -1530,7 +1530,7 @@ PROVIDERS: dict[str, type[HTTPProvider]] = {"ollama": OllamaProvider, "openai": 
 
 
 # ---------------------------------------------------------------------------
-# Tools: what an agent may run (calc, now), and the loop that runs a model's tool calls
+# Tools: what an agent may run (calc, now, MCP servers' tools), and the loop that runs a model's tool calls
 # ---------------------------------------------------------------------------
 # A tool is one function taking its parsed arguments and returning text for the model, plus its entry in TOOLS
 # with a JSON-schema description of those arguments. It may raise ToolError to refuse; nothing else escapes.
