@@ -30,12 +30,15 @@ import hmac
 import inspect
 import itertools
 import ipaddress
+import itertools
 import json
 import logging
 import math
 import operator
 import os
 import re
+import shlex
+import signal
 import sqlite3
 import time
 import uuid
@@ -82,8 +85,11 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("auto", "text", "json")
 #: A CORS origin: scheme, host and optional port, nothing else (and never "*").
 ORIGIN_PATTERN = re.compile(r"^https?://[A-Za-z0-9.-]+(:\d{1,5})?$")
-#: What a tool name in AGENT_<NAME>_TOOLS looks like (the Tools section checks it names a real tool).
-TOOL_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+#: What a tool name in AGENT_<NAME>_TOOLS looks like (the Tools section checks it names a real tool): a built-in
+#: (calc), one tool of an MCP server (files.read_text_file) or all of them (time.*).
+TOOL_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$|^[a-z][a-z0-9_]{0,31}\.(\*|[A-Za-z0-9_./-]{1,128})$")
+#: MCP_SERVERS names become parts of variable names (MCP_<NAME>_URL) and prefixes of tool names.
+MCP_SERVER_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 OLLAMA_APIS = ("chat", "generate")
 
 
@@ -160,6 +166,17 @@ class Agent:
 
 
 @dataclass(frozen=True)
+class McpServerConfig:
+    """One server named in MCP_SERVERS: how to reach it and how long one request may take."""
+
+    name: str                       # prefixes its tools' names for the model
+    command: tuple[str, ...] = ()   # a stdio server's argv (MCP_<NAME>_COMMAND, shlex-split), or
+    url: str | None = None          # a Streamable HTTP endpoint (MCP_<NAME>_URL)
+    token: str | None = None        # sent as Authorization: Bearer, to this server only
+    timeout_s: float = 30.0         # each request: a tool call, and each step of connecting
+
+
+@dataclass(frozen=True)
 class Config:
     """Every setting piagent reads, with the default used when the variable is not set."""
 
@@ -206,6 +223,8 @@ class Config:
     warmup: bool = True  # load each agent's model at start-up (Ollama only), so the first chat is not cold
     max_tool_rounds: int = 3  # model calls that may ask for tools per reply; then it must answer without them
     embed_model: str | None = None  # the model of /api/embed for every agent; unset: the agent's own model
+    mcp_servers: tuple[McpServerConfig, ...] = ()  # MCP servers whose tools agents may list (MCP_SERVERS)
+    mcp_max_result_chars: int = 8000  # an MCP tool's result is cut to this before the model reads it
     agents: tuple[Agent, ...] = field(
         default=(Agent("general", "qwen2.5:3b-instruct", DEFAULT_SYSTEM_PROMPT),)
     )
@@ -1553,7 +1572,7 @@ PROVIDERS: dict[str, type[HTTPProvider]] = {"ollama": OllamaProvider, "openai": 
 
 
 # ---------------------------------------------------------------------------
-# Tools: what an agent may run (calc, now), and the loop that runs a model's tool calls
+# Tools: what an agent may run (calc, now, MCP servers' tools), and the loop that runs a model's tool calls
 # ---------------------------------------------------------------------------
 # A tool is one function taking its parsed arguments and returning text for the model, plus its entry in TOOLS
 # with a JSON-schema description of those arguments. It may raise ToolError to refuse; nothing else escapes.
@@ -1683,6 +1702,7 @@ class Tool(NamedTuple):
     description: str
     parameters: dict[str, Any]
     timeout_s: float = 2.0  # the call is answered with an error after this long
+    max_result_chars: int | None = None  # the result is cut to this; None: MAX_TOOL_RESULT_CHARS
 
 
 #: The built-in tools, by name (read-only: an app's own set is create_app's `tools`).
@@ -1711,21 +1731,23 @@ def argument_problem(schema: dict[str, Any], arguments: Any) -> str | None:
     """
     if not isinstance(arguments, dict):
         return "arguments must be a JSON object"
-    properties = schema.get("properties", {})
-    for name in schema.get("required", []):
+    # only what is understood is checked: an MCP server's schema (anyOf, type lists, $ref) is the server's to enforce
+    properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+    for name in schema.get("required") if isinstance(schema.get("required"), list) else []:
         if name not in arguments:
             return f"missing {name!r}"
     for name, value in arguments.items():
         rule = properties.get(name)
-        if rule is None:
-            if schema.get("additionalProperties", True) is False or not properties:
+        if not isinstance(rule, dict):
+            if schema.get("additionalProperties", True) is False:
                 return f"unexpected {name!r}; expected only: {', '.join(properties) or 'no arguments'}"
             continue
-        kind = JSON_TYPES.get(rule.get("type"), object)
-        if not isinstance(value, kind) or (rule.get("type") not in ("boolean", None) and type(value) is bool):
+        kind = JSON_TYPES.get(rule["type"], object) if isinstance(rule.get("type"), str) else object
+        if not isinstance(value, kind) or (kind is not object and rule["type"] != "boolean" and type(value) is bool):
             return f"{name!r} must be a {rule['type']}"
-        if isinstance(value, str) and len(value) > rule.get("maxLength", len(value)):
-            return f"{name!r} is longer than {rule['maxLength']} characters"
+        limit = rule.get("maxLength")
+        if isinstance(value, str) and isinstance(limit, int) and len(value) > limit:
+            return f"{name!r} is longer than {limit} characters"
     return None
 
 
@@ -1749,32 +1771,58 @@ class ToolEvent(NamedTuple):
             return self.call.arguments
 
 
-class Toolbox:
-    """The tools of one app, by the name the model sees: the built-ins, or a test's own set."""
+class ToolSource(Protocol):
+    """Tools that come and go while piagent runs (an MCP server): `name` prefixes them in AGENT_<NAME>_TOOLS."""
 
-    def __init__(self, tools: Mapping[str, Tool]):
+    name: str
+
+    def tools(self) -> Mapping[str, Tool]:
+        """Its tools now, by their own names."""
+
+
+class Toolbox:
+    """The tools of one app: the built-ins (or a test's own set) by name, and sources by name (MCP servers)."""
+
+    def __init__(self, tools: Mapping[str, Tool], sources: tuple[ToolSource, ...] = ()):
         self.tools = dict(tools)
+        self.sources = {source.name: source for source in sources}
+
+    def allowed(self, patterns: tuple[str, ...]) -> dict[str, Tool]:
+        """The tools an agent's AGENT_<NAME>_TOOLS allows now, by the name the model sees.
+
+        Example: ("calc", "time.*") -> {"calc": ..., "time__get_current_time": ..., "time__convert_time": ...}
+        """
+        found: dict[str, Tool] = {}
+        for pattern in patterns:
+            source, dot, wanted = pattern.partition(".")
+            if not dot:
+                found.update({pattern: self.tools[pattern]} if pattern in self.tools else {})
+            elif source in self.sources:
+                found.update({model_tool_name(source, name): tool for name, tool in self.sources[source].tools().items()
+                              if wanted in ("*", name)})
+        return found
 
     def check(self, config: Config) -> None:
-        """Raise ConfigError if an agent's AGENT_<NAME>_TOOLS names a tool that is not here."""
+        """Raise ConfigError if an agent's AGENT_<NAME>_TOOLS names a built-in tool that is not here."""
         for agent in config.agents:
-            unknown = [name for name in agent.tools if name not in self.tools]
+            unknown = [name for name in agent.tools if "." not in name and name not in self.tools]
             if unknown:
                 raise ConfigError(f"AGENT_{agent.name.upper()}_TOOLS={','.join(agent.tools)!r} is not valid: no tool "
                                   f"named {unknown[0]!r}; piagent has: {', '.join(self.tools)}")
 
-    def specs(self, names: tuple[str, ...]) -> tuple[dict[str, Any], ...]:
+    def specs(self, patterns: tuple[str, ...]) -> tuple[dict[str, Any], ...]:
         """The function specs the model is offered, in the shape both Ollama and OpenAI take."""
-        return tuple({"type": "function", "function": {"name": name, "description": self.tools[name].description,
-                                                       "parameters": self.tools[name].parameters}}
-                     for name in names if name in self.tools)
+        return tuple({"type": "function", "function": {"name": name, "description": tool.description,
+                                                       "parameters": tool.parameters}}
+                     for name, tool in self.allowed(patterns).items())
 
-    async def run(self, call: ToolCall, allowed: tuple[str, ...]) -> ToolEvent:
-        """Run one call if `allowed` has it and its arguments fit the schema, within the tool's time limit.
+    async def run(self, call: ToolCall, patterns: tuple[str, ...]) -> ToolEvent:
+        """Run one call if `patterns` allow it and its arguments fit the schema, within the tool's time limit.
 
         Every failure of the call becomes the event's error, for the model to read; a bug is logged too.
         """
-        tool = self.tools.get(call.name) if call.name in allowed else None
+        allowed = self.allowed(patterns)
+        tool = allowed.get(call.name)
         if tool is None:
             return ToolEvent(call, None, f"there is no tool {call.name!r}; the tools are: {', '.join(allowed)}")
         try:
@@ -1797,7 +1845,7 @@ class Toolbox:
         except Exception:  # a bug in the tool: the model hears it failed, the log has the traceback
             log.exception("tool %s failed", call.name)
             return ToolEvent(call, None, f"{call.name} failed")
-        return ToolEvent(call, str(result)[:MAX_TOOL_RESULT_CHARS], None)
+        return ToolEvent(call, str(result)[:tool.max_result_chars or MAX_TOOL_RESULT_CHARS], None)
 
 
 async def tool_loop(provider: Provider, toolbox: Toolbox, agent: Agent, prompt: Prompt, sampling: Sampling,
@@ -1836,6 +1884,623 @@ async def tool_loop(provider: Provider, toolbox: Toolbox, agent: Agent, prompt: 
         prompt = prompt._replace(tail=(*prompt.tail, turn, *(e.as_message() for e in events)))
     if counts[2]:
         usage.prompt_tokens, usage.completion_tokens = counts[0], counts[1]
+
+
+# MCP servers as tool sources (MCP_SERVERS; issue 16): design and protocol notes in DEVELOPING.md, "MCP".
+#: Handshake-era versions piagent accepts in an initialize reply; it proposes the first (ref §1).
+MCP_HANDSHAKE_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
+#: The stateless revision: no initialize, version and capabilities in every request's params._meta (ref §10).
+MCP_MODERN_VERSION = "2026-07-28"
+#: Errors only a 2026-07-28 server sends (header mismatch, missing capability, unsupported version): such a
+#: server is modern even though it refused us, so never fall back to initialize on them (ref §10).
+MCP_MODERN_ERRORS = (-32020, -32021, -32022)
+MCP_CLIENT_INFO = {"name": "piagent", "version": "1.0"}
+#: Longest line read from a stdio server: a base64 image is one line (asyncio's default limit is 64 KiB).
+MCP_MAX_LINE_BYTES = 32 * 2**20
+#: Pages of tools/list followed; a server whose cursor never ends is cut off there.
+MCP_MAX_LIST_PAGES = 50
+#: After the n-th failure in a row a server is not started again for min(MAX, MIN * 2 ** (n - 1)) seconds.
+MCP_RESTART_MIN_S = 1.0
+MCP_RESTART_MAX_S = 300.0
+#: Seconds before a dropped list-change stream (HTTP) is opened again.
+MCP_LISTEN_RETRY_S = 5.0
+#: Lines of a server's stderr (and of garbage on its stdout) logged per minute, and the characters kept of each.
+MCP_LOG_LINES_PER_MIN = 20
+MCP_LOG_LINE_CHARS = 300
+#: Seconds a stdio server gets to exit at each step of stop: stdin closed, then SIGTERM, then SIGKILL (ref §3.5).
+MCP_STOP_GRACE_S = 2.0
+#: What a stdio server inherits from piagent's environment: never piagent's keys or the other servers' tokens.
+MCP_CHILD_ENV = ("HOME", "LOGNAME", "PATH", "SHELL", "TERM", "USER", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR")
+
+
+def model_tool_name(server: str, tool: str) -> str:
+    """The name the model calls an MCP tool by: always ^[A-Za-z0-9_-]{1,64}$, ending with the tool's own name if it can."""
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", tool)
+    plain = f"{server}__{safe}"
+    if safe == tool and 0 < len(plain) <= 64:
+        return plain
+    digest = hashlib.sha256(tool.encode()).hexdigest()[:6]
+    return f"{server}__{digest}_{safe[-(64 - len(server) - 9):]}"[:64]
+
+
+def result_text(result: Mapping[str, Any], max_chars: int) -> str:
+    """What the model reads of a tools/call result: text blocks joined, other blocks named, cut to max_chars."""
+    blocks = result.get("content")
+    parts = [_block_text(block) for block in blocks if isinstance(block, dict)] if isinstance(blocks, list) else []
+    if not parts and result.get("structuredContent") is not None:
+        parts = [json.dumps(result["structuredContent"], ensure_ascii=False)]
+    text = "\n".join(parts)
+    if len(text) > max_chars:
+        note = f"\n[cut: the result has {len(text)} characters; only the first {max_chars} are shown]"
+        text = text[:max(0, max_chars - len(note))] + note
+    return text
+
+
+def _block_text(block: Mapping[str, Any]) -> str:
+    """One content block as text; images, audio and resources are named, never inlined (ref §6)."""
+    kind = str(block.get("type"))[:40]
+    if kind == "text":
+        return str(block.get("text", ""))
+    if kind in ("image", "audio"):
+        size = len(str(block.get("data", "")).rstrip("=")) * 3 // 4  # base64: 4 characters per 3 bytes
+        shown = f"{size} bytes" if size < 1024 else f"{size // 1024} KB"
+        return f"[{str(block.get('mimeType', kind))[:80]}, {shown}, not shown]"
+    if kind in ("resource", "resource_link"):
+        resource = block.get("resource") if isinstance(block.get("resource"), dict) else block
+        return f"[resource {str(resource.get('uri', '?'))[:200]}, {str(resource.get('mimeType', 'unknown type'))[:80]}, not shown]"
+    return f"[{kind} content, not shown]"
+
+
+def mcp_answer(request: Mapping[str, Any]) -> dict[str, Any]:
+    """Our answer to a request from a server: `ping` gets {}; anything else (sampling, roots, ...) is refused."""
+    if request.get("method") == "ping":
+        return {"jsonrpc": "2.0", "id": request["id"], "result": {}}
+    return {"jsonrpc": "2.0", "id": request["id"], "error": {"code": -32601, "message": "piagent only calls tools"}}
+
+
+class McpError(Exception):
+    """A server answered a request with a JSON-RPC error (or an HTTP error standing for one)."""
+
+    def __init__(self, method: str, error: Any):
+        error = error if isinstance(error, dict) else {"message": str(error)}
+        self.code, self.data = error.get("code"), error.get("data")
+        self.message = str(error.get("message", "no message"))[:500]
+        super().__init__(f"the server answered {method} with an error: {self.message}")
+
+
+class McpSessionLost(ConnectionError):
+    """An HTTP server answered 404 to our session id: it forgot the session, so the client must start over (ref §5)."""
+
+
+class LogBudget:
+    """At most MCP_LOG_LINES_PER_MIN lines a minute from one server reach the log; the rest are only counted."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.start, self.used, self.dropped = name, time.monotonic(), 0, 0
+
+    def line(self, text: str) -> None:
+        """Log one line of the server's if this minute's budget allows."""
+        if time.monotonic() - self.start >= 60:
+            if self.dropped:
+                log.warning("MCP server %s: %d more lines not logged", self.name, self.dropped)
+            self.start, self.used, self.dropped = time.monotonic(), 0, 0
+        self.used += 1
+        if self.used > MCP_LOG_LINES_PER_MIN:
+            self.dropped += 1
+        else:
+            log.info("MCP server %s: %s", self.name, text[:MCP_LOG_LINE_CHARS])
+
+
+async def _lines(stream: asyncio.StreamReader) -> AsyncIterator[bytes]:
+    """A pipe's lines until it closes; a line over MCP_MAX_LINE_BYTES comes out as a marker (asyncio drops it)."""
+    while True:
+        try:
+            line = await stream.readline()
+        except ValueError:
+            line = b"<a line longer than MCP_MAX_LINE_BYTES>\n"
+        if not line:
+            return
+        yield line
+
+
+class StdioTransport:
+    """A server run as a child in its own process group, with newline-delimited JSON-RPC on stdin/stdout (ref §4)."""
+
+    version: str | None = None  # the negotiated handshake version (only HTTP sends it)
+
+    def __init__(self, name: str, argv: tuple[str, ...], deliver: Callable[[dict[str, Any]], None]):
+        self.name, self.argv, self.deliver = name, argv, deliver
+        self.stderr_log, self.garbage_log = LogBudget(name), LogBudget(name)  # one flood must not hide the other
+        self.process: asyncio.subprocess.Process | None = None
+        self.pending: dict[Any, asyncio.Future] = {}
+        self.closed: str | None = None  # why the server can no longer answer, once it cannot
+
+    async def open(self) -> None:
+        """Start the server; never through a shell, with a trimmed environment, in a new process group."""
+        env = {key: os.environ[key] for key in MCP_CHILD_ENV if key in os.environ}
+        self.process = await asyncio.create_subprocess_exec(
+            *self.argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env=env, limit=MCP_MAX_LINE_BYTES, start_new_session=True)
+
+    async def request(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Send a request and wait for the answer with its id (the pump hands it over)."""
+        if self.closed:
+            raise ConnectionError(self.closed)
+        future = asyncio.get_running_loop().create_future()
+        self.pending[message["id"]] = future
+        try:
+            await self.notify(message)
+            return await future
+        finally:
+            self.pending.pop(message["id"], None)
+
+    async def notify(self, message: dict[str, Any]) -> None:
+        """Write one message as one line (json.dumps escapes newlines inside strings)."""
+        assert self.process is not None and self.process.stdin is not None
+        self.process.stdin.write(json.dumps(message).encode() + b"\n")
+        await self.process.stdin.drain()
+
+    def listen(self, message: dict[str, Any] | None) -> None:
+        """Ask for list changes (2026-07-28; before, they come unasked); its answer only comes when it ends."""
+        if message is not None and self.process is not None and self.process.stdin is not None:
+            self.process.stdin.write(json.dumps(message).encode() + b"\n")
+
+    async def pump(self, changed: asyncio.Event) -> None:
+        """Read stdout and stderr until the server exits, then fail whatever still waits for an answer."""
+        assert self.process is not None and self.process.stdout is not None and self.process.stderr is not None
+        try:  # both pipes at once: a child blocked on a full stderr pipe would never answer on stdout
+            await asyncio.gather(self._read_stdout(self.process.stdout), self._read_stderr(self.process.stderr))
+            try:
+                await asyncio.wait_for(self.process.wait(), MCP_STOP_GRACE_S)
+            except TimeoutError:
+                pass
+        finally:
+            code = self.process.returncode
+            self.closed = (f"the server exited with code {code}" if code is not None and code >= 0 else
+                           f"the server was killed by signal {-code}" if code is not None else "the server closed stdout")
+            for future in self.pending.values():
+                if not future.done():
+                    future.set_exception(ConnectionError(self.closed))
+            changed.set()  # wakes the runner, which sees the pump has ended
+
+    async def _read_stdout(self, stdout: asyncio.StreamReader) -> None:
+        """Hand answers to their waiters, requests to mcp_answer, notifications to `deliver`; skip non-JSON-RPC."""
+        async for line in _lines(stdout):
+            try:
+                message = json.loads(line)
+            except ValueError:
+                message = None
+            if not isinstance(message, dict):
+                self.garbage_log.line(f"not JSON-RPC on stdout, skipped: {line[:100]!r}")
+            elif "method" not in message:  # an answer; a late one (cancelled, timed out) finds no waiter
+                future = self.pending.get(message.get("id"))
+                if future is not None and not future.done():
+                    future.set_result(message)
+            elif "id" in message:
+                self.process.stdin.write(json.dumps(mcp_answer(message)).encode() + b"\n")
+            else:
+                self.deliver(message)
+
+    async def _read_stderr(self, stderr: asyncio.StreamReader) -> None:
+        """Forward the server's stderr to piagent's log, within the log budget."""
+        async for line in _lines(stderr):
+            self.stderr_log.line(line.decode("utf-8", "replace").rstrip())
+
+    async def close(self) -> None:
+        """Close stdin and wait; then SIGTERM the process group and wait; then SIGKILL it (ref §3.5)."""
+        process = self.process
+        if process is None:
+            return
+        if process.stdin is not None:
+            process.stdin.close()
+        for sig in (None, signal.SIGTERM, signal.SIGKILL):
+            if sig is not None:
+                self._signal_group(sig)
+            try:
+                await asyncio.wait_for(process.wait(), MCP_STOP_GRACE_S)
+                break
+            except TimeoutError:
+                continue
+        self._signal_group(signal.SIGKILL)  # whatever the server left in its group (npx's node) goes with it
+
+    def _signal_group(self, sig: int) -> None:
+        """Signal the server's process group, if any of it is left."""
+        try:
+            os.killpg(self.process.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+class HttpTransport:
+    """A Streamable HTTP server: one POST per message, answered with JSON or an SSE stream (ref §5, §10)."""
+
+    def __init__(self, config: McpServerConfig, deliver: Callable[[dict[str, Any]], None],
+                 transport: httpx.AsyncBaseTransport | None = None):
+        self.config, self.deliver = config, deliver
+        # no read timeout: the list-change stream is quiet for hours; each request has the session's own timeout
+        self.client = httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(config.timeout_s, read=None))
+        self.session_id: str | None = None
+        self.version: str | None = None
+        self.listen_message: dict[str, Any] | None = None
+        self.listening = asyncio.Event()
+
+    async def open(self) -> None:
+        """Nothing to start: the server runs on its own."""
+
+    def _headers(self, message: Mapping[str, Any], accept: str = "application/json, text/event-stream") -> dict:
+        """Headers for one message: 2026-07-28 mirrors its _meta into headers; before, the session and version."""
+        headers = {"Accept": accept, "Content-Type": "application/json"}
+        if self.config.token:
+            headers["Authorization"] = f"Bearer {self.config.token}"
+        meta = (message.get("params") or {}).get("_meta") or {}
+        if "io.modelcontextprotocol/protocolVersion" in meta:
+            headers["MCP-Protocol-Version"] = meta["io.modelcontextprotocol/protocolVersion"]
+            headers["Mcp-Method"] = message["method"]
+            if message["method"] == "tools/call":
+                headers["Mcp-Name"] = _header_value(message["params"]["name"])
+            return headers
+        if self.session_id:
+            headers["Mcp-Session-Id"] = self.session_id
+        if self.version and message.get("method") != "initialize":
+            headers["MCP-Protocol-Version"] = self.version
+        return headers
+
+    async def request(self, message: dict[str, Any]) -> dict[str, Any]:
+        """POST a request; its answer is the JSON body or the first answer on the SSE stream, tied to this POST."""
+        sent_session = self.session_id
+        try:
+            async with self.client.stream("POST", self.config.url, json=message, headers=self._headers(message)) as reply:
+                if reply.status_code == 404 and sent_session:
+                    self.session_id = self.version = None
+                    raise McpSessionLost(f"{self.config.url} forgot the session")
+                if message["method"] == "initialize":
+                    self.session_id = reply.headers.get("mcp-session-id")
+                if reply.is_success and reply.headers.get("content-type", "").startswith("text/event-stream"):
+                    async for incoming in self._stream(reply):
+                        if "method" not in incoming:
+                            return incoming
+                    raise ConnectionError(f"{self.config.url} ended the stream without an answer")
+                return _http_answer(reply.status_code, await reply.aread(), self.config.name)
+        except httpx.HTTPError as exc:
+            raise ConnectionError(f"cannot reach {self.config.url}: {exc or type(exc).__name__}") from None
+
+    async def notify(self, message: dict[str, Any]) -> None:
+        """POST a notification (or an answer to a server's request); the server owes only 202."""
+        try:
+            await self.client.post(self.config.url, json=message, headers=self._headers(message))
+        except httpx.HTTPError as exc:
+            raise ConnectionError(f"cannot reach {self.config.url}: {exc or type(exc).__name__}") from None
+
+    async def _stream(self, reply: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+        """The JSON-RPC messages of an SSE reply; notifications are delivered, server requests answered, on the way."""
+        decoder = SSEDecoder()
+        async for line in reply.aiter_lines():
+            event = decoder.feed(line)
+            try:
+                incoming = json.loads(event[1]) if event is not None and event[0] == "message" else None
+            except ValueError:
+                incoming = None
+            if not isinstance(incoming, dict):
+                continue
+            if "method" in incoming and "id" in incoming:
+                await self.notify(mcp_answer(incoming))
+            elif "method" in incoming:
+                self.deliver(incoming)
+            yield incoming
+
+    def listen(self, message: dict[str, Any] | None) -> None:
+        """Open the list-change stream from now on: subscriptions/listen (2026-07-28), or GET (a session's)."""
+        self.listen_message = message
+        self.listening.set()
+
+    async def pump(self, changed: asyncio.Event) -> None:
+        """Hold the list-change stream open, reopening it after a drop; never ends by itself (stop cancels it)."""
+        await self.listening.wait()
+        while True:
+            try:
+                if not await self._listen_once():
+                    await asyncio.Event().wait()  # the server has no such stream: changes come only with answers
+            except (httpx.HTTPError, ConnectionError) as exc:
+                log.debug("MCP server %s: list-change stream: %s", self.config.name, exc)
+            changed.set()  # changes may have been missed while the stream was down: list again
+            await asyncio.sleep(MCP_LISTEN_RETRY_S)
+
+    async def _listen_once(self) -> bool:
+        """Read the list-change stream until it ends; False if the server offers none."""
+        message = self.listen_message
+        if message is None and not self.session_id:
+            return False
+        request = (self.client.stream("POST", self.config.url, json=message, headers=self._headers(message)) if message
+                   else self.client.stream("GET", self.config.url, headers=self._headers({}, "text/event-stream")))
+        async with request as reply:
+            if reply.status_code in (400, 405) or not reply.is_success:
+                return reply.status_code not in (400, 405)
+            async for _ in self._stream(reply):
+                pass
+        return True
+
+    async def close(self) -> None:
+        """End our session (DELETE, if we have one) and close the connections."""
+        if self.session_id:
+            try:
+                await self.client.delete(self.config.url, headers=self._headers({}), timeout=MCP_STOP_GRACE_S)
+            except httpx.HTTPError:
+                pass
+        await self.client.aclose()
+
+
+def _header_value(text: str) -> str:
+    """A value fit for an Mcp-Name header: as is if plain ASCII, else =?base64?...?= (2026-07-28)."""
+    if text.isascii() and text.isprintable() and text == text.strip() and not text.startswith("=?base64?"):
+        return text
+    return f"=?base64?{base64.b64encode(text.encode()).decode()}?="
+
+
+def _http_answer(status: int, body: bytes, name: str) -> dict[str, Any]:
+    """The JSON-RPC answer in an HTTP reply; if there is none, an error naming the HTTP status."""
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        answer = None
+    if isinstance(answer, dict) and ("result" in answer or "error" in answer) and (status < 300 or "error" in answer):
+        if status < 300:
+            return answer
+        error = answer["error"] if isinstance(answer["error"], dict) else {"message": str(answer["error"])}
+    else:
+        error = {"message": body[:200].decode("utf-8", "replace") or "no body"}
+    hint = f"; check MCP_{name.upper()}_TOKEN" if status in (401, 403) else ""
+    return {"error": {**error, "message": f"HTTP {status}: {error.get('message')}{hint}"}}
+
+
+class McpServer:
+    """One MCP server as a tool source: connects in the background, lists its tools, calls them, restarts it."""
+
+    def __init__(self, config: McpServerConfig, *, max_result_chars: int = Config.mcp_max_result_chars,
+                 transport: httpx.AsyncBaseTransport | None = None, clock: Callable[[], float] = time.monotonic):
+        self.config, self.name, self.max_result_chars = config, config.name, max_result_chars
+        self._http, self._clock = transport, clock  # collaborators for tests: an httpx transport, a clock
+        self.calls = self.failures = 0
+        self._tools: dict[str, Tool] = {}
+        self._ids = itertools.count(1)
+        self._transport: StdioTransport | HttpTransport | None = None
+        self._runner: asyncio.Task | None = None
+        self._era: str | None = None         # MCP_MODERN_VERSION, or the negotiated handshake version
+        self._up, self._why = False, "not started"
+        self._stopped, self._failed_starts, self._retry_at = False, 0, 0.0
+        self._changed = asyncio.Event()  # set when the tool list changed, or the connection ended
+        self._settled = asyncio.Event()  # set when the tools are listed, or the attempt failed
+
+    async def start(self) -> None:
+        """Connect and list the tools in the background; returns at once."""
+        if not self._stopped and (self._runner is None or self._runner.done()):
+            self._launch()
+
+    def _launch(self) -> None:
+        """Start one connection attempt."""
+        self._settled.clear()
+        self._changed.clear()
+        self._up, self._why = False, "starting"
+        # a task of its own, so a slow or broken server never delays piagent or the other servers
+        self._runner = asyncio.create_task(self._run(), name=f"mcp-{self.config.name}")
+
+    async def ready(self, timeout_s: float) -> bool:
+        """Wait up to timeout_s until the tools are listed or connecting failed; whether it is usable."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._settled.wait()
+        except TimeoutError:
+            pass
+        return self.status()[0]
+
+    def tools(self) -> dict[str, Tool]:
+        """MCP tool name -> {"description", "inputSchema"}, as last listed (kept while the server restarts)."""
+        return dict(self._tools)
+
+    def status(self) -> tuple[bool, str]:
+        """(usable, "3 tools" or why not), for /ready."""
+        if self._up and self._why is None:
+            return True, f"{len(self._tools)} tools"
+        return False, self._why or "starting"
+
+    async def stop(self) -> None:
+        """Stop for good: the connection ends, a stdio server's whole process group exits; bounded in time."""
+        self._stopped = True
+        if self._runner is not None and not self._runner.done():
+            self._runner.cancel()
+            await asyncio.wait({self._runner})  # not `await runner`: a cancelled stop() must not cut its cleanup
+        self._up, self._why = False, "stopped"
+
+    async def _run(self) -> None:
+        """Own one connection: open, pick the era, list tools, re-list on changes, until it ends or stop()."""
+        name = self.config.name
+        transport = self._transport = (HttpTransport(self.config, self._on_notification, self._http) if self.config.url
+                                       else StdioTransport(name, self.config.command, self._on_notification))
+        pump: asyncio.Task | None = None
+        try:
+            await transport.open()
+            # the server's messages are read while we send: stdio answers come that way, and list changes
+            pump = asyncio.create_task(transport.pump(self._changed), name=f"mcp-{name}-pump")
+            await self._connect()
+            self._up, self._why = True, None
+            self._settled.set()
+            log.info("MCP server %s: %d tools (protocol %s)", name, len(self._tools), self._era)
+            while True:
+                await self._changed.wait()
+                self._changed.clear()
+                if pump.done():
+                    raise ConnectionError(getattr(transport, "closed", None) or "the connection ended")
+                await self._relist()
+        except Exception as exc:  # whatever the server did, piagent goes on; status() says why
+            self._why = str(exc) or type(exc).__name__
+        finally:
+            self._up = False
+            await transport.close()
+            if pump is not None:
+                pump.cancel()
+                await asyncio.wait({pump})
+            if not self._stopped:
+                self._failed_starts += 1
+                delay_s = min(MCP_RESTART_MAX_S, MCP_RESTART_MIN_S * 2 ** (self._failed_starts - 1))
+                self._retry_at = self._clock() + delay_s
+                log.warning("MCP server %s is down: %s; started again on next use, not before %g s",
+                            name, self._why, delay_s)
+            self._settled.set()
+
+    async def _connect(self) -> None:
+        """Pick the era (ref §10), list the tools, and ask to hear when they change."""
+        self._era = MCP_MODERN_VERSION
+        try:
+            found = await self._request("server/discover")
+            modern = MCP_MODERN_VERSION in (found.get("supportedVersions") or ())
+        except McpError as exc:
+            if exc.code in MCP_MODERN_ERRORS:  # modern, but not our version: falling back is forbidden (ref §10)
+                raise McpError("server/discover", {"message": f"{exc.message} (piagent speaks {MCP_MODERN_VERSION} "
+                                                              f"and {', '.join(MCP_HANDSHAKE_VERSIONS)})"}) from None
+            modern, found = False, {}
+        except TimeoutError:  # a handshake-era server may leave a request before initialize unanswered
+            modern, found = False, {}
+        capabilities = found.get("capabilities") if modern else await self._initialize()
+        await self._list_tools()
+        tools = capabilities.get("tools") if isinstance(capabilities, dict) else None
+        if not modern:  # a handshake-era server may announce changes it did not declare (mcp 2.3.0 over HTTP does)
+            self._transport.listen(None)
+        elif isinstance(tools, dict) and tools.get("listChanged"):
+            self._transport.listen(self._message("subscriptions/listen", {"notifications": {"toolsListChanged": True}}))
+
+    async def _initialize(self) -> dict[str, Any]:
+        """The handshake era's start (ref §3): initialize, check the version, notifications/initialized."""
+        self._era = None
+        result = await self._request("initialize", {"protocolVersion": MCP_HANDSHAKE_VERSIONS[0],
+                                                    "capabilities": {}, "clientInfo": MCP_CLIENT_INFO})
+        version = result.get("protocolVersion")
+        if version not in MCP_HANDSHAKE_VERSIONS:
+            raise McpError("initialize", {"message": f"it speaks protocol version {str(version)[:40]!r}; piagent "
+                                                     f"speaks {MCP_MODERN_VERSION} and {', '.join(MCP_HANDSHAKE_VERSIONS)}"})
+        self._era = self._transport.version = version
+        await self._transport.notify({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        return result.get("capabilities") or {}
+
+    async def _list_tools(self) -> None:
+        """tools/list, page by page; a tool that needs tasks, or HTTP headers piagent does not send, is left out."""
+        tools, cursor = {}, None
+        for _ in range(MCP_MAX_LIST_PAGES):
+            page = await self._request("tools/list", {"cursor": cursor} if cursor else None)
+            for tool in page.get("tools") or []:
+                if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
+                    continue
+                schema = tool.get("inputSchema") if isinstance(tool.get("inputSchema"), dict) else {"type": "object"}
+                needs_task = (tool.get("execution") or {}).get("taskSupport") == "required"
+                if needs_task or (self.config.url and self._era == MCP_MODERN_VERSION and "x-mcp-header" in json.dumps(schema)):
+                    log.warning("MCP server %s: tool %r left out: piagent cannot call it", self.config.name, tool["name"])
+                    continue
+                tools[tool["name"]] = self._tool(tool["name"], str(tool.get("description") or ""), schema)
+            cursor = page.get("nextCursor")
+            if not cursor:
+                break
+        self._tools = tools
+
+    async def _relist(self) -> None:
+        """List the tools again after a change; on failure keep the old list (the next change tries again)."""
+        try:
+            await self._list_tools()
+            log.info("MCP server %s: tool list changed, %d tools", self.config.name, len(self._tools))
+        except (McpError, TimeoutError) as exc:
+            log.warning("MCP server %s: listing tools again failed: %s", self.config.name, exc)
+
+    def _tool(self, name: str, description: str, schema: dict[str, Any]) -> Tool:
+        """One listed tool as the Toolbox runs it: bounded by the server's timeout, cut to MCP_MAX_RESULT_CHARS."""
+        async def run(arguments: dict[str, Any]) -> str:
+            return await self.call(name, arguments)
+        # a backstop: call() answers first (waiting for a start, then the request, each within timeout_s)
+        return Tool(run, description, schema, 2 * self.config.timeout_s + MCP_STOP_GRACE_S, self.max_result_chars)
+
+    def _on_notification(self, message: dict[str, Any]) -> None:
+        """A notification from the server: only a tool-list change matters to a tools-only client."""
+        if message.get("method") == "notifications/tools/list_changed":
+            self._changed.set()
+
+    def _message(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A request with a new id; in the 2026-07-28 era its params carry version, capabilities and identity."""
+        if self._era == MCP_MODERN_VERSION:
+            params = {**(params or {}), "_meta": {"io.modelcontextprotocol/protocolVersion": MCP_MODERN_VERSION,
+                                                  "io.modelcontextprotocol/clientCapabilities": {},
+                                                  "io.modelcontextprotocol/clientInfo": MCP_CLIENT_INFO}}
+        message = {"jsonrpc": "2.0", "id": next(self._ids), "method": method}
+        return message if params is None else {**message, "params": params}
+
+    async def _request(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One request's result within timeout_s; McpError if refused. If the awaiting task is cancelled or the"""
+        message = self._message(method, params)
+        try:
+            async with asyncio.timeout(self.config.timeout_s):
+                try:
+                    answer = await self._transport.request(message)
+                except McpSessionLost:  # the HTTP server forgot us (404): start over, then ask once more (ref §5)
+                    await self._initialize()
+                    self._changed.set()
+                    message = self._message(method, params)
+                    answer = await self._transport.request(message)
+        except TimeoutError:
+            await self._cancel(message)
+            raise TimeoutError(f"no answer to {method} within {self.config.timeout_s:g} s") from None
+        except asyncio.CancelledError:
+            await self._cancel(message)
+            raise
+        if "error" in answer:
+            raise McpError(method, answer["error"])
+        result = answer.get("result")
+        return result if isinstance(result, dict) else {}
+
+    async def _cancel(self, message: dict[str, Any]) -> None:
+        """Tell the server we stopped waiting (best effort). Never for initialize or the probe; on 2026-07-28"""
+        if message["method"] in ("initialize", "server/discover") or (
+                self.config.url and self._era == MCP_MODERN_VERSION):
+            return
+        notice = {"jsonrpc": "2.0", "method": "notifications/cancelled",
+                  "params": {"requestId": message["id"], "reason": "piagent stopped waiting"}}
+        try:
+            async with asyncio.timeout(MCP_STOP_GRACE_S):
+                await self._transport.notify(notice)
+        except (ConnectionError, TimeoutError):
+            pass  # the server is gone or stuck: there is nothing left to cancel
+
+    async def call(self, tool: str, arguments: dict[str, Any]) -> str:
+        """Call one tool: the text for the model, or ToolError with a sentence the model can read."""
+        self.calls += 1
+        try:
+            await self._ensure_running()
+            result = await self._request("tools/call", {"name": tool, "arguments": arguments})
+            if result.get("resultType", "complete") != "complete":
+                raise ToolError(f"{tool} asked for input that piagent cannot give")
+            text = result_text(result, self.max_result_chars)
+            if result.get("isError"):
+                raise ToolError(text or f"{tool} failed and did not say why")
+        except (ToolError, McpError, TimeoutError, ConnectionError) as exc:
+            self.failures += 1
+            if isinstance(exc, ConnectionError):
+                self._why = str(exc)
+            raise exc if isinstance(exc, ToolError) else ToolError(f"MCP server {self.config.name}: {exc}") from None
+        self._why, self._failed_starts = None, 0
+        return text
+
+    async def _ensure_running(self) -> None:
+        """Start the server again if it is down and its back-off has passed, and wait (bounded) for its tools."""
+        name = self.config.name
+        if self._stopped:
+            raise ToolError(f"MCP server {name} has been stopped")
+        if self._runner is None or self._runner.done():
+            wait_s = self._retry_at - self._clock()
+            if wait_s > 0:
+                raise ToolError(f"MCP server {name} is not running ({self._why}); piagent tries again in "
+                                f"{math.ceil(wait_s)} s")
+            self._launch()
+        try:
+            async with asyncio.timeout(self.config.timeout_s):
+                await self._settled.wait()
+        except TimeoutError:
+            raise ToolError(f"MCP server {name} is still starting after {self.config.timeout_s:g} s") from None
+        if not self._up:
+            raise ToolError(f"MCP server {name} is not usable: {self._why}")
 
 
 # ---------------------------------------------------------------------------
@@ -2905,8 +3570,9 @@ class Metrics:
         if record.get("error") in UPSTREAM_CODES:
             self.upstream_errors[record["error"]] = self.upstream_errors.get(record["error"], 0) + 1
 
-    def render(self, queued: int, generating: int, streams: int, conversations: int | None) -> str:
-        """The Prometheus text exposition format (version 0.0.4)."""
+    def render(self, queued: int, generating: int, streams: int, conversations: int | None,
+               mcp: Mapping[str, tuple[int, int]] = MappingProxyType({})) -> str:
+        """The Prometheus text exposition format (version 0.0.4); `mcp`: server -> (calls, failures)."""
         lines: list[str] = []
 
         def family(name: str, kind: str, help_text: str, samples: list[str]) -> None:
@@ -2926,6 +3592,11 @@ class Metrics:
                [f"piagent_tool_calls_total {self.tool_calls}"])
         family("piagent_upstream_errors_total", "counter", "Upstream failures, by error code.",
                [f'piagent_upstream_errors_total{{code="{c}"}} {n}' for c, n in sorted(self.upstream_errors.items())])
+        if mcp:
+            family("piagent_mcp_calls_total", "counter", "Calls of MCP tools, by server.",
+                   [f'piagent_mcp_calls_total{{server="{_label(n)}"}} {c}' for n, (c, _) in sorted(mcp.items())])
+            family("piagent_mcp_failures_total", "counter", "MCP calls that failed (the model read an error), by server.",
+                   [f'piagent_mcp_failures_total{{server="{_label(n)}"}} {f}' for n, (_, f) in sorted(mcp.items())])
         family("piagent_queue_depth", "gauge", "Requests waiting for a generation slot.", [f"piagent_queue_depth {queued}"])
         family("piagent_generations_active", "gauge", "Generations holding a slot.",
                [f"piagent_generations_active {generating}"])
@@ -3021,6 +3692,9 @@ async def readiness(rt: Runtime) -> tuple[bool, dict[str, Any]]:
         checks["generation"] = {"ok": False, "detail": f"{stalled} generation(s) hold the model with no word from "
                                 f"{provider.label} for over {config.upstream_timeout_s:g} s; restart piagent "
                                 f"(sudo systemctl restart piagent) if this lasts"}
+    for name, source in rt.toolbox.sources.items():  # a server that is down fails its own check, and only it
+        ok, detail = source.status()
+        checks[f"mcp:{name}"] = {"ok": ok, "detail": detail}
     warmup = rt.warmup
     if warmup.state != "off":
         checks["warmup"] = {"ok": warmup.state == "done" and not warmup.problems,
@@ -3332,7 +4006,8 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
     names a tool the toolbox does not have.
     """
     clock = clock or time.time
-    toolbox = Toolbox(TOOLS if tools is None else tools)
+    servers = tuple(McpServer(s, max_result_chars=config.mcp_max_result_chars) for s in config.mcp_servers)
+    toolbox = Toolbox(TOOLS if tools is None else tools, servers)
     toolbox.check(config)
     timeout = httpx.Timeout(config.upstream_timeout_s, connect=config.upstream_connect_timeout_s)
     client = httpx.AsyncClient(timeout=timeout, transport=transport)
@@ -3352,10 +4027,13 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
             loop, quiet = asyncio.get_running_loop(), AcceptErrors()
             handler, _ = loop.get_exception_handler(), loop.set_exception_handler(quiet)
             rt.warmup.start(rt.provider, list(dict.fromkeys(a.model for a in config.agents)) if config.warmup else [])
+            for server in servers:  # each connects in the background: a slow one never delays /health
+                await server.start()
             try:
                 yield
             finally:
                 loop.set_exception_handler(handler)
+                await asyncio.gather(*(server.stop() for server in servers))  # no child outlives piagent
                 await rt.warmup.stop()
                 if rt.store is not None:
                     await rt.store.close()
@@ -3416,7 +4094,8 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
             conversations = await rt.store.count() if rt.store is not None else None
         except PiagentError:
             conversations = None
-        text = rt.metrics.render(rt.gate.queued, rt.gate.active, rt.streams, conversations)
+        mcp = {name: (s.calls, s.failures) for name, s in rt.toolbox.sources.items()}
+        text = rt.metrics.render(rt.gate.queued, rt.gate.active, rt.streams, conversations, mcp)
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/agents", response_model=AgentList, responses=documented(ErrorBody, GUARD_STATUSES))
@@ -4216,6 +4895,10 @@ def load_config(environ: Mapping[str, str], env_file: Path | None = None) -> Con
     keep_alive = s.text("OLLAMA_KEEP_ALIVE", None)
     if keep_alive is not None and not KEEP_ALIVE_PATTERN.match(keep_alive):
         raise s.fail("OLLAMA_KEEP_ALIVE", "seconds or a duration such as 30m, 1h, -1 (forever)")
+    servers = tuple(_read_mcp_server(s, name) for name in s.items(
+        "MCP_SERVERS", MCP_SERVER_NAME_PATTERN, "comma-separated names of lowercase letters, digits and _ (at most 32)"))
+    if len({server.name for server in servers}) != len(servers):
+        raise s.fail("MCP_SERVERS", "distinct names")
     return Config(
         provider=provider,
         openai_base_url=s.url("OPENAI_BASE_URL", d.openai_base_url),
@@ -4265,7 +4948,9 @@ def load_config(environ: Mapping[str, str], env_file: Path | None = None) -> Con
         max_tool_rounds=s.integer("MAX_TOOL_ROUNDS", d.max_tool_rounds, 0, 10),
         embed_model=s.text("EMBED_MODEL", None),
         agents=_read_agents(s, PROVIDERS[provider].model_prefix, d.agents[0].model,
-                            tools_ok=provider == "openai" or ollama_api == "chat"),
+                            tools_ok=provider == "openai" or ollama_api == "chat", servers=servers),
+        mcp_servers=servers,
+        mcp_max_result_chars=s.integer("MCP_MAX_RESULT_CHARS", d.mcp_max_result_chars, 200, 1_000_000),
     )
 
 
@@ -4278,7 +4963,26 @@ def _redis_url(settings: _Settings) -> str:
     return url
 
 
-def _read_agents(settings: _Settings, prefix: str, default_model: str, tools_ok: bool) -> tuple[Agent, ...]:
+def _read_mcp_server(s: _Settings, name: str) -> McpServerConfig:
+    """MCP_<NAME>_COMMAND (split like a shell would, never run by one) or _URL (+ _TOKEN), and _TIMEOUT_S."""
+    key = f"MCP_{name.upper()}_"
+    command, url, token = s.raw(key + "COMMAND"), s.raw(key + "URL"), s.raw(key + "TOKEN")
+    if (command is None) == (url is None):
+        raise ConfigError(f"MCP server {name!r} needs exactly one of {key}COMMAND (a program that speaks MCP on "
+                          f"stdin/stdout) or {key}URL (its Streamable HTTP address)")
+    try:
+        argv = tuple(shlex.split(command or ""))
+    except ValueError as exc:
+        raise s.fail(key + "COMMAND", f"a program and its arguments, quoted as a shell would ({exc})") from None
+    if url is not None:
+        url = s.url(key + "URL", url)
+    if token is not None and url is None:
+        raise s.fail(key + "TOKEN", f"no token: it is sent only to an HTTP server ({key}URL)")
+    return McpServerConfig(name, argv, url, token, s.number(key + "TIMEOUT_S", McpServerConfig.timeout_s, 0.1, 3600))
+
+
+def _read_agents(settings: _Settings, prefix: str, default_model: str, tools_ok: bool,
+                 servers: tuple[McpServerConfig, ...] = ()) -> tuple[Agent, ...]:
     """AGENTS=a,b plus <prefix><NAME> (the model), AGENT_<NAME>_SYSTEM and AGENT_<NAME>_TOOLS for each.
 
     An agent without its own model uses <prefix>GENERAL, then `default_model`.
@@ -4295,6 +4999,10 @@ def _read_agents(settings: _Settings, prefix: str, default_model: str, tools_ok:
         tools = settings.items(f"AGENT_{upper}_TOOLS", TOOL_NAME_PATTERN, "comma-separated tool names such as calc,now")
         if tools and not tools_ok:
             raise settings.fail(f"AGENT_{upper}_TOOLS", "no tools with OLLAMA_API=generate (tools need /api/chat)")
+        unknown = [t.split(".")[0] for t in tools if "." in t and t.split(".")[0] not in {m.name for m in servers}]
+        if unknown:
+            raise settings.fail(f"AGENT_{upper}_TOOLS", f"tools of servers in MCP_SERVERS; add {unknown[0]!r} there, "
+                                                        f"with MCP_{unknown[0].upper()}_COMMAND or _URL")
         agents.append(Agent(name, model, system, tuple(dict.fromkeys(tools))))
     return tuple(agents)
 
@@ -4371,7 +5079,10 @@ def masked_settings(config: Config) -> list[tuple[str, str]]:
             shown += [(f"  agent {a.name}", f"model {a.model}, tools {','.join(a.tools) or '(none)'}, "
                                             f"system prompt {a.system[:60]!r}") for a in value]
             continue
-        if f.name == "api_keys":
+        if f.name == "mcp_servers":
+            value = ", ".join(f"{m.name}: {shlex.join(m.command) or m.url}" + (" (token set)" if m.token else "")
+                              for m in value) or "(none)"
+        elif f.name == "api_keys":
             value = ", ".join(f"key {key_id(k)}" for k in value) or "(none: no auth)"
         elif f.name == "openai_api_key" and value:
             value = f"(set, {key_id(value)})"
@@ -4416,6 +5127,26 @@ async def run_checks(config: Config, env_file: Path | None) -> list[tuple[bool, 
     except StoreError as exc:
         results.append((False, f"memory: {_memory_description(config)}", str(exc)))
     results.append(_port_free(config.host, config.port))
+    return results + await check_mcp_servers(config)
+
+
+async def check_mcp_servers(config: Config) -> list[tuple[bool, str, str]]:
+    """Start each MCP server, list its tools and stop it; then each agent's MCP entries that match no tool."""
+    servers = [McpServer(s) for s in config.mcp_servers]
+    await asyncio.gather(*(server.start() for server in servers))
+    try:
+        await asyncio.gather(*(server.ready(2 * server.config.timeout_s) for server in servers))
+        status = [server.status() for server in servers]
+    finally:
+        await asyncio.gather(*(server.stop() for server in servers))
+    results = [(ok, f"MCP server {s.name}: " + (", ".join(s.tools()) if ok else "cannot start"),
+                "" if ok else f"{why}; check MCP_{s.name.upper()}_COMMAND or _URL")
+               for s, (ok, why) in zip(servers, status)]
+    toolbox = Toolbox({}, tuple(servers))
+    for agent in config.agents:
+        for entry in (t for t in agent.tools if "." in t and not toolbox.allowed((t,))):
+            results.append((False, f"agent {agent.name}: {entry} matches no tool",
+                            f"fix AGENT_{agent.name.upper()}_TOOLS (tools as listed above)"))
     return results
 
 

@@ -1,0 +1,48 @@
+"""Misbehaving stdio "servers" for piagent's MCP client tests (stdlib only).
+
+    python bad_server.py silent [--stubborn] [--pids FILE]
+        reads stdin, never answers; --stubborn also ignores SIGTERM and stdin closing and starts a grandchild
+        that does the same; --pids writes "<own pid> <grandchild pid>" to FILE once both run.
+    python bad_server.py noisy LINES -- COMMAND...
+        writes LINES lines of garbage to stdout and LINES lines to stderr, then becomes COMMAND (exec).
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+
+def silent(argv: list[str]) -> None:
+    """Never answer; with --stubborn, never exit either unless killed."""
+    stubborn = "--stubborn" in argv
+    pids = argv[argv.index("--pids") + 1] if "--pids" in argv else None
+    if stubborn:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        child = subprocess.Popen([sys.executable, "-c", "import signal, time\n"
+                                  "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                                  "while True: time.sleep(1)"], stdin=subprocess.DEVNULL)
+    if pids:
+        with open(pids + ".tmp", "w") as f:
+            f.write(f"{os.getpid()} {child.pid if stubborn else 0}")
+        os.replace(pids + ".tmp", pids)
+    for _ in sys.stdin:
+        pass
+    while stubborn:  # stdin closed: a well-behaved server exits here; this one does not
+        time.sleep(1)
+
+
+def noisy(argv: list[str]) -> None:
+    """Garbage on stdout and a flood on stderr, then the real server."""
+    count, command = int(argv[0]), argv[argv.index("--") + 1:]
+    for i in range(count):
+        sys.stdout.write(f"garbage line {i} {{not json\n")
+        sys.stderr.write(f"chatty stderr line {i}\n")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(command[0], command)
+
+
+if __name__ == "__main__":
+    {"silent": silent, "noisy": noisy}[sys.argv[1]](sys.argv[2:])
