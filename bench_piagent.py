@@ -26,6 +26,7 @@ import asyncio
 import json
 import os
 import platform
+import random
 import socket
 import statistics
 import subprocess
@@ -261,7 +262,7 @@ async def first_byte(client, url: str, data: bytes, headers: dict[str, str]) -> 
 
 
 async def keepalive_ttft(targets: dict[str, tuple[str, dict, dict[str, str]]], rounds: int) -> dict:
-    """Each round times every target once (in a rotating order), on one httpx.AsyncClient; the added TTFT of a
+    """Each round times every target once (in a shuffled order), on one httpx.AsyncClient; the added TTFT of a
     target is its time minus the same round's direct time. Medians and p90s in ms, and connections used."""
     import httpx
 
@@ -271,9 +272,9 @@ async def keepalive_ttft(targets: dict[str, tuple[str, dict, dict[str, str]]], r
     encoded = {name: (url, json.dumps(body).encode(), {"Content-Type": "application/json", **headers})
                for name, (url, body, headers) in targets.items()}
     async with httpx.AsyncClient(timeout=30) as client:
+        order = random.Random(1)  # a fresh order each round: no target always follows the same one
         for i in range(KEEPALIVE_WARMUP + rounds):
-            for k in range(len(names)):
-                name = names[(i + k) % len(names)]
+            for name in order.sample(names, len(names)):
                 seconds, connection = await first_byte(client, *encoded[name])
                 if i >= KEEPALIVE_WARMUP:
                     ttft[name].append(seconds)
