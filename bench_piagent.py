@@ -4,6 +4,7 @@
     python bench_piagent.py --json         # the same as JSON
     python bench_piagent.py --quick        # fewer rounds (a smoke run)
     python bench_piagent.py --real         # also against llama.cpp's server with SmolLM2-135M
+    python bench_piagent.py --keepalive    # only the keep-alive scenario (with --quick: fewer rounds)
 
 A fake Ollama (fake_ollama.py, its own process, answering with as many tokens as num_predict asks) and piagent
 (python piagent.py, its own process) run on 127.0.0.1. The same workload goes direct to the fake and through
@@ -11,6 +12,11 @@ piagent, alternating, over several rounds; it reports medians and ratios (the ma
 what count), piagent's RSS and CPU per token, its cold start, and how much of each prompt in a 30-turn
 conversation repeats the previous request (what a model server can take from its KV cache instead of
 re-reading). Every loop is bounded in count and time.
+
+The keep-alive scenario is the client a browser or an SDK is: one httpx.AsyncClient reusing its connection to
+each server, one request at a time, against a fake paced at 2 ms a token. It times the first body byte direct to
+the fake, through a plain FastAPI + httpx passthrough (bench_passthrough.py, the baseline) and through piagent
+(its plain-text stream and its SSE), and reports what each adds to the direct time.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import asyncio
 import json
 import os
 import platform
+import random
 import socket
 import statistics
 import subprocess
@@ -131,6 +138,21 @@ class Piagent:
         self.proc.wait(30)
 
 
+class Passthrough:
+    """bench_passthrough.py as its own process: the FastAPI + httpx baseline in front of the fake."""
+
+    def __init__(self, upstream_port: int):
+        self.port = free_port()
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "bench_passthrough.py"), "--port", str(self.port),
+                                      "--upstream", f"http://127.0.0.1:{upstream_port}"], cwd=HERE,
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(self.port, "/health")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
 def start_fake(token_ms: float = 0.0) -> tuple[subprocess.Popen, int]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, str(HERE / "fake_ollama.py"), "--port", str(port),
@@ -216,6 +238,80 @@ def cold_start(fake_port: int, times: int) -> float:
         starts.append(agent.cold_start_s)
         agent.stop()
     return round(statistics.median(starts), 3)
+
+
+# -- keep-alive: one client reusing its connections, one request at a time ---------------------------------
+
+#: The keep-alive scenario: upstream pace, tokens per reply, pause between requests (a client that sends the
+#: next request the instant the last byte arrives would time piagent's clean-up of the previous request too).
+KEEPALIVE_TOKEN_MS, KEEPALIVE_TOKENS, KEEPALIVE_GAP_S, KEEPALIVE_WARMUP = 2.0, 8, 0.005, 10
+
+
+async def first_byte(client, url: str, data: bytes, headers: dict[str, str]) -> tuple[float, int]:
+    """POST on the client's kept-alive connection and read the reply to its end: (seconds from sending to the
+    first body byte, the id of the connection used)."""
+    started = time.perf_counter()
+    async with client.stream("POST", url, content=data, headers=headers) as response:
+        first = None
+        async for chunk in response.aiter_raw():
+            if first is None and chunk:
+                first = time.perf_counter()
+        if response.status_code != 200 or first is None:
+            raise RuntimeError(f"{url}: HTTP {response.status_code}, {'a' if first else 'no'} body")
+        return first - started, id(response.extensions.get("network_stream"))
+
+
+async def keepalive_ttft(targets: dict[str, tuple[str, dict, dict[str, str]]], rounds: int) -> dict:
+    """Each round times every target once (in a shuffled order), on one httpx.AsyncClient; the added TTFT of a
+    target is its time minus the same round's direct time. Medians and p90s in ms, and connections used."""
+    import httpx
+
+    names = list(targets)
+    ttft: dict[str, list[float]] = {name: [] for name in names}
+    connections: dict[str, set[int]] = {name: set() for name in names}
+    encoded = {name: (url, json.dumps(body).encode(), {"Content-Type": "application/json", **headers})
+               for name, (url, body, headers) in targets.items()}
+    async with httpx.AsyncClient(timeout=30) as client:
+        order = random.Random(1)  # a fresh order each round: no target always follows the same one
+        for i in range(KEEPALIVE_WARMUP + rounds):
+            for name in order.sample(names, len(names)):
+                seconds, connection = await first_byte(client, *encoded[name])
+                if i >= KEEPALIVE_WARMUP:
+                    ttft[name].append(seconds)
+                    connections[name].add(connection)
+                await asyncio.sleep(KEEPALIVE_GAP_S)
+    ms = lambda v: round(v * 1000, 3)  # noqa: E731
+    direct = ttft.pop("direct")
+    out = {"keepalive_direct_ttft_p50_ms": ms(statistics.median(direct)),
+           "keepalive_direct_ttft_p90_ms": ms(percentile(direct, 0.9))}
+    for name, values in ttft.items():
+        added = [t - d for t, d in zip(values, direct)]
+        out[f"keepalive_{name}_added_p50_ms"] = ms(statistics.median(added))
+        out[f"keepalive_{name}_added_p90_ms"] = ms(percentile(added, 0.9))
+    out["keepalive_connections"] = {name: len(ids) for name, ids in connections.items()}  # 1 each: kept alive
+    return out
+
+
+def keepalive(rounds: int) -> dict:
+    """The keep-alive scenario: direct, the passthrough, piagent's plain stream and its SSE, c=1, 2 ms a token."""
+    fake, fake_port = start_fake(KEEPALIVE_TOKEN_MS)
+    passthrough = agent = None
+    try:
+        passthrough = Passthrough(fake_port)
+        agent = Piagent(fake_port, MAX_TOKENS=str(KEEPALIVE_TOKENS))
+        targets = {
+            "direct": (f"http://127.0.0.1:{fake_port}/api/chat", direct_body(KEEPALIVE_TOKENS), {}),
+            "passthrough": (f"http://127.0.0.1:{passthrough.port}/api/chat", direct_body(KEEPALIVE_TOKENS), {}),
+            "piagent": (f"http://127.0.0.1:{agent.port}/chat", piagent_body(), {}),
+            "piagent_sse": (f"http://127.0.0.1:{agent.port}/chat", piagent_body(), {"Accept": "text/event-stream"}),
+        }
+        return asyncio.run(asyncio.wait_for(keepalive_ttft(targets, rounds), 600))
+    finally:
+        for proc in (agent, passthrough):
+            if proc is not None:
+                proc.stop()
+        fake.terminate()
+        fake.wait(30)
 
 
 # -- prefix reuse over a 30-turn conversation -------------------------------------------------------------
@@ -373,11 +469,14 @@ def measure_profile(token_ms: float, rounds: int, quick: bool) -> dict:
     return results
 
 
-def run(quick: bool, real: bool) -> dict:
+def run(quick: bool, real: bool, only_keepalive: bool = False) -> dict:
     rounds = 3 if quick else 7
+    keepalive_rounds = 100 if quick else 400
     # as installed (README: python -m compileall): without cached bytecode every start compiles piagent.py
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(HERE / "piagent.py")], check=True)
     results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"}
+    if only_keepalive:
+        return {**results, **keepalive(keepalive_rounds)}
     fake, fake_port = start_fake(0.0)
     try:
         results["cold_start_s"] = cold_start(fake_port, 3 if quick else 5)
@@ -390,6 +489,7 @@ def run(quick: bool, real: bool) -> dict:
     finally:
         fake.terminate()
         fake.wait(30)
+    results.update(keepalive(keepalive_rounds))
     for name, token_ms in PROFILES.items():
         prefix = "" if name == "fast" else f"{name}_"
         results.update({prefix + k: v for k, v in measure_profile(token_ms, rounds, quick).items()})
@@ -399,12 +499,19 @@ def run(quick: bool, real: bool) -> dict:
     return results
 
 
-def verdicts(results: dict) -> list[tuple[str, object, bool]]:
+def verdicts(results: dict, partial: bool = False) -> list[tuple[str, object, bool]]:
     out = []
     for name, (key, op, bound) in TARGETS.items():
+        if partial and key not in results:
+            continue  # --keepalive: the other scenarios did not run
         value = results.get(key)
         ok = value is not None and (value <= bound if op == "<=" else value >= bound)
         out.append((name, value, ok))
+    if "keepalive_piagent_added_p50_ms" in results:
+        bound = results["keepalive_passthrough_added_p50_ms"]
+        for name in ("piagent", "piagent_sse"):
+            value = results[f"keepalive_{name}_added_p50_ms"]
+            out.append((f"keep-alive added TTFT p50 ({name}) <= the passthrough's ({bound} ms)", value, value <= bound))
     if "real_ttft_ratio" in results:
         out.append(("real-model TTFT <= 1.05x direct", results["real_ttft_ratio"], results["real_ttft_ratio"] <= 1.05))
     return out
@@ -415,17 +522,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("--quick", action="store_true", help="fewer rounds")
     parser.add_argument("--real", action="store_true", help="also against llama.cpp's server with SmolLM2-135M")
+    parser.add_argument("--keepalive", action="store_true", help="only the keep-alive scenario")
     args = parser.parse_args(argv)
-    results = run(args.quick, args.real)
+    results = run(args.quick, args.real, args.keepalive)
     if args.json:
         print(json.dumps({"results": results, "targets": [
-            {"target": n, "value": v, "met": ok} for n, v, ok in verdicts(results)]}))
+            {"target": n, "value": v, "met": ok} for n, v, ok in verdicts(results, args.keepalive)]}))
         return 0
     width = max(map(len, results))
     for key, value in results.items():
         print(f"{key:<{width}}  {value}")
     print()
-    for name, value, ok in verdicts(results):
+    for name, value, ok in verdicts(results, args.keepalive):
         print(f"{'✓' if ok else '✗'} {name}: {value}")
     return 0
 

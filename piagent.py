@@ -3126,12 +3126,20 @@ class Relay:
         self.producer = loop.create_task(self._produce())
         # reading from the client is the only way to learn it left while nothing is being sent to it
         self.gone = loop.create_task(self._until_disconnect())
+        for done in (self.producer, self.gone, self.expired):  # each wakes next() itself: one future to await
+            done.add_done_callback(self._wake)
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
+        self.expired.remove_done_callback(self._wake)  # shared by every request: leave nothing on it
         self.producer.cancel()
         self.gone.cancel()
         await asyncio.wait({self.producer, self.gone})  # the producer's `finally`s have closed the upstream
+
+    def _wake(self, why: Any = None) -> None:
+        """Resolve `ready` (with PING when it is the ping timer), if it is still waiting."""
+        if self.ready is not None and not self.ready.done():
+            self.ready.set_result(why if why is PING else None)
 
     async def _produce(self) -> None:
         async with aclosing(self.source) as events:
@@ -3154,14 +3162,17 @@ class Relay:
             if self.producer.done():
                 self.producer.result()
                 return END
-            self.ready = asyncio.get_running_loop().create_future()
-            done, _ = await asyncio.wait({self.ready, self.producer, self.gone, self.expired}, timeout=ping_s,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            loop = asyncio.get_running_loop()
+            self.ready = loop.create_future()
+            ping = None if ping_s is None else loop.call_later(ping_s, self._wake, PING)
+            woken_by = await self.ready
+            if ping is not None:
+                ping.cancel()
             if self.gone.done():
                 raise ClientGone()
             if self.expired.done():
                 raise ShuttingDown("piagent is shutting down; retry in a few seconds", {"Retry-After": "5"})
-            if not done:
+            if woken_by is PING and not self.buffer and not self.producer.done():
                 return PING
         if self.room is not None and not self.room.done():
             self.room.set_result(None)
