@@ -3634,8 +3634,8 @@ class Warmup:
         self._task: asyncio.Task | None = None
 
     def start(self, provider: Provider, models: list[str]) -> None:
-        """Begin in the background; `models` empty: only check that the upstream can be reached."""
-        self.state = "warming" if models else "off"
+        """Begin in the background."""
+        self.state = "warming"
         # in the background, so that /health answers at once however slow the model server is
         self._task = asyncio.get_running_loop().create_task(self._run(provider, models))
 
@@ -3648,15 +3648,13 @@ class Warmup:
                 except UpstreamUnavailable as exc:
                     if attempt == 0:
                         log.warning("%s; piagent keeps trying in the background", exc.message)
-                    if not models:
-                        return
                     await asyncio.sleep(self.pause_s)  # a pause between retries, not synchronisation
                 except UpstreamFailure:
                     break  # reachable; what is wrong shows in the loads below and in /ready
             for model in models:
                 await self._warm_one(provider, model)
         finally:
-            self.state = "done" if models else "off"
+            self.state = "done"
 
     async def _warm_one(self, provider: Provider, model: str) -> None:
         try:
@@ -4037,7 +4035,8 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
             rt.drain.start()
             loop, quiet = asyncio.get_running_loop(), AcceptErrors()
             handler, _ = loop.get_exception_handler(), loop.set_exception_handler(quiet)
-            rt.warmup.start(rt.provider, list(dict.fromkeys(a.model for a in config.agents)) if config.warmup else [])
+            if config.warmup:
+                rt.warmup.start(rt.provider, list(dict.fromkeys(a.model for a in config.agents)))
             for server in servers:  # each connects in the background: a slow one never delays /health
                 await server.start()
             try:
@@ -5059,6 +5058,10 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
              _memory_description(config))
     for warning in startup_warnings(config):
         log.warning(warning)
+    if not config.warmup:  # warm-up looks for the upstream itself; without it, look once, so a missing one is said
+        missing = asyncio.run(unreachable(config))
+        if missing is not None:
+            log.warning("%s; piagent keeps trying on each request", missing)
     if config.workers > 1:  # each worker process builds its own app from the same environment
         if env_file is not None:
             os.environ["PIAGENT_ENV_FILE"] = str(env_file)
@@ -5078,6 +5081,18 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
 
     Server(uvicorn.Config(app, host=config.host, port=config.port, **uvicorn_options(config))).run()
     return 0
+
+
+async def unreachable(config: Config) -> str | None:
+    """Why the upstream cannot be reached (with both fixes), or None when it answers (whatever it says)."""
+    async with httpx.AsyncClient(timeout=httpx.Timeout(PROBE_TIMEOUT_S, connect=config.upstream_connect_timeout_s)) as c:
+        try:
+            await PROVIDERS[config.provider](c, config).probe()
+        except UpstreamUnavailable as exc:
+            return exc.message
+        except UpstreamFailure:
+            pass
+    return None
 
 
 def masked_settings(config: Config) -> list[tuple[str, str]]:

@@ -439,7 +439,7 @@ def test_tool_calls_show_above_the_answer_as_text(page_of, fake):
 def test_status_line_shows_agent_model_readiness_and_speed(page_of, fake):
     page, _ = page_of()
     expect(page.locator("#status")).to_have_class("ready")
-    expect(page.locator("#state")).to_have_text("general \u00b7 ready")
+    expect(page.locator("#state")).to_have_text(f"general \u2192 {MODEL} \u00b7 ready")  # /agents names the model
     fake.script = Script(tokens=["One", " two", " three", " four", " five"], token_delay_s=0.02)
     send(page, "count")
     expect(done_replies(page)).to_have_count(1)
