@@ -24,6 +24,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import base64
+import contextlib
 import errno
 import hashlib
 import hmac
@@ -1112,6 +1113,8 @@ def has_model(model: str, available: set[str]) -> bool:
 
 #: The longest line piagent reads from an upstream stream (a token's chunk is a few hundred bytes).
 MAX_UPSTREAM_LINE_BYTES = 1 << 20
+#: Lines piagent reads after a reply's end (the closing chunk, a trailing [DONE]); more, and it closes the request.
+MAX_LINES_AFTER_END = 8
 #: The largest non-streamed upstream body piagent reads.
 MAX_UPSTREAM_BODY_BYTES = 4 << 20
 JSON_KINDS = {str: "a string", int: "a whole number", float: "a number", dict: "an object", list: "a list",
@@ -1174,7 +1177,10 @@ class HTTPProvider:
         reply: dict[str, Any] = {"done": False}  # what `read` keeps between lines
         async with aclosing(self.stream_lines(path, body, agent.model)) as lines:
             async for line in lines:
-                if reply["done"]:  # after the end: read on, so the connection goes back to the pool
+                if reply["done"]:  # after the end: read on a little, so the connection goes back to the pool
+                    reply["after"] = reply.get("after", 0) + 1
+                    if reply["after"] > MAX_LINES_AFTER_END:
+                        break  # an upstream that goes on after its end is not waited for: close it
                     continue
                 text = self.read(line, reply, usage)
                 if text:
@@ -2677,7 +2683,7 @@ class Gate:
         ticket = Ticket(conversation, slot, asyncio.get_running_loop().create_future())
         if self._may_go(ticket):
             self._grant(ticket)
-        elif len(self._waiting) >= self.max_queue:
+        elif ticket.slot and len(self._waiting) >= self.max_queue:
             raise QueueFull(f"the model is busy and {self.max_queue} requests already wait (MAX_QUEUE); retry shortly",
                             {"Retry-After": str(DEFAULT_RETRY_AFTER_S)})
         else:
@@ -2705,7 +2711,9 @@ class Gate:
             self._waiting.remove(ticket)
         ticket.future.cancel()
         for waiting in list(self._waiting):  # in order: nobody passes a waiter that may go
-            if self._may_go(waiting):
+            if waiting.future.done():  # cancelled with its task; that task's own leave() is still to come
+                self._waiting.remove(waiting)
+            elif self._may_go(waiting):
                 self._waiting.remove(waiting)
                 self._grant(waiting)
         self.changed().set_result(None)
@@ -3134,7 +3142,14 @@ class Relay:
         self.expired.remove_done_callback(self._wake)  # shared by every request: leave nothing on it
         self.producer.cancel()
         self.gone.cancel()
-        await asyncio.wait({self.producer, self.gone})  # the producer's `finally`s have closed the upstream
+        interrupted = False
+        while not self.producer.done():  # its `finally`s close the upstream: only then may the slot pass on
+            try:
+                await asyncio.wait({self.producer})
+            except asyncio.CancelledError:  # cancelled again (server shutdown): finish this first, then obey
+                interrupted = True
+        if interrupted:
+            raise asyncio.CancelledError()
 
     def _wake(self, why: Any = None) -> None:
         """Resolve `ready` (with PING when it is the ping timer), if it is still waiting."""
@@ -3465,8 +3480,9 @@ class Generation(Response):
             log.warning("stream ended by a failure after it began: %s: %s", exc.code, exc.message)
             tail = door.failure(exc)
             if tail is not None:  # else no closing chunk: the client must see this reply as incomplete
-                await self._write(send, tail)
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                with contextlib.suppress(ClientGone):  # it stopped reading too: the upstream's error stands
+                    await self._write(send, tail)
+                    await self._write(send, "", more=False)
         finally:
             x.rt.streams -= self.started
 
@@ -3493,9 +3509,9 @@ class Generation(Response):
                 x.note(event)  # after it was written: memory keeps what the client was given
         await x.save()  # before the client hears the reply is done
         await self._write(send, door.end(x))
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await self._write(send, "", more=False)
 
-    async def _write(self, send: Callable, text: str) -> None:
+    async def _write(self, send: Callable, text: str, more: bool = True) -> None:
         if not self.started:
             headers = {"Content-Type": self.door.media_type, **STREAM_HEADERS, **self.x.headers()}
             await send({"type": "http.response.start", "status": 200, "headers": [
@@ -3504,7 +3520,7 @@ class Generation(Response):
             self.x.rt.streams += 1
         try:
             async with asyncio.timeout(self.x.rt.config.write_timeout_s):
-                await send({"type": "http.response.body", "body": text.encode(), "more_body": True})
+                await send({"type": "http.response.body", "body": text.encode(), "more_body": more})
         except (TimeoutError, OSError):  # it stopped reading, or it is gone (the server's ClientDisconnected)
             raise ClientGone() from None
 

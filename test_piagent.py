@@ -486,6 +486,32 @@ def test_several_workers_need_a_shared_memory():
     assert load_config({"WORKERS": "2", "MEMORY_BACKEND": "sqlite"}).workers == 2
 
 
+def test_a_waiter_cancelled_with_its_task_is_never_granted_and_leaves_the_gate_clean():
+    # a waiter's future is cancelled the moment its task is, before its own leave() runs (found in review)
+    async def scenario():
+        gate = Gate(limit=1, max_queue=8)
+        first, waiter = gate.enter("x"), gate.enter("x", slot=False)
+        waiter.future.cancel()
+        gate.leave(first)  # must not try to grant the cancelled waiter
+        gate.leave(waiter)
+        assert (gate.active, gate.busy, gate.queued, gate.holders) == (0, set(), 0, set())
+
+    run(scenario())
+
+
+def test_forgetting_a_busy_conversation_is_not_refused_by_max_queue():
+    async def scenario():
+        gate = Gate(limit=1, max_queue=0)
+        held = gate.enter("x")
+        forget = gate.enter("x", slot=False)  # waits for the reply in progress; needs no slot, so no queue limit
+        assert not forget.granted
+        gate.leave(held)
+        assert forget.granted and gate.busy == {"x"} and gate.active == 0
+        gate.leave(forget)
+
+    run(scenario())
+
+
 def test_the_gate_serialises_one_conversation_and_leaves_no_entries():
     async def scenario():
         gate, order = Gate(limit=3, max_queue=8), []
