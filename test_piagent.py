@@ -1,8 +1,10 @@
 """piagent's specification, as tests. Sectioned like piagent.py.
 
-Behaviour is tested through real HTTP: piagent runs under uvicorn on a free loopback port and talks to
-fake_ollama.FakeOllama, a real HTTP server on another port that follows the Ollama wire protocol and records
-what it received and when a client hung up. Nothing here mocks piagent's own functions.
+Behaviour is tested through HTTP. Streams, disconnects and time-outs need real sockets: piagent runs under
+uvicorn on a free loopback port (`serve`). Plain request/response runs the same app in process, inside its
+lifespan, through httpx.ASGITransport (`serve_local`): no socket, no uvicorn start and stop. Either way piagent
+talks to fake_ollama.FakeOllama, a real HTTP server on another port that follows the Ollama wire protocol and
+records what it received and when a client hung up. Nothing here mocks piagent's own functions.
 """
 
 from __future__ import annotations
@@ -56,7 +58,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class LiveServer:
+class Requests:
+    """server.get("/agents"), server.post("/chat", json=...): the same calls whether piagent is live or in process."""
+
+    def request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        raise NotImplementedError
+
+    def get(self, path: str, **kwargs) -> httpx.Response:
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, **kwargs) -> httpx.Response:
+        return self.request("POST", path, **kwargs)
+
+    def delete(self, path: str, **kwargs) -> httpx.Response:
+        return self.request("DELETE", path, **kwargs)
+
+    def options(self, path: str, **kwargs) -> httpx.Response:
+        return self.request("OPTIONS", path, **kwargs)
+
+
+class LiveServer(Requests):
     """piagent's app under a real uvicorn on a free loopback port, in a thread."""
 
     def __init__(self, app):
@@ -79,6 +100,54 @@ class LiveServer:
         self.thread.join(DEADLINE_S)
         self.sock.close()
 
+    def request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        return httpx.request(method, f"{self.url}{path}", **{"timeout": DEADLINE_S, **kwargs})
+
+
+class InProcessServer(Requests):
+    """piagent's app in this process, for plain request/response: its lifespan runs on a private event loop in a
+    thread, and requests go through httpx.ASGITransport from a loopback client address. That transport buffers
+    whole bodies and never shows a disconnect, so streams, disconnects and time-outs use LiveServer."""
+
+    def __init__(self, app):
+        self.app = app
+        self.ready = threading.Event()
+        self.failed: BaseException | None = None
+        self.thread = threading.Thread(target=asyncio.run, args=(self._serve(),), daemon=True)
+
+    async def _serve(self) -> None:
+        self.loop, self.stopping = asyncio.get_running_loop(), asyncio.Event()
+        transport = httpx.ASGITransport(self.app, client=("127.0.0.1", 123))
+        try:
+            async with self.app.router.lifespan_context(self.app), httpx.AsyncClient(
+                    transport=transport, base_url="http://127.0.0.1") as self.client:
+                self.ready.set()
+                await self.stopping.wait()
+        except BaseException as exc:  # a start-up error: __enter__ raises it in the test
+            self.failed = exc
+        finally:
+            self.ready.set()
+
+    def __enter__(self) -> "InProcessServer":
+        self.thread.start()
+        assert self.ready.wait(DEADLINE_S), "piagent's lifespan did not start"
+        if self.failed is not None:
+            raise self.failed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.stopping.set)
+        self.thread.join(DEADLINE_S)
+
+    def request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        timeout = kwargs.pop("timeout", DEADLINE_S)  # the transport has no network time-outs: bound the wait here
+        call = asyncio.run_coroutine_threadsafe(self.client.request(method, path, **kwargs), self.loop)
+        try:
+            return call.result(timeout)
+        finally:
+            call.cancel()  # a no-op once done; otherwise the request must not outlive the test
+
 
 @pytest.fixture
 def fake():
@@ -88,24 +157,45 @@ def fake():
 
 
 @pytest.fixture
-def serve(fake):
-    """serve(**env) -> LiveServer of piagent configured from env (OLLAMA_HOST = the fake)."""
-    servers = []
-
-    def start(clock=time.time, tools=None, **env):
-        # warm-up off unless a test asks: it loads models in the background, which other tests need not see
-        config = load_config({"OLLAMA_HOST": fake.url, "WARMUP": "false", **{k: str(v) for k, v in env.items()}})
-        server = LiveServer(create_app(config, clock=clock, tools=tools)).__enter__()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
+def servers():
+    """The piagent servers a test started, stopped after it."""
+    started = []
+    yield started
+    for server in started:
         server.__exit__(None, None, None)
 
 
+def server_starter(kind, started: list, base: dict):
+    """start(clock=time.time, tools=None, **env) -> a started `kind` of piagent configured from base + env."""
+
+    def start(clock=time.time, tools=None, **env):
+        config = load_config({**base, **{k: str(v) for k, v in env.items()}})
+        server = kind(create_app(config, clock=clock, tools=tools)).__enter__()
+        started.append(server)
+        return server
+
+    return start
+
+
+def ollama_env(fake) -> dict[str, str]:
+    # warm-up off unless a test asks: it loads models in the background, which other tests need not see
+    return {"OLLAMA_HOST": fake.url, "WARMUP": "false"}
+
+
+@pytest.fixture
+def serve(fake, servers):
+    """serve(**env) -> LiveServer of piagent configured from env (OLLAMA_HOST = the fake): real sockets."""
+    return server_starter(LiveServer, servers, ollama_env(fake))
+
+
+@pytest.fixture
+def serve_local(fake, servers):
+    """serve_local(**env) -> the same piagent as serve(**env), in process: for plain request/response."""
+    return server_starter(InProcessServer, servers, ollama_env(fake))
+
+
 def chat(server, **body) -> httpx.Response:
-    return httpx.post(f"{server.url}/chat", json=body, timeout=DEADLINE_S)
+    return server.post("/chat", json=body)
 
 
 def raw_post(port: int, path: str, body: dict, headers: str = "") -> socket.socket:
@@ -757,9 +847,9 @@ def test_health_answers_even_with_no_upstream():
         assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
 
 
-def test_agents_lists_configured_agents(serve):
-    server = serve(AGENTS="general,coder")
-    assert httpx.get(f"{server.url}/agents").json() == {"agents": ["general", "coder"]}
+def test_agents_lists_configured_agents(serve_local):
+    server = serve_local(AGENTS="general,coder")
+    assert server.get("/agents").json() == {"agents": ["general", "coder"]}
 
 
 def test_chat_returns_reply_new_conversation_id_model_and_provider(serve, fake):
@@ -1094,20 +1184,21 @@ def test_sse_encoder_output_decodes_back_to_the_same_event(data, event):
 # ---------------------------------------------------------------------------
 
 
+def openai_env(fake) -> dict[str, str]:
+    return {"PROVIDER": "openai", "OPENAI_BASE_URL": f"{fake.url}/v1", "OPENAI_MODEL_GENERAL": MODEL,
+            "OLLAMA_HOST": "http://127.0.0.1:9"}  # the Ollama URL must not be used
+
+
 @pytest.fixture
-def serve_openai(fake):
-    servers = []
+def serve_openai(fake, servers):
+    """serve_openai(**env) -> LiveServer of piagent with PROVIDER=openai in front of the fake's /v1."""
+    return server_starter(LiveServer, servers, openai_env(fake))
 
-    def start(**env):
-        base = {"PROVIDER": "openai", "OPENAI_BASE_URL": f"{fake.url}/v1", "OPENAI_MODEL_GENERAL": MODEL,
-                "OLLAMA_HOST": "http://127.0.0.1:9"}  # the Ollama URL must not be used
-        server = LiveServer(create_app(load_config({**base, **{k: str(v) for k, v in env.items()}}))).__enter__()
-        servers.append(server)
-        return server
 
-    yield start
-    for server in servers:
-        server.__exit__(None, None, None)
+@pytest.fixture
+def serve_openai_local(fake, servers):
+    """serve_openai(**env), in process."""
+    return server_starter(InProcessServer, servers, openai_env(fake))
 
 
 def test_openai_provider_posts_chat_completions_with_mapped_options(serve_openai, fake):
@@ -1283,7 +1374,7 @@ def test_chat_sse_client_leaving_during_pings_stops_the_upstream(serve, fake):
 
 
 def v1(server, headers=None, **body) -> httpx.Response:
-    return httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=headers, timeout=DEADLINE_S)
+    return server.post("/v1/chat/completions", json=body, headers=headers)
 
 
 def openai_error_of(response: httpx.Response) -> dict:
@@ -2142,7 +2233,7 @@ def test_cors_origins_must_be_explicit_origins(value):
 
 
 def chat_with_headers(server, headers, **body) -> httpx.Response:
-    return httpx.post(f"{server.url}/chat", json=body, headers=headers, timeout=DEADLINE_S)
+    return server.post("/chat", json=body, headers=headers)
 
 
 # ---------------------------------------------------------------------------
