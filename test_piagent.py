@@ -1645,10 +1645,14 @@ def test_a_tool_call_over_its_time_limit_is_answered_with_an_error():
     release = threading.Event()
     toolbox = Toolbox({"slow": Tool(lambda args: str(release.wait(DEADLINE_S)), "waits", {
         "type": "object", "properties": {}}, timeout_s=0.05)})
-    try:
-        event = asyncio.run(toolbox.run(ToolCall("call_1", "slow", "{}"), ("slow",)))
-    finally:
-        release.set()
+
+    async def call_then_release():
+        try:
+            return await toolbox.run(ToolCall("call_1", "slow", "{}"), ("slow",))
+        finally:  # let the tool's thread go before asyncio.run waits for it, not DEADLINE_S later
+            release.set()
+
+    event = asyncio.run(call_then_release())
     assert event.result is None and event.error == "slow took longer than 0.05 s"
 
 
