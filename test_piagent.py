@@ -1,8 +1,10 @@
 """piagent's specification, as tests. Sectioned like piagent.py.
 
-Behaviour is tested through real HTTP: piagent runs under uvicorn on a free loopback port and talks to
-fake_ollama.FakeOllama, a real HTTP server on another port that follows the Ollama wire protocol and records
-what it received and when a client hung up. Nothing here mocks piagent's own functions.
+Behaviour is tested through HTTP. Streams, disconnects and time-outs need real sockets: piagent runs under
+uvicorn on a free loopback port (`serve`). Plain request/response runs the same app in process, inside its
+lifespan, through httpx.ASGITransport (`serve_local`): no socket, no uvicorn start and stop. Either way piagent
+talks to fake_ollama.FakeOllama, a real HTTP server on another port that follows the Ollama wire protocol and
+records what it received and when a client hung up. Nothing here mocks piagent's own functions.
 """
 
 from __future__ import annotations
@@ -56,7 +58,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class LiveServer:
+class Requests:
+    """server.get("/agents"), server.post("/chat", json=...): the same calls whether piagent is live or in process."""
+
+    def request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        raise NotImplementedError
+
+    def get(self, path: str, **kwargs) -> httpx.Response:
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, **kwargs) -> httpx.Response:
+        return self.request("POST", path, **kwargs)
+
+    def delete(self, path: str, **kwargs) -> httpx.Response:
+        return self.request("DELETE", path, **kwargs)
+
+    def options(self, path: str, **kwargs) -> httpx.Response:
+        return self.request("OPTIONS", path, **kwargs)
+
+
+class LiveServer(Requests):
     """piagent's app under a real uvicorn on a free loopback port, in a thread."""
 
     def __init__(self, app):
@@ -79,6 +100,54 @@ class LiveServer:
         self.thread.join(DEADLINE_S)
         self.sock.close()
 
+    def request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        return httpx.request(method, f"{self.url}{path}", **{"timeout": DEADLINE_S, **kwargs})
+
+
+class InProcessServer(Requests):
+    """piagent's app in this process, for plain request/response: its lifespan runs on a private event loop in a
+    thread, and requests go through httpx.ASGITransport from a loopback client address. That transport buffers
+    whole bodies and never shows a disconnect, so streams, disconnects and time-outs use LiveServer."""
+
+    def __init__(self, app):
+        self.app = app
+        self.ready = threading.Event()
+        self.failed: BaseException | None = None
+        self.thread = threading.Thread(target=asyncio.run, args=(self._serve(),), daemon=True)
+
+    async def _serve(self) -> None:
+        self.loop, self.stopping = asyncio.get_running_loop(), asyncio.Event()
+        transport = httpx.ASGITransport(self.app, client=("127.0.0.1", 123))
+        try:
+            async with self.app.router.lifespan_context(self.app), httpx.AsyncClient(
+                    transport=transport, base_url="http://127.0.0.1") as self.client:
+                self.ready.set()
+                await self.stopping.wait()
+        except BaseException as exc:  # a start-up error: __enter__ raises it in the test
+            self.failed = exc
+        finally:
+            self.ready.set()
+
+    def __enter__(self) -> "InProcessServer":
+        self.thread.start()
+        assert self.ready.wait(DEADLINE_S), "piagent's lifespan did not start"
+        if self.failed is not None:
+            raise self.failed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.stopping.set)
+        self.thread.join(DEADLINE_S)
+
+    def request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        timeout = kwargs.pop("timeout", DEADLINE_S)  # the transport has no network time-outs: bound the wait here
+        call = asyncio.run_coroutine_threadsafe(self.client.request(method, path, **kwargs), self.loop)
+        try:
+            return call.result(timeout)
+        finally:
+            call.cancel()  # a no-op once done; otherwise the request must not outlive the test
+
 
 @pytest.fixture
 def fake():
@@ -88,24 +157,45 @@ def fake():
 
 
 @pytest.fixture
-def serve(fake):
-    """serve(**env) -> LiveServer of piagent configured from env (OLLAMA_HOST = the fake)."""
-    servers = []
-
-    def start(clock=time.time, tools=None, **env):
-        # warm-up off unless a test asks: it loads models in the background, which other tests need not see
-        config = load_config({"OLLAMA_HOST": fake.url, "WARMUP": "false", **{k: str(v) for k, v in env.items()}})
-        server = LiveServer(create_app(config, clock=clock, tools=tools)).__enter__()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
+def servers():
+    """The piagent servers a test started, stopped after it."""
+    started = []
+    yield started
+    for server in started:
         server.__exit__(None, None, None)
 
 
+def server_starter(kind, started: list, base: dict):
+    """start(clock=time.time, tools=None, **env) -> a started `kind` of piagent configured from base + env."""
+
+    def start(clock=time.time, tools=None, **env):
+        config = load_config({**base, **{k: str(v) for k, v in env.items()}})
+        server = kind(create_app(config, clock=clock, tools=tools)).__enter__()
+        started.append(server)
+        return server
+
+    return start
+
+
+def ollama_env(fake) -> dict[str, str]:
+    # warm-up off unless a test asks: it loads models in the background, which other tests need not see
+    return {"OLLAMA_HOST": fake.url, "WARMUP": "false"}
+
+
+@pytest.fixture
+def serve(fake, servers):
+    """serve(**env) -> LiveServer of piagent configured from env (OLLAMA_HOST = the fake): real sockets."""
+    return server_starter(LiveServer, servers, ollama_env(fake))
+
+
+@pytest.fixture
+def serve_local(fake, servers):
+    """serve_local(**env) -> the same piagent as serve(**env), in process: for plain request/response."""
+    return server_starter(InProcessServer, servers, ollama_env(fake))
+
+
 def chat(server, **body) -> httpx.Response:
-    return httpx.post(f"{server.url}/chat", json=body, timeout=DEADLINE_S)
+    return server.post("/chat", json=body)
 
 
 def raw_post(port: int, path: str, body: dict, headers: str = "") -> socket.socket:
@@ -562,47 +652,47 @@ def test_every_backend_stores_completed_partial_and_no_failed_turns(serve, fake,
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_conversation_api_reads_lists_and_forgets(serve, fake, memory_env, backend):
-    server = serve(AGENTS="general,coder", **memory_env(backend))
+def test_conversation_api_reads_lists_and_forgets(serve_local, fake, memory_env, backend):
+    server = serve_local(AGENTS="general,coder", **memory_env(backend))
     chat(server, message="one", conversation_id="first")
     chat(server, message="two", conversation_id="second", agent="coder")
-    body = httpx.get(f"{server.url}/conversations/first").json()
+    body = server.get("/conversations/first").json()
     assert body["conversation_id"] == "first" and body["agent"] == "general"
     (turn,) = body["turns"]
     assert (turn["user"], turn["assistant"]) == ("one", "Hello from the Pi!")
     assert datetime.fromisoformat(turn["created_at"]).tzinfo is not None
-    listed = httpx.get(f"{server.url}/conversations").json()
+    listed = server.get("/conversations").json()
     assert [(c["conversation_id"], c["agent"]) for c in listed["conversations"]] == [("second", "coder"),
                                                                                       ("first", "general")]
     assert listed["next_before"] is None
-    page = httpx.get(f"{server.url}/conversations", params={"limit": 1}).json()
+    page = server.get("/conversations", params={"limit": 1}).json()
     assert [c["conversation_id"] for c in page["conversations"]] == ["second"]
-    rest = httpx.get(f"{server.url}/conversations", params={"limit": 1, "before": page["next_before"]}).json()
+    rest = server.get("/conversations", params={"limit": 1, "before": page["next_before"]}).json()
     assert [c["conversation_id"] for c in rest["conversations"]] == ["first"]
-    assert httpx.delete(f"{server.url}/conversations/first").status_code == 204
-    assert httpx.delete(f"{server.url}/conversations/first").status_code == 204  # idempotent
-    missing = httpx.get(f"{server.url}/conversations/first")
+    assert server.delete("/conversations/first").status_code == 204
+    assert server.delete("/conversations/first").status_code == 204  # idempotent
+    missing = server.get("/conversations/first")
     assert missing.status_code == 404 and error_of(missing)["code"] == "conversation_not_found"
 
 
 @pytest.mark.parametrize("path", ["/conversations?limit=0", "/conversations?limit=101", "/conversations?before=soon",
                                   "/conversations/has%20space"])
-def test_conversation_api_validates_its_input(serve, path):
-    response = httpx.get(f"{serve().url}{path}")
+def test_conversation_api_validates_its_input(serve_local, path):
+    response = serve_local().get(path)
     assert response.status_code == 422 and error_of(response)["code"] == "invalid_request"
 
 
-def test_conversation_api_needs_the_key_like_chat(serve):
-    server = serve(API_KEYS=KEY)
-    assert httpx.get(f"{server.url}/conversations").status_code == 401
-    assert httpx.delete(f"{server.url}/conversations/x").status_code == 401
-    assert httpx.get(f"{server.url}/conversations", headers={"X-API-Key": KEY}).status_code == 200
+def test_conversation_api_needs_the_key_like_chat(serve_local):
+    server = serve_local(API_KEYS=KEY)
+    assert server.get("/conversations").status_code == 401
+    assert server.delete("/conversations/x").status_code == 401
+    assert server.get("/conversations", headers={"X-API-Key": KEY}).status_code == 200
 
 
-def test_redis_going_away_is_503_memory_unavailable_and_piagent_recovers(serve, fake, tmp_path):
+def test_redis_going_away_is_503_memory_unavailable_and_piagent_recovers(serve_local, fake, tmp_path):
     find_redis_server()
     redis = RedisServer(tmp_path).start()
-    server = serve(MEMORY_BACKEND="redis", REDIS_URL=redis.url)
+    server = serve_local(MEMORY_BACKEND="redis", REDIS_URL=redis.url)
     assert chat(server, message="one", conversation_id="r").status_code == 200
     redis.stop()
     down = chat(server, message="two", conversation_id="r")
@@ -746,16 +836,16 @@ def test_history_over_the_budget_is_trimmed_and_said(serve, fake, caplog):
     assert piagent_records(caplog)[-1]["history_truncated"] == 2
 
 
-def test_a_message_too_large_for_the_context_is_413_with_the_numbers(serve, fake):
-    response = chat(serve(CTX_TOKENS=256, MAX_TOKENS=200, MAX_MESSAGE_CHARS=4000), message="word " * 100)
+def test_a_message_too_large_for_the_context_is_413_with_the_numbers(serve_local, fake):
+    response = chat(serve_local(CTX_TOKENS=256, MAX_TOKENS=200, MAX_MESSAGE_CHARS=4000), message="word " * 100)
     error = error_of(response)
     assert response.status_code == 413 and error["code"] == "prompt_too_large"
     assert re.search(r"about \d+ tokens", error["message"]) and "56 left" in error["message"]
     assert fake.generations() == []
 
 
-def test_requests_after_the_window_fills_extend_the_previous_prompt(serve, fake):
-    server = serve(MEMORY_MAX_TURNS=8)
+def test_requests_after_the_window_fills_extend_the_previous_prompt(serve_local, fake):
+    server = serve_local(MEMORY_MAX_TURNS=8)
     for k in range(14):
         chat(server, message=f"m{k}", conversation_id="stable")
     requests = [g.body["messages"] for g in fake.generations()]
@@ -770,27 +860,27 @@ def test_requests_after_the_window_fills_extend_the_previous_prompt(serve, fake)
 # ---------------------------------------------------------------------------
 
 
-def test_health_is_liveness_only_and_never_calls_upstream(serve, fake):
-    server = serve()
-    response = httpx.get(f"{server.url}/health")
+def test_health_is_liveness_only_and_never_calls_upstream(serve_local, fake):
+    server = serve_local()
+    response = server.get("/health")
     assert response.status_code == 200 and response.json() == {"status": "ok"}
     assert fake.requests == []
 
 
 def test_health_answers_even_with_no_upstream():
     config = load_config({"OLLAMA_HOST": f"http://127.0.0.1:{free_port()}"})
-    with LiveServer(create_app(config)) as server:
-        assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    with InProcessServer(create_app(config)) as server:
+        assert server.get("/health").json() == {"status": "ok"}
 
 
-def test_agents_lists_configured_agents(serve):
-    server = serve(AGENTS="general,coder")
-    assert httpx.get(f"{server.url}/agents").json() == {"agents": ["general", "coder"], "models": {
+def test_agents_lists_configured_agents(serve_local):
+    server = serve_local(AGENTS="general,coder")
+    assert server.get("/agents").json() == {"agents": ["general", "coder"], "models": {
         "general": MODEL, "coder": MODEL}}
 
 
-def test_chat_returns_reply_new_conversation_id_model_and_provider(serve, fake):
-    response = chat(serve(), message="say hello", agent="general", stream=False)
+def test_chat_returns_reply_new_conversation_id_model_and_provider(serve_local, fake):
+    response = chat(serve_local(), message="say hello", agent="general", stream=False)
     assert response.status_code == 200
     body = response.json()
     assert body["reply"] == "Hello from the Pi!" and body["model"] == MODEL and body["provider"] == "ollama"
@@ -798,8 +888,9 @@ def test_chat_returns_reply_new_conversation_id_model_and_provider(serve, fake):
     assert response.headers["x-conversation-id"] == body["conversation_id"]
 
 
-def test_chat_sends_system_and_user_with_configured_options(serve, fake):
-    chat(serve(CTX_TOKENS=1024, MAX_TOKENS=64, TEMPERATURE=0.2, AGENT_GENERAL_SYSTEM="Be terse."), message="hi")
+def test_chat_sends_system_and_user_with_configured_options(serve_local, fake):
+    server = serve_local(CTX_TOKENS=1024, MAX_TOKENS=64, TEMPERATURE=0.2, AGENT_GENERAL_SYSTEM="Be terse.")
+    chat(server, message="hi")
     (request,) = fake.generations()
     assert request.path == "/api/chat" and request.body["stream"] is False and request.body["model"] == MODEL
     assert request.body["messages"] == [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hi"}]
@@ -808,8 +899,8 @@ def test_chat_sends_system_and_user_with_configured_options(serve, fake):
 
 
 @pytest.mark.parametrize("value,sent", [("30m", "30m"), ("-1", -1), ("600", 600)])
-def test_keep_alive_is_sent_when_set(serve, fake, value, sent):
-    chat(serve(OLLAMA_KEEP_ALIVE=value), message="hi")
+def test_keep_alive_is_sent_when_set(serve_local, fake, value, sent):
+    chat(serve_local(OLLAMA_KEEP_ALIVE=value), message="hi")
     assert fake.generations()[0].body["keep_alive"] == sent
 
 
@@ -837,8 +928,8 @@ def test_stream_writes_each_token_before_the_next_exists(serve, fake):
 
 
 @pytest.mark.parametrize("provider", ["ollama", "openai"])
-def test_the_upstream_connection_is_reused_across_requests(serve, serve_openai, fake, provider):
-    server = serve() if provider == "ollama" else serve_openai()
+def test_the_upstream_connection_is_reused_across_requests(serve_local, serve_openai_local, fake, provider):
+    server = serve_local() if provider == "ollama" else serve_openai_local()
     for stream in (True, False, True, True, False):
         assert chat(server, message="hi", stream=stream).status_code == 200
     assert fake.connections == 1  # keep-alive: no new TCP connection per chat
@@ -862,30 +953,30 @@ def test_second_turn_sends_first_turn_as_history(serve, fake):
     assert [m["content"] for m in messages[1:]] == ["one", "Hello from the Pi!", "two", "Hello from the Pi!", "three"]
 
 
-def test_client_chosen_conversation_id_is_kept(serve, fake):
-    body = chat(serve(), message="hi", conversation_id="kitchen-pi:chat.1").json()
+def test_client_chosen_conversation_id_is_kept(serve_local, fake):
+    body = chat(serve_local(), message="hi", conversation_id="kitchen-pi:chat.1").json()
     assert body["conversation_id"] == "kitchen-pi:chat.1"
 
 
-def test_history_is_capped_at_max_turns(serve, fake):
-    server = serve(MEMORY_MAX_TURNS=2)
+def test_history_is_capped_at_max_turns(serve_local, fake):
+    server = serve_local(MEMORY_MAX_TURNS=2)
     for i in range(4):
         chat(server, message=f"m{i}", conversation_id="c")
     users = [m["content"] for m in fake.generations()[3].body["messages"] if m["role"] == "user"]
     assert users == ["m1", "m2", "m3"]
 
 
-def test_ttl_expiry_over_http_uses_the_injected_clock(serve, fake):
+def test_ttl_expiry_over_http_uses_the_injected_clock(serve_local, fake):
     clock = Clock()
-    server = serve(clock=clock, MEMORY_TTL_MIN=1)
+    server = serve_local(clock=clock, MEMORY_TTL_MIN=1)
     chat(server, message="one", conversation_id="c")
     clock.now += 61
     chat(server, message="two", conversation_id="c")
     assert len(fake.generations()[1].body["messages"]) == 2  # system + new message: history forgotten
 
 
-def test_memory_off_keeps_and_sends_no_history(serve, fake):
-    server = serve(ENABLE_MEMORY="false")
+def test_memory_off_keeps_and_sends_no_history(serve_local, fake):
+    server = serve_local(ENABLE_MEMORY="false")
     body = chat(server, message="one", conversation_id="c").json()
     chat(server, message="two", conversation_id=body["conversation_id"])
     assert len(fake.generations()[1].body["messages"]) == 2
@@ -931,8 +1022,8 @@ def test_same_conversation_waits_its_turn_and_others_do_not(serve, fake):
 # ---------------------------------------------------------------------------
 
 
-def test_unknown_agent_is_404_listing_available_agents(serve):
-    response = chat(serve(AGENTS="general,coder"), message="hi", agent="poet")
+def test_unknown_agent_is_404_listing_available_agents(serve_local):
+    response = chat(serve_local(AGENTS="general,coder"), message="hi", agent="poet")
     assert response.status_code == 404
     error = error_of(response)
     assert error["code"] == "unknown_agent" and "general, coder" in error["message"]
@@ -942,29 +1033,29 @@ def test_unknown_agent_is_404_listing_available_agents(serve):
                                   {"message": "hi", "conversation_id": "has space"},
                                   {"message": "hi", "conversation_id": "x" * 129},
                                   {"message": "hi", "conversation_id": "../etc"}])
-def test_invalid_body_is_422_in_the_error_shape(serve, fake, body):
-    response = chat(serve(), **body)
+def test_invalid_body_is_422_in_the_error_shape(serve_local, fake, body):
+    response = chat(serve_local(), **body)
     assert response.status_code == 422 and error_of(response)["code"] == "invalid_request"
     assert fake.generations() == []
 
 
 @pytest.mark.parametrize("raw", [b"{not json", b"\xff\xfe", b'{"message": "caf\xe9"}'])
-def test_malformed_or_non_utf8_body_is_422_in_the_error_shape(serve, raw):
-    response = httpx.post(f"{serve().url}/chat", content=raw, headers={"Content-Type": "application/json"})
+def test_malformed_or_non_utf8_body_is_422_in_the_error_shape(serve_local, raw):
+    response = serve_local().post("/chat", content=raw, headers={"Content-Type": "application/json"})
     assert response.status_code == 422 and error_of(response)["code"] == "invalid_request"
 
 
-def test_unknown_route_and_wrong_method_use_the_error_shape(serve):
-    server = serve()
-    assert error_of(httpx.get(f"{server.url}/nope"))["code"] == "not_found"
-    response = httpx.get(f"{server.url}/chat")
+def test_unknown_route_and_wrong_method_use_the_error_shape(serve_local):
+    server = serve_local()
+    assert error_of(server.get("/nope"))["code"] == "not_found"
+    response = server.get("/chat")
     assert response.status_code == 405 and error_of(response)["code"] == "method_not_allowed"
 
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_upstream_unreachable_is_503_naming_the_url(stream):
     host = f"http://127.0.0.1:{free_port()}"
-    with LiveServer(create_app(load_config({"OLLAMA_HOST": host}))) as server:
+    with InProcessServer(create_app(load_config({"OLLAMA_HOST": host}))) as server:
         response = chat(server, message="hi", stream=stream)
     error = error_of(response)
     assert response.status_code == 503 and error["code"] == "upstream_unavailable"
@@ -973,23 +1064,23 @@ def test_upstream_unreachable_is_503_naming_the_url(stream):
 
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("wording", ["model '{m}' not found", 'model "{m}" not found, try pulling it first'])
-def test_model_not_pulled_is_502_with_the_pull_command(serve, fake, stream, wording):
+def test_model_not_pulled_is_502_with_the_pull_command(serve_local, fake, stream, wording):
     fake.script = Script(status=404, error_text=wording.format(m="missing:1b"))
-    response = chat(serve(OLLAMA_MODEL_GENERAL="missing:1b"), message="hi", stream=stream)
+    response = chat(serve_local(OLLAMA_MODEL_GENERAL="missing:1b"), message="hi", stream=stream)
     assert response.status_code == 502
     error = error_of(response)
     assert error["code"] == "model_not_found" and "ollama pull missing:1b" in error["message"]
 
 
-def test_model_not_pulled_as_the_fake_reports_an_unknown_model(serve, fake):
-    response = chat(serve(OLLAMA_MODEL_GENERAL="llama3.2"), message="hi")  # the fake has no such model
+def test_model_not_pulled_as_the_fake_reports_an_unknown_model(serve_local, fake):
+    response = chat(serve_local(OLLAMA_MODEL_GENERAL="llama3.2"), message="hi")  # the fake has no such model
     assert response.status_code == 502 and "ollama pull llama3.2" in error_of(response)["message"]
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_upstream_busy_is_503_with_retry_after(serve, fake, stream):
+def test_upstream_busy_is_503_with_retry_after(serve_local, fake, stream):
     fake.script = Script(status=503, error_text=BUSY_TEXT)
-    response = chat(serve(), message="hi", stream=stream)
+    response = chat(serve_local(), message="hi", stream=stream)
     assert response.status_code == 503 and error_of(response)["code"] == "upstream_busy"
     assert int(response.headers["retry-after"]) > 0
 
@@ -1003,17 +1094,17 @@ def test_no_first_byte_in_time_is_504_and_the_upstream_is_let_go(serve, fake, st
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_other_upstream_error_before_first_token_is_502_with_its_message(serve, fake, stream):
+def test_other_upstream_error_before_first_token_is_502_with_its_message(serve_local, fake, stream):
     fake.script = Script(status=500, error_text="model requires more system memory (5.6 GiB) than is available")
-    response = chat(serve(), message="hi", stream=stream)
+    response = chat(serve_local(), message="hi", stream=stream)
     error = error_of(response)
     assert response.status_code == 502 and error["code"] == "upstream_error"
     assert "more system memory" in error["message"]
 
 
-def test_error_line_before_any_token_is_502(serve, fake):
+def test_error_line_before_any_token_is_502(serve_local, fake):
     fake.script = Script(error_after=0)
-    response = chat(serve(), message="hi", stream=True)
+    response = chat(serve_local(), message="hi", stream=True)
     assert response.status_code == 502 and "error was encountered" in error_of(response)["message"]
 
 
@@ -1031,9 +1122,9 @@ def test_upstream_failure_mid_stream_ends_without_the_closing_chunk_and_stores_n
     assert_nothing_stored(server, fake, "c")  # no half turn in history
 
 
-def test_upstream_failure_without_stream_stores_nothing(serve, fake):
+def test_upstream_failure_without_stream_stores_nothing(serve_local, fake):
     fake.script = Script(error_after=3)
-    server = serve()
+    server = serve_local()
     assert chat(server, message="hi", conversation_id="c").status_code == 502
     assert_nothing_stored(server, fake, "c")
 
@@ -1121,24 +1212,25 @@ def test_sse_encoder_output_decodes_back_to_the_same_event(data, event):
 # ---------------------------------------------------------------------------
 
 
+def openai_env(fake) -> dict[str, str]:
+    return {"PROVIDER": "openai", "OPENAI_BASE_URL": f"{fake.url}/v1", "OPENAI_MODEL_GENERAL": MODEL,
+            "OLLAMA_HOST": "http://127.0.0.1:9"}  # the Ollama URL must not be used
+
+
 @pytest.fixture
-def serve_openai(fake):
-    servers = []
-
-    def start(**env):
-        base = {"PROVIDER": "openai", "OPENAI_BASE_URL": f"{fake.url}/v1", "OPENAI_MODEL_GENERAL": MODEL,
-                "OLLAMA_HOST": "http://127.0.0.1:9"}  # the Ollama URL must not be used
-        server = LiveServer(create_app(load_config({**base, **{k: str(v) for k, v in env.items()}}))).__enter__()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.__exit__(None, None, None)
+def serve_openai(fake, servers):
+    """serve_openai(**env) -> LiveServer of piagent with PROVIDER=openai in front of the fake's /v1."""
+    return server_starter(LiveServer, servers, openai_env(fake))
 
 
-def test_openai_provider_posts_chat_completions_with_mapped_options(serve_openai, fake):
-    response = chat(serve_openai(MAX_TOKENS=64, TEMPERATURE=0.3, AGENT_GENERAL_SYSTEM="Be terse."), message="hi")
+@pytest.fixture
+def serve_openai_local(fake, servers):
+    """serve_openai(**env), in process."""
+    return server_starter(InProcessServer, servers, openai_env(fake))
+
+
+def test_openai_provider_posts_chat_completions_with_mapped_options(serve_openai_local, fake):
+    response = chat(serve_openai_local(MAX_TOKENS=64, TEMPERATURE=0.3, AGENT_GENERAL_SYSTEM="Be terse."), message="hi")
     assert response.status_code == 200
     assert response.json()["reply"] == "Hello from the Pi!" and response.json()["provider"] == "openai"
     (request,) = fake.generations()
@@ -1147,9 +1239,9 @@ def test_openai_provider_posts_chat_completions_with_mapped_options(serve_openai
                             "messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hi"}]}
 
 
-def test_openai_provider_sends_the_api_key_as_bearer(fake, serve_openai):
+def test_openai_provider_sends_the_api_key_as_bearer(fake, serve_openai_local):
     fake.api_key = "sk-local-123"
-    assert chat(serve_openai(OPENAI_API_KEY="sk-local-123"), message="hi").status_code == 200
+    assert chat(serve_openai_local(OPENAI_API_KEY="sk-local-123"), message="hi").status_code == 200
     assert fake.generations()[0].headers["authorization"] == "Bearer sk-local-123"
 
 
@@ -1164,33 +1256,33 @@ def test_openai_provider_streams_deltas_across_comments_and_split_lines(serve_op
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
 
 
-def test_openai_provider_keeps_memory_like_ollama(serve_openai, fake):
-    server = serve_openai()
+def test_openai_provider_keeps_memory_like_ollama(serve_openai_local, fake):
+    server = serve_openai_local()
     chat(server, message="one", conversation_id="o")
     chat(server, message="two", conversation_id="o")
     assert [m["content"] for m in fake.generations()[1].body["messages"][1:]] == ["one", "Hello from the Pi!", "two"]
 
 
-def test_openai_upstream_refusing_the_key_is_502_upstream_auth(serve_openai, fake):
+def test_openai_upstream_refusing_the_key_is_502_upstream_auth(serve_openai_local, fake):
     fake.api_key = "sk-right"
-    response = chat(serve_openai(OPENAI_API_KEY="sk-wrong"), message="hi")
+    response = chat(serve_openai_local(OPENAI_API_KEY="sk-wrong"), message="hi")
     assert response.status_code == 502
     error = error_of(response)
     assert error["code"] == "upstream_auth" and "OPENAI_API_KEY" in error["message"]
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_openai_upstream_unknown_model_is_502_model_not_found(serve_openai, fake, stream):
-    response = chat(serve_openai(OPENAI_MODEL_GENERAL="gpt-nope"), message="hi", stream=stream)
+def test_openai_upstream_unknown_model_is_502_model_not_found(serve_openai_local, fake, stream):
+    response = chat(serve_openai_local(OPENAI_MODEL_GENERAL="gpt-nope"), message="hi", stream=stream)
     assert response.status_code == 502
     error = error_of(response)
     assert error["code"] == "model_not_found" and "OPENAI_MODEL_" in error["message"]
 
 
 @pytest.mark.parametrize("status,retry", [(429, "7"), (503, None)])
-def test_openai_upstream_429_or_503_is_503_busy_with_retry_after(serve_openai, fake, status, retry):
+def test_openai_upstream_429_or_503_is_503_busy_with_retry_after(serve_openai_local, fake, status, retry):
     fake.script = Script(status=status, error_text="Rate limit reached", retry_after=retry)
-    response = chat(serve_openai(), message="hi", stream=True)
+    response = chat(serve_openai_local(), message="hi", stream=True)
     assert response.status_code == 503 and error_of(response)["code"] == "upstream_busy"
     assert response.headers["retry-after"] == (retry or str(piagent.DEFAULT_RETRY_AFTER_S))
 
@@ -1202,15 +1294,15 @@ def test_openai_upstream_silent_past_the_timeout_is_504(serve_openai, fake):
     wait_until(lambda: len(fake.hangups) == 1, timeout=1.0, what="the fake to see piagent hang up")
 
 
-def test_openai_upstream_unreachable_is_503(serve_openai):
+def test_openai_upstream_unreachable_is_503(serve_openai_local):
     url = f"http://127.0.0.1:{free_port()}/v1"
-    response = chat(serve_openai(OPENAI_BASE_URL=url), message="hi")
+    response = chat(serve_openai_local(OPENAI_BASE_URL=url), message="hi")
     assert response.status_code == 503 and url in error_of(response)["message"]
 
 
-def test_openai_upstream_error_before_first_token_is_502_with_its_message(serve_openai, fake):
+def test_openai_upstream_error_before_first_token_is_502_with_its_message(serve_openai_local, fake):
     fake.script = Script(status=400, error_text="context length exceeded")
-    response = chat(serve_openai(), message="hi", stream=True)
+    response = chat(serve_openai_local(), message="hi", stream=True)
     assert response.status_code == 502 and "context length exceeded" in error_of(response)["message"]
 
 
@@ -1278,8 +1370,8 @@ def test_chat_sse_reports_a_mid_stream_failure_as_an_error_event_and_stores_noth
     assert_nothing_stored(server, fake, "c")
 
 
-def test_chat_sse_failure_before_first_token_is_still_an_http_error(serve, fake):
-    response = chat(serve(OLLAMA_MODEL_GENERAL="missing"), message="hi", stream=True)
+def test_chat_sse_failure_before_first_token_is_still_an_http_error(serve_local, fake):
+    response = chat(serve_local(OLLAMA_MODEL_GENERAL="missing"), message="hi", stream=True)
     assert response.status_code == 502 and error_of(response)["code"] == "model_not_found"
 
 
@@ -1310,7 +1402,7 @@ def test_chat_sse_client_leaving_during_pings_stops_the_upstream(serve, fake):
 
 
 def v1(server, headers=None, **body) -> httpx.Response:
-    return httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=headers, timeout=DEADLINE_S)
+    return server.post("/v1/chat/completions", json=body, headers=headers)
 
 
 def openai_error_of(response: httpx.Response) -> dict:
@@ -1319,14 +1411,14 @@ def openai_error_of(response: httpx.Response) -> dict:
     return error
 
 
-def test_v1_models_lists_the_agents_as_models(serve):
-    body = httpx.get(f"{serve(AGENTS='general,coder').url}/v1/models").json()
+def test_v1_models_lists_the_agents_as_models(serve_local):
+    body = serve_local(AGENTS='general,coder').get("/v1/models").json()
     assert body["object"] == "list"
     assert [(m["id"], m["object"]) for m in body["data"]] == [("general", "model"), ("coder", "model")]
 
 
-def test_v1_chat_completion_applies_the_agent_and_uses_client_history(serve, fake):
-    server = serve(AGENT_GENERAL_SYSTEM="Agent rules.")
+def test_v1_chat_completion_applies_the_agent_and_uses_client_history(serve_local, fake):
+    server = serve_local(AGENT_GENERAL_SYSTEM="Agent rules.")
     messages = [{"role": "system", "content": "Client rules."}, {"role": "user", "content": "one"},
                 {"role": "assistant", "content": "uno"}, {"role": "user", "content": [{"type": "text", "text": "two"}]}]
     response = v1(server, model="general", messages=messages)
@@ -1342,15 +1434,15 @@ def test_v1_chat_completion_applies_the_agent_and_uses_client_history(serve, fak
     assert "x-conversation-id" not in response.headers
 
 
-def test_v1_uses_no_server_memory_without_a_conversation_header(serve, fake):
-    server = serve()
+def test_v1_uses_no_server_memory_without_a_conversation_header(serve_local, fake):
+    server = serve_local()
     v1(server, model="general", messages=[{"role": "user", "content": "one"}])
     v1(server, model="general", messages=[{"role": "user", "content": "two"}])
     assert len(fake.generations()[1].body["messages"]) == 2
 
 
-def test_v1_with_conversation_header_uses_server_memory(serve, fake):
-    server = serve()
+def test_v1_with_conversation_header_uses_server_memory(serve_local, fake):
+    server = serve_local()
     first = v1(server, {"X-Conversation-Id": "v1-conv"}, model="general", messages=[{"role": "user", "content": "one"}])
     assert first.headers["x-conversation-id"] == "v1-conv"
     # the client's own history is replaced by what piagent remembers
@@ -1397,8 +1489,8 @@ def test_v1_stream_mid_stream_failure_sends_an_error_object_and_no_done(serve, f
     assert json.loads(events[-1][1])["error"]["code"] == "upstream_error"
 
 
-def test_v1_request_overrides_max_tokens_and_temperature(serve, fake):
-    server = serve()
+def test_v1_request_overrides_max_tokens_and_temperature(serve_local, fake):
+    server = serve_local()
     v1(server, model="general", max_tokens=33, temperature=0.1, messages=[{"role": "user", "content": "hi"}])
     v1(server, model="general", max_completion_tokens=44, messages=[{"role": "user", "content": "hi"}])
     first, second = (g.body["options"] for g in fake.generations())
@@ -1411,21 +1503,21 @@ def test_v1_request_overrides_max_tokens_and_temperature(serve, fake):
                                    {"messages": [{"role": "assistant", "content": "hi"}]},
                                    {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
                                    {"messages": [{"role": "tool", "content": "x"}]}])
-def test_v1_invalid_request_is_422_in_openai_error_shape(serve, fake, extra):
+def test_v1_invalid_request_is_422_in_openai_error_shape(serve_local, fake, extra):
     body = {"model": "general", "messages": [{"role": "user", "content": "hi"}], **extra}
-    response = v1(serve(), **body)
+    response = v1(serve_local(), **body)
     assert response.status_code == 422 and openai_error_of(response)["type"] == "invalid_request_error"
     assert fake.generations() == []
 
 
-def test_v1_unknown_agent_is_404_not_found_error(serve):
-    response = v1(serve(), model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+def test_v1_unknown_agent_is_404_not_found_error(serve_local):
+    response = v1(serve_local(), model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
     error = openai_error_of(response)
     assert response.status_code == 404 and error["type"] == "not_found_error" and "general" in error["message"]
 
 
 def test_v1_upstream_errors_keep_their_status_in_openai_shape():
-    with LiveServer(create_app(load_config({"OLLAMA_HOST": f"http://127.0.0.1:{free_port()}"}))) as server:
+    with InProcessServer(create_app(load_config({"OLLAMA_HOST": f"http://127.0.0.1:{free_port()}"}))) as server:
         response = v1(server, model="general", messages=[{"role": "user", "content": "hi"}])
     error = openai_error_of(response)
     assert response.status_code == 503 and error["type"] == "api_error" and error["code"] == "upstream_unavailable"
@@ -1580,10 +1672,14 @@ def test_a_tool_call_over_its_time_limit_is_answered_with_an_error():
     release = threading.Event()
     toolbox = Toolbox({"slow": Tool(lambda args: str(release.wait(DEADLINE_S)), "waits", {
         "type": "object", "properties": {}}, timeout_s=0.05)})
-    try:
-        event = asyncio.run(toolbox.run(ToolCall("call_1", "slow", "{}"), ("slow",)))
-    finally:
-        release.set()
+
+    async def call_then_release():
+        try:
+            return await toolbox.run(ToolCall("call_1", "slow", "{}"), ("slow",))
+        finally:  # let the tool's thread go before asyncio.run waits for it, not DEADLINE_S later
+            release.set()
+
+    event = asyncio.run(call_then_release())
     assert event.result is None and event.error == "slow took longer than 0.05 s"
 
 
@@ -1663,11 +1759,14 @@ def test_tool_traffic_is_sent_to_ollama_with_object_arguments_and_tool_names():
 
 
 @pytest.fixture(params=["ollama", "openai"])
-def serve_tools(request, serve, serve_openai):
-    """serve_tools(**env) -> piagent with AGENT_GENERAL_TOOLS=calc (unless given), in front of either provider."""
-    def start(**env):
+def serve_tools(request, serve, serve_openai, serve_local, serve_openai_local):
+    """serve_tools(local=False, **env) -> piagent with AGENT_GENERAL_TOOLS=calc (unless given), in front of either
+    provider; in process with local=True (for JSON answers, not streams)."""
+    def start(local=False, **env):
         env = {"AGENT_GENERAL_TOOLS": "calc", **env}
-        return serve(**env) if request.param == "ollama" else serve_openai(**env)
+        if request.param == "ollama":
+            return (serve_local if local else serve)(**env)
+        return (serve_openai_local if local else serve_openai)(**env)
 
     start.provider = request.param
     return start
@@ -1705,7 +1804,7 @@ def tool_messages(fake, request_number: int) -> list[dict]:
 @pytest.mark.parametrize("mode", ["json", "sse", "plain"])
 def test_a_tool_call_is_run_and_its_result_sent_back_for_the_answer(serve_tools, fake, mode):
     fake.script = Script(tool_rounds=[[("calc", {"expression": "6 * 7"})]], echo_tools=True)
-    text, tools = tool_reply(serve_tools(), mode)
+    text, tools = tool_reply(serve_tools(local=mode == "json"), mode)
     assert text == "results: 42"
     if mode != "plain":
         assert tools == [{"name": "calc", "arguments": {"expression": "6 * 7"}, "result": "42"}]
@@ -1736,7 +1835,7 @@ def test_two_calls_in_one_round_are_both_run_in_order(serve_tools, fake, togethe
 def test_chained_rounds_carry_every_earlier_call_and_result(serve_tools, fake):
     fake.script = Script(tool_rounds=[[("calc", {"expression": "2 + 3"})], [("calc", {"expression": "5 * 10"})]],
                          echo_tools=True)
-    text, tools = tool_reply(serve_tools(), "json")
+    text, tools = tool_reply(serve_tools(local=True), "json")
     assert text == "results: 5 | 50" and [t["result"] for t in tools] == ["5", "50"]
     assert len(fake.generations()) == 3
     roles = [m["role"] for m in tool_messages(fake, 2)]
@@ -1790,7 +1889,7 @@ def test_sse_pings_while_the_model_reads_a_tool_result(serve, fake):
 
 
 def test_memory_keeps_the_user_message_and_final_answer_not_the_tool_traffic(serve_tools, fake):
-    server = serve_tools()
+    server = serve_tools(local=True)
     fake.script = Script(tool_rounds=[[("calc", {"expression": "6 * 7"})]], echo_tools=True)
     tool_reply(server, "json", conversation_id="t1")
     fake.script = Script()
@@ -1798,18 +1897,18 @@ def test_memory_keeps_the_user_message_and_final_answer_not_the_tool_traffic(ser
     sent = [(m["role"], m.get("content")) for m in fake.generations()[-1].body["messages"]]
     assert sent == [("system", piagent.DEFAULT_SYSTEM_PROMPT), ("user", "compute"),
                     ("assistant", "results: 42"), ("user", "thanks")]
-    stored = httpx.get(f"{server.url}/conversations/t1").json()["turns"]
+    stored = server.get("/conversations/t1").json()["turns"]
     assert [(t["user"], t["assistant"]) for t in stored] == [("compute", "results: 42"), ("thanks", "Hello from the Pi!")]
 
 
-def test_now_is_wired_like_calc(serve, fake):
+def test_now_is_wired_like_calc(serve_local, fake):
     fake.script = Script(tool_rounds=[[("now", {"timezone": "UTC"})]], echo_tools=True)
-    text, tools = tool_reply(serve(AGENT_GENERAL_TOOLS="now"), "json")
+    text, tools = tool_reply(serve_local(AGENT_GENERAL_TOOLS="now"), "json")
     stamp = datetime.fromisoformat(tools[0]["result"].split(" ")[0])
     assert stamp.utcoffset().total_seconds() == 0 and text == f"results: {tools[0]['result']}"
 
 
-def test_a_tool_added_to_tools_is_offered_and_run_like_the_built_in_ones(serve, fake):
+def test_a_tool_added_to_tools_is_offered_and_run_like_the_built_in_ones(serve_local, fake):
     # what the README's "Adding a tool" says: one function, one entry in TOOLS, then AGENT_<NAME>_TOOLS lists it
     def reverse(arguments):
         return arguments["word"][::-1]
@@ -1817,13 +1916,13 @@ def test_a_tool_added_to_tools_is_offered_and_run_like_the_built_in_ones(serve, 
     tools = {**TOOLS, "reverse": Tool(reverse, "Reverse a word.", {
         "type": "object", "required": ["word"], "properties": {"word": {"type": "string"}}})}
     fake.script = Script(tool_rounds=[[("reverse", {"word": "piagent"})]], echo_tools=True)
-    text, _ = tool_reply(serve(tools=tools, AGENT_GENERAL_TOOLS="reverse,calc"), "json")
+    text, _ = tool_reply(serve_local(tools=tools, AGENT_GENERAL_TOOLS="reverse,calc"), "json")
     assert text == "results: tnegaip"
     assert [t["function"]["name"] for t in fake.generations()[0].body["tools"]] == ["reverse", "calc"]
 
 
-def test_an_agent_without_tools_sends_no_tools(serve, fake):
-    chat(serve(AGENTS="general,maths", AGENT_MATHS_TOOLS="calc"), message="hi")
+def test_an_agent_without_tools_sends_no_tools(serve_local, fake):
+    chat(serve_local(AGENTS="general,maths", AGENT_MATHS_TOOLS="calc"), message="hi")
     assert "tools" not in fake.generations()[0].body
 
 
@@ -1842,20 +1941,20 @@ def test_the_openai_front_door_runs_the_agents_tools_and_shows_only_the_answer(s
 
 def test_a_model_without_tool_calling_is_a_502_that_says_what_to_do(fake):
     fake.no_tools = {MODEL}
-    with LiveServer(create_app(load_config({"OLLAMA_HOST": fake.url, "WARMUP": "false",
+    with InProcessServer(create_app(load_config({"OLLAMA_HOST": fake.url, "WARMUP": "false",
                                             "AGENT_GENERAL_TOOLS": "calc"}))) as server:
         response = chat(server, message="hi")
     assert response.status_code == 502 and "does not support tools" in error_of(response)["message"]
     assert "AGENT_<NAME>_TOOLS" in error_of(response)["message"]
 
 
-def test_tool_calls_are_counted_in_the_request_log_and_metrics(serve, fake, caplog):
+def test_tool_calls_are_counted_in_the_request_log_and_metrics(serve_local, fake, caplog):
     caplog.set_level(logging.INFO, logger="piagent")
     fake.script = Script(tool_rounds=[[("calc", {"expression": "1"}), ("calc", {"expression": "2"})]])
-    server = serve(AGENT_GENERAL_TOOLS="calc")
+    server = serve_local(AGENT_GENERAL_TOOLS="calc")
     chat(server, message="hi")
     assert piagent_records(caplog)[-1]["tool_calls"] == 2
-    assert sample(parse_metrics(httpx.get(f"{server.url}/metrics").text), "piagent_tool_calls_total", "piagent_tool_calls") == 2
+    assert sample(parse_metrics(server.get("/metrics").text), "piagent_tool_calls_total", "piagent_tool_calls") == 2
 
 
 def test_a_client_leaving_while_the_model_picks_its_tools_stops_it_and_runs_nothing(serve, fake):
@@ -1889,7 +1988,7 @@ CLIENT_TOOLS = [{"type": "function", "function": {
 @pytest.mark.parametrize("stream", [False, True])
 def test_client_tools_are_passed_on_and_the_models_calls_returned_unchanged(serve_tools, fake, stream):
     fake.script = Script(tool_rounds=[[("get_weather", {"city": "Tokyo"}), ("get_weather", {"city": "Oslo"})]])
-    server = serve_tools()  # the agent has calc, but the client's tools replace it for this request
+    server = serve_tools(local=not stream)  # the agent has calc, but the client's tools replace it for this request
     body = {"model": "general", "messages": [{"role": "user", "content": "weather?"}], "tools": CLIENT_TOOLS}
     if stream:
         with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**body, "stream": True},
@@ -1916,8 +2015,8 @@ def test_client_tools_are_passed_on_and_the_models_calls_returned_unchanged(serv
 
 def test_a_client_tool_choice_goes_to_openai_servers_and_not_to_ollama(serve_tools, fake):
     choice = {"type": "function", "function": {"name": "get_weather"}}
-    response = v1(serve_tools(), model="general", messages=[{"role": "user", "content": "hi"}], tools=CLIENT_TOOLS,
-                  tool_choice=choice)
+    response = v1(serve_tools(local=True), model="general", messages=[{"role": "user", "content": "hi"}],
+                  tools=CLIENT_TOOLS, tool_choice=choice)
     assert response.status_code == 200
     sent = fake.generations()[0].body
     assert sent.get("tool_choice") == (choice if serve_tools.provider == "openai" else None)
@@ -1929,7 +2028,7 @@ def test_a_client_sends_its_tool_results_back_and_gets_the_answer(serve_tools, f
                 {"role": "assistant", "content": None, "tool_calls": [{"id": "call_9", "type": "function", "function": {
                     "name": "get_weather", "arguments": '{"city":"Tokyo"}'}}]},
                 {"role": "tool", "tool_call_id": "call_9", "content": "sunny, 21 C"}]
-    body = v1(serve_tools(), model="general", messages=messages, tools=CLIENT_TOOLS).json()
+    body = v1(serve_tools(local=True), model="general", messages=messages, tools=CLIENT_TOOLS).json()
     assert body["choices"][0]["message"]["content"] == "results: sunny, 21 C"
     call, result = tool_messages(fake, 0)
     if serve_tools.provider == "ollama":
@@ -1964,13 +2063,13 @@ def test_the_official_openai_sdk_runs_its_own_tools_through_piagent(serve, fake)
     ([{"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": "c", "content": "1"},
       {"role": "user", "content": "x"}, {"role": "system", "content": "late"}], "last message must be"),
 ])
-def test_v1_messages_must_end_with_the_user_or_tool_results(serve, messages, says):
-    response = v1(serve(), model="general", messages=messages)
+def test_v1_messages_must_end_with_the_user_or_tool_results(serve_local, messages, says):
+    response = v1(serve_local(), model="general", messages=messages)
     assert response.status_code == 422 and says in openai_error_of(response)["message"]
 
 
-def test_v1_client_tools_with_a_conversation_header_are_refused(serve):
-    response = v1(serve(), {"X-Conversation-Id": "c1"}, model="general", tools=CLIENT_TOOLS,
+def test_v1_client_tools_with_a_conversation_header_are_refused(serve_local):
+    response = v1(serve_local(), {"X-Conversation-Id": "c1"}, model="general", tools=CLIENT_TOOLS,
                   messages=[{"role": "user", "content": "hi"}])
     assert response.status_code == 422 and "whole history" in openai_error_of(response)["message"]
 
@@ -1985,18 +2084,18 @@ KEY, OTHER_KEY = "kitchen-pi-key-1", "garden-pi-key-22"
 @pytest.mark.parametrize("headers", [{"Authorization": f"Bearer {KEY}"}, {"Authorization": f"bearer {KEY}"},
                                      {"Authorization": f"Bearer    {KEY}"}, {"X-API-Key": KEY},
                                      {"Authorization": f"Bearer {OTHER_KEY}"}])
-def test_a_configured_key_in_any_accepted_form_is_let_in(serve, headers):
-    server = serve(API_KEYS=f"{KEY},{OTHER_KEY}")
-    assert httpx.post(f"{server.url}/chat", json={"message": "hi"}, headers=headers).status_code == 200
+def test_a_configured_key_in_any_accepted_form_is_let_in(serve_local, headers):
+    server = serve_local(API_KEYS=f"{KEY},{OTHER_KEY}")
+    assert server.post("/chat", json={"message": "hi"}, headers=headers).status_code == 200
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong-key-123"}, {"Authorization": KEY},
                                      {"Authorization": f"Basic {KEY}"}, {"X-API-Key": KEY[:-1]},
                                      {"Authorization": "Bearer"}])
-def test_a_missing_or_wrong_key_is_401_with_www_authenticate(serve, fake, headers):
-    server = serve(API_KEYS=KEY)
+def test_a_missing_or_wrong_key_is_401_with_www_authenticate(serve_local, fake, headers):
+    server = serve_local(API_KEYS=KEY)
     for path, method in [("/chat", "POST"), ("/agents", "GET"), ("/v1/models", "GET")]:
-        response = httpx.request(method, f"{server.url}{path}", json={"message": "hi"}, headers=headers)
+        response = server.request(method, path, json={"message": "hi"}, headers=headers)
         assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
         error = response.json()["error"]
         assert error["code"] == "unauthorized"
@@ -2004,28 +2103,28 @@ def test_a_missing_or_wrong_key_is_401_with_www_authenticate(serve, fake, header
     assert fake.generations() == []
 
 
-def test_health_needs_no_key(serve):
-    assert httpx.get(f"{serve(API_KEYS=KEY).url}/health").status_code == 200
+def test_health_needs_no_key(serve_local):
+    assert serve_local(API_KEYS=KEY).get("/health").status_code == 200
 
 
-def test_keys_are_compared_in_constant_time_against_every_key(serve, monkeypatch):
+def test_keys_are_compared_in_constant_time_against_every_key(serve_local, monkeypatch):
     import hmac
 
     compared = []
     real = hmac.compare_digest
     monkeypatch.setattr(hmac, "compare_digest", lambda a, b: compared.append((a, b)) or real(a, b))
-    server = serve(API_KEYS=f"{KEY},{OTHER_KEY},third-key-333")
-    assert httpx.get(f"{server.url}/agents", headers={"X-API-Key": KEY}).status_code == 200
+    server = serve_local(API_KEYS=f"{KEY},{OTHER_KEY},third-key-333")
+    assert server.get("/agents", headers={"X-API-Key": KEY}).status_code == 200
     # every key is compared (no early exit on the first match), and only through hmac.compare_digest
     assert sorted(b for _, b in compared) == sorted(k.encode() for k in (KEY, OTHER_KEY, "third-key-333"))
     assert all(a == KEY.encode() for a, _ in compared)
 
 
-def test_keys_never_appear_in_logs_only_a_short_id(serve, fake, caplog):
+def test_keys_never_appear_in_logs_only_a_short_id(serve_local, fake, caplog):
     caplog.set_level("DEBUG")
-    server = serve(API_KEYS=KEY)
-    httpx.post(f"{server.url}/chat", json={"message": "hi"}, headers={"X-API-Key": KEY})
-    httpx.post(f"{server.url}/chat", json={"message": "hi"}, headers={"X-API-Key": "wrong-key-but-long"})
+    server = serve_local(API_KEYS=KEY)
+    server.post("/chat", json={"message": "hi"}, headers={"X-API-Key": KEY})
+    server.post("/chat", json={"message": "hi"}, headers={"X-API-Key": "wrong-key-but-long"})
     wait_until(lambda: len(piagent_records(caplog)) == 2, what="two request records")
     assert KEY not in caplog.text and "wrong-key-but-long" not in caplog.text
     assert piagent_records(caplog)[0]["key"] == piagent.key_id(KEY) and len(piagent.key_id(KEY)) == 8
@@ -2048,40 +2147,40 @@ def test_weak_or_malformed_api_keys_are_a_config_error(value):
 # ---------------------------------------------------------------------------
 
 
-def test_rate_limit_refuses_the_excess_and_refills_with_time(serve):
+def test_rate_limit_refuses_the_excess_and_refills_with_time(serve_local):
     clock = Clock()
-    server = serve(clock=clock, RATE_LIMIT_PER_MIN=3)
-    remaining = [httpx.get(f"{server.url}/agents").headers["x-ratelimit-remaining"] for _ in range(3)]
+    server = serve_local(clock=clock, RATE_LIMIT_PER_MIN=3)
+    remaining = [server.get("/agents").headers["x-ratelimit-remaining"] for _ in range(3)]
     assert remaining == ["2", "1", "0"]
-    refused = httpx.get(f"{server.url}/agents")
+    refused = server.get("/agents")
     assert refused.status_code == 429 and error_of(refused)["code"] == "rate_limited"
     assert refused.headers["retry-after"] == "20" and refused.headers["x-ratelimit-remaining"] == "0"
     clock.now += 19.9
-    assert httpx.get(f"{server.url}/agents").status_code == 429
+    assert server.get("/agents").status_code == 429
     clock.now += 20.1  # one token every 20 s at 3 a minute
-    assert httpx.get(f"{server.url}/agents").status_code == 200
+    assert server.get("/agents").status_code == 200
 
 
-def test_rate_limit_is_per_key(serve):
-    server = serve(API_KEYS=f"{KEY},{OTHER_KEY}", RATE_LIMIT_PER_MIN=1)
-    assert httpx.get(f"{server.url}/agents", headers={"X-API-Key": KEY}).status_code == 200
-    assert httpx.get(f"{server.url}/agents", headers={"X-API-Key": KEY}).status_code == 429
-    assert httpx.get(f"{server.url}/agents", headers={"X-API-Key": OTHER_KEY}).status_code == 200
+def test_rate_limit_is_per_key(serve_local):
+    server = serve_local(API_KEYS=f"{KEY},{OTHER_KEY}", RATE_LIMIT_PER_MIN=1)
+    assert server.get("/agents", headers={"X-API-Key": KEY}).status_code == 200
+    assert server.get("/agents", headers={"X-API-Key": KEY}).status_code == 429
+    assert server.get("/agents", headers={"X-API-Key": OTHER_KEY}).status_code == 200
 
 
 @pytest.mark.parametrize("trust,separate", [("true", True), ("false", False)])
-def test_forwarded_for_names_the_client_only_behind_a_trusted_proxy(serve, trust, separate):
-    server = serve(RATE_LIMIT_PER_MIN=1, TRUST_PROXY=trust)
-    first = httpx.get(f"{server.url}/agents", headers={"X-Forwarded-For": "10.0.0.1"})
-    second = httpx.get(f"{server.url}/agents", headers={"X-Forwarded-For": "10.0.0.1, 10.0.0.2"})
+def test_forwarded_for_names_the_client_only_behind_a_trusted_proxy(serve_local, trust, separate):
+    server = serve_local(RATE_LIMIT_PER_MIN=1, TRUST_PROXY=trust)
+    first = server.get("/agents", headers={"X-Forwarded-For": "10.0.0.1"})
+    second = server.get("/agents", headers={"X-Forwarded-For": "10.0.0.1, 10.0.0.2"})
     assert first.status_code == 200 and (second.status_code == 200) == separate
 
 
-def test_rate_limit_off_and_health_never_limited(serve):
-    server = serve(RATE_LIMIT_PER_MIN=0)
-    assert all(httpx.get(f"{server.url}/agents").status_code == 200 for _ in range(40))
-    limited = serve(RATE_LIMIT_PER_MIN=1)
-    assert all(httpx.get(f"{limited.url}/health").status_code == 200 for _ in range(5))
+def test_rate_limit_off_and_health_never_limited(serve_local):
+    server = serve_local(RATE_LIMIT_PER_MIN=0)
+    assert all(server.get("/agents").status_code == 200 for _ in range(40))
+    limited = serve_local(RATE_LIMIT_PER_MIN=1)
+    assert all(limited.get("/health").status_code == 200 for _ in range(5))
 
 
 def test_rate_buckets_stay_bounded_and_idle_ones_are_forgotten():
@@ -2095,9 +2194,9 @@ def test_rate_buckets_stay_bounded_and_idle_ones_are_forgotten():
     assert len(buckets) == 1
 
 
-def test_body_over_the_limit_is_413_before_parsing(serve, fake):
-    server = serve(MAX_BODY_BYTES=2048)
-    response = httpx.post(f"{server.url}/chat", content=b"{" + b" " * 4096, headers={"Content-Type": "application/json"})
+def test_body_over_the_limit_is_413_before_parsing(serve_local, fake):
+    server = serve_local(MAX_BODY_BYTES=2048)
+    response = server.post("/chat", content=b"{" + b" " * 4096, headers={"Content-Type": "application/json"})
     assert response.status_code == 413 and error_of(response)["code"] == "body_too_large"
     assert "2048" in error_of(response)["message"]
 
@@ -2126,8 +2225,8 @@ def test_a_huge_chunked_body_is_refused_without_reading_it_all(serve):
 @pytest.mark.parametrize("path,body", [("/chat", {"message": "x" * 101}),
                                        ("/v1/chat/completions", {"model": "general", "messages": [
                                            {"role": "user", "content": "x" * 101}]})])
-def test_message_over_max_chars_is_413_naming_the_limit(serve, fake, path, body):
-    response = httpx.post(f"{serve(MAX_MESSAGE_CHARS=100).url}{path}", json=body)
+def test_message_over_max_chars_is_413_naming_the_limit(serve_local, fake, path, body):
+    response = serve_local(MAX_MESSAGE_CHARS=100).post(path, json=body)
     assert response.status_code == 413 and response.json()["error"]["code"] == "message_too_long"
     assert "100" in response.json()["error"]["message"] and fake.generations() == []
 
@@ -2135,9 +2234,9 @@ def test_message_over_max_chars_is_413_naming_the_limit(serve, fake, path, body)
 ORIGIN = "http://pi.local:8000"
 
 
-def test_cors_preflight_from_an_allowed_origin_needs_no_key(serve):
-    server = serve(CORS_ORIGINS=ORIGIN, API_KEYS=KEY)
-    response = httpx.options(f"{server.url}/chat", headers={
+def test_cors_preflight_from_an_allowed_origin_needs_no_key(serve_local):
+    server = serve_local(CORS_ORIGINS=ORIGIN, API_KEYS=KEY)
+    response = server.options("/chat", headers={
         "Origin": ORIGIN, "Access-Control-Request-Method": "POST",
         "Access-Control-Request-Headers": "authorization, content-type"})
     assert response.status_code == 200 and response.headers["access-control-allow-origin"] == ORIGIN
@@ -2145,20 +2244,20 @@ def test_cors_preflight_from_an_allowed_origin_needs_no_key(serve):
     assert "access-control-allow-credentials" not in response.headers
 
 
-def test_cors_preflight_from_another_origin_is_denied(serve):
-    response = httpx.options(f"{serve(CORS_ORIGINS=ORIGIN).url}/chat", headers={
+def test_cors_preflight_from_another_origin_is_denied(serve_local):
+    response = serve_local(CORS_ORIGINS=ORIGIN).options("/chat", headers={
         "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
     assert response.status_code == 400 and "access-control-allow-origin" not in response.headers
 
 
-def test_cors_response_exposes_the_conversation_id(serve):
-    response = chat_with_headers(serve(CORS_ORIGINS=ORIGIN), {"Origin": ORIGIN}, message="hi")
+def test_cors_response_exposes_the_conversation_id(serve_local):
+    response = chat_with_headers(serve_local(CORS_ORIGINS=ORIGIN), {"Origin": ORIGIN}, message="hi")
     assert response.headers["access-control-allow-origin"] == ORIGIN
     assert "x-conversation-id" in response.headers["access-control-expose-headers"].lower()
 
 
-def test_no_cors_origins_means_no_cors_headers(serve):
-    response = chat_with_headers(serve(), {"Origin": ORIGIN}, message="hi")
+def test_no_cors_origins_means_no_cors_headers(serve_local):
+    response = chat_with_headers(serve_local(), {"Origin": ORIGIN}, message="hi")
     assert not any(h.startswith("access-control-") for h in response.headers)
 
 
@@ -2169,7 +2268,7 @@ def test_cors_origins_must_be_explicit_origins(value):
 
 
 def chat_with_headers(server, headers, **body) -> httpx.Response:
-    return httpx.post(f"{server.url}/chat", json=body, headers=headers, timeout=DEADLINE_S)
+    return server.post("/chat", json=body, headers=headers)
 
 
 # ---------------------------------------------------------------------------
@@ -2325,16 +2424,16 @@ def test_after_the_grace_streams_are_cut_and_waiters_get_503_not_500(fake):
 # ---------------------------------------------------------------------------
 
 
-def test_ready_when_the_upstream_answers_and_every_model_is_there(serve, fake):
-    response = httpx.get(f"{serve(AGENTS='general,tiny', OLLAMA_MODEL_TINY='tiny').url}/ready")
+def test_ready_when_the_upstream_answers_and_every_model_is_there(serve_local, fake):
+    response = serve_local(AGENTS='general,tiny', OLLAMA_MODEL_TINY='tiny').get("/ready")
     body = response.json()
     assert response.status_code == 200 and body["status"] == "ready"
     assert body["checks"]["upstream"]["ok"] and "Ollama 0.12.6" in body["checks"]["upstream"]["detail"]
     assert body["checks"]["models"]["ok"] and body["warnings"] == []
 
 
-def test_not_ready_names_the_missing_model_and_the_fix(serve, fake):
-    response = httpx.get(f"{serve(AGENTS='general,coder', OLLAMA_MODEL_CODER='coder:7b').url}/ready")
+def test_not_ready_names_the_missing_model_and_the_fix(serve_local, fake):
+    response = serve_local(AGENTS='general,coder', OLLAMA_MODEL_CODER='coder:7b').get("/ready")
     body = response.json()
     assert response.status_code == 503 and body["status"] == "not_ready"
     assert not body["checks"]["models"]["ok"] and "ollama pull coder:7b" in body["checks"]["models"]["detail"]
@@ -2342,35 +2441,35 @@ def test_not_ready_names_the_missing_model_and_the_fix(serve, fake):
 
 def test_not_ready_without_an_upstream_and_health_stays_200():
     config = load_config({"OLLAMA_HOST": f"http://127.0.0.1:{free_port()}", "WARMUP": "false"})
-    with LiveServer(create_app(config)) as server:
-        response = httpx.get(f"{server.url}/ready")
-        assert httpx.get(f"{server.url}/health").status_code == 200
+    with InProcessServer(create_app(config)) as server:
+        response = server.get("/ready")
+        assert server.get("/health").status_code == 200
     assert response.status_code == 503 and not response.json()["checks"]["upstream"]["ok"]
 
 
 def test_ready_repeats_the_start_up_warning_about_an_open_lan():
     config = load_config({"HOST": "0.0.0.0", "OLLAMA_HOST": f"http://127.0.0.1:{free_port()}", "WARMUP": "false"})
-    with LiveServer(create_app(config)) as server:  # the app is served on loopback; only the setting says LAN
-        assert "NO API_KEYS" in httpx.get(f"{server.url}/ready").json()["warnings"][0]
+    with InProcessServer(create_app(config)) as server:  # the app is served on loopback; only the setting says LAN
+        assert "NO API_KEYS" in server.get("/ready").json()["warnings"][0]
 
 
-def test_ready_works_for_an_openai_compatible_upstream(serve_openai, fake):
-    body = httpx.get(f"{serve_openai().url}/ready").json()
+def test_ready_works_for_an_openai_compatible_upstream(serve_openai_local, fake):
+    body = serve_openai_local().get("/ready").json()
     assert body["status"] == "ready" and "OpenAI-compatible" in body["checks"]["upstream"]["detail"]
 
 
-def test_warmup_loads_each_model_in_the_background_with_keep_alive(serve, fake):
+def test_warmup_loads_each_model_in_the_background_with_keep_alive(serve_local, fake):
     fake.script = Script(hold_after=0)  # not used by loads, which answer at once
-    server = serve(WARMUP="true", AGENTS="general,tiny", OLLAMA_MODEL_TINY="tiny", OLLAMA_KEEP_ALIVE="30m")
+    server = serve_local(WARMUP="true", AGENTS="general,tiny", OLLAMA_MODEL_TINY="tiny", OLLAMA_KEEP_ALIVE="30m")
     wait_until(lambda: len(fake.loads()) == 2, what="both models to be loaded")
     assert [(r.path, r.body) for r in fake.loads()] == [
         ("/api/generate", {"model": MODEL, "stream": False, "keep_alive": "30m"}),
         ("/api/generate", {"model": "tiny", "stream": False, "keep_alive": "30m"})]
     wait_until(lambda: server.app.state.runtime.warmup.state == "done", what="warm-up to finish")
-    assert httpx.get(f"{server.url}/ready").json()["checks"]["warmup"] == {"ok": True, "detail": "models loaded"}
+    assert server.get("/ready").json()["checks"]["warmup"] == {"ok": True, "detail": "models loaded"}
 
 
-def test_ready_says_warming_until_the_models_are_loaded(serve, fake):
+def test_ready_says_warming_until_the_models_are_loaded(serve_local, fake):
     gate = threading.Event()
     original = fake._dispatch
 
@@ -2382,12 +2481,12 @@ def test_ready_says_warming_until_the_models_are_loaded(serve, fake):
         return await original(req, reader, writer)
 
     fake._dispatch = slow_loads
-    server = serve(WARMUP="true")
-    assert httpx.get(f"{server.url}/health").status_code == 200  # never delayed by warm-up
-    warming = httpx.get(f"{server.url}/ready")
+    server = serve_local(WARMUP="true")
+    assert server.get("/health").status_code == 200  # never delayed by warm-up
+    warming = server.get("/ready")
     assert warming.status_code == 503 and warming.json()["status"] == "warming"
     gate.set()
-    wait_until(lambda: httpx.get(f"{server.url}/ready").status_code == 200, what="ready after warm-up")
+    wait_until(lambda: server.get("/ready").status_code == 200, what="ready after warm-up")
 
 
 def test_warmup_is_off_by_default_for_openai_compatible_servers():
@@ -2453,9 +2552,9 @@ def test_metrics_show_the_queue_and_active_streams(serve, fake):
     waiter.join(DEADLINE_S)
 
 
-def test_metrics_need_the_key_unless_public(serve):
-    assert httpx.get(f"{serve(API_KEYS=KEY).url}/metrics").status_code == 401
-    assert httpx.get(f"{serve(API_KEYS=KEY, METRICS_PUBLIC='true').url}/metrics").status_code == 200
+def test_metrics_need_the_key_unless_public(serve_local):
+    assert serve_local(API_KEYS=KEY).get("/metrics").status_code == 401
+    assert serve_local(API_KEYS=KEY, METRICS_PUBLIC='true').get("/metrics").status_code == 200
 
 
 # ---------------------------------------------------------------------------
@@ -2550,17 +2649,17 @@ def test_json_log_is_one_object_per_line_with_the_request_fields():
     assert data["level"] == "info" and data["status"] == 200 and data["tokens"] == 3 and "T" in data["time"]
 
 
-def test_log_prompts_puts_the_message_in_the_record(serve, fake, caplog):
+def test_log_prompts_puts_the_message_in_the_record(serve_local, fake, caplog):
     caplog.set_level("INFO", logger="piagent")
-    chat(serve(LOG_PROMPTS="true"), message="visible words")
+    chat(serve_local(LOG_PROMPTS="true"), message="visible words")
     wait_until(lambda: piagent_records(caplog), what="a request record")
     assert piagent_records(caplog)[0]["prompt"] == "visible words"
 
 
-def test_request_id_is_taken_from_the_client_or_made_and_echoed(serve):
-    server = serve()
-    assert httpx.get(f"{server.url}/agents", headers={"X-Request-Id": "trace-42"}).headers["x-request-id"] == "trace-42"
-    made = httpx.get(f"{server.url}/agents", headers={"X-Request-Id": "bad id!"}).headers["x-request-id"]
+def test_request_id_is_taken_from_the_client_or_made_and_echoed(serve_local):
+    server = serve_local()
+    assert server.get("/agents", headers={"X-Request-Id": "trace-42"}).headers["x-request-id"] == "trace-42"
+    made = server.get("/agents", headers={"X-Request-Id": "bad id!"}).headers["x-request-id"]
     assert re.fullmatch(r"[0-9a-f]{32}", made)
 
 
