@@ -4159,6 +4159,25 @@ def split_openai_messages(body: OpenAIChatRequest) -> Ask:
     return Ask(system, history, messages[last].text(), tuple(m.as_message() for m in tail), tools, choice)
 
 
+def history_exchange(rt: Runtime, agent: Agent, ask: Ask, sampling: Sampling, stream: bool,
+                     request: Request) -> Exchange:
+    """The exchange of a door whose client sends the whole history (/v1, Ollama's API): piagent's memory only
+    with X-Conversation-Id, and then not with the client's own tools."""
+    config = rt.config
+    for m in [*ask.system, *ask.history, {"content": ask.message}, *ask.tail]:
+        check_length(config, m.get("content") or "")
+    conversation_id = request.headers.get("x-conversation-id")
+    if conversation_id is not None and not re.fullmatch(CONVERSATION_ID_PATTERN, conversation_id):
+        raise InvalidRequest(f"X-Conversation-Id must match {CONVERSATION_ID_PATTERN}")
+    if conversation_id is not None and (ask.tools or ask.tail):
+        raise InvalidRequest("X-Conversation-Id cannot be used with the client's own tools; send the whole "
+                             "history in messages instead")
+    if ask.tools and config.provider == "ollama" and config.ollama_api == "generate":
+        raise InvalidRequest("tools need OLLAMA_API=chat on this piagent")
+    return Exchange(rt, agent, ask._replace(history=None) if conversation_id else ask, sampling, conversation_id,
+                    stream, request.scope[LOG_FIELDS_KEY])
+
+
 def add_openai_routes(app: FastAPI, rt: Runtime) -> None:
     """Attach the OpenAI-compatible front door: /v1/models and /v1/chat/completions (agents are models)."""
     config, created = rt.config, int(time.time())
@@ -4176,19 +4195,7 @@ def add_openai_routes(app: FastAPI, rt: Runtime) -> None:
         if max_tokens >= config.ctx_tokens:
             raise InvalidRequest(f"max_tokens={max_tokens} must be below the context size {config.ctx_tokens}")
         sampling = Sampling(max_tokens, config.temperature if body.temperature is None else body.temperature)
-        ask = split_openai_messages(body)
-        for m in [*ask.system, *ask.history, {"content": ask.message}, *ask.tail]:
-            check_length(config, m.get("content") or "")
-        conversation_id = request.headers.get("x-conversation-id")
-        if conversation_id is not None and not re.fullmatch(CONVERSATION_ID_PATTERN, conversation_id):
-            raise InvalidRequest(f"X-Conversation-Id must match {CONVERSATION_ID_PATTERN}")
-        if conversation_id is not None and (ask.tools or ask.tail):
-            raise InvalidRequest("X-Conversation-Id cannot be used with the client's own tools; send the whole "
-                                 "history in messages instead")
-        if ask.tools and config.provider == "ollama" and config.ollama_api == "generate":
-            raise InvalidRequest("tools need OLLAMA_API=chat on this piagent")
-        x = Exchange(rt, agent, ask._replace(history=None) if conversation_id else ask, sampling, conversation_id,
-                     body.stream, request.scope[LOG_FIELDS_KEY])
+        x = history_exchange(rt, agent, split_openai_messages(body), sampling, body.stream, request)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return Generation(x, OpenAIDoor(config.sse_ping_s, agent.name, include_usage))
 
@@ -4331,19 +4338,7 @@ def ollama_as_openai(messages: list[OllamaMessage]) -> list[OpenAIMessage]:
 def ollama_generation(rt: Runtime, agent: Agent, body: OllamaAsk, ask: Ask, request: Request) -> Generation:
     """The exchange of an Ollama chat or generate request, through the Ollama door; memory only with
     X-Conversation-Id (as on /v1: the client sends the whole history otherwise)."""
-    config = rt.config
-    for m in [*ask.system, *ask.history, {"content": ask.message}, *ask.tail]:
-        check_length(config, m.get("content") or "")
-    conversation_id = request.headers.get("x-conversation-id")
-    if conversation_id is not None and not re.fullmatch(CONVERSATION_ID_PATTERN, conversation_id):
-        raise InvalidRequest(f"X-Conversation-Id must match {CONVERSATION_ID_PATTERN}")
-    if conversation_id is not None and (ask.tools or ask.tail):
-        raise InvalidRequest("X-Conversation-Id cannot be used with the client's own tools; send the whole "
-                             "history in messages instead")
-    if ask.tools and config.provider == "ollama" and config.ollama_api == "generate":
-        raise InvalidRequest("tools need OLLAMA_API=chat on this piagent")
-    x = Exchange(rt, agent, ask._replace(history=None) if conversation_id else ask, ollama_sampling(config, body),
-                 conversation_id, body.stream, request.scope[LOG_FIELDS_KEY])
+    x = history_exchange(rt, agent, ask, ollama_sampling(rt.config, body), body.stream, request)
     return Generation(x, OllamaDoor(body.model, isinstance(body, OllamaChatRequest)))
 
 

@@ -472,7 +472,7 @@ def test_stop_leaves_no_process_even_one_ignoring_stdin_close_and_sigterm(tmp_pa
 
 from fake_ollama import Script  # noqa: E402
 from test_piagent import (DEADLINE_S, fake, free_port, raw_post, run_piagent, serve, serve_openai,  # noqa: E402,F401
-                          tool_reply, wait_until)
+                          tool_reply, wait_until, servers)
 
 
 def need_filesystem() -> None:

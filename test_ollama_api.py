@@ -18,7 +18,7 @@ from fake_ollama import Script, _json
 from piagent import create_app, load_config
 from test_piagent import (DEADLINE_S, MODEL, LiveServer, in_background, parse_metrics, raw_post, read_until, sample,
                           wait_until)
-from test_piagent import fake, serve, serve_openai  # noqa: F401
+from test_piagent import fake, serve, serve_openai, servers  # noqa: F401
 
 if os.environ.get("CI") == "true":  # under CI a missing library is a failure, never a skip
     import ollama
