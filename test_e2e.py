@@ -268,11 +268,12 @@ def test_v1_with_conversation_header_grows_the_reported_prompt(piagent_url):
     assert usage[1]["prompt_tokens"] >= usage[0]["prompt_tokens"] + usage[0]["completion_tokens"]
 
 
-def test_client_leaving_mid_stream_frees_the_llm_server(llm):
+def assert_leaving_frees_the_llm_server(llm: str, path: str, body: dict) -> None:
+    """A client that hangs up on piagent's `path` mid-reply frees llama.cpp at once (any door)."""
     config = load_config({"PROVIDER": "openai", "OPENAI_BASE_URL": llm, "TEMPERATURE": "0",
                           "MAX_TOKENS": str(LONG_REPLY_TOKENS), "CTX_TOKENS": "2048"})
     with LiveServer(create_app(config)) as server:
-        sock = raw_post(server.port, "/chat", {"message": "Write a very long story about a dragon.", "stream": True})
+        sock = raw_post(server.port, path, body)
         read_until(sock, b"\r\n\r\n")  # headers come with the first token: generation is under way
         sock.close()
         started = time.monotonic()
@@ -282,6 +283,11 @@ def test_client_leaving_mid_stream_frees_the_llm_server(llm):
         waited = time.monotonic() - started
     assert response.status_code == 200
     assert waited < 10.0, f"the next request waited {waited:.1f} s: the abandoned generation kept running"
+
+
+def test_client_leaving_mid_stream_frees_the_llm_server(llm):
+    assert_leaving_frees_the_llm_server(llm, "/chat", {"message": "Write a very long story about a dragon.",
+                                                       "stream": True})
 
 
 def test_official_openai_sdk_against_piagent(piagent_url, llm):
