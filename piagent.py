@@ -29,7 +29,6 @@ import errno
 import hashlib
 import hmac
 import inspect
-import itertools
 import ipaddress
 import itertools
 import json
@@ -51,8 +50,8 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from types import MappingProxyType
-from typing import (Any, AsyncIterator, Awaitable, Callable, Iterator, Literal, Mapping, MutableMapping, NamedTuple, Protocol,
-                    TypeVar)
+from typing import (Any, AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Literal, Mapping, MutableMapping,
+                    NamedTuple, Protocol, TypeVar)
 
 import httpx
 from fastapi import FastAPI, Query, Request
@@ -1149,6 +1148,13 @@ class HTTPProvider:
     def __init__(self, client: httpx.AsyncClient, config: Config):
         self.client, self.config = client, config
         self.base_url = getattr(config, self.url_field)
+        self._urls: dict[str, httpx.URL] = {}
+
+    def url(self, path: str) -> httpx.URL:
+        """base_url + path, parsed once: parsing a URL is a measurable part of every request's time to first token."""
+        if path not in self._urls:
+            self._urls[path] = httpx.URL(self.base_url + path)
+        return self._urls[path]
 
     def headers(self) -> dict[str, str]:
         return {}
@@ -1233,7 +1239,7 @@ class HTTPProvider:
                     timeout: float | None = None) -> dict[str, Any]:
         options = {} if timeout is None else {"timeout": timeout}
         try:
-            async with self.client.stream(method, self.base_url + path, json=body, headers=self.headers(),
+            async with self.client.stream(method, self.url(path), json=body, headers=self.headers(),
                                           **options) as response:
                 await self.raise_for_status(response, model)
                 raw = bytearray()
@@ -1256,7 +1262,7 @@ class HTTPProvider:
         path. A partial line is kept in a bytearray (growing it is linear) and capped at MAX_UPSTREAM_LINE_BYTES."""
         started, pending = False, bytearray()
         try:
-            async with self.client.stream("POST", self.base_url + path, json=body, headers=self.headers()) as response:
+            async with self.client.stream("POST", self.url(path), json=body, headers=self.headers()) as response:
                 await self.raise_for_status(response, model)
                 async for chunk in response.aiter_bytes():
                     started = True
@@ -1892,6 +1898,33 @@ async def tool_loop(provider: Provider, toolbox: Toolbox, agent: Agent, prompt: 
         usage.prompt_tokens, usage.completion_tokens = counts[0], counts[1]
 
 
+class Background:
+    """Work that runs beside the requests (warm-up, an MCP server's connection): one task, named and referenced,
+    that stop() cancels and waits for. Every long-lived task piagent starts goes through here."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._task: asyncio.Task | None = None
+
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def start(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` in its own task (the caller checked running() where one at a time matters)."""
+        self._task = asyncio.get_running_loop().create_task(work, name=self.name)
+        self._task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:  # a bug: said once, with its traceback
+            log.error("background task %s failed", self.name, exc_info=task.exception())
+
+    async def stop(self) -> None:
+        """Cancel the task and wait until it has cleaned up; safe to call when it is not running."""
+        if self.running():
+            self._task.cancel()
+            await asyncio.wait({self._task})  # not `await task`: a cancelled stop() must not cut the cleanup short
+
+
 # MCP servers as tool sources (MCP_SERVERS; issue 16): design and protocol notes in DEVELOPING.md, "MCP".
 #: Handshake-era versions piagent accepts in an initialize reply; it proposes the first (ref §1).
 MCP_HANDSHAKE_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
@@ -2269,7 +2302,7 @@ class McpServer:
         self._tools: dict[str, Tool] = {}
         self._ids = itertools.count(1)
         self._transport: StdioTransport | HttpTransport | None = None
-        self._runner: asyncio.Task | None = None
+        self._runner = Background(f"mcp-{config.name}")
         self._era: str | None = None         # MCP_MODERN_VERSION, or the negotiated handshake version
         self._up, self._why = False, "not started"
         self._stopped, self._failed_starts, self._retry_at = False, 0, 0.0
@@ -2278,7 +2311,7 @@ class McpServer:
 
     async def start(self) -> None:
         """Connect and list the tools in the background; returns at once."""
-        if not self._stopped and (self._runner is None or self._runner.done()):
+        if not self._stopped and not self._runner.running():
             self._launch()
 
     def _launch(self) -> None:
@@ -2287,7 +2320,7 @@ class McpServer:
         self._changed.clear()
         self._up, self._why = False, "starting"
         # a task of its own, so a slow or broken server never delays piagent or the other servers
-        self._runner = asyncio.create_task(self._run(), name=f"mcp-{self.config.name}")
+        self._runner.start(self._run())
 
     async def ready(self, timeout_s: float) -> bool:
         """Wait up to timeout_s until the tools are listed or connecting failed; whether it is usable."""
@@ -2311,9 +2344,7 @@ class McpServer:
     async def stop(self) -> None:
         """Stop for good: the connection ends, a stdio server's whole process group exits; bounded in time."""
         self._stopped = True
-        if self._runner is not None and not self._runner.done():
-            self._runner.cancel()
-            await asyncio.wait({self._runner})  # not `await runner`: a cancelled stop() must not cut its cleanup
+        await self._runner.stop()
         self._up, self._why = False, "stopped"
 
     async def _run(self) -> None:
@@ -2321,11 +2352,11 @@ class McpServer:
         name = self.config.name
         transport = self._transport = (HttpTransport(self.config, self._on_notification, self._http) if self.config.url
                                        else StdioTransport(name, self.config.command, self._on_notification))
-        pump: asyncio.Task | None = None
+        pump = Background(f"mcp-{name}-pump")
         try:
             await transport.open()
             # the server's messages are read while we send: stdio answers come that way, and list changes
-            pump = asyncio.create_task(transport.pump(self._changed), name=f"mcp-{name}-pump")
+            pump.start(transport.pump(self._changed))
             await self._connect()
             self._up, self._why = True, None
             self._settled.set()
@@ -2333,7 +2364,7 @@ class McpServer:
             while True:
                 await self._changed.wait()
                 self._changed.clear()
-                if pump.done():
+                if not pump.running():
                     raise ConnectionError(getattr(transport, "closed", None) or "the connection ended")
                 await self._relist()
         except Exception as exc:  # whatever the server did, piagent goes on; status() says why
@@ -2341,9 +2372,7 @@ class McpServer:
         finally:
             self._up = False
             await transport.close()
-            if pump is not None:
-                pump.cancel()
-                await asyncio.wait({pump})
+            await pump.stop()
             if not self._stopped:
                 self._failed_starts += 1
                 delay_s = min(MCP_RESTART_MAX_S, MCP_RESTART_MIN_S * 2 ** (self._failed_starts - 1))
@@ -2494,7 +2523,7 @@ class McpServer:
         name = self.config.name
         if self._stopped:
             raise ToolError(f"MCP server {name} has been stopped")
-        if self._runner is None or self._runner.done():
+        if not self._runner.running():
             wait_s = self._retry_at - self._clock()
             if wait_s > 0:
                 raise ToolError(f"MCP server {name} is not running ({self._why}); piagent tries again in "
@@ -2542,23 +2571,30 @@ def json_problem(body: bytes) -> str | None:
         return f"body: nested deeper than {MAX_JSON_DEPTH} levels"
     except ValueError:
         return None
-    stack: list[tuple[str, Any, int]] = [("body", value, 0)]
+    # (where, value, depth); `where` is a tuple of keys, joined only for the message: this runs on every body
+    stack: list[tuple[tuple, Any, int]] = [((), value, 0)]
     while stack:
         where, value, depth = stack.pop()
-        if depth > MAX_JSON_DEPTH:
-            return f"{where}: nested deeper than {MAX_JSON_DEPTH} levels"
         if isinstance(value, float) and not math.isfinite(value):
-            return f"{where}: {value} is not a JSON number; send finite numbers"
+            return f"{json_path(where)}: {value} is not a JSON number; send finite numbers"
         items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
         for key, item in items:
-            path = f"{where}.{key}" if where != "body" else str(key)
+            if depth >= MAX_JSON_DEPTH:
+                return f"{json_path((*where, key))}: nested deeper than {MAX_JSON_DEPTH} levels"
             if isinstance(key, str) and not key.isascii() or isinstance(item, str) and not item.isascii():
                 try:
                     f"{key}{item if isinstance(item, str) else ''}".encode()
                 except UnicodeEncodeError:
-                    return f"{path}: a lone surrogate (an unpaired \\ud800-\\udfff escape) is not text; send UTF-8"
-            stack.append((path, item, depth + 1))
+                    return (f"{json_path((*where, key))}: a lone surrogate (an unpaired \\ud800-\\udfff escape) "
+                            f"is not text; send UTF-8")
+            if isinstance(item, (dict, list, float)):
+                stack.append(((*where, key), item, depth + 1))
     return None
+
+
+def json_path(keys: tuple) -> str:
+    """Where a value is in a body. Example: json_path(("messages", 0, "content")) -> "messages.0.content" """
+    return ".".join(map(str, keys)) or "body"
 
 
 def key_id(key: str) -> str:
@@ -3647,13 +3683,13 @@ class Warmup:
     def __init__(self) -> None:
         self.state = "off"  # off | warming | done (only with WARMUP)
         self.problems: list[str] = []
-        self._task: asyncio.Task | None = None
+        self._task = Background("warmup")
 
     def start(self, provider: Provider, models: list[str]) -> None:
         """Begin in the background."""
         self.state = "warming"
         # in the background, so that /health answers at once however slow the model server is
-        self._task = asyncio.get_running_loop().create_task(self._run(provider, models))
+        self._task.start(self._run(provider, models))
 
     async def _run(self, provider: Provider, models: list[str]) -> None:
         try:
@@ -3682,9 +3718,7 @@ class Warmup:
             log.warning("could not load %s: %s", model, exc.message)
 
     async def stop(self) -> None:
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await self._task.stop()
 
 
 async def memory_check(rt: Runtime) -> dict[str, Any]:
