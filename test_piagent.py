@@ -15,6 +15,7 @@ import importlib.util
 import json
 import logging
 import math
+import operator
 import os
 import re
 import shutil
@@ -1582,34 +1583,54 @@ def _leaf():
     return ints | floats | st.sampled_from([("pi", math.pi), ("e", math.e)])
 
 
+def _step(function, *args):
+    """Python's own arithmetic for one node, or None where calc must refuse: an error, or a value out of calc's
+    range. Checked at every node, as calc checks every step (1 / (1e300 * 1e10) is refused, not 0.0)."""
+    if any(a is None for a in args):
+        return None
+    try:
+        value = function(*args)
+    except (ArithmeticError, ValueError):
+        return None
+    in_range = (type(value) is int and value.bit_length() <= piagent.CALC_MAX_INT_BITS) or (
+        type(value) is float and math.isfinite(value))
+    return value if in_range else None
+
+
 def _grow(children):
-    binary = st.tuples(children, st.sampled_from(["+", "-", "*", "/", "//", "%"]), children).map(
-        lambda t: f"({t[0][0]} {t[1]} {t[2][0]})")
-    power = st.tuples(children, st.integers(0, 4)).map(lambda t: f"({t[0][0]} ** {t[1]})")
-    unary = children.map(lambda c: f"(-{c[0]})")
-    call = st.tuples(st.sampled_from(["abs", "round", "floor", "ceil"]), children).map(lambda t: f"{t[0]}({t[1][0]})")
-    rounded = st.tuples(children, st.integers(-3, 5)).map(lambda t: f"round({t[0][0]}, {t[1]})")
+    ops = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv, "//": operator.floordiv,
+           "%": operator.mod}
+    binary = st.tuples(children, st.sampled_from(sorted(ops)), children).map(
+        lambda t: (f"({t[0][0]} {t[1]} {t[2][0]})", _step(ops[t[1]], t[0][1], t[2][1])))
+    power = st.tuples(children, st.integers(0, 4)).map(
+        lambda t: (f"({t[0][0]} ** {t[1]})", _step(operator.pow, t[0][1], t[1])))
+    unary = children.map(lambda c: (f"(-{c[0]})", _step(operator.neg, c[1])))
+    call = st.tuples(st.sampled_from(["abs", "round", "floor", "ceil"]), children).map(
+        lambda t: (f"{t[0]}({t[1][0]})", _step(PY_FUNCTIONS[t[0]], t[1][1])))
+    rounded = st.tuples(children, st.integers(-3, 5)).map(
+        lambda t: (f"round({t[0][0]}, {t[1]})", _step(round, t[0][1], t[1])))
     extreme = st.tuples(st.sampled_from(["min", "max"]), st.lists(children, min_size=2, max_size=3)).map(
-        lambda t: f"{t[0]}({', '.join(c[0] for c in t[1])})")
-    root = children.map(lambda c: f"sqrt(abs({c[0]}))")
-    return (binary | power | unary | call | rounded | extreme | root).map(lambda text: (text, None))
+        lambda t: (f"{t[0]}({', '.join(c[0] for c in t[1])})", _step(PY_FUNCTIONS[t[0]], *(c[1] for c in t[1]))))
+    root = children.map(lambda c: (f"sqrt(abs({c[0]}))", _step(lambda v: math.sqrt(abs(v)), c[1])))
+    return binary | power | unary | call | rounded | extreme | root
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.recursive(_leaf(), _grow, max_leaves=8))
 def test_calc_equals_python_arithmetic_on_generated_expressions(generated):
-    text = generated[0]
-    try:
-        expected = eval(text, {"__builtins__": {}}, PY_FUNCTIONS)  # the test's own generated arithmetic only
-    except (ArithmeticError, ValueError):
-        expected = None
-    too_big = (type(expected) is int and expected.bit_length() > piagent.CALC_MAX_INT_BITS) or (
-        type(expected) is float and not math.isfinite(expected)) or type(expected) is complex
-    if expected is None or too_big or len(text) > piagent.CALC_MAX_CHARS:
+    text, expected = generated
+    if expected is None or len(text) > piagent.CALC_MAX_CHARS:
         with pytest.raises(ToolError):
             calc({"expression": text})
     else:
         assert calc({"expression": text}) == str(expected)
+        assert eval(text, {"__builtins__": {}}, PY_FUNCTIONS) == expected  # the oracle is Python's own arithmetic
+
+
+@pytest.mark.parametrize("expression", ["1 / (1e300 * 1e10)", "(10 ** 300) ** 5 // 10 ** 1400"])
+def test_calc_refuses_an_out_of_range_step_even_when_the_end_result_would_fit(expression):
+    with pytest.raises(ToolError):
+        calc({"expression": expression})
 
 
 HOSTILE = st.one_of(
