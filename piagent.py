@@ -5,15 +5,9 @@ Run it:
     .venv/bin/python piagent.py                 # listens on 127.0.0.1:8000
     .venv/bin/python piagent.py --host 0.0.0.0 --port 8000 --env-file /etc/piagent/piagent.env
 
-Endpoints:
-    GET  /health   liveness only: {"status": "ok"} (never calls Ollama)
-    GET  /agents   {"agents": ["general", ...]}
-    POST /chat     {"message", "agent"="general", "stream"=false, "conversation_id"?}
-                   -> {"reply", "conversation_id", "model", "provider"}, or with "stream": true a chunked
-                      text/plain stream of tokens and the id in the X-Conversation-Id header.
-    POST /v1/chat/completions, GET /v1/models   the same agents for OpenAI clients
-
-An agent may use tools (AGENT_<NAME>_TOOLS=calc,now) through the model's native tool calling; see Tools.
+Endpoints: GET /health (liveness, never calls Ollama), GET /agents, POST /chat {"message", "agent"="general",
+"stream"=false, "conversation_id"?} -> {"reply", "conversation_id", "model", "provider"} (or with "stream": true,
+a stream of tokens); the same agents for OpenAI clients at /v1/ and for Ollama clients at /api/. More: README.md.
 
 Config comes from, highest first: the real environment, the env file (PIAGENT_ENV_FILE, or piagent.env beside
 this file, or --env-file), then the defaults in `Config`. piagent.env lists every variable with a comment.
@@ -72,9 +66,7 @@ log = logging.getLogger("piagent")
 #: Name of the env file looked for beside this module when PIAGENT_ENV_FILE is not set.
 DEFAULT_ENV_FILE_NAME = "piagent.env"
 #: System prompt of an agent that has no AGENT_<NAME>_SYSTEM.
-DEFAULT_SYSTEM_PROMPT = (
-    "You are a helpful assistant running on a small computer. Answer clearly and briefly."
-)
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant running on a small computer. Answer clearly and briefly."
 #: Agent names become parts of variable names (OLLAMA_MODEL_<NAME>), so they must be identifier-like.
 AGENT_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 #: Ollama's keep_alive: seconds as a number, or a Go duration such as "30m", "1h30m", "-1".
@@ -114,8 +106,7 @@ class ClientGone(Exception):
 
 
 class PiagentError(Exception):
-    """An error a caller can act on: API renders it as `status` and {"error": {"code", "message"}} (OpenAI's
-    shape under /v1/). The message says what to do; `headers` go with it (Retry-After, ...)."""
+    """An error a caller can act on: `status`, `code`, a message that says what to do, and `headers` to send."""
 
     status = 500
     code = "internal_error"
@@ -225,9 +216,7 @@ class Config:
     embed_model: str | None = None  # the model of /api/embed for every agent; unset: the agent's own model
     mcp_servers: tuple[McpServerConfig, ...] = ()  # MCP servers whose tools agents may list (MCP_SERVERS)
     mcp_max_result_chars: int = 8000  # an MCP tool's result is cut to this before the model reads it
-    agents: tuple[Agent, ...] = field(
-        default=(Agent("general", "qwen2.5:3b-instruct", DEFAULT_SYSTEM_PROMPT),)
-    )
+    agents: tuple[Agent, ...] = field(default=(Agent("general", "qwen2.5:3b-instruct", DEFAULT_SYSTEM_PROMPT),))
 
     def agent(self, name: str) -> Agent | None:
         """The agent called `name`, or None."""
@@ -235,11 +224,7 @@ class Config:
 
 
 def parse_env_file(text: str, source: str = "env file") -> dict[str, str]:
-    """Parse the KEY=value subset that systemd's EnvironmentFile= and piagent read alike.
-
-    Whole-line `#` comments and blank lines are skipped; a value is quoted whole or not at all.
-    Example: 'A=1\\n# note\\nB="two words"\\n' -> {'A': '1', 'B': 'two words'}
-    """
+    """Parse KEY=value lines as systemd does. Example: 'A=1\\n# note\\nB="two words"' -> {'A': '1', 'B': 'two words'}"""
     values: dict[str, str] = {}
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
@@ -371,13 +356,12 @@ MAX_PAGE = 100
 
 
 class Turn(NamedTuple):
-    """One exchange: the user's message, the assistant's reply, when it was stored (epoch seconds), and its
-    number in the conversation (0 for the first turn ever, even after older turns were forgotten)."""
+    """One exchange: the user's message and the assistant's reply."""
 
     user: str
     assistant: str
-    created_at: float = 0.0
-    index: int = 0
+    created_at: float = 0.0  # when it was stored, epoch seconds
+    index: int = 0  # its number in the conversation: 0 for the first turn ever, even once that was forgotten
 
 
 @dataclass
@@ -391,11 +375,7 @@ class Conversation:
 
 
 class MemoryStore(Protocol):
-    """Where conversations live. A new backend is one class here plus one line in MEMORY_STORES.
-
-    Every backend keeps the same caps: the last max_turns turns, conversations idle ttl_s forgotten, at most
-    max_conversations (least recently used forgotten first). Reading history or storing a turn is a "use".
-    """
+    """Where conversations live (within CappedStore's caps); a new backend is a class and a MEMORY_STORES line."""
 
     async def open(self) -> None:
         """Connect / create; raise StoreError if that is impossible."""
@@ -404,7 +384,7 @@ class MemoryStore(Protocol):
         """Release files and connections."""
 
     async def history(self, conversation_id: str) -> list[Turn]:
-        """The kept turns, oldest first; [] for an unknown or expired conversation. A use."""
+        """The kept turns, oldest first; [] for an unknown or expired conversation. A use (see CappedStore)."""
 
     async def append(self, conversation_id: str, agent: str, user: str, assistant: str) -> None:
         """Store one completed turn, atomically. A use."""
@@ -416,8 +396,7 @@ class MemoryStore(Protocol):
         """Forget the conversation (nothing happens if it is unknown)."""
 
     async def recent(self, limit: int, before: float | None, owner: str = "") -> list[tuple[str, str, float]]:
-        """(id, agent, last_used) of live conversations used before `before` whose agent starts with `owner`
-        (see `owned`), newest first."""
+        """(id, agent, last_used) of live conversations used before `before`, owned by `owner`, newest first."""
 
     async def count(self) -> int:
         """How many live conversations are kept."""
@@ -427,7 +406,8 @@ class MemoryStore(Protocol):
 
 
 class CappedStore:
-    """What every store shares: the caps it keeps and the clock it reads (tests inject one)."""
+    """The caps every store keeps: the last max_turns turns, conversations idle ttl_s forgotten, at most
+    max_conversations (least recently used first; reading history or storing a turn is a use); and its clock."""
 
     def __init__(self, config: Config, clock: Callable[[], float]):
         self.max_turns, self.ttl_s = config.memory_max_turns, config.memory_ttl_min * 60
@@ -443,11 +423,7 @@ class _Kept:
 
 
 class InProcessStore(CappedStore):
-    """Conversations in RAM, in an OrderedDict kept in last-use order.
-
-    Both the TTL sweep and LRU eviction pop from the front, so every operation is O(1) amortised and memory is
-    bounded by the caps whatever the traffic. Fastest; forgets everything on restart.
-    """
+    """Conversations in RAM, in last-use order: the TTL sweep and LRU eviction pop from the front (O(1) amortised)."""
 
     def __init__(self, config: Config, clock: Callable[[], float]):
         super().__init__(config, clock)
@@ -507,20 +483,14 @@ class InProcessStore(CappedStore):
 
     async def recent(self, limit: int, before: float | None, owner: str = "") -> list[tuple[str, str, float]]:
         self._sweep(self.clock())
-        found = []
-        for conversation_id in reversed(self._kept):  # newest first
-            kept = self._kept[conversation_id]
-            if (before is None or kept.last_used < before) and kept.agent.startswith(owner):
-                found.append((conversation_id, kept.agent, kept.last_used))
-                if len(found) == limit:
-                    break
-        return found
+        found = ((cid, kept.agent, kept.last_used) for cid, kept in reversed(self._kept.items())  # newest first
+                 if (before is None or kept.last_used < before) and kept.agent.startswith(owner))
+        return list(itertools.islice(found, limit))
 
 
 @contextmanager
 def storage_errors() -> Iterator[None]:
-    """A storage failure a store lets through (a disk's OSError, a database's error) is MemoryUnavailable with
-    its cause, like the stores' own; anything else is a bug."""
+    """A storage error a store lets through (a disk's OSError, a database's) as MemoryUnavailable with its cause."""
     try:
         yield
     except (sqlite3.Error, OSError) as exc:
@@ -529,9 +499,7 @@ def storage_errors() -> Iterator[None]:
 
 
 def sqlite_problem(exc: sqlite3.Error | OSError, path: Path) -> str:
-    """What a SQLite error means for the person running piagent, and what to do; only a damaged file is ever
-    worth moving aside. Example: "database or disk is full" -> "the disk holding ... is full: free some space ..."
-    """
+    """What a SQLite error means and what to do. Example: "database or disk is full" -> "the disk is full ...\""""
     text = str(exc).lower()
     if "full" in text or getattr(exc, "errno", None) == errno.ENOSPC:
         return (f"the disk is full (MEMORY_PATH={path}): free some space (DELETE /conversations/<id> frees a "
@@ -564,11 +532,7 @@ CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY, at REAL NOT NULL);
 
 
 class SQLiteStore(CappedStore):
-    """Conversations in one SQLite file (stdlib sqlite3, WAL): survives restarts; several workers may share it.
-
-    Every database call runs on one dedicated thread, so the event loop never waits for the disk; each stored
-    turn is one transaction (the turn, its conversation's last use, and the caps applied together).
-    """
+    """Conversations in one SQLite file (WAL), shared by workers; calls run on a thread, so the loop never waits."""
 
     def __init__(self, config: Config, clock: Callable[[], float]):
         super().__init__(config, clock)
@@ -757,11 +721,7 @@ return redis.call('LRANGE', KEYS[1], 0, -1)
 
 
 class RedisStore(CappedStore):
-    """Conversations in Redis, for several piagent instances: a list of turns per conversation (trimmed to the
-    cap), a sorted set of last-use times (TTL and LRU), each change one Lua script, so atomic.
-
-    The `redis` package is imported only when this backend is chosen (pip install redis).
-    """
+    """Conversations in Redis, for several piagent instances; each change is one Lua script, so atomic."""
 
     def __init__(self, config: Config, clock: Callable[[], float]):
         super().__init__(config, clock)
@@ -855,9 +815,7 @@ def _turn_from_json(text: str) -> Turn:
 
 
 def owned(agent: str, owner: str | None) -> str:
-    """What a store keeps as a conversation's agent: with API keys, the owning key's id first, so that a
-    conversation belongs to the key that made it. Example: owned("general", "1a2b3c4d") -> "1a2b3c4d/general"
-    """
+    """A stored conversation's agent, owning key's id first. Example: ("general", "1a2b3c4d") -> "1a2b3c4d/general\""""
     return f"{owner}/{agent}" if owner else agent
 
 
@@ -876,14 +834,13 @@ Message = dict[str, Any]
 
 
 class Prompt(NamedTuple):
-    """What an agent is asked: its system prompt, the history as messages, the new user message, the tool
-    traffic of this reply so far (`tail`), and the tools the model is offered (JSON-schema function specs)."""
+    """What an agent is asked: its system prompt, the history as messages, the new user message."""
 
     system: str
     history: list[Message]
     message: str
-    tail: tuple[Message, ...] = ()
-    tools: tuple[dict[str, Any], ...] = ()
+    tail: tuple[Message, ...] = ()  # the tool traffic of this reply so far
+    tools: tuple[dict[str, Any], ...] = ()  # the functions the model is offered (JSON-schema specs)
     tool_choice: str | dict[str, Any] | None = None  # a client's, for OpenAI-compatible upstreams (Ollama has none)
 
 
@@ -892,8 +849,7 @@ class Sampling(NamedTuple):
 
     max_tokens: int
     temperature: float
-    # a client's own upstream fields, in Ollama's terms: "options" (num_ctx, top_p, ...) and OLLAMA_PASSED_FIELDS;
-    # providers apply piagent's ceilings (ollama_options) or translate what has an equivalent (openai_options)
+    # a client's own fields, in Ollama's terms ("options" and OLLAMA_PASSED_FIELDS): providers bound or translate them
     extra: Mapping[str, Any] = MappingProxyType({})
 
 
@@ -904,11 +860,7 @@ OPENAI_SAME_OPTIONS = ("top_p", "seed", "stop", "presence_penalty", "frequency_p
 
 
 def ollama_options(config: Config, sampling: Sampling) -> dict[str, Any]:
-    """Ollama's `options`: a client's own (Sampling.extra["options"]) under piagent's ceilings: num_predict and
-    temperature are the sampling's, and num_ctx is at most CTX_TOKENS (a client may ask for less).
-
-    Example: extra {"options": {"num_ctx": 8192, "top_k": 20}}, CTX_TOKENS=2048 -> {"top_k": 20, "num_ctx": 2048, ...}
-    """
+    """Ollama's `options`: the client's own, with the sampling's num_predict and temperature, num_ctx <= CTX_TOKENS."""
     options = dict(sampling.extra.get("options") or {})
     asked = options.get("num_ctx")
     fits = isinstance(asked, int) and not isinstance(asked, bool) and 0 < asked < config.ctx_tokens
@@ -917,11 +869,7 @@ def ollama_options(config: Config, sampling: Sampling) -> dict[str, Any]:
 
 
 def openai_options(extra: Mapping[str, Any]) -> dict[str, Any]:
-    """What of a client's Ollama fields (Sampling.extra) an OpenAI-style request can say; the rest is dropped.
-
-    Example: {"options": {"seed": 1, "top_k": 5}, "format": "json"} -> {"seed": 1, "response_format": {"type":
-    "json_object"}}
-    """
+    """A client's Ollama fields (Sampling.extra) that an OpenAI-style request can say, in its terms; not the rest."""
     options = extra.get("options") or {}
     out = {name: options[name] for name in OPENAI_SAME_OPTIONS if options.get(name) is not None}
     form = extra.get("format")
@@ -933,10 +881,7 @@ def openai_options(extra: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def turns_as_messages(turns: list[Turn]) -> list[Message]:
-    """Stored turns as alternating user/assistant messages.
-
-    Example: [Turn("hi", "hello")] -> [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
-    """
+    """Turns as messages: [Turn("hi", "yo")] -> [{"role": "user", "content": "hi"}, {"role": "assistant", ...}]"""
     messages: list[Message] = []
     for turn in turns:
         messages += [{"role": "user", "content": turn.user}, {"role": "assistant", "content": turn.assistant}]
@@ -952,14 +897,7 @@ TOKENS_PER_MESSAGE = 6
 
 
 def estimate_tokens(messages: list[Message]) -> int:
-    """A cheap, conservative guess of the prompt tokens `messages` cost: ASCII characters / 2.5, 2 per other
-    character, plus 6 per message.
-
-    Tokenizers make about 4 characters of English prose per token, fewer for code; a small English tokenizer
-    (SmolLM2) spends about 1.7 tokens on a Japanese character. Calibrated in test_e2e.py against SmolLM2's own
-    counts, this guesses 1.1 to 1.7 times high, never low, so trimming errs towards room for the reply.
-    Example: [{"role": "user", "content": "hello there"}] -> 11 (11 characters -> 5, plus 6)
-    """
+    """A cheap guess of the tokens `messages` cost, erring high . Example: [{"content": "hello there"}] -> 11"""
     total = 0
     for message in messages:
         text = message.get("content") or ""
@@ -972,12 +910,8 @@ def estimate_tokens(messages: list[Message]) -> int:
 
 
 def stable_window(turns: list[Turn], max_turns: int) -> list[Turn]:
-    """The stored turns to send, chosen so that consecutive requests share the longest prompt prefix.
+    """The turns to send, in a window that keeps the prompt's prefix stable (DEVELOPING.md, "History that fits").
 
-    Model servers reuse their KV cache for the prefix a request shares with the previous one. A window that
-    slides by one turn each time shifts the whole prefix once full, so the Pi re-reads all history every turn.
-    Instead, once more than `max_turns` turns exist, the window starts at a multiple of half of `max_turns`
-    (counted from the conversation's first turn), so it jumps by a block now and then and otherwise only grows.
     Example (max_turns=8): turn indices 1..8 -> 4..8; 2..9 -> 4..9; 5..12 -> 8..12
     """
     if not turns or turns[-1].index < max_turns:
@@ -988,11 +922,7 @@ def stable_window(turns: list[Turn], max_turns: int) -> list[Turn]:
 
 
 def fit_history(history: list[Message], fixed: list[Message], budget_tokens: int) -> tuple[list[Message], int]:
-    """Drop the oldest turns of `history` until it and `fixed` (system prompts and the new message) fit.
-
-    Returns (what is kept, how many turns were dropped). A turn is a user message and the reply after it.
-    Example: fit_history([u1, a1, u2, a2], [system, u3], budget) -> ([u2, a2, ...], 1) when only one turn fits
-    """
+    """(the newest turns of `history` that fit the budget beside `fixed`, how many older turns were dropped)."""
     fixed_tokens = estimate_tokens(fixed)
     if fixed_tokens > budget_tokens:
         raise PromptTooLarge(f"the message needs about {fixed_tokens} tokens with the system prompt, more than the "
@@ -1007,22 +937,13 @@ def fit_history(history: list[Message], fixed: list[Message], budget_tokens: int
 
 
 def build_messages(prompt: Prompt) -> list[Message]:
-    """Chat messages for /api/chat or /v1/chat/completions (the model's own template renders them).
-
-    Example: Prompt("Be brief.", [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
-    "bye") -> [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
-               {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"}]
-    """
+    """Chat messages for /api/chat or /v1/chat/completions: system, history, the new message, then `tail`."""
     return [{"role": "system", "content": prompt.system}, *prompt.history, {"role": "user", "content": prompt.message},
             *prompt.tail]
 
 
 def render_prompt(prompt: Prompt) -> str:
-    """One text prompt for /api/generate, for models without a chat template (system goes separately).
-
-    Example: Prompt("Be brief.", [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
-    "bye") -> "<user>\\nhi\\n</user>\\n<assistant>\\nhello\\n</assistant>\\n<user>\\nbye\\n</user>\\n<assistant>\\n"
-    """
+    """The text prompt of /api/generate. Example: message "hi" -> "<user>\\nhi\\n</user>\\n<assistant>\\n\""""
     blocks = [f"<{m['role']}>\n{m['content']}\n</{m['role']}>\n" for m in prompt.history]
     blocks.append(f"<user>\n{prompt.message}\n</user>\n<assistant>\n")
     return "".join(blocks)
@@ -1032,16 +953,14 @@ def render_prompt(prompt: Prompt) -> str:
 # Providers: Ollama (NDJSON) and OpenAI-compatible servers (SSE)
 # ---------------------------------------------------------------------------
 
-
 #: Seconds a readiness probe or --check waits for the upstream (a healthy one answers at once).
 PROBE_TIMEOUT_S = 10.0
 
 
 class ToolCall(NamedTuple):
-    """One function call a model asked for, in OpenAI's terms: `arguments` is JSON text (Ollama's object,
-    dumped); `id` is the upstream's, or made up when it gave none (Ollama before 0.12)."""
+    """One function call a model asked for, in OpenAI's terms: `arguments` is JSON text (Ollama's object, dumped)."""
 
-    id: str
+    id: str  # the upstream's, or made up when it gave none (Ollama before 0.12)
     name: str
     arguments: str
 
@@ -1055,8 +974,7 @@ class ToolCall(NamedTuple):
 
 
 def tool_call_message(text: str, calls: list[dict[str, Any]]) -> Message:
-    """An assistant message asking for tool calls. Its content is a string even when empty: OpenAI takes null
-    or "", but llama.cpp's Python server refuses null, and its tool-calling template needs the key."""
+    """An assistant message asking for tool calls; its content is never null (llama.cpp's Python server refuses it)."""
     return {"role": "assistant", "content": text, "tool_calls": calls}
 
 
@@ -1077,8 +995,7 @@ class Usage:
 
 
 class Provider(Protocol):
-    """Talks to one kind of model server. A new provider is one class here plus one line in PROVIDERS: the class
-    owns its settings (URL, model variables, key), its wording in errors, and whether models warm at start-up."""
+    """Talks to one kind of model server: a new provider is one class here plus one line in PROVIDERS."""
 
     name: str  # the PROVIDER value that picks it
     label: str  # how messages name the server, e.g. "Ollama"
@@ -1103,10 +1020,7 @@ class Provider(Protocol):
 
 
 def has_model(model: str, available: set[str]) -> bool:
-    """Whether `model` is among `available`, where a name without a tag means ":latest" (Ollama's rule).
-
-    Example: has_model("llama3.2", {"llama3.2:latest"}) -> True
-    """
+    """Whether `model` is available, no tag meaning ":latest". Example: ("llama3.2", {"llama3.2:latest"}) -> True"""
     return model in available or (":" not in model and f"{model}:latest" in available)
 
 
@@ -1121,10 +1035,7 @@ JSON_KINDS = {str: "a string", int: "a whole number", float: "a number", dict: "
 
 
 def typed(value: Any, kind: type, field_name: str, label: str) -> Any:
-    """`value` when it is null or of `kind` (bools are not numbers); otherwise UpstreamError naming the field.
-
-    Example: typed(123, str, "message.content", "Ollama") raises "Ollama sent message.content as a whole number..."
-    """
+    """`value` when it is null or of `kind` (bools are not numbers); otherwise UpstreamError naming the field."""
     if value is None or (isinstance(value, kind) and (kind is bool or not isinstance(value, bool))):
         return value
     sent = next((name for k, name in JSON_KINDS.items() if type(value) is k), type(value).__name__)
@@ -1133,12 +1044,8 @@ def typed(value: Any, kind: type, field_name: str, label: str) -> Any:
 
 
 class HTTPProvider:
-    """What both providers share: the client, the error mapping, and one loop that reads a streamed reply.
-
-    A subclass gives `request` (path and body of a generation), `read(line, reply, usage)` (the text of one
-    streamed line), `end(reply, usage)` (the body is over: was the reply whole?) and `whole(data, usage)` (the
-    text of a non-streamed body). `reply` is what a reader keeps between lines of one reply.
-    """
+    """What both providers share: the client, the error mapping, one loop reading a streamed reply. A subclass gives
+    request (path and body), read (a streamed line's text), end (was the reply whole?), whole (a body's text)."""
 
     name = label = model_prefix = url_field = ""
     warm_by_default = False
@@ -1257,9 +1164,7 @@ class HTTPProvider:
         return typed(data, dict, "its reply", self.label) or {}
 
     async def stream_lines(self, path: str, body: dict[str, Any], model: str) -> AsyncIterator[bytes]:
-        """POST a streaming request and yield its body line by line, as bytes without the \\n or \\r\\n (closing
-        the request if the caller stops). Lines are split here, not by httpx's text layers: this is the per-token
-        path. A partial line is kept in a bytearray (growing it is linear) and capped at MAX_UPSTREAM_LINE_BYTES."""
+        """POST a streaming request; yield its body's lines as bytes (split here, not by httpx: the per-token path)."""
         started, pending = False, bytearray()
         try:
             async with self.client.stream("POST", self.url(path), json=body, headers=self.headers()) as response:
@@ -1294,11 +1199,7 @@ class OllamaProvider(HTTPProvider):
 
     def request(self, agent: Agent, prompt: Prompt, sampling: Sampling, stream: bool) -> tuple[str, dict[str, Any]]:
         c = self.config
-        body: dict[str, Any] = {
-            "model": agent.model,
-            "stream": stream,
-            "options": ollama_options(c, sampling),
-        }
+        body: dict[str, Any] = {"model": agent.model, "stream": stream, "options": ollama_options(c, sampling)}
         body.update((k, sampling.extra[k]) for k in OLLAMA_PASSED_FIELDS if sampling.extra.get(k) is not None)
         if self.keep_alive is not None and "keep_alive" not in body:  # a client's own keep_alive wins
             body["keep_alive"] = self.keep_alive
@@ -1349,8 +1250,7 @@ class OllamaProvider(HTTPProvider):
         return self._chunk(chunk, usage)
 
     def _chunk(self, chunk: dict[str, Any], usage: Usage) -> str:
-        """The text of a chat chunk (message.content) or a generate chunk (response); tool calls and, on the
-        final chunk, the counts go to `usage`. Every field is checked for its type."""
+        """The text of a chat or generate chunk, every field type-checked; tool calls and final counts go to `usage`."""
         message = typed(chunk.get("message"), dict, "message", self.label)
         if message is None:
             text = typed(chunk.get("response"), str, "response", self.label)
@@ -1367,10 +1267,7 @@ class OllamaProvider(HTTPProvider):
 
 
 def upstream_error_text(body: bytes, status: int) -> str:
-    """The message inside an error body: Ollama's {"error": "..."} or OpenAI's {"error": {"message": ...}}.
-
-    Example: b'{"error":"model \\'x\\' not found"}' -> "model 'x' not found"
-    """
+    """The message in an error body: Ollama's {"error": "..."} or OpenAI's {"error": {"message": ...}}."""
     try:
         error = json.loads(body).get("error")
         if isinstance(error, dict):
@@ -1396,8 +1293,7 @@ def ollama_tool_calls(items: list[Any]) -> list[ToolCall]:
 
 
 def ollama_messages(messages: list[Message]) -> list[Message]:
-    """Messages in Ollama's dialect: tool-call arguments as objects, and each tool result named by its tool
-    (`tool_name`), which Ollama matches on rather than on ids. Messages without tool traffic pass as they are."""
+    """Messages in Ollama's dialect: call arguments as objects, a tool result named by its tool (Ollama ignores ids)."""
     names: dict[str, str] = {}
     out = []
     for m in messages:
@@ -1426,11 +1322,7 @@ def json_object(text: Any) -> dict[str, Any]:
 
 
 class SSEDecoder:
-    """Server-sent events from lines: `data:` lines gather until a blank line ends the event.
-
-    Comment lines (starting with ':') and unknown fields are skipped.
-    Example: feed("event: done"), feed("data: {}"), feed("") -> ("done", "{}") on the blank line
-    """
+    """Server-sent events from lines. Example: feed("event: done"), feed("data: {}"), feed("") -> ("done", "{}")"""
 
     def __init__(self) -> None:
         self.event = ""
@@ -1461,23 +1353,14 @@ class SSEDecoder:
 
 
 def sse_event(data: Any, event: str | None = None) -> str:
-    """Encode one server-sent event; dicts become compact JSON.
-
-    Example: sse_event({"text": "hi"}, "token") -> 'event: token\\ndata: {"text":"hi"}\\n\\n'
-    """
+    """One SSE event. Example: sse_event({"text": "hi"}, "token") -> 'event: token\\ndata: {"text":"hi"}\\n\\n'"""
     text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
     lines = "".join(f"data: {line}\n" for line in text.split("\n"))
     return (f"event: {event}\n" if event else "") + lines + "\n"
 
-class ToolCallParts:
-    """Tool calls put together from OpenAI's streamed fragments: the first fragment of a call (by `index`)
-    brings its id and name, later ones pieces of the arguments text. A whole call in one piece works too, and so
-    do servers that repeat the id and name in every fragment (llama.cpp's Python server): the first ones count.
 
-    Example: feed([{"index": 0, "id": "call_1", "function": {"name": "calc", "arguments": ""}}]),
-    feed([{"index": 0, "function": {"arguments": '{"expression":'}}]), feed([{"index": 0, "function":
-    {"arguments": '"2+2"}'}}]) -> calls() == [ToolCall("call_1", "calc", '{"expression":"2+2"}')]
-    """
+class ToolCallParts:
+    """Tool calls from OpenAI's streamed fragments: a call's first fragment (by `index`) brings its id and name."""
 
     def __init__(self) -> None:
         self.parts: dict[int, tuple[list[str], list[str]]] = {}  # index -> ([id, name], argument pieces)
@@ -1491,7 +1374,7 @@ class ToolCallParts:
                 index = len(self.parts) if fragment.get("id") or not self.parts else max(self.parts)
             (head, arguments) = self.parts.setdefault(index, (["", ""], []))
             function = fragment.get("function") or {}
-            head[0] = head[0] or str(fragment.get("id") or "")
+            head[0] = head[0] or str(fragment.get("id") or "")  # the first counts (llama.cpp's repeats them)
             head[1] = head[1] or str(function.get("name") or "")
             piece = function.get("arguments")
             arguments.append(piece if isinstance(piece, str) else json.dumps(piece) if piece else "")
