@@ -1496,10 +1496,7 @@ CALC_WARNS = re.compile(r"['\"\\]|[0-9a-fA-F_.jJ](?:and|else|for|if|in|is|not|or
 
 
 def calc(arguments: dict[str, Any]) -> str:
-    """Exact arithmetic for a model, on an allowlist of syntax: never eval, bounded in size and time.
-
-    Example: calc({"expression": "2 ** 10 / 4"}) -> "256.0"; calc({"expression": "9**9**9"}) raises ToolError
-    """
+    """Exact arithmetic on an allowlist of syntax, never eval. Example: {"expression": "2 ** 10 / 4"} -> "256.0\""""
     expression = str(arguments["expression"]).strip()
     if len(expression) > CALC_MAX_CHARS:
         raise ToolError(f"the expression is longer than {CALC_MAX_CHARS} characters; split the calculation")
@@ -1572,10 +1569,7 @@ def _calc_checked(value: Any) -> int | float:
 
 
 def now(arguments: dict[str, Any]) -> str:
-    """The current time in ISO 8601, with the weekday, in an IANA timezone or the Pi's own.
-
-    Example: now({"timezone": "Europe/Berlin"}) -> "2026-11-24T01:29:13+01:00 (Tuesday, Europe/Berlin)"
-    """
+    """The time and weekday, in an IANA timezone or the Pi's: "2026-11-24T01:29:13+01:00 (Tuesday, Europe/Berlin)\""""
     name = arguments.get("timezone")
     if name is None:
         moment = datetime.now().astimezone()
@@ -1590,10 +1584,9 @@ def now(arguments: dict[str, Any]) -> str:
 
 
 class Tool(NamedTuple):
-    """A tool's function, the description the model reads, and its arguments' JSON schema. `run` takes the
-    parsed arguments and returns text; a plain function runs in a thread, a coroutine function on the loop."""
+    """A tool's function, the description the model reads, and its arguments' JSON schema."""
 
-    run: Callable[[dict[str, Any]], str | Awaitable[str]]
+    run: Callable[[dict[str, Any]], str | Awaitable[str]]  # a plain function runs in a thread, a coroutine on the loop
     description: str
     parameters: dict[str, Any]
     timeout_s: float = 2.0  # the call is answered with an error after this long
@@ -1620,10 +1613,7 @@ JSON_TYPES: dict[str, type | tuple[type, ...]] = {"string": str, "number": (int,
 
 
 def argument_problem(schema: dict[str, Any], arguments: Any) -> str | None:
-    """What is wrong with `arguments` for a flat object schema (required, types, maxLength, no extras); None if fine.
-
-    Example: argument_problem(TOOLS["calc"].parameters, {"expr": "1"}) -> "missing 'expression'"
-    """
+    """What is wrong with `arguments` for a flat object schema, or None. Example: calc, {} -> "missing 'expression'\""""
     if not isinstance(arguments, dict):
         return "arguments must be a JSON object"
     # only what is understood is checked: an MCP server's schema (anyOf, type lists, $ref) is the server's to enforce
@@ -1683,10 +1673,7 @@ class Toolbox:
         self.sources = {source.name: source for source in sources}
 
     def allowed(self, patterns: tuple[str, ...]) -> dict[str, Tool]:
-        """The tools an agent's AGENT_<NAME>_TOOLS allows now, by the name the model sees.
-
-        Example: ("calc", "time.*") -> {"calc": ..., "time__get_current_time": ..., "time__convert_time": ...}
-        """
+        """The tools AGENT_<NAME>_TOOLS allows now, by the model's names. Example: ("time.*",) -> {"time__...": ...}"""
         found: dict[str, Tool] = {}
         for pattern in patterns:
             source, dot, wanted = pattern.partition(".")
@@ -1712,10 +1699,7 @@ class Toolbox:
                      for name, tool in self.allowed(patterns).items())
 
     async def run(self, call: ToolCall, patterns: tuple[str, ...]) -> ToolEvent:
-        """Run one call if `patterns` allow it and its arguments fit the schema, within the tool's time limit.
-
-        Every failure of the call becomes the event's error, for the model to read; a bug is logged too.
-        """
+        """Run one call if allowed and its arguments fit, within its time limit; any failure is the event's error."""
         allowed = self.allowed(patterns)
         tool = allowed.get(call.name)
         if tool is None:
@@ -1745,15 +1729,11 @@ class Toolbox:
 
 async def tool_loop(provider: Provider, toolbox: Toolbox, agent: Agent, prompt: Prompt, sampling: Sampling,
                     usage: Usage, max_rounds: int, stream: bool) -> AsyncIterator[str | ToolEvent]:
-    """The reply of an agent with tools: text pieces as they come, and a ToolEvent for each call run.
-
-    The model is offered the agent's tools; while it answers with calls (at most `max_rounds` times) they are
-    run and their results appended for the next request; then it is asked once more without tools, so a reply
-    always ends in text. `usage` ends with the last request's reason and the token counts of all of them.
-    """
+    """The reply of an agent with tools: text pieces as they come, and a ToolEvent for each call run. `usage` ends
+    with the last request's reason and the token counts of all of them."""
     specs, counts = toolbox.specs(agent.tools), [0, 0, False]
     for round_number in range(max_rounds + 1):
-        offer = specs if round_number < max_rounds else ()
+        offer = specs if round_number < max_rounds else ()  # the last round has no tools: a reply ends in text
         said: list[str] = []
         usage.tool_calls = []
         ask = prompt._replace(tools=offer)
@@ -1782,8 +1762,7 @@ async def tool_loop(provider: Provider, toolbox: Toolbox, agent: Agent, prompt: 
 
 
 class Background:
-    """Work that runs beside the requests (warm-up, an MCP server's connection): one task, named and referenced,
-    that stop() cancels and waits for. Every long-lived task piagent starts goes through here."""
+    """One long-lived task beside the requests (warm-up, an MCP server's), that stop() cancels and waits for."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -1836,7 +1815,7 @@ MCP_CHILD_ENV = ("HOME", "LOGNAME", "PATH", "SHELL", "TERM", "USER", "LANG", "LC
 
 
 def model_tool_name(server: str, tool: str) -> str:
-    """The name the model calls an MCP tool by: always ^[A-Za-z0-9_-]{1,64}$, ending with the tool's own name if it can."""
+    """The name the model calls an MCP tool by: ^[A-Za-z0-9_-]{1,64}$, ending with the tool's own name if it can."""
     safe = re.sub(r"[^A-Za-z0-9_-]", "_", tool)
     plain = f"{server}__{safe}"
     if safe == tool and 0 < len(plain) <= 64:
@@ -1891,7 +1870,7 @@ class McpError(Exception):
 
 
 class McpSessionLost(ConnectionError):
-    """An HTTP server answered 404 to our session id: it forgot the session, so the client must start over (ref §5)."""
+    """An HTTP server answered 404 to our session id: it forgot the session, so we must start over (ref §5)."""
 
 
 class LogBudget:
@@ -1972,10 +1951,8 @@ class StdioTransport:
         assert self.process is not None and self.process.stdout is not None and self.process.stderr is not None
         try:  # both pipes at once: a child blocked on a full stderr pipe would never answer on stdout
             await asyncio.gather(self._read_stdout(self.process.stdout), self._read_stderr(self.process.stderr))
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.process.wait(), MCP_STOP_GRACE_S)
-            except TimeoutError:
-                pass
         finally:
             code = self.process.returncode
             self.closed = (f"the server exited with code {code}" if code is not None and code >= 0 else
@@ -2027,10 +2004,8 @@ class StdioTransport:
 
     def _signal_group(self, sig: int) -> None:
         """Signal the server's process group, if any of it is left."""
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 class HttpTransport:
@@ -2144,10 +2119,8 @@ class HttpTransport:
     async def close(self) -> None:
         """End our session (DELETE, if we have one) and close the connections."""
         if self.session_id:
-            try:
+            with contextlib.suppress(httpx.HTTPError):
                 await self.client.delete(self.config.url, headers=self._headers({}), timeout=MCP_STOP_GRACE_S)
-            except httpx.HTTPError:
-                pass
         await self.client.aclose()
 
 
@@ -2207,15 +2180,13 @@ class McpServer:
 
     async def ready(self, timeout_s: float) -> bool:
         """Wait up to timeout_s until the tools are listed or connecting failed; whether it is usable."""
-        try:
+        with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):
                 await self._settled.wait()
-        except TimeoutError:
-            pass
         return self.status()[0]
 
     def tools(self) -> dict[str, Tool]:
-        """MCP tool name -> {"description", "inputSchema"}, as last listed (kept while the server restarts)."""
+        """MCP tool name -> Tool, as last listed (kept while the server restarts)."""
         return dict(self._tools)
 
     def status(self) -> tuple[bool, str]:
@@ -2347,7 +2318,7 @@ class McpServer:
         return message if params is None else {**message, "params": params}
 
     async def _request(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-        """One request's result within timeout_s; McpError if refused. If the awaiting task is cancelled or the"""
+        """One request's result within timeout_s (McpError if refused); one given up on is cancelled at the server."""
         message = self._message(method, params)
         try:
             async with asyncio.timeout(self.config.timeout_s):
@@ -2370,17 +2341,15 @@ class McpServer:
         return result if isinstance(result, dict) else {}
 
     async def _cancel(self, message: dict[str, Any]) -> None:
-        """Tell the server we stopped waiting (best effort). Never for initialize or the probe; on 2026-07-28"""
+        """Tell the server we stopped waiting (best effort); not for initialize or the probe, nor on 2026-07-28 HTTP."""
         if message["method"] in ("initialize", "server/discover") or (
                 self.config.url and self._era == MCP_MODERN_VERSION):
             return
         notice = {"jsonrpc": "2.0", "method": "notifications/cancelled",
                   "params": {"requestId": message["id"], "reason": "piagent stopped waiting"}}
-        try:
+        with contextlib.suppress(ConnectionError, TimeoutError):  # the server is gone or stuck: nothing to cancel
             async with asyncio.timeout(MCP_STOP_GRACE_S):
                 await self._transport.notify(notice)
-        except (ConnectionError, TimeoutError):
-            pass  # the server is gone or stuck: there is nothing left to cancel
 
     async def call(self, tool: str, arguments: dict[str, Any]) -> str:
         """Call one tool: the text for the model, or ToolError with a sentence the model can read."""
