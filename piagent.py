@@ -134,6 +134,7 @@ class HostNotAllowed(PiagentError): status, code = 400, "host_not_allowed"  # no
 class QueueFull(PiagentError): status, code = 503, "queue_full"  # noqa: E701
 class ShuttingDown(PiagentError): status, code = 503, "shutting_down"  # noqa: E701
 class MemoryUnavailable(PiagentError): status, code = 503, "memory_unavailable"  # noqa: E701
+class ModelsNotManaged(PiagentError): status, code = 403, "models_not_managed"  # noqa: E701
 class UpstreamUnavailable(UpstreamFailure): status, code = 503, "upstream_unavailable"  # noqa: E701
 class UpstreamBusy(UpstreamFailure): status, code = 503, "upstream_busy"  # noqa: E701
 class UpstreamTimeout(UpstreamFailure): status, code = 504, "upstream_timeout"  # noqa: E701
@@ -2412,17 +2413,13 @@ LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 def json_problem(body: bytes) -> str | None:
-    """What makes a JSON body unsafe to act on, naming the field: a lone surrogate, NaN or Infinity, nesting
-    deeper than MAX_JSON_DEPTH. None if it is fine, or not JSON at all (the route says what is wrong then).
-
-    Example: json_problem(b'{"messages": [{"content": "\\ud800"}]}') -> "messages.0.content: a lone surrogate ..."
-    """
+    """What makes a JSON body unsafe (a lone surrogate, NaN or Infinity, deep nesting), naming where; else None."""
     try:
         value = json.loads(body)
     except RecursionError:
         return f"body: nested deeper than {MAX_JSON_DEPTH} levels"
     except ValueError:
-        return None
+        return None  # not JSON at all: the route says what is wrong
     # (where, value, depth); `where` is a tuple of keys, joined only for the message: this runs on every body
     stack: list[tuple[tuple, Any, int]] = [((), value, 0)]
     while stack:
@@ -2472,15 +2469,11 @@ def match_key(presented: str, keys: tuple[str, ...]) -> str | None:
 
 
 def client_ip(scope: Mapping[str, Any], headers: Mapping[str, str], trust_proxy: bool) -> str:
-    """The caller's address; behind a trusted proxy, the last X-Forwarded-For entry (the one the proxy added),
-    when it is an address: anything else is not believed, and the proxy's own address is used."""
-    peer = (scope.get("client") or ("unknown", 0))[0]
+    """The caller's address; behind a trusted proxy, the last X-Forwarded-For entry (the proxy's), if an address."""
     if trust_proxy:
-        try:
+        with contextlib.suppress(ValueError):
             return str(ipaddress.ip_address(headers.get("x-forwarded-for", "").split(",")[-1].strip()))
-        except ValueError:
-            return peer
-    return peer
+    return (scope.get("client") or ("unknown", 0))[0]
 
 
 def host_name(headers: Mapping[str, str]) -> str:
@@ -2492,11 +2485,7 @@ def host_name(headers: Mapping[str, str]) -> str:
 
 
 class TokenBuckets:
-    """Per-identity token buckets: `rate_per_min` requests a minute, bursts up to the same number.
-
-    Buckets are kept in last-use order; one that has been idle long enough to be full again is the same as no
-    bucket, so it is dropped, and there are never more than MAX_RATE_BUCKETS: memory is bounded.
-    """
+    """Token buckets of `rate_per_min` a minute per identity; full idle ones are dropped, at most max_buckets kept."""
 
     def __init__(self, rate_per_min: int, clock: Callable[[], float], max_buckets: int = MAX_RATE_BUCKETS):
         self.capacity = float(rate_per_min)
@@ -2540,10 +2529,8 @@ class Ticket:
 
 
 class Gate:
-    """Who may generate now: at most `limit` at once and one per conversation; everyone else waits in one FIFO
-    queue of at most `max_queue` (beyond it, QueueFull), so a conversation's second turn waits and is counted
-    like any other request. A ticket that needs no slot (forgetting a conversation) waits for its conversation
-    only. Whenever the queue changes, `changed` (a future) is resolved and replaced."""
+    """Who may generate now: at most `limit` at once and one per conversation; the rest wait in one FIFO queue of at
+    most `max_queue` (beyond it, QueueFull). A ticket without a slot (a forget) waits for its conversation only."""
 
     def __init__(self, limit: int, max_queue: int):
         self.limit, self.max_queue = limit, max_queue
@@ -2624,8 +2611,7 @@ class Gate:
 
 
 class Drain:
-    """Graceful shutdown: begin() closes the gate; `grace_s` later the `expired` future tells every exchange
-    still running to stop."""
+    """Graceful shutdown: begin() closes the gate, and `grace_s` later `expired` stops the exchanges still running."""
 
     def __init__(self, grace_s: float):
         self.grace_s = grace_s
@@ -2649,8 +2635,7 @@ OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
 
 
 def error_body(path: str, status: int, code: str, message: str) -> dict[str, Any]:
-    """The error shape of the door at `path`: {"error": {"code", "message"}}, or OpenAI's under /v1/, Ollama's
-    ({"error": "..."}) under /api/."""
+    """The error body for `path`: {"error": {"code", "message"}}, or OpenAI's under /v1/, or Ollama's under /api/."""
     if path.startswith("/api/"):
         return {"error": message}
     if path.startswith("/v1/"):
@@ -2782,14 +2767,7 @@ def startup_warnings(config: Config) -> list[str]:
 # Streaming: one exchange per request (a scope that owns and releases everything),
 #            and the adapters that render its events for each front door
 # ---------------------------------------------------------------------------
-# A generation request, start to end: the route checks the body and returns a Generation (an Exchange and a
-# Door). Generation enters the exchange with `async with`. The exchange's events (its place in the queue, then
-# text pieces and tool calls) are produced in a task of their own by Relay: it takes a ticket at the gate (a
-# slot and the conversation), reads the history, builds the prompt and reads the provider's stream (running the
-# agent's tools in rounds). The request's own task writes each event through the door, pings while nothing
-# comes, and notices the client leaving or the shutdown grace ending. Leaving the `async with`, whatever the
-# reason, closes the upstream, stores what the client was given (when that is the rule) and gives the ticket
-# back, once each.
+# A generation request, start to end: DEVELOPING.md, "Code layout".
 
 #: Headers that keep reverse proxies and browsers from holding streamed tokens back.
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -2829,10 +2807,7 @@ PING, END = Signal("ping"), Signal("end")
 
 @dataclass
 class Runtime:
-    """Everything requests share, made once per app by create_app and passed explicitly (never a global).
-
-    `metrics` and `warmup` are the Operations section's; nothing above that section uses them.
-    """
+    """Everything requests share, made once per app by create_app and passed explicitly (never a global)."""
 
     config: Config
     provider: Provider
@@ -2841,20 +2816,16 @@ class Runtime:
     gate: Gate
     drain: Drain
     buckets: TokenBuckets | None
-    metrics: Metrics
+    metrics: Metrics  # this and warmup are the Operations section's: nothing above it uses them
     warmup: Warmup
     clock: Callable[[], float]
     streams: int = 0  # streamed responses in progress (a gauge in /metrics)
 
 
 class Exchange:
-    """One generation, from its place in the queue to its log fields: `async with Exchange(...) as x`.
-
-    What it takes is registered on `held` the moment it is taken (the gate's ticket: a slot and the
-    conversation); the upstream connection lives inside `events` and is closed with it. Leaving the `async with`
-    by any road — success, any exception, the client gone, a time-out, shutdown — closes `held` once, after
-    storing what a client that left mid-stream was given. Request state lives here; the log reads `record()`.
-    """
+    """One generation, from its place in the queue to its log fields: `async with Exchange(...) as x`. What it takes
+    goes on `held` the moment it is taken (the gate's ticket); the upstream lives inside `events`. Leaving the `async
+    with` by any road stores what a client that left mid-stream was given, then closes `held`, once."""
 
     def __init__(self, rt: Runtime, agent: Agent, ask: Ask, sampling: Sampling, conversation_id: str | None,
                  stream: bool, fields: dict[str, Any]):
@@ -2885,8 +2856,7 @@ class Exchange:
             self.fields.update(self.record())
 
     async def events(self) -> AsyncIterator[Queued | str | ToolEvent]:
-        """Everything a door shows, in order: queue positions, then text pieces and tool calls (the reply is cut
-        at its cap, which says done_reason "length")."""
+        """What a door shows, in order: queue positions, then text pieces and tool calls (cut at the reply's cap)."""
         ticket = self.rt.gate.enter(self.conversation_id if self.remember else None)
         self.held.callback(self.rt.gate.leave, ticket)
         async for position in self.rt.gate.positions(ticket):
@@ -2906,11 +2876,8 @@ class Exchange:
                 yield item
 
     async def prompt(self) -> Prompt:
-        """The prompt with as much history as fits CTX_TOKENS after the reply's tokens.
-
-        Tool descriptions count too (the model's template puts them in the prompt); the results of the agent's own
-        tool calls are small and bounded (MAX_TOOL_RESULT_CHARS), and are not counted ahead.
-        """
+        """The prompt with as much history as fits CTX_TOKENS after the reply's tokens (and the tool specs: the template
+        puts them in the prompt; the agent's own tool results, small and bounded, are not counted ahead)."""
         ask, config = self.ask, self.rt.config
         if ask.history is None:
             with storage_errors():
@@ -2927,8 +2894,7 @@ class Exchange:
         return Prompt(self.agent.system, ask.system + kept, ask.message, ask.tail, ask.tools, ask.tool_choice)
 
     def generate(self, prompt: Prompt) -> AsyncIterator[str | ToolEvent]:
-        """The provider's reply; through the tool loop when piagent runs the agent's tools (not when the client
-        brought its own)."""
+        """The provider's reply; through the tool loop when piagent runs the agent's tools (not the client's own)."""
         provider, agent = self.rt.provider, self.agent
         if agent.tools and not prompt.tools:
             return tool_loop(provider, self.rt.toolbox, agent, prompt, self.sampling, self.usage,
@@ -2952,8 +2918,7 @@ class Exchange:
             self.tool_events.append(event)
 
     async def save(self) -> None:
-        """Store (message, what the client was given) once. A store that fails is noted and logged, not raised:
-        the client still gets the reply the Pi spent a minute on, told that it was not saved."""
+        """Store (message, what the client got) once; a failure is logged and noted, not raised: the reply stands."""
         if not self.remember or self.saved is not None or not self.sent:
             return
         try:
@@ -3003,12 +2968,8 @@ class Exchange:
 
 
 class Relay:
-    """An exchange's events, produced in a task of their own and handed to the request's task, which so stays free
-    to ping, to notice the client leaving or the shutdown grace ending, and to stop everything at once.
-
-    This is piagent's one "wait for the next thing, or the client leaving, or shutdown" and its one ping loop.
-    At most RELAY_BUFFER events wait for a slow client; then the producer waits, and the upstream with it.
-    """
+    """An exchange's events, produced in a task of their own and handed to the request's task, which so stays free to
+    ping, to notice the client leaving or the shutdown grace ending, and to stop everything at once."""
 
     def __init__(self, events: AsyncIterator[Any], receive: Callable[[], Awaitable[dict]], expired: asyncio.Future):
         self.source, self.receive, self.expired = events, receive, expired
@@ -3059,8 +3020,7 @@ class Relay:
             pass
 
     async def next(self, ping_s: float | None) -> Any:
-        """The next event; PING after `ping_s` seconds with none; END when the exchange is over. Raises what the
-        exchange raised, ClientGone when the client left, ShuttingDown when the shutdown grace is over."""
+        """The next event, PING after `ping_s` idle, or END; raises the exchange's error, ClientGone or ShuttingDown."""
         while not self.buffer:
             if self.producer.done():
                 self.producer.result()
@@ -3083,9 +3043,7 @@ class Relay:
 
 
 class Door:
-    """How one front door shows an exchange: the text of each event while streaming, or one JSON body. A new
-    door is a subclass and a route. This base is the seed's plain-text stream: the bare text, nothing while
-    waiting, and a cut transfer (no closing chunk) if the upstream fails mid-reply."""
+    """How a front door shows an exchange (a stream's events, or one JSON body); this base is /chat's plain text."""
 
     media_type = "text/plain; charset=utf-8"
     ping_s: float | None = None  # send `ping` after this long with nothing else to send (None: wait silently)
@@ -3170,8 +3128,7 @@ def openai_usage(x: Exchange) -> dict[str, int] | None:
 
 
 class OpenAIDoor(Door):
-    """/v1/chat/completions: chat.completion.chunk events (role first, finish_reason last, optional usage,
-    [DONE]), or one chat.completion."""
+    """/v1/chat/completions: chat.completion.chunk events (then usage if asked, and [DONE]), or one chat.completion."""
 
     media_type = "text/event-stream; charset=utf-8"
     ping = ": ping\n\n"
@@ -3226,19 +3183,14 @@ def ollama_time(epoch_s: float | None = None) -> str:
 
 
 def ollama_tool_call(call: dict[str, Any], index: int) -> dict[str, Any]:
-    """A tool call in OpenAI's shape (see Message) as Ollama writes it: arguments as an object, an index.
-
-    Example: {"id": "c1", "function": {"name": "f", "arguments": '{"a": 1}'}} -> {"id": "c1", "function":
-    {"index": 0, "name": "f", "arguments": {"a": 1}}}
-    """
+    """A tool call in OpenAI's shape (see Message) as Ollama writes it: arguments as an object, and an index."""
     function = call["function"]
     return {"id": call["id"], "function": {"index": index, "name": function["name"],
                                            "arguments": json_object(function["arguments"])}}
 
 
 class OllamaDoor(Door):
-    """/api/chat and /api/generate: NDJSON, one object per line (a text piece each, the client's tool calls, then a
-    `done` line with Ollama's counts and durations in ns; a failure is an {"error"} line), or one object."""
+    """/api/chat and /api/generate: NDJSON lines (text, the client's tool calls, a `done` line), or one object."""
 
     media_type = "application/x-ndjson"
 
@@ -3257,24 +3209,19 @@ class OllamaDoor(Door):
         return {**body, "message": message, **extra}
 
     def _line(self, value: dict[str, Any]) -> str:
-        """One compact NDJSON line."""
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False) + "\n"
 
     def text(self, piece: str, index: int) -> str:
-        """A text piece, as the moment it came."""
         return self._line(self.reply(piece, done=False))
 
     def end(self, x: Exchange) -> str:
-        """The client's tool calls (when the model made any), then the done line."""
         calls = self._line(self.reply("", x, done=False)) if x.client_tool_calls() else ""
         return calls + self._line(self.reply("", done=True, **self.counts(x)))
 
     def failure(self, exc: PiagentError) -> str:
-        """Ollama's mid-stream error line."""
         return self._line({"error": exc.message})  # then the stream ends: Ollama sends no done line after it
 
     def whole(self, x: Exchange) -> dict[str, Any]:
-        """The whole reply as one object, done."""
         return self.reply("".join(x.sent), x, done=True, **self.counts(x))
 
     def counts(self, x: Exchange) -> dict[str, Any]:
@@ -3289,17 +3236,8 @@ class OllamaDoor(Door):
                 "eval_count": u.completion_tokens or len(x.sent), "eval_duration": ns(now - first)}
 
 
-class ModelsNotManaged(PiagentError):
-    """An Ollama client asked piagent to pull, push, create, copy or delete a model."""
-
-    status, code = 403, "models_not_managed"
-
-
 async def embed(rt: Runtime, model: str, texts: list[str], extra: dict[str, Any]) -> tuple[list[Any], int | None]:
-    """(one vector per text, prompt tokens) from the upstream's embeddings endpoint, in a slot of the gate.
-
-    Ollama takes /api/embed with the client's own fields (`extra`: truncate, dimensions, keep_alive, options);
-    an OpenAI-style server takes /embeddings, which has no such fields."""
+    """(one vector per text, prompt tokens) from the upstream, in a slot of the gate; only Ollama takes `extra`."""
     provider = rt.provider
     if not isinstance(provider, HTTPProvider):
         raise InvalidRequest(f"PROVIDER={provider.name} has no embeddings")
@@ -3324,8 +3262,7 @@ MODEL_INFO_TIMEOUT_S = 2.0
 
 
 async def upstream_info(rt: Runtime, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What Ollama says at `path` (GET, or POST `body`), or {} when the upstream is not Ollama or does not answer
-    in time: model lists must answer even then."""
+    """What Ollama says at `path` (GET, or POST `body`); {} from another upstream or in no time: lists answer anyway."""
     provider = rt.provider
     if not isinstance(provider, OllamaProvider):
         return {}
@@ -3339,11 +3276,8 @@ async def upstream_info(rt: Runtime, path: str, body: dict[str, Any] | None = No
 
 
 class Generation(Response):
-    """The response of a generation route: the exchange's whole life, written through its door.
-
-    An error before anything was sent is an ordinary HTTP error (error_response); after, the door ends the
-    stream its own way. A client that stops reading for WRITE_TIMEOUT_S is dropped like one that left.
-    """
+    """The response of a generation route: the exchange's whole life, written through its door (an error before
+    anything was sent is an ordinary HTTP error; after, the door ends the stream its own way)."""
 
     def __init__(self, x: Exchange, door: Door):
         self.x, self.door, self.started = x, door, False
