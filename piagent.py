@@ -3460,9 +3460,8 @@ class Metrics:
 
 
 class Warmup:
-    """At start-up, in the background: find the upstream, then (WARMUP) load each agent's model, so the first
-    chat does not pay a cold load. An upstream that cannot be reached is said at once, in one warning line with
-    both fixes, and then retried quietly (at boot the model server may start after piagent)."""
+    """At start-up: find the upstream (said once if unreachable, then retried quietly: at boot the model server may
+    start after piagent), then load each agent's model, so the first chat does not pay a cold load."""
 
     pause_s = 3.0
 
@@ -3472,9 +3471,8 @@ class Warmup:
         self._task = Background("warmup")
 
     def start(self, provider: Provider, models: list[str]) -> None:
-        """Begin in the background."""
+        """Begin in the background, so that /health answers at once however slow the model server is."""
         self.state = "warming"
-        # in the background, so that /health answers at once however slow the model server is
         self._task.start(self._run(provider, models))
 
     async def _run(self, provider: Provider, models: list[str]) -> None:
@@ -3518,8 +3516,7 @@ async def memory_check(rt: Runtime) -> dict[str, Any]:
 
 
 async def readiness(rt: Runtime) -> tuple[bool, dict[str, Any]]:
-    """(ready, body) for /ready: the upstream answers, every agent's model is there, warm-up is over, and no
-    generation holds the model without a sign of life from the upstream for longer than UPSTREAM_TIMEOUT_S."""
+    """(ready, body) for /ready: upstream, models, memory, MCP servers, warm-up, and no generation stalled."""
     checks: dict[str, dict[str, Any]] = {}
     config, provider = rt.config, rt.provider
     try:
@@ -3558,9 +3555,8 @@ LOG_RECORD_FIELDS = ("request_id", "client", "key", "agent", "model", "provider"
 
 
 class AcceptErrors:
-    """The event loop's exception handler: a failed accept() (out of file descriptors, say) is logged once a
-    minute with a count, not once per attempt with a traceback, which would fill a Pi's SD card; anything else
-    goes to asyncio's own handler."""
+    """The loop's exception handler: a failed accept() (out of fds) is logged once a minute, not once per attempt with
+    a traceback, which would fill a Pi's SD card; anything else goes to asyncio's own handler."""
 
     interval_s = 60.0
 
@@ -3578,12 +3574,8 @@ class AcceptErrors:
 
 
 class RequestLog:
-    """The outermost of piagent's middleware: one INFO record per request when its response (or stream) ends,
-    and the one place a bug becomes a 500 — logged once with its traceback, counted as 500, and the client's
-    connection kept (nothing is re-raised to the server).
-
-    The record carries `request` (a dict of LOG_RECORD_FIELDS and more) for TextLog and JsonLog to render.
-    """
+    """The outermost middleware: one INFO record per request (its `request` dict for TextLog and JsonLog) when its
+    response ends, and the one place a bug becomes a 500: logged once, and nothing re-raised to the server."""
 
     def __init__(self, app: Callable, metrics: Metrics):
         self.app, self.metrics = app, metrics
@@ -3826,9 +3818,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors()
-        )
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors())
         return error_response(request.scope, InvalidRequest(problems))
 
     @app.exception_handler(StarletteHTTPException)
@@ -3844,12 +3834,8 @@ def install_error_handlers(app: FastAPI) -> None:
 def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = None,
                tools: Mapping[str, Tool] | None = None, clock: Callable[[], float] | None = None,
                store: MemoryStore | None = None) -> FastAPI:
-    """Build a piagent app for `config`: its Runtime, routes and middleware. Nothing starts until its lifespan.
-
-    `transport` replaces httpx's network transport, `tools` the built-in TOOLS, `clock` the wall clock of memory
-    TTLs and rate limits, `store` the memory store MEMORY_BACKEND names (tests). Raises ConfigError if an agent
-    names a tool the toolbox does not have.
-    """
+    """Build a piagent app for `config` (nothing starts until its lifespan); tests may pass an httpx `transport`,
+    their own `tools`, a `clock` (memory TTLs, rate limits) and a `store`. ConfigError if an agent's tool is unknown."""
     clock = clock or time.time
     servers = tuple(McpServer(s, max_result_chars=config.mcp_max_result_chars) for s in config.mcp_servers)
     toolbox = Toolbox(TOOLS if tools is None else tools, servers)
@@ -3961,8 +3947,7 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
 
 
 def split_openai_messages(body: OpenAIChatRequest) -> Ask:
-    """An OpenAI request as an Ask: system messages, the history, the last user message, and what follows it
-    (the client's tool calls and their results, when it runs its own tools)."""
+    """An OpenAI request as an Ask: system messages, history, the last user message, the tool traffic after it."""
     messages = body.messages
     last = max((i for i, m in enumerate(messages) if m.role == "user"), default=-1)
     tail = messages[last + 1:]
@@ -3981,8 +3966,7 @@ def split_openai_messages(body: OpenAIChatRequest) -> Ask:
 
 def history_exchange(rt: Runtime, agent: Agent, ask: Ask, sampling: Sampling, stream: bool,
                      request: Request) -> Exchange:
-    """The exchange of a door whose client sends the whole history (/v1, Ollama's API): piagent's memory only
-    with X-Conversation-Id, and then not with the client's own tools."""
+    """The exchange of a door whose client sends the history (/v1, /api); memory only with X-Conversation-Id."""
     config = rt.config
     for m in [*ask.system, *ask.history, {"content": ask.message}, *ask.tail]:
         check_length(config, m.get("content") or "")
@@ -4117,11 +4101,7 @@ def ollama_agent(config: Config, model: str) -> Agent:
 
 
 def ollama_sampling(config: Config, body: OllamaAsk) -> Sampling:
-    """The client's options within piagent's limits: num_predict at most MAX_TOKENS, its own temperature, and
-    everything else (num_ctx, top_p, ..., keep_alive, format, think) for the provider (see Sampling.extra).
-
-    Example: options {"num_predict": 999, "top_k": 5}, MAX_TOKENS=200 -> Sampling(200, TEMPERATURE, {...})
-    """
+    """The client's options: num_predict at most MAX_TOKENS, its temperature, the rest for the provider (`extra`)."""
     options = dict(body.options or {})
     asked, heat = options.get("num_predict"), options.get("temperature")
     number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
@@ -4131,8 +4111,7 @@ def ollama_sampling(config: Config, body: OllamaAsk) -> Sampling:
 
 
 def ollama_as_openai(messages: list[OllamaMessage]) -> list[OpenAIMessage]:
-    """Ollama chat messages as /v1's: a call without an id gets one, and a tool result without one the id of the
-    call it answers (the first open one with its tool_name, else the first open one)."""
+    """Ollama chat messages as /v1's: a call without an id gets one, a result without one the first open call's."""
     out, open_calls = [], []  # open_calls: (id, name) of calls not answered yet
     for m in messages:
         if m.images:
@@ -4156,22 +4135,19 @@ def ollama_as_openai(messages: list[OllamaMessage]) -> list[OpenAIMessage]:
 
 
 def ollama_generation(rt: Runtime, agent: Agent, body: OllamaAsk, ask: Ask, request: Request) -> Generation:
-    """The exchange of an Ollama chat or generate request, through the Ollama door; memory only with
-    X-Conversation-Id (as on /v1: the client sends the whole history otherwise)."""
+    """The exchange of an Ollama chat or generate request, through the Ollama door."""
     x = history_exchange(rt, agent, ask, ollama_sampling(rt.config, body), body.stream, request)
     return Generation(x, OllamaDoor(body.model, isinstance(body, OllamaChatRequest)))
 
 
 def ollama_loaded(body: OllamaAsk, chat: bool) -> JSONResponse:
-    """Ollama's answer to a request with nothing to say (a model load or unload): done at once. The model is the
-    operator's to load and unload (WARMUP, OLLAMA_KEEP_ALIVE), so nothing goes upstream."""
+    """Done at once, for a model load or unload: that is the operator's (WARMUP, OLLAMA_KEEP_ALIVE), not a client's."""
     reason = "unload" if body.keep_alive in (0, "0", "0s", "0m") else "load"
     return JSONResponse(OllamaDoor(body.model, chat).reply("", done=True, done_reason=reason))
 
 
 def ollama_model(agent: Agent, upstream: Mapping[str, Any], modified_at: str) -> dict[str, Any]:
-    """An agent as an entry of /api/tags, named <agent>:latest: size and details are its model's when the
-    upstream told them (`upstream`: its entry), sane values otherwise; the digest is the agent's own."""
+    """An agent as an /api/tags entry: its model's size and details when the upstream told them; its own digest."""
     told = upstream.get("details") if isinstance(upstream.get("details"), dict) else {}
     details = {**OLLAMA_DETAILS, **{k: v for k, v in told.items() if k in OLLAMA_DETAILS}}
     size = upstream.get("size") if isinstance(upstream.get("size"), int) else 0
@@ -4190,8 +4166,7 @@ def upstream_models(listed: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def embed_fields(config: Config, body: OllamaEmbedRequest) -> dict[str, Any]:
-    """The client's own /api/embed fields for Ollama (truncate, dimensions, keep_alive, options), num_ctx at most
-    CTX_TOKENS."""
+    """The client's own /api/embed fields for Ollama (truncate, dimensions, ...), num_ctx at most CTX_TOKENS."""
     fields = body.model_dump(include={"truncate", "dimensions", "keep_alive", "options"}, exclude_none=True)
     asked = fields.get("options", {}).get("num_ctx")
     if isinstance(asked, int):
@@ -4212,8 +4187,7 @@ async def refuse_model_management(request: Request) -> Response:
 
 
 def add_ollama_routes(app: FastAPI, rt: Runtime) -> None:
-    """Attach Ollama's API (/api/...): chat, generate, embed, the model lists (the agents are the models), and
-    refusals of model management. Out of /openapi.json: Ollama documents its own API."""
+    """Attach Ollama's API (/api/...), its agents as models; out of /openapi.json: Ollama documents its own API."""
     config, hidden = rt.config, {"include_in_schema": False}
     add_ollama_model_routes(app, rt)
 
@@ -4310,10 +4284,7 @@ def add_ollama_model_routes(app: FastAPI, rt: Runtime) -> None:
 
 
 def iso_time(epoch_s: float) -> str:
-    """UTC ISO 8601, cut (not rounded) to the microsecond, so a page cursor never lands after its own row.
-
-    Example: 0.5 -> "1970-01-01T00:00:00.500000+00:00"
-    """
+    """UTC ISO 8601, cut (not rounded) to the microsecond, so a page cursor never lands after its own row."""
     seconds, micros = divmod(math.floor(epoch_s * 1_000_000), 1_000_000)
     return datetime.fromtimestamp(seconds, timezone.utc).replace(microsecond=micros).isoformat(timespec="microseconds")
 
@@ -4716,12 +4687,7 @@ def add_page_route(app: FastAPI, config: Config) -> None:
 
 
 def load_config(environ: Mapping[str, str], env_file: Path | None = None) -> Config:
-    """Config from the real environment over the env file over the defaults; a ConfigError names what is wrong.
-
-    PROVIDER and MEMORY_BACKEND choose among PROVIDERS and MEMORY_STORES; the provider's class names its agents'
-    model variables and whether models warm up by default. Old names still work: OLLAMA_TIMEOUT_S and
-    OLLAMA_CONNECT_TIMEOUT_S for UPSTREAM_TIMEOUT_S and UPSTREAM_CONNECT_TIMEOUT_S.
-    """
+    """Config from the real environment over the env file over the defaults; a ConfigError names what is wrong."""
     file_values = read_env_file(env_file) if env_file is not None else {}
     s = _Settings({**file_values, **environ})
     d = Config()
@@ -4795,8 +4761,6 @@ def load_config(environ: Mapping[str, str], env_file: Path | None = None) -> Con
     )
 
 
-
-
 def _redis_url(settings: _Settings) -> str:
     url = settings.text("REDIS_URL", Config.redis_url) or Config.redis_url
     if not re.match(r"^(redis|rediss|unix)://", url):
@@ -4824,10 +4788,7 @@ def _read_mcp_server(s: _Settings, name: str) -> McpServerConfig:
 
 def _read_agents(settings: _Settings, prefix: str, default_model: str, tools_ok: bool,
                  servers: tuple[McpServerConfig, ...] = ()) -> tuple[Agent, ...]:
-    """AGENTS=a,b plus <prefix><NAME> (the model), AGENT_<NAME>_SYSTEM and AGENT_<NAME>_TOOLS for each.
-
-    An agent without its own model uses <prefix>GENERAL, then `default_model`.
-    """
+    """AGENTS=a,b and for each <prefix><NAME> (the model, else <prefix>GENERAL's), AGENT_<NAME>_SYSTEM and _TOOLS."""
     names = [n.strip().lower() for n in (settings.text("AGENTS", "general") or "general").split(",")]
     if not all(AGENT_NAME_PATTERN.match(n) for n in names) or len(set(names)) != len(names):
         raise settings.fail("AGENTS", "distinct comma-separated names of lowercase letters, digits and _")
@@ -5061,9 +5022,8 @@ def uvicorn_options(config: Config) -> dict[str, Any]:
 
 
 def guarded_http(config: Config) -> type:
-    """uvicorn's HTTP/1.1 protocol with piagent's connection limits: beyond MAX_CONNECTIONS a connection is
-    answered 503 at once and closed, and one that has not sent a whole request head HEADER_TIMEOUT_S after it
-    opened (or after its last response) is closed, so idle and half-open connections cannot pile up."""
+    """uvicorn's HTTP/1.1 protocol, closing connections beyond MAX_CONNECTIONS (with a 503) and those that send no
+    whole request head within HEADER_TIMEOUT_S of opening or of their last response, so idle ones cannot pile up."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     body = json.dumps(error_body("/", 503, "too_many_connections", "piagent has MAX_CONNECTIONS connections open; "
@@ -5110,8 +5070,7 @@ def guarded_http(config: Config) -> type:
 
 
 def raise_fd_limit() -> None:
-    """Raise this process's soft limit of open files to its hard limit (systemd's default soft limit is 1,024:
-    a few hundred idle clients would stop piagent from accepting any more)."""
+    """Raise the soft limit of open files to the hard one (systemd's default, 1,024, would stop piagent accepting)."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
