@@ -911,10 +911,7 @@ def estimate_tokens(messages: list[Message]) -> int:
 
 
 def stable_window(turns: list[Turn], max_turns: int) -> list[Turn]:
-    """The turns to send, in a window that keeps the prompt's prefix stable (DEVELOPING.md, "History that fits").
-
-    Example (max_turns=8): turn indices 1..8 -> 4..8; 2..9 -> 4..9; 5..12 -> 8..12
-    """
+    """Turns to send, in a window moving by blocks to keep the prefix: (max_turns=8) 2..9 -> 4..9, 5..12 -> 8..12"""
     if not turns or turns[-1].index < max_turns:
         return turns[-max_turns:]
     half = max(1, max_turns // 2)
@@ -1730,8 +1727,7 @@ class Toolbox:
 
 async def tool_loop(provider: Provider, toolbox: Toolbox, agent: Agent, prompt: Prompt, sampling: Sampling,
                     usage: Usage, max_rounds: int, stream: bool) -> AsyncIterator[str | ToolEvent]:
-    """The reply of an agent with tools: text pieces as they come, and a ToolEvent for each call run. `usage` ends
-    with the last request's reason and the token counts of all of them."""
+    """An agent's reply with its tools run: text pieces, a ToolEvent per call; `usage` sums the rounds' token counts."""
     specs, counts = toolbox.specs(agent.tools), [0, 0, False]
     for round_number in range(max_rounds + 1):
         offer = specs if round_number < max_rounds else ()  # the last round has no tools: a reply ends in text
@@ -2172,11 +2168,10 @@ class McpServer:
             self._launch()
 
     def _launch(self) -> None:
-        """Start one connection attempt."""
+        """Start one connection attempt, in a task of its own: a slow or broken server never delays the others."""
         self._settled.clear()
         self._changed.clear()
         self._up, self._why = False, "starting"
-        # a task of its own, so a slow or broken server never delays piagent or the other servers
         self._runner.start(self._run())
 
     async def ready(self, timeout_s: float) -> bool:
@@ -2824,8 +2819,8 @@ class Runtime:
 
 class Exchange:
     """One generation, from its place in the queue to its log fields: `async with Exchange(...) as x`. What it takes
-    goes on `held` the moment it is taken (the gate's ticket); the upstream lives inside `events`. Leaving the `async
-    with` by any road stores what a client that left mid-stream was given, then closes `held`, once."""
+    goes on `held` the moment it is taken (the gate's ticket); the upstream lives inside `events`. Leaving the
+    block by any road stores what a client that left mid-stream was given, then closes `held`, once."""
 
     def __init__(self, rt: Runtime, agent: Agent, ask: Ask, sampling: Sampling, conversation_id: str | None,
                  stream: bool, fields: dict[str, Any]):
@@ -3276,8 +3271,7 @@ async def upstream_info(rt: Runtime, path: str, body: dict[str, Any] | None = No
 
 
 class Generation(Response):
-    """The response of a generation route: the exchange's whole life, written through its door (an error before
-    anything was sent is an ordinary HTTP error; after, the door ends the stream its own way)."""
+    """A generation route's response: the exchange's whole life, written through its door (failures too, once begun)."""
 
     def __init__(self, x: Exchange, door: Door):
         self.x, self.door, self.started = x, door, False
@@ -5086,8 +5080,7 @@ def configure_logging(config: Config, stream: Any) -> None:
     handler.setFormatter(JsonLog() if use_json else TextLog())
     logging.basicConfig(level=config.log_level.upper(), handlers=[handler], force=True)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # piagent's own request record says it all
-    # a stream piagent cut on purpose (the upstream failed mid-reply) ends without its closing chunk; piagent logs
-    # that itself, once, so the server's complaint about it is noise
+    # a stream piagent cut on purpose (the upstream failed mid-reply) has no closing chunk; piagent logs that itself
     logging.getLogger("uvicorn.error").addFilter(
         lambda record: "returned without completing response" not in record.getMessage())
 
