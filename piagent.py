@@ -77,8 +77,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("auto", "text", "json")
 #: A CORS origin: scheme, host and optional port, nothing else (and never "*").
 ORIGIN_PATTERN = re.compile(r"^https?://[A-Za-z0-9.-]+(:\d{1,5})?$")
-#: What a tool name in AGENT_<NAME>_TOOLS looks like (the Tools section checks it names a real tool): a built-in
-#: (calc), one tool of an MCP server (files.read_text_file) or all of them (time.*).
+#: A tool name in AGENT_<NAME>_TOOLS: a built-in (calc), one of an MCP server's (files.read_text_file) or all (time.*).
 TOOL_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$|^[a-z][a-z0-9_]{0,31}\.(\*|[A-Za-z0-9_./-]{1,128})$")
 #: MCP_SERVERS names become parts of variable names (MCP_<NAME>_URL) and prefixes of tool names.
 MCP_SERVER_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
@@ -1266,14 +1265,12 @@ class OllamaProvider(HTTPProvider):
 
 def upstream_error_text(body: bytes, status: int) -> str:
     """The message in an error body: Ollama's {"error": "..."} or OpenAI's {"error": {"message": ...}}."""
-    try:
+    with contextlib.suppress(ValueError, AttributeError):
         error = json.loads(body).get("error")
         if isinstance(error, dict):
             error = error.get("message") or json.dumps(error)
         if error:
             return str(error)[:500]
-    except (ValueError, AttributeError):
-        pass
     return body[:200].decode("utf-8", "replace").strip() or f"HTTP {status}"
 
 
@@ -1992,11 +1989,9 @@ class StdioTransport:
         for sig in (None, signal.SIGTERM, signal.SIGKILL):
             if sig is not None:
                 self._signal_group(sig)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(process.wait(), MCP_STOP_GRACE_S)
                 break
-            except TimeoutError:
-                continue
         self._signal_group(signal.SIGKILL)  # whatever the server left in its group (npx's node) goes with it
 
     def _signal_group(self, sig: int) -> None:
