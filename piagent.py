@@ -5,15 +5,9 @@ Run it:
     .venv/bin/python piagent.py                 # listens on 127.0.0.1:8000
     .venv/bin/python piagent.py --host 0.0.0.0 --port 8000 --env-file /etc/piagent/piagent.env
 
-Endpoints:
-    GET  /health   liveness only: {"status": "ok"} (never calls Ollama)
-    GET  /agents   {"agents": ["general", ...]}
-    POST /chat     {"message", "agent"="general", "stream"=false, "conversation_id"?}
-                   -> {"reply", "conversation_id", "model", "provider"}, or with "stream": true a chunked
-                      text/plain stream of tokens and the id in the X-Conversation-Id header.
-    POST /v1/chat/completions, GET /v1/models   the same agents for OpenAI clients
-
-An agent may use tools (AGENT_<NAME>_TOOLS=calc,now) through the model's native tool calling; see Tools.
+Endpoints: GET /health (liveness, never calls Ollama), GET /agents, POST /chat {"message", "agent"="general",
+"stream"=false, "conversation_id"?} -> {"reply", "conversation_id", "model", "provider"} (or with "stream": true,
+a stream of tokens); the same agents for OpenAI clients at /v1/ and for Ollama clients at /api/. More: README.md.
 
 Config comes from, highest first: the real environment, the env file (PIAGENT_ENV_FILE, or piagent.env beside
 this file, or --env-file), then the defaults in `Config`. piagent.env lists every variable with a comment.
@@ -72,9 +66,7 @@ log = logging.getLogger("piagent")
 #: Name of the env file looked for beside this module when PIAGENT_ENV_FILE is not set.
 DEFAULT_ENV_FILE_NAME = "piagent.env"
 #: System prompt of an agent that has no AGENT_<NAME>_SYSTEM.
-DEFAULT_SYSTEM_PROMPT = (
-    "You are a helpful assistant running on a small computer. Answer clearly and briefly."
-)
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant running on a small computer. Answer clearly and briefly."
 #: Agent names become parts of variable names (OLLAMA_MODEL_<NAME>), so they must be identifier-like.
 AGENT_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 #: Ollama's keep_alive: seconds as a number, or a Go duration such as "30m", "1h30m", "-1".
@@ -85,8 +77,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("auto", "text", "json")
 #: A CORS origin: scheme, host and optional port, nothing else (and never "*").
 ORIGIN_PATTERN = re.compile(r"^https?://[A-Za-z0-9.-]+(:\d{1,5})?$")
-#: What a tool name in AGENT_<NAME>_TOOLS looks like (the Tools section checks it names a real tool): a built-in
-#: (calc), one tool of an MCP server (files.read_text_file) or all of them (time.*).
+#: A tool name in AGENT_<NAME>_TOOLS: a built-in (calc), one of an MCP server's (files.read_text_file) or all (time.*).
 TOOL_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$|^[a-z][a-z0-9_]{0,31}\.(\*|[A-Za-z0-9_./-]{1,128})$")
 #: MCP_SERVERS names become parts of variable names (MCP_<NAME>_URL) and prefixes of tool names.
 MCP_SERVER_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
@@ -114,8 +105,7 @@ class ClientGone(Exception):
 
 
 class PiagentError(Exception):
-    """An error a caller can act on: API renders it as `status` and {"error": {"code", "message"}} (OpenAI's
-    shape under /v1/). The message says what to do; `headers` go with it (Retry-After, ...)."""
+    """An error a caller can act on: `status`, `code`, a message that says what to do, and `headers` to send."""
 
     status = 500
     code = "internal_error"
@@ -143,6 +133,7 @@ class HostNotAllowed(PiagentError): status, code = 400, "host_not_allowed"  # no
 class QueueFull(PiagentError): status, code = 503, "queue_full"  # noqa: E701
 class ShuttingDown(PiagentError): status, code = 503, "shutting_down"  # noqa: E701
 class MemoryUnavailable(PiagentError): status, code = 503, "memory_unavailable"  # noqa: E701
+class ModelsNotManaged(PiagentError): status, code = 403, "models_not_managed"  # noqa: E701
 class UpstreamUnavailable(UpstreamFailure): status, code = 503, "upstream_unavailable"  # noqa: E701
 class UpstreamBusy(UpstreamFailure): status, code = 503, "upstream_busy"  # noqa: E701
 class UpstreamTimeout(UpstreamFailure): status, code = 504, "upstream_timeout"  # noqa: E701
@@ -225,9 +216,7 @@ class Config:
     embed_model: str | None = None  # the model of /api/embed for every agent; unset: the agent's own model
     mcp_servers: tuple[McpServerConfig, ...] = ()  # MCP servers whose tools agents may list (MCP_SERVERS)
     mcp_max_result_chars: int = 8000  # an MCP tool's result is cut to this before the model reads it
-    agents: tuple[Agent, ...] = field(
-        default=(Agent("general", "qwen2.5:3b-instruct", DEFAULT_SYSTEM_PROMPT),)
-    )
+    agents: tuple[Agent, ...] = field(default=(Agent("general", "qwen2.5:3b-instruct", DEFAULT_SYSTEM_PROMPT),))
 
     def agent(self, name: str) -> Agent | None:
         """The agent called `name`, or None."""
@@ -235,11 +224,7 @@ class Config:
 
 
 def parse_env_file(text: str, source: str = "env file") -> dict[str, str]:
-    """Parse the KEY=value subset that systemd's EnvironmentFile= and piagent read alike.
-
-    Whole-line `#` comments and blank lines are skipped; a value is quoted whole or not at all.
-    Example: 'A=1\\n# note\\nB="two words"\\n' -> {'A': '1', 'B': 'two words'}
-    """
+    """Parse KEY=value lines as systemd does. Example: 'A=1\\n# note\\nB="two words"' -> {'A': '1', 'B': 'two words'}"""
     values: dict[str, str] = {}
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
@@ -371,13 +356,12 @@ MAX_PAGE = 100
 
 
 class Turn(NamedTuple):
-    """One exchange: the user's message, the assistant's reply, when it was stored (epoch seconds), and its
-    number in the conversation (0 for the first turn ever, even after older turns were forgotten)."""
+    """One exchange: the user's message and the assistant's reply."""
 
     user: str
     assistant: str
-    created_at: float = 0.0
-    index: int = 0
+    created_at: float = 0.0  # when it was stored, epoch seconds
+    index: int = 0  # its number in the conversation: 0 for the first turn ever, even once that was forgotten
 
 
 @dataclass
@@ -391,11 +375,7 @@ class Conversation:
 
 
 class MemoryStore(Protocol):
-    """Where conversations live. A new backend is one class here plus one line in MEMORY_STORES.
-
-    Every backend keeps the same caps: the last max_turns turns, conversations idle ttl_s forgotten, at most
-    max_conversations (least recently used forgotten first). Reading history or storing a turn is a "use".
-    """
+    """Where conversations live (within CappedStore's caps); a new backend is a class and a MEMORY_STORES line."""
 
     async def open(self) -> None:
         """Connect / create; raise StoreError if that is impossible."""
@@ -404,7 +384,7 @@ class MemoryStore(Protocol):
         """Release files and connections."""
 
     async def history(self, conversation_id: str) -> list[Turn]:
-        """The kept turns, oldest first; [] for an unknown or expired conversation. A use."""
+        """The kept turns, oldest first; [] for an unknown or expired conversation. A use (see CappedStore)."""
 
     async def append(self, conversation_id: str, agent: str, user: str, assistant: str) -> None:
         """Store one completed turn, atomically. A use."""
@@ -416,8 +396,7 @@ class MemoryStore(Protocol):
         """Forget the conversation (nothing happens if it is unknown)."""
 
     async def recent(self, limit: int, before: float | None, owner: str = "") -> list[tuple[str, str, float]]:
-        """(id, agent, last_used) of live conversations used before `before` whose agent starts with `owner`
-        (see `owned`), newest first."""
+        """(id, agent, last_used) of live conversations used before `before`, owned by `owner`, newest first."""
 
     async def count(self) -> int:
         """How many live conversations are kept."""
@@ -427,7 +406,8 @@ class MemoryStore(Protocol):
 
 
 class CappedStore:
-    """What every store shares: the caps it keeps and the clock it reads (tests inject one)."""
+    """The caps every store keeps: the last max_turns turns, conversations idle ttl_s forgotten, at most
+    max_conversations (least recently used first; reading history or storing a turn is a use); and its clock."""
 
     def __init__(self, config: Config, clock: Callable[[], float]):
         self.max_turns, self.ttl_s = config.memory_max_turns, config.memory_ttl_min * 60
@@ -443,11 +423,7 @@ class _Kept:
 
 
 class InProcessStore(CappedStore):
-    """Conversations in RAM, in an OrderedDict kept in last-use order.
-
-    Both the TTL sweep and LRU eviction pop from the front, so every operation is O(1) amortised and memory is
-    bounded by the caps whatever the traffic. Fastest; forgets everything on restart.
-    """
+    """Conversations in RAM, in last-use order: the TTL sweep and LRU eviction pop from the front (O(1) amortised)."""
 
     def __init__(self, config: Config, clock: Callable[[], float]):
         super().__init__(config, clock)
@@ -507,20 +483,14 @@ class InProcessStore(CappedStore):
 
     async def recent(self, limit: int, before: float | None, owner: str = "") -> list[tuple[str, str, float]]:
         self._sweep(self.clock())
-        found = []
-        for conversation_id in reversed(self._kept):  # newest first
-            kept = self._kept[conversation_id]
-            if (before is None or kept.last_used < before) and kept.agent.startswith(owner):
-                found.append((conversation_id, kept.agent, kept.last_used))
-                if len(found) == limit:
-                    break
-        return found
+        found = ((cid, kept.agent, kept.last_used) for cid, kept in reversed(self._kept.items())  # newest first
+                 if (before is None or kept.last_used < before) and kept.agent.startswith(owner))
+        return list(itertools.islice(found, limit))
 
 
 @contextmanager
 def storage_errors() -> Iterator[None]:
-    """A storage failure a store lets through (a disk's OSError, a database's error) is MemoryUnavailable with
-    its cause, like the stores' own; anything else is a bug."""
+    """A storage error a store lets through (a disk's OSError, a database's) as MemoryUnavailable with its cause."""
     try:
         yield
     except (sqlite3.Error, OSError) as exc:
@@ -529,9 +499,7 @@ def storage_errors() -> Iterator[None]:
 
 
 def sqlite_problem(exc: sqlite3.Error | OSError, path: Path) -> str:
-    """What a SQLite error means for the person running piagent, and what to do; only a damaged file is ever
-    worth moving aside. Example: "database or disk is full" -> "the disk holding ... is full: free some space ..."
-    """
+    """What a SQLite error means and what to do. Example: "database or disk is full" -> "the disk is full ...\""""
     text = str(exc).lower()
     if "full" in text or getattr(exc, "errno", None) == errno.ENOSPC:
         return (f"the disk is full (MEMORY_PATH={path}): free some space (DELETE /conversations/<id> frees a "
@@ -564,11 +532,7 @@ CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY, at REAL NOT NULL);
 
 
 class SQLiteStore(CappedStore):
-    """Conversations in one SQLite file (stdlib sqlite3, WAL): survives restarts; several workers may share it.
-
-    Every database call runs on one dedicated thread, so the event loop never waits for the disk; each stored
-    turn is one transaction (the turn, its conversation's last use, and the caps applied together).
-    """
+    """Conversations in one SQLite file (WAL), shared by workers; calls run on a thread, so the loop never waits."""
 
     def __init__(self, config: Config, clock: Callable[[], float]):
         super().__init__(config, clock)
@@ -757,11 +721,7 @@ return redis.call('LRANGE', KEYS[1], 0, -1)
 
 
 class RedisStore(CappedStore):
-    """Conversations in Redis, for several piagent instances: a list of turns per conversation (trimmed to the
-    cap), a sorted set of last-use times (TTL and LRU), each change one Lua script, so atomic.
-
-    The `redis` package is imported only when this backend is chosen (pip install redis).
-    """
+    """Conversations in Redis, for several piagent instances; each change is one Lua script, so atomic."""
 
     def __init__(self, config: Config, clock: Callable[[], float]):
         super().__init__(config, clock)
@@ -855,9 +815,7 @@ def _turn_from_json(text: str) -> Turn:
 
 
 def owned(agent: str, owner: str | None) -> str:
-    """What a store keeps as a conversation's agent: with API keys, the owning key's id first, so that a
-    conversation belongs to the key that made it. Example: owned("general", "1a2b3c4d") -> "1a2b3c4d/general"
-    """
+    """A stored conversation's agent, owning key's id first. Example: ("general", "1a2b3c4d") -> "1a2b3c4d/general\""""
     return f"{owner}/{agent}" if owner else agent
 
 
@@ -876,14 +834,13 @@ Message = dict[str, Any]
 
 
 class Prompt(NamedTuple):
-    """What an agent is asked: its system prompt, the history as messages, the new user message, the tool
-    traffic of this reply so far (`tail`), and the tools the model is offered (JSON-schema function specs)."""
+    """What an agent is asked: its system prompt, the history as messages, the new user message."""
 
     system: str
     history: list[Message]
     message: str
-    tail: tuple[Message, ...] = ()
-    tools: tuple[dict[str, Any], ...] = ()
+    tail: tuple[Message, ...] = ()  # the tool traffic of this reply so far
+    tools: tuple[dict[str, Any], ...] = ()  # the functions the model is offered (JSON-schema specs)
     tool_choice: str | dict[str, Any] | None = None  # a client's, for OpenAI-compatible upstreams (Ollama has none)
 
 
@@ -892,8 +849,7 @@ class Sampling(NamedTuple):
 
     max_tokens: int
     temperature: float
-    # a client's own upstream fields, in Ollama's terms: "options" (num_ctx, top_p, ...) and OLLAMA_PASSED_FIELDS;
-    # providers apply piagent's ceilings (ollama_options) or translate what has an equivalent (openai_options)
+    # a client's own fields, in Ollama's terms ("options" and OLLAMA_PASSED_FIELDS): providers bound or translate them
     extra: Mapping[str, Any] = MappingProxyType({})
 
 
@@ -904,11 +860,7 @@ OPENAI_SAME_OPTIONS = ("top_p", "seed", "stop", "presence_penalty", "frequency_p
 
 
 def ollama_options(config: Config, sampling: Sampling) -> dict[str, Any]:
-    """Ollama's `options`: a client's own (Sampling.extra["options"]) under piagent's ceilings: num_predict and
-    temperature are the sampling's, and num_ctx is at most CTX_TOKENS (a client may ask for less).
-
-    Example: extra {"options": {"num_ctx": 8192, "top_k": 20}}, CTX_TOKENS=2048 -> {"top_k": 20, "num_ctx": 2048, ...}
-    """
+    """Ollama's `options`: the client's own, with the sampling's num_predict and temperature, num_ctx <= CTX_TOKENS."""
     options = dict(sampling.extra.get("options") or {})
     asked = options.get("num_ctx")
     fits = isinstance(asked, int) and not isinstance(asked, bool) and 0 < asked < config.ctx_tokens
@@ -917,11 +869,7 @@ def ollama_options(config: Config, sampling: Sampling) -> dict[str, Any]:
 
 
 def openai_options(extra: Mapping[str, Any]) -> dict[str, Any]:
-    """What of a client's Ollama fields (Sampling.extra) an OpenAI-style request can say; the rest is dropped.
-
-    Example: {"options": {"seed": 1, "top_k": 5}, "format": "json"} -> {"seed": 1, "response_format": {"type":
-    "json_object"}}
-    """
+    """A client's Ollama fields (Sampling.extra) that an OpenAI-style request can say, in its terms; not the rest."""
     options = extra.get("options") or {}
     out = {name: options[name] for name in OPENAI_SAME_OPTIONS if options.get(name) is not None}
     form = extra.get("format")
@@ -933,10 +881,7 @@ def openai_options(extra: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def turns_as_messages(turns: list[Turn]) -> list[Message]:
-    """Stored turns as alternating user/assistant messages.
-
-    Example: [Turn("hi", "hello")] -> [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
-    """
+    """Turns as messages: [Turn("hi", "yo")] -> [{"role": "user", "content": "hi"}, {"role": "assistant", ...}]"""
     messages: list[Message] = []
     for turn in turns:
         messages += [{"role": "user", "content": turn.user}, {"role": "assistant", "content": turn.assistant}]
@@ -952,14 +897,7 @@ TOKENS_PER_MESSAGE = 6
 
 
 def estimate_tokens(messages: list[Message]) -> int:
-    """A cheap, conservative guess of the prompt tokens `messages` cost: ASCII characters / 2.5, 2 per other
-    character, plus 6 per message.
-
-    Tokenizers make about 4 characters of English prose per token, fewer for code; a small English tokenizer
-    (SmolLM2) spends about 1.7 tokens on a Japanese character. Calibrated in test_e2e.py against SmolLM2's own
-    counts, this guesses 1.1 to 1.7 times high, never low, so trimming errs towards room for the reply.
-    Example: [{"role": "user", "content": "hello there"}] -> 11 (11 characters -> 5, plus 6)
-    """
+    """A cheap guess of the tokens `messages` cost, erring high . Example: [{"content": "hello there"}] -> 11"""
     total = 0
     for message in messages:
         text = message.get("content") or ""
@@ -972,14 +910,7 @@ def estimate_tokens(messages: list[Message]) -> int:
 
 
 def stable_window(turns: list[Turn], max_turns: int) -> list[Turn]:
-    """The stored turns to send, chosen so that consecutive requests share the longest prompt prefix.
-
-    Model servers reuse their KV cache for the prefix a request shares with the previous one. A window that
-    slides by one turn each time shifts the whole prefix once full, so the Pi re-reads all history every turn.
-    Instead, once more than `max_turns` turns exist, the window starts at a multiple of half of `max_turns`
-    (counted from the conversation's first turn), so it jumps by a block now and then and otherwise only grows.
-    Example (max_turns=8): turn indices 1..8 -> 4..8; 2..9 -> 4..9; 5..12 -> 8..12
-    """
+    """Turns to send, in a window moving by blocks to keep the prefix: (max_turns=8) 2..9 -> 4..9, 5..12 -> 8..12"""
     if not turns or turns[-1].index < max_turns:
         return turns[-max_turns:]
     half = max(1, max_turns // 2)
@@ -988,11 +919,7 @@ def stable_window(turns: list[Turn], max_turns: int) -> list[Turn]:
 
 
 def fit_history(history: list[Message], fixed: list[Message], budget_tokens: int) -> tuple[list[Message], int]:
-    """Drop the oldest turns of `history` until it and `fixed` (system prompts and the new message) fit.
-
-    Returns (what is kept, how many turns were dropped). A turn is a user message and the reply after it.
-    Example: fit_history([u1, a1, u2, a2], [system, u3], budget) -> ([u2, a2, ...], 1) when only one turn fits
-    """
+    """(the newest turns of `history` that fit the budget beside `fixed`, how many older turns were dropped)."""
     fixed_tokens = estimate_tokens(fixed)
     if fixed_tokens > budget_tokens:
         raise PromptTooLarge(f"the message needs about {fixed_tokens} tokens with the system prompt, more than the "
@@ -1007,22 +934,13 @@ def fit_history(history: list[Message], fixed: list[Message], budget_tokens: int
 
 
 def build_messages(prompt: Prompt) -> list[Message]:
-    """Chat messages for /api/chat or /v1/chat/completions (the model's own template renders them).
-
-    Example: Prompt("Be brief.", [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
-    "bye") -> [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
-               {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"}]
-    """
+    """Chat messages for /api/chat or /v1/chat/completions: system, history, the new message, then `tail`."""
     return [{"role": "system", "content": prompt.system}, *prompt.history, {"role": "user", "content": prompt.message},
             *prompt.tail]
 
 
 def render_prompt(prompt: Prompt) -> str:
-    """One text prompt for /api/generate, for models without a chat template (system goes separately).
-
-    Example: Prompt("Be brief.", [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
-    "bye") -> "<user>\\nhi\\n</user>\\n<assistant>\\nhello\\n</assistant>\\n<user>\\nbye\\n</user>\\n<assistant>\\n"
-    """
+    """The text prompt of /api/generate. Example: message "hi" -> "<user>\\nhi\\n</user>\\n<assistant>\\n\""""
     blocks = [f"<{m['role']}>\n{m['content']}\n</{m['role']}>\n" for m in prompt.history]
     blocks.append(f"<user>\n{prompt.message}\n</user>\n<assistant>\n")
     return "".join(blocks)
@@ -1032,16 +950,14 @@ def render_prompt(prompt: Prompt) -> str:
 # Providers: Ollama (NDJSON) and OpenAI-compatible servers (SSE)
 # ---------------------------------------------------------------------------
 
-
 #: Seconds a readiness probe or --check waits for the upstream (a healthy one answers at once).
 PROBE_TIMEOUT_S = 10.0
 
 
 class ToolCall(NamedTuple):
-    """One function call a model asked for, in OpenAI's terms: `arguments` is JSON text (Ollama's object,
-    dumped); `id` is the upstream's, or made up when it gave none (Ollama before 0.12)."""
+    """One function call a model asked for, in OpenAI's terms: `arguments` is JSON text (Ollama's object, dumped)."""
 
-    id: str
+    id: str  # the upstream's, or made up when it gave none (Ollama before 0.12)
     name: str
     arguments: str
 
@@ -1055,8 +971,7 @@ class ToolCall(NamedTuple):
 
 
 def tool_call_message(text: str, calls: list[dict[str, Any]]) -> Message:
-    """An assistant message asking for tool calls. Its content is a string even when empty: OpenAI takes null
-    or "", but llama.cpp's Python server refuses null, and its tool-calling template needs the key."""
+    """An assistant message asking for tool calls; its content is never null (llama.cpp's Python server refuses it)."""
     return {"role": "assistant", "content": text, "tool_calls": calls}
 
 
@@ -1077,8 +992,7 @@ class Usage:
 
 
 class Provider(Protocol):
-    """Talks to one kind of model server. A new provider is one class here plus one line in PROVIDERS: the class
-    owns its settings (URL, model variables, key), its wording in errors, and whether models warm at start-up."""
+    """Talks to one kind of model server: a new provider is one class here plus one line in PROVIDERS."""
 
     name: str  # the PROVIDER value that picks it
     label: str  # how messages name the server, e.g. "Ollama"
@@ -1103,10 +1017,7 @@ class Provider(Protocol):
 
 
 def has_model(model: str, available: set[str]) -> bool:
-    """Whether `model` is among `available`, where a name without a tag means ":latest" (Ollama's rule).
-
-    Example: has_model("llama3.2", {"llama3.2:latest"}) -> True
-    """
+    """Whether `model` is available, no tag meaning ":latest". Example: ("llama3.2", {"llama3.2:latest"}) -> True"""
     return model in available or (":" not in model and f"{model}:latest" in available)
 
 
@@ -1121,10 +1032,7 @@ JSON_KINDS = {str: "a string", int: "a whole number", float: "a number", dict: "
 
 
 def typed(value: Any, kind: type, field_name: str, label: str) -> Any:
-    """`value` when it is null or of `kind` (bools are not numbers); otherwise UpstreamError naming the field.
-
-    Example: typed(123, str, "message.content", "Ollama") raises "Ollama sent message.content as a whole number..."
-    """
+    """`value` when it is null or of `kind` (bools are not numbers); otherwise UpstreamError naming the field."""
     if value is None or (isinstance(value, kind) and (kind is bool or not isinstance(value, bool))):
         return value
     sent = next((name for k, name in JSON_KINDS.items() if type(value) is k), type(value).__name__)
@@ -1133,12 +1041,8 @@ def typed(value: Any, kind: type, field_name: str, label: str) -> Any:
 
 
 class HTTPProvider:
-    """What both providers share: the client, the error mapping, and one loop that reads a streamed reply.
-
-    A subclass gives `request` (path and body of a generation), `read(line, reply, usage)` (the text of one
-    streamed line), `end(reply, usage)` (the body is over: was the reply whole?) and `whole(data, usage)` (the
-    text of a non-streamed body). `reply` is what a reader keeps between lines of one reply.
-    """
+    """What both providers share: the client, the error mapping, one loop reading a streamed reply. A subclass gives
+    request (path and body), read (a streamed line's text), end (was the reply whole?), whole (a body's text)."""
 
     name = label = model_prefix = url_field = ""
     warm_by_default = False
@@ -1257,9 +1161,7 @@ class HTTPProvider:
         return typed(data, dict, "its reply", self.label) or {}
 
     async def stream_lines(self, path: str, body: dict[str, Any], model: str) -> AsyncIterator[bytes]:
-        """POST a streaming request and yield its body line by line, as bytes without the \\n or \\r\\n (closing
-        the request if the caller stops). Lines are split here, not by httpx's text layers: this is the per-token
-        path. A partial line is kept in a bytearray (growing it is linear) and capped at MAX_UPSTREAM_LINE_BYTES."""
+        """POST a streaming request; yield its body's lines as bytes (split here, not by httpx: the per-token path)."""
         started, pending = False, bytearray()
         try:
             async with self.client.stream("POST", self.url(path), json=body, headers=self.headers()) as response:
@@ -1294,11 +1196,7 @@ class OllamaProvider(HTTPProvider):
 
     def request(self, agent: Agent, prompt: Prompt, sampling: Sampling, stream: bool) -> tuple[str, dict[str, Any]]:
         c = self.config
-        body: dict[str, Any] = {
-            "model": agent.model,
-            "stream": stream,
-            "options": ollama_options(c, sampling),
-        }
+        body: dict[str, Any] = {"model": agent.model, "stream": stream, "options": ollama_options(c, sampling)}
         body.update((k, sampling.extra[k]) for k in OLLAMA_PASSED_FIELDS if sampling.extra.get(k) is not None)
         if self.keep_alive is not None and "keep_alive" not in body:  # a client's own keep_alive wins
             body["keep_alive"] = self.keep_alive
@@ -1349,8 +1247,7 @@ class OllamaProvider(HTTPProvider):
         return self._chunk(chunk, usage)
 
     def _chunk(self, chunk: dict[str, Any], usage: Usage) -> str:
-        """The text of a chat chunk (message.content) or a generate chunk (response); tool calls and, on the
-        final chunk, the counts go to `usage`. Every field is checked for its type."""
+        """The text of a chat or generate chunk, every field type-checked; tool calls and final counts go to `usage`."""
         message = typed(chunk.get("message"), dict, "message", self.label)
         if message is None:
             text = typed(chunk.get("response"), str, "response", self.label)
@@ -1367,18 +1264,13 @@ class OllamaProvider(HTTPProvider):
 
 
 def upstream_error_text(body: bytes, status: int) -> str:
-    """The message inside an error body: Ollama's {"error": "..."} or OpenAI's {"error": {"message": ...}}.
-
-    Example: b'{"error":"model \\'x\\' not found"}' -> "model 'x' not found"
-    """
-    try:
+    """The message in an error body: Ollama's {"error": "..."} or OpenAI's {"error": {"message": ...}}."""
+    with contextlib.suppress(ValueError, AttributeError):
         error = json.loads(body).get("error")
         if isinstance(error, dict):
             error = error.get("message") or json.dumps(error)
         if error:
             return str(error)[:500]
-    except (ValueError, AttributeError):
-        pass
     return body[:200].decode("utf-8", "replace").strip() or f"HTTP {status}"
 
 
@@ -1396,8 +1288,7 @@ def ollama_tool_calls(items: list[Any]) -> list[ToolCall]:
 
 
 def ollama_messages(messages: list[Message]) -> list[Message]:
-    """Messages in Ollama's dialect: tool-call arguments as objects, and each tool result named by its tool
-    (`tool_name`), which Ollama matches on rather than on ids. Messages without tool traffic pass as they are."""
+    """Messages in Ollama's dialect: call arguments as objects, a tool result named by its tool (Ollama ignores ids)."""
     names: dict[str, str] = {}
     out = []
     for m in messages:
@@ -1426,11 +1317,7 @@ def json_object(text: Any) -> dict[str, Any]:
 
 
 class SSEDecoder:
-    """Server-sent events from lines: `data:` lines gather until a blank line ends the event.
-
-    Comment lines (starting with ':') and unknown fields are skipped.
-    Example: feed("event: done"), feed("data: {}"), feed("") -> ("done", "{}") on the blank line
-    """
+    """Server-sent events from lines. Example: feed("event: done"), feed("data: {}"), feed("") -> ("done", "{}")"""
 
     def __init__(self) -> None:
         self.event = ""
@@ -1461,23 +1348,14 @@ class SSEDecoder:
 
 
 def sse_event(data: Any, event: str | None = None) -> str:
-    """Encode one server-sent event; dicts become compact JSON.
-
-    Example: sse_event({"text": "hi"}, "token") -> 'event: token\\ndata: {"text":"hi"}\\n\\n'
-    """
+    """One SSE event. Example: sse_event({"text": "hi"}, "token") -> 'event: token\\ndata: {"text":"hi"}\\n\\n'"""
     text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
     lines = "".join(f"data: {line}\n" for line in text.split("\n"))
     return (f"event: {event}\n" if event else "") + lines + "\n"
 
-class ToolCallParts:
-    """Tool calls put together from OpenAI's streamed fragments: the first fragment of a call (by `index`)
-    brings its id and name, later ones pieces of the arguments text. A whole call in one piece works too, and so
-    do servers that repeat the id and name in every fragment (llama.cpp's Python server): the first ones count.
 
-    Example: feed([{"index": 0, "id": "call_1", "function": {"name": "calc", "arguments": ""}}]),
-    feed([{"index": 0, "function": {"arguments": '{"expression":'}}]), feed([{"index": 0, "function":
-    {"arguments": '"2+2"}'}}]) -> calls() == [ToolCall("call_1", "calc", '{"expression":"2+2"}')]
-    """
+class ToolCallParts:
+    """Tool calls from OpenAI's streamed fragments: a call's first fragment (by `index`) brings its id and name."""
 
     def __init__(self) -> None:
         self.parts: dict[int, tuple[list[str], list[str]]] = {}  # index -> ([id, name], argument pieces)
@@ -1491,7 +1369,7 @@ class ToolCallParts:
                 index = len(self.parts) if fragment.get("id") or not self.parts else max(self.parts)
             (head, arguments) = self.parts.setdefault(index, (["", ""], []))
             function = fragment.get("function") or {}
-            head[0] = head[0] or str(fragment.get("id") or "")
+            head[0] = head[0] or str(fragment.get("id") or "")  # the first counts (llama.cpp's repeats them)
             head[1] = head[1] or str(function.get("name") or "")
             piece = function.get("arguments")
             arguments.append(piece if isinstance(piece, str) else json.dumps(piece) if piece else "")
@@ -1613,10 +1491,7 @@ CALC_WARNS = re.compile(r"['\"\\]|[0-9a-fA-F_.jJ](?:and|else|for|if|in|is|not|or
 
 
 def calc(arguments: dict[str, Any]) -> str:
-    """Exact arithmetic for a model, on an allowlist of syntax: never eval, bounded in size and time.
-
-    Example: calc({"expression": "2 ** 10 / 4"}) -> "256.0"; calc({"expression": "9**9**9"}) raises ToolError
-    """
+    """Exact arithmetic on an allowlist of syntax, never eval. Example: {"expression": "2 ** 10 / 4"} -> "256.0\""""
     expression = str(arguments["expression"]).strip()
     if len(expression) > CALC_MAX_CHARS:
         raise ToolError(f"the expression is longer than {CALC_MAX_CHARS} characters; split the calculation")
@@ -1689,10 +1564,7 @@ def _calc_checked(value: Any) -> int | float:
 
 
 def now(arguments: dict[str, Any]) -> str:
-    """The current time in ISO 8601, with the weekday, in an IANA timezone or the Pi's own.
-
-    Example: now({"timezone": "Europe/Berlin"}) -> "2026-11-24T01:29:13+01:00 (Tuesday, Europe/Berlin)"
-    """
+    """The time and weekday, in an IANA timezone or the Pi's: "2026-11-24T01:29:13+01:00 (Tuesday, Europe/Berlin)\""""
     name = arguments.get("timezone")
     if name is None:
         moment = datetime.now().astimezone()
@@ -1707,10 +1579,9 @@ def now(arguments: dict[str, Any]) -> str:
 
 
 class Tool(NamedTuple):
-    """A tool's function, the description the model reads, and its arguments' JSON schema. `run` takes the
-    parsed arguments and returns text; a plain function runs in a thread, a coroutine function on the loop."""
+    """A tool's function, the description the model reads, and its arguments' JSON schema."""
 
-    run: Callable[[dict[str, Any]], str | Awaitable[str]]
+    run: Callable[[dict[str, Any]], str | Awaitable[str]]  # a plain function runs in a thread, a coroutine on the loop
     description: str
     parameters: dict[str, Any]
     timeout_s: float = 2.0  # the call is answered with an error after this long
@@ -1737,10 +1608,7 @@ JSON_TYPES: dict[str, type | tuple[type, ...]] = {"string": str, "number": (int,
 
 
 def argument_problem(schema: dict[str, Any], arguments: Any) -> str | None:
-    """What is wrong with `arguments` for a flat object schema (required, types, maxLength, no extras); None if fine.
-
-    Example: argument_problem(TOOLS["calc"].parameters, {"expr": "1"}) -> "missing 'expression'"
-    """
+    """What is wrong with `arguments` for a flat object schema, or None. Example: calc, {} -> "missing 'expression'\""""
     if not isinstance(arguments, dict):
         return "arguments must be a JSON object"
     # only what is understood is checked: an MCP server's schema (anyOf, type lists, $ref) is the server's to enforce
@@ -1800,10 +1668,7 @@ class Toolbox:
         self.sources = {source.name: source for source in sources}
 
     def allowed(self, patterns: tuple[str, ...]) -> dict[str, Tool]:
-        """The tools an agent's AGENT_<NAME>_TOOLS allows now, by the name the model sees.
-
-        Example: ("calc", "time.*") -> {"calc": ..., "time__get_current_time": ..., "time__convert_time": ...}
-        """
+        """The tools AGENT_<NAME>_TOOLS allows now, by the model's names. Example: ("time.*",) -> {"time__...": ...}"""
         found: dict[str, Tool] = {}
         for pattern in patterns:
             source, dot, wanted = pattern.partition(".")
@@ -1829,10 +1694,7 @@ class Toolbox:
                      for name, tool in self.allowed(patterns).items())
 
     async def run(self, call: ToolCall, patterns: tuple[str, ...]) -> ToolEvent:
-        """Run one call if `patterns` allow it and its arguments fit the schema, within the tool's time limit.
-
-        Every failure of the call becomes the event's error, for the model to read; a bug is logged too.
-        """
+        """Run one call if allowed and its arguments fit, within its time limit; any failure is the event's error."""
         allowed = self.allowed(patterns)
         tool = allowed.get(call.name)
         if tool is None:
@@ -1862,15 +1724,10 @@ class Toolbox:
 
 async def tool_loop(provider: Provider, toolbox: Toolbox, agent: Agent, prompt: Prompt, sampling: Sampling,
                     usage: Usage, max_rounds: int, stream: bool) -> AsyncIterator[str | ToolEvent]:
-    """The reply of an agent with tools: text pieces as they come, and a ToolEvent for each call run.
-
-    The model is offered the agent's tools; while it answers with calls (at most `max_rounds` times) they are
-    run and their results appended for the next request; then it is asked once more without tools, so a reply
-    always ends in text. `usage` ends with the last request's reason and the token counts of all of them.
-    """
+    """An agent's reply with its tools run: text pieces, a ToolEvent per call; `usage` sums the rounds' token counts."""
     specs, counts = toolbox.specs(agent.tools), [0, 0, False]
     for round_number in range(max_rounds + 1):
-        offer = specs if round_number < max_rounds else ()
+        offer = specs if round_number < max_rounds else ()  # the last round has no tools: a reply ends in text
         said: list[str] = []
         usage.tool_calls = []
         ask = prompt._replace(tools=offer)
@@ -1899,8 +1756,7 @@ async def tool_loop(provider: Provider, toolbox: Toolbox, agent: Agent, prompt: 
 
 
 class Background:
-    """Work that runs beside the requests (warm-up, an MCP server's connection): one task, named and referenced,
-    that stop() cancels and waits for. Every long-lived task piagent starts goes through here."""
+    """One long-lived task beside the requests (warm-up, an MCP server's), that stop() cancels and waits for."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -1953,7 +1809,7 @@ MCP_CHILD_ENV = ("HOME", "LOGNAME", "PATH", "SHELL", "TERM", "USER", "LANG", "LC
 
 
 def model_tool_name(server: str, tool: str) -> str:
-    """The name the model calls an MCP tool by: always ^[A-Za-z0-9_-]{1,64}$, ending with the tool's own name if it can."""
+    """The name the model calls an MCP tool by: ^[A-Za-z0-9_-]{1,64}$, ending with the tool's own name if it can."""
     safe = re.sub(r"[^A-Za-z0-9_-]", "_", tool)
     plain = f"{server}__{safe}"
     if safe == tool and 0 < len(plain) <= 64:
@@ -2008,7 +1864,7 @@ class McpError(Exception):
 
 
 class McpSessionLost(ConnectionError):
-    """An HTTP server answered 404 to our session id: it forgot the session, so the client must start over (ref §5)."""
+    """An HTTP server answered 404 to our session id: it forgot the session, so we must start over (ref §5)."""
 
 
 class LogBudget:
@@ -2089,10 +1945,8 @@ class StdioTransport:
         assert self.process is not None and self.process.stdout is not None and self.process.stderr is not None
         try:  # both pipes at once: a child blocked on a full stderr pipe would never answer on stdout
             await asyncio.gather(self._read_stdout(self.process.stdout), self._read_stderr(self.process.stderr))
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.process.wait(), MCP_STOP_GRACE_S)
-            except TimeoutError:
-                pass
         finally:
             code = self.process.returncode
             self.closed = (f"the server exited with code {code}" if code is not None and code >= 0 else
@@ -2135,19 +1989,15 @@ class StdioTransport:
         for sig in (None, signal.SIGTERM, signal.SIGKILL):
             if sig is not None:
                 self._signal_group(sig)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(process.wait(), MCP_STOP_GRACE_S)
                 break
-            except TimeoutError:
-                continue
         self._signal_group(signal.SIGKILL)  # whatever the server left in its group (npx's node) goes with it
 
     def _signal_group(self, sig: int) -> None:
         """Signal the server's process group, if any of it is left."""
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 class HttpTransport:
@@ -2261,10 +2111,8 @@ class HttpTransport:
     async def close(self) -> None:
         """End our session (DELETE, if we have one) and close the connections."""
         if self.session_id:
-            try:
+            with contextlib.suppress(httpx.HTTPError):
                 await self.client.delete(self.config.url, headers=self._headers({}), timeout=MCP_STOP_GRACE_S)
-            except httpx.HTTPError:
-                pass
         await self.client.aclose()
 
 
@@ -2315,24 +2163,21 @@ class McpServer:
             self._launch()
 
     def _launch(self) -> None:
-        """Start one connection attempt."""
+        """Start one connection attempt, in a task of its own: a slow or broken server never delays the others."""
         self._settled.clear()
         self._changed.clear()
         self._up, self._why = False, "starting"
-        # a task of its own, so a slow or broken server never delays piagent or the other servers
         self._runner.start(self._run())
 
     async def ready(self, timeout_s: float) -> bool:
         """Wait up to timeout_s until the tools are listed or connecting failed; whether it is usable."""
-        try:
+        with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):
                 await self._settled.wait()
-        except TimeoutError:
-            pass
         return self.status()[0]
 
     def tools(self) -> dict[str, Tool]:
-        """MCP tool name -> {"description", "inputSchema"}, as last listed (kept while the server restarts)."""
+        """MCP tool name -> Tool, as last listed (kept while the server restarts)."""
         return dict(self._tools)
 
     def status(self) -> tuple[bool, str]:
@@ -2464,7 +2309,7 @@ class McpServer:
         return message if params is None else {**message, "params": params}
 
     async def _request(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-        """One request's result within timeout_s; McpError if refused. If the awaiting task is cancelled or the"""
+        """One request's result within timeout_s (McpError if refused); one given up on is cancelled at the server."""
         message = self._message(method, params)
         try:
             async with asyncio.timeout(self.config.timeout_s):
@@ -2487,17 +2332,15 @@ class McpServer:
         return result if isinstance(result, dict) else {}
 
     async def _cancel(self, message: dict[str, Any]) -> None:
-        """Tell the server we stopped waiting (best effort). Never for initialize or the probe; on 2026-07-28"""
+        """Tell the server we stopped waiting (best effort); not for initialize or the probe, nor on 2026-07-28 HTTP."""
         if message["method"] in ("initialize", "server/discover") or (
                 self.config.url and self._era == MCP_MODERN_VERSION):
             return
         notice = {"jsonrpc": "2.0", "method": "notifications/cancelled",
                   "params": {"requestId": message["id"], "reason": "piagent stopped waiting"}}
-        try:
+        with contextlib.suppress(ConnectionError, TimeoutError):  # the server is gone or stuck: nothing to cancel
             async with asyncio.timeout(MCP_STOP_GRACE_S):
                 await self._transport.notify(notice)
-        except (ConnectionError, TimeoutError):
-            pass  # the server is gone or stuck: there is nothing left to cancel
 
     async def call(self, tool: str, arguments: dict[str, Any]) -> str:
         """Call one tool: the text for the model, or ToolError with a sentence the model can read."""
@@ -2560,17 +2403,13 @@ LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 def json_problem(body: bytes) -> str | None:
-    """What makes a JSON body unsafe to act on, naming the field: a lone surrogate, NaN or Infinity, nesting
-    deeper than MAX_JSON_DEPTH. None if it is fine, or not JSON at all (the route says what is wrong then).
-
-    Example: json_problem(b'{"messages": [{"content": "\\ud800"}]}') -> "messages.0.content: a lone surrogate ..."
-    """
+    """What makes a JSON body unsafe (a lone surrogate, NaN or Infinity, deep nesting), naming where; else None."""
     try:
         value = json.loads(body)
     except RecursionError:
         return f"body: nested deeper than {MAX_JSON_DEPTH} levels"
     except ValueError:
-        return None
+        return None  # not JSON at all: the route says what is wrong
     # (where, value, depth); `where` is a tuple of keys, joined only for the message: this runs on every body
     stack: list[tuple[tuple, Any, int]] = [((), value, 0)]
     while stack:
@@ -2620,15 +2459,11 @@ def match_key(presented: str, keys: tuple[str, ...]) -> str | None:
 
 
 def client_ip(scope: Mapping[str, Any], headers: Mapping[str, str], trust_proxy: bool) -> str:
-    """The caller's address; behind a trusted proxy, the last X-Forwarded-For entry (the one the proxy added),
-    when it is an address: anything else is not believed, and the proxy's own address is used."""
-    peer = (scope.get("client") or ("unknown", 0))[0]
+    """The caller's address; behind a trusted proxy, the last X-Forwarded-For entry (the proxy's), if an address."""
     if trust_proxy:
-        try:
+        with contextlib.suppress(ValueError):
             return str(ipaddress.ip_address(headers.get("x-forwarded-for", "").split(",")[-1].strip()))
-        except ValueError:
-            return peer
-    return peer
+    return (scope.get("client") or ("unknown", 0))[0]
 
 
 def host_name(headers: Mapping[str, str]) -> str:
@@ -2640,11 +2475,7 @@ def host_name(headers: Mapping[str, str]) -> str:
 
 
 class TokenBuckets:
-    """Per-identity token buckets: `rate_per_min` requests a minute, bursts up to the same number.
-
-    Buckets are kept in last-use order; one that has been idle long enough to be full again is the same as no
-    bucket, so it is dropped, and there are never more than MAX_RATE_BUCKETS: memory is bounded.
-    """
+    """Token buckets of `rate_per_min` a minute per identity; full idle ones are dropped, at most max_buckets kept."""
 
     def __init__(self, rate_per_min: int, clock: Callable[[], float], max_buckets: int = MAX_RATE_BUCKETS):
         self.capacity = float(rate_per_min)
@@ -2688,10 +2519,8 @@ class Ticket:
 
 
 class Gate:
-    """Who may generate now: at most `limit` at once and one per conversation; everyone else waits in one FIFO
-    queue of at most `max_queue` (beyond it, QueueFull), so a conversation's second turn waits and is counted
-    like any other request. A ticket that needs no slot (forgetting a conversation) waits for its conversation
-    only. Whenever the queue changes, `changed` (a future) is resolved and replaced."""
+    """Who may generate now: at most `limit` at once and one per conversation; the rest wait in one FIFO queue of at
+    most `max_queue` (beyond it, QueueFull). A ticket without a slot (a forget) waits for its conversation only."""
 
     def __init__(self, limit: int, max_queue: int):
         self.limit, self.max_queue = limit, max_queue
@@ -2772,8 +2601,7 @@ class Gate:
 
 
 class Drain:
-    """Graceful shutdown: begin() closes the gate; `grace_s` later the `expired` future tells every exchange
-    still running to stop."""
+    """Graceful shutdown: begin() closes the gate, and `grace_s` later `expired` stops the exchanges still running."""
 
     def __init__(self, grace_s: float):
         self.grace_s = grace_s
@@ -2797,8 +2625,7 @@ OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
 
 
 def error_body(path: str, status: int, code: str, message: str) -> dict[str, Any]:
-    """The error shape of the door at `path`: {"error": {"code", "message"}}, or OpenAI's under /v1/, Ollama's
-    ({"error": "..."}) under /api/."""
+    """The error body for `path`: {"error": {"code", "message"}}, or OpenAI's under /v1/, or Ollama's under /api/."""
     if path.startswith("/api/"):
         return {"error": message}
     if path.startswith("/v1/"):
@@ -2930,14 +2757,7 @@ def startup_warnings(config: Config) -> list[str]:
 # Streaming: one exchange per request (a scope that owns and releases everything),
 #            and the adapters that render its events for each front door
 # ---------------------------------------------------------------------------
-# A generation request, start to end: the route checks the body and returns a Generation (an Exchange and a
-# Door). Generation enters the exchange with `async with`. The exchange's events (its place in the queue, then
-# text pieces and tool calls) are produced in a task of their own by Relay: it takes a ticket at the gate (a
-# slot and the conversation), reads the history, builds the prompt and reads the provider's stream (running the
-# agent's tools in rounds). The request's own task writes each event through the door, pings while nothing
-# comes, and notices the client leaving or the shutdown grace ending. Leaving the `async with`, whatever the
-# reason, closes the upstream, stores what the client was given (when that is the rule) and gives the ticket
-# back, once each.
+# A generation request, start to end: DEVELOPING.md, "Code layout".
 
 #: Headers that keep reverse proxies and browsers from holding streamed tokens back.
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -2977,10 +2797,7 @@ PING, END = Signal("ping"), Signal("end")
 
 @dataclass
 class Runtime:
-    """Everything requests share, made once per app by create_app and passed explicitly (never a global).
-
-    `metrics` and `warmup` are the Operations section's; nothing above that section uses them.
-    """
+    """Everything requests share, made once per app by create_app and passed explicitly (never a global)."""
 
     config: Config
     provider: Provider
@@ -2989,20 +2806,16 @@ class Runtime:
     gate: Gate
     drain: Drain
     buckets: TokenBuckets | None
-    metrics: Metrics
+    metrics: Metrics  # this and warmup are the Operations section's: nothing above it uses them
     warmup: Warmup
     clock: Callable[[], float]
     streams: int = 0  # streamed responses in progress (a gauge in /metrics)
 
 
 class Exchange:
-    """One generation, from its place in the queue to its log fields: `async with Exchange(...) as x`.
-
-    What it takes is registered on `held` the moment it is taken (the gate's ticket: a slot and the
-    conversation); the upstream connection lives inside `events` and is closed with it. Leaving the `async with`
-    by any road — success, any exception, the client gone, a time-out, shutdown — closes `held` once, after
-    storing what a client that left mid-stream was given. Request state lives here; the log reads `record()`.
-    """
+    """One generation, from its place in the queue to its log fields: `async with Exchange(...) as x`. What it takes
+    goes on `held` the moment it is taken (the gate's ticket); the upstream lives inside `events`. Leaving the
+    block by any road stores what a client that left mid-stream was given, then closes `held`, once."""
 
     def __init__(self, rt: Runtime, agent: Agent, ask: Ask, sampling: Sampling, conversation_id: str | None,
                  stream: bool, fields: dict[str, Any]):
@@ -3033,8 +2846,7 @@ class Exchange:
             self.fields.update(self.record())
 
     async def events(self) -> AsyncIterator[Queued | str | ToolEvent]:
-        """Everything a door shows, in order: queue positions, then text pieces and tool calls (the reply is cut
-        at its cap, which says done_reason "length")."""
+        """What a door shows, in order: queue positions, then text pieces and tool calls (cut at the reply's cap)."""
         ticket = self.rt.gate.enter(self.conversation_id if self.remember else None)
         self.held.callback(self.rt.gate.leave, ticket)
         async for position in self.rt.gate.positions(ticket):
@@ -3054,11 +2866,8 @@ class Exchange:
                 yield item
 
     async def prompt(self) -> Prompt:
-        """The prompt with as much history as fits CTX_TOKENS after the reply's tokens.
-
-        Tool descriptions count too (the model's template puts them in the prompt); the results of the agent's own
-        tool calls are small and bounded (MAX_TOOL_RESULT_CHARS), and are not counted ahead.
-        """
+        """The prompt with as much history as fits CTX_TOKENS after the reply's tokens (and the tool specs: the template
+        puts them in the prompt; the agent's own tool results, small and bounded, are not counted ahead)."""
         ask, config = self.ask, self.rt.config
         if ask.history is None:
             with storage_errors():
@@ -3075,8 +2884,7 @@ class Exchange:
         return Prompt(self.agent.system, ask.system + kept, ask.message, ask.tail, ask.tools, ask.tool_choice)
 
     def generate(self, prompt: Prompt) -> AsyncIterator[str | ToolEvent]:
-        """The provider's reply; through the tool loop when piagent runs the agent's tools (not when the client
-        brought its own)."""
+        """The provider's reply; through the tool loop when piagent runs the agent's tools (not the client's own)."""
         provider, agent = self.rt.provider, self.agent
         if agent.tools and not prompt.tools:
             return tool_loop(provider, self.rt.toolbox, agent, prompt, self.sampling, self.usage,
@@ -3100,8 +2908,7 @@ class Exchange:
             self.tool_events.append(event)
 
     async def save(self) -> None:
-        """Store (message, what the client was given) once. A store that fails is noted and logged, not raised:
-        the client still gets the reply the Pi spent a minute on, told that it was not saved."""
+        """Store (message, what the client got) once; a failure is logged and noted, not raised: the reply stands."""
         if not self.remember or self.saved is not None or not self.sent:
             return
         try:
@@ -3151,12 +2958,8 @@ class Exchange:
 
 
 class Relay:
-    """An exchange's events, produced in a task of their own and handed to the request's task, which so stays free
-    to ping, to notice the client leaving or the shutdown grace ending, and to stop everything at once.
-
-    This is piagent's one "wait for the next thing, or the client leaving, or shutdown" and its one ping loop.
-    At most RELAY_BUFFER events wait for a slow client; then the producer waits, and the upstream with it.
-    """
+    """An exchange's events, produced in a task of their own and handed to the request's task, which so stays free to
+    ping, to notice the client leaving or the shutdown grace ending, and to stop everything at once."""
 
     def __init__(self, events: AsyncIterator[Any], receive: Callable[[], Awaitable[dict]], expired: asyncio.Future):
         self.source, self.receive, self.expired = events, receive, expired
@@ -3207,8 +3010,7 @@ class Relay:
             pass
 
     async def next(self, ping_s: float | None) -> Any:
-        """The next event; PING after `ping_s` seconds with none; END when the exchange is over. Raises what the
-        exchange raised, ClientGone when the client left, ShuttingDown when the shutdown grace is over."""
+        """The next event, PING after `ping_s` idle, or END; raises the exchange's error, ClientGone or ShuttingDown."""
         while not self.buffer:
             if self.producer.done():
                 self.producer.result()
@@ -3231,9 +3033,7 @@ class Relay:
 
 
 class Door:
-    """How one front door shows an exchange: the text of each event while streaming, or one JSON body. A new
-    door is a subclass and a route. This base is the seed's plain-text stream: the bare text, nothing while
-    waiting, and a cut transfer (no closing chunk) if the upstream fails mid-reply."""
+    """How a front door shows an exchange (a stream's events, or one JSON body); this base is /chat's plain text."""
 
     media_type = "text/plain; charset=utf-8"
     ping_s: float | None = None  # send `ping` after this long with nothing else to send (None: wait silently)
@@ -3318,8 +3118,7 @@ def openai_usage(x: Exchange) -> dict[str, int] | None:
 
 
 class OpenAIDoor(Door):
-    """/v1/chat/completions: chat.completion.chunk events (role first, finish_reason last, optional usage,
-    [DONE]), or one chat.completion."""
+    """/v1/chat/completions: chat.completion.chunk events (then usage if asked, and [DONE]), or one chat.completion."""
 
     media_type = "text/event-stream; charset=utf-8"
     ping = ": ping\n\n"
@@ -3374,19 +3173,14 @@ def ollama_time(epoch_s: float | None = None) -> str:
 
 
 def ollama_tool_call(call: dict[str, Any], index: int) -> dict[str, Any]:
-    """A tool call in OpenAI's shape (see Message) as Ollama writes it: arguments as an object, an index.
-
-    Example: {"id": "c1", "function": {"name": "f", "arguments": '{"a": 1}'}} -> {"id": "c1", "function":
-    {"index": 0, "name": "f", "arguments": {"a": 1}}}
-    """
+    """A tool call in OpenAI's shape (see Message) as Ollama writes it: arguments as an object, and an index."""
     function = call["function"]
     return {"id": call["id"], "function": {"index": index, "name": function["name"],
                                            "arguments": json_object(function["arguments"])}}
 
 
 class OllamaDoor(Door):
-    """/api/chat and /api/generate: NDJSON, one object per line (a text piece each, the client's tool calls, then a
-    `done` line with Ollama's counts and durations in ns; a failure is an {"error"} line), or one object."""
+    """/api/chat and /api/generate: NDJSON lines (text, the client's tool calls, a `done` line), or one object."""
 
     media_type = "application/x-ndjson"
 
@@ -3405,24 +3199,19 @@ class OllamaDoor(Door):
         return {**body, "message": message, **extra}
 
     def _line(self, value: dict[str, Any]) -> str:
-        """One compact NDJSON line."""
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False) + "\n"
 
     def text(self, piece: str, index: int) -> str:
-        """A text piece, as the moment it came."""
         return self._line(self.reply(piece, done=False))
 
     def end(self, x: Exchange) -> str:
-        """The client's tool calls (when the model made any), then the done line."""
         calls = self._line(self.reply("", x, done=False)) if x.client_tool_calls() else ""
         return calls + self._line(self.reply("", done=True, **self.counts(x)))
 
     def failure(self, exc: PiagentError) -> str:
-        """Ollama's mid-stream error line."""
         return self._line({"error": exc.message})  # then the stream ends: Ollama sends no done line after it
 
     def whole(self, x: Exchange) -> dict[str, Any]:
-        """The whole reply as one object, done."""
         return self.reply("".join(x.sent), x, done=True, **self.counts(x))
 
     def counts(self, x: Exchange) -> dict[str, Any]:
@@ -3437,17 +3226,8 @@ class OllamaDoor(Door):
                 "eval_count": u.completion_tokens or len(x.sent), "eval_duration": ns(now - first)}
 
 
-class ModelsNotManaged(PiagentError):
-    """An Ollama client asked piagent to pull, push, create, copy or delete a model."""
-
-    status, code = 403, "models_not_managed"
-
-
 async def embed(rt: Runtime, model: str, texts: list[str], extra: dict[str, Any]) -> tuple[list[Any], int | None]:
-    """(one vector per text, prompt tokens) from the upstream's embeddings endpoint, in a slot of the gate.
-
-    Ollama takes /api/embed with the client's own fields (`extra`: truncate, dimensions, keep_alive, options);
-    an OpenAI-style server takes /embeddings, which has no such fields."""
+    """(one vector per text, prompt tokens) from the upstream, in a slot of the gate; only Ollama takes `extra`."""
     provider = rt.provider
     if not isinstance(provider, HTTPProvider):
         raise InvalidRequest(f"PROVIDER={provider.name} has no embeddings")
@@ -3472,8 +3252,7 @@ MODEL_INFO_TIMEOUT_S = 2.0
 
 
 async def upstream_info(rt: Runtime, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What Ollama says at `path` (GET, or POST `body`), or {} when the upstream is not Ollama or does not answer
-    in time: model lists must answer even then."""
+    """What Ollama says at `path` (GET, or POST `body`); {} from another upstream or in no time: lists answer anyway."""
     provider = rt.provider
     if not isinstance(provider, OllamaProvider):
         return {}
@@ -3487,11 +3266,7 @@ async def upstream_info(rt: Runtime, path: str, body: dict[str, Any] | None = No
 
 
 class Generation(Response):
-    """The response of a generation route: the exchange's whole life, written through its door.
-
-    An error before anything was sent is an ordinary HTTP error (error_response); after, the door ends the
-    stream its own way. A client that stops reading for WRITE_TIMEOUT_S is dropped like one that left.
-    """
+    """A generation route's response: the exchange's whole life, written through its door (failures too, once begun)."""
 
     def __init__(self, x: Exchange, door: Door):
         self.x, self.door, self.started = x, door, False
@@ -3674,9 +3449,8 @@ class Metrics:
 
 
 class Warmup:
-    """At start-up, in the background: find the upstream, then (WARMUP) load each agent's model, so the first
-    chat does not pay a cold load. An upstream that cannot be reached is said at once, in one warning line with
-    both fixes, and then retried quietly (at boot the model server may start after piagent)."""
+    """At start-up: find the upstream (said once if unreachable, then retried quietly: at boot the model server may
+    start after piagent), then load each agent's model, so the first chat does not pay a cold load."""
 
     pause_s = 3.0
 
@@ -3686,9 +3460,8 @@ class Warmup:
         self._task = Background("warmup")
 
     def start(self, provider: Provider, models: list[str]) -> None:
-        """Begin in the background."""
+        """Begin in the background, so that /health answers at once however slow the model server is."""
         self.state = "warming"
-        # in the background, so that /health answers at once however slow the model server is
         self._task.start(self._run(provider, models))
 
     async def _run(self, provider: Provider, models: list[str]) -> None:
@@ -3732,8 +3505,7 @@ async def memory_check(rt: Runtime) -> dict[str, Any]:
 
 
 async def readiness(rt: Runtime) -> tuple[bool, dict[str, Any]]:
-    """(ready, body) for /ready: the upstream answers, every agent's model is there, warm-up is over, and no
-    generation holds the model without a sign of life from the upstream for longer than UPSTREAM_TIMEOUT_S."""
+    """(ready, body) for /ready: upstream, models, memory, MCP servers, warm-up, and no generation stalled."""
     checks: dict[str, dict[str, Any]] = {}
     config, provider = rt.config, rt.provider
     try:
@@ -3772,9 +3544,8 @@ LOG_RECORD_FIELDS = ("request_id", "client", "key", "agent", "model", "provider"
 
 
 class AcceptErrors:
-    """The event loop's exception handler: a failed accept() (out of file descriptors, say) is logged once a
-    minute with a count, not once per attempt with a traceback, which would fill a Pi's SD card; anything else
-    goes to asyncio's own handler."""
+    """The loop's exception handler: a failed accept() (out of fds) is logged once a minute, not once per attempt with
+    a traceback, which would fill a Pi's SD card; anything else goes to asyncio's own handler."""
 
     interval_s = 60.0
 
@@ -3792,12 +3563,8 @@ class AcceptErrors:
 
 
 class RequestLog:
-    """The outermost of piagent's middleware: one INFO record per request when its response (or stream) ends,
-    and the one place a bug becomes a 500 — logged once with its traceback, counted as 500, and the client's
-    connection kept (nothing is re-raised to the server).
-
-    The record carries `request` (a dict of LOG_RECORD_FIELDS and more) for TextLog and JsonLog to render.
-    """
+    """The outermost middleware: one INFO record per request (its `request` dict for TextLog and JsonLog) when its
+    response ends, and the one place a bug becomes a 500: logged once, and nothing re-raised to the server."""
 
     def __init__(self, app: Callable, metrics: Metrics):
         self.app, self.metrics = app, metrics
@@ -4040,9 +3807,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors()
-        )
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors())
         return error_response(request.scope, InvalidRequest(problems))
 
     @app.exception_handler(StarletteHTTPException)
@@ -4058,12 +3823,8 @@ def install_error_handlers(app: FastAPI) -> None:
 def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = None,
                tools: Mapping[str, Tool] | None = None, clock: Callable[[], float] | None = None,
                store: MemoryStore | None = None) -> FastAPI:
-    """Build a piagent app for `config`: its Runtime, routes and middleware. Nothing starts until its lifespan.
-
-    `transport` replaces httpx's network transport, `tools` the built-in TOOLS, `clock` the wall clock of memory
-    TTLs and rate limits, `store` the memory store MEMORY_BACKEND names (tests). Raises ConfigError if an agent
-    names a tool the toolbox does not have.
-    """
+    """Build a piagent app for `config` (nothing starts until its lifespan); tests may pass an httpx `transport`,
+    their own `tools`, a `clock` (memory TTLs, rate limits) and a `store`. ConfigError if an agent's tool is unknown."""
     clock = clock or time.time
     servers = tuple(McpServer(s, max_result_chars=config.mcp_max_result_chars) for s in config.mcp_servers)
     toolbox = Toolbox(TOOLS if tools is None else tools, servers)
@@ -4175,8 +3936,7 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
 
 
 def split_openai_messages(body: OpenAIChatRequest) -> Ask:
-    """An OpenAI request as an Ask: system messages, the history, the last user message, and what follows it
-    (the client's tool calls and their results, when it runs its own tools)."""
+    """An OpenAI request as an Ask: system messages, history, the last user message, the tool traffic after it."""
     messages = body.messages
     last = max((i for i, m in enumerate(messages) if m.role == "user"), default=-1)
     tail = messages[last + 1:]
@@ -4195,8 +3955,7 @@ def split_openai_messages(body: OpenAIChatRequest) -> Ask:
 
 def history_exchange(rt: Runtime, agent: Agent, ask: Ask, sampling: Sampling, stream: bool,
                      request: Request) -> Exchange:
-    """The exchange of a door whose client sends the whole history (/v1, Ollama's API): piagent's memory only
-    with X-Conversation-Id, and then not with the client's own tools."""
+    """The exchange of a door whose client sends the history (/v1, /api); memory only with X-Conversation-Id."""
     config = rt.config
     for m in [*ask.system, *ask.history, {"content": ask.message}, *ask.tail]:
         check_length(config, m.get("content") or "")
@@ -4331,11 +4090,7 @@ def ollama_agent(config: Config, model: str) -> Agent:
 
 
 def ollama_sampling(config: Config, body: OllamaAsk) -> Sampling:
-    """The client's options within piagent's limits: num_predict at most MAX_TOKENS, its own temperature, and
-    everything else (num_ctx, top_p, ..., keep_alive, format, think) for the provider (see Sampling.extra).
-
-    Example: options {"num_predict": 999, "top_k": 5}, MAX_TOKENS=200 -> Sampling(200, TEMPERATURE, {...})
-    """
+    """The client's options: num_predict at most MAX_TOKENS, its temperature, the rest for the provider (`extra`)."""
     options = dict(body.options or {})
     asked, heat = options.get("num_predict"), options.get("temperature")
     number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
@@ -4345,8 +4100,7 @@ def ollama_sampling(config: Config, body: OllamaAsk) -> Sampling:
 
 
 def ollama_as_openai(messages: list[OllamaMessage]) -> list[OpenAIMessage]:
-    """Ollama chat messages as /v1's: a call without an id gets one, and a tool result without one the id of the
-    call it answers (the first open one with its tool_name, else the first open one)."""
+    """Ollama chat messages as /v1's: a call without an id gets one, a result without one the first open call's."""
     out, open_calls = [], []  # open_calls: (id, name) of calls not answered yet
     for m in messages:
         if m.images:
@@ -4370,22 +4124,19 @@ def ollama_as_openai(messages: list[OllamaMessage]) -> list[OpenAIMessage]:
 
 
 def ollama_generation(rt: Runtime, agent: Agent, body: OllamaAsk, ask: Ask, request: Request) -> Generation:
-    """The exchange of an Ollama chat or generate request, through the Ollama door; memory only with
-    X-Conversation-Id (as on /v1: the client sends the whole history otherwise)."""
+    """The exchange of an Ollama chat or generate request, through the Ollama door."""
     x = history_exchange(rt, agent, ask, ollama_sampling(rt.config, body), body.stream, request)
     return Generation(x, OllamaDoor(body.model, isinstance(body, OllamaChatRequest)))
 
 
 def ollama_loaded(body: OllamaAsk, chat: bool) -> JSONResponse:
-    """Ollama's answer to a request with nothing to say (a model load or unload): done at once. The model is the
-    operator's to load and unload (WARMUP, OLLAMA_KEEP_ALIVE), so nothing goes upstream."""
+    """Done at once, for a model load or unload: that is the operator's (WARMUP, OLLAMA_KEEP_ALIVE), not a client's."""
     reason = "unload" if body.keep_alive in (0, "0", "0s", "0m") else "load"
     return JSONResponse(OllamaDoor(body.model, chat).reply("", done=True, done_reason=reason))
 
 
 def ollama_model(agent: Agent, upstream: Mapping[str, Any], modified_at: str) -> dict[str, Any]:
-    """An agent as an entry of /api/tags, named <agent>:latest: size and details are its model's when the
-    upstream told them (`upstream`: its entry), sane values otherwise; the digest is the agent's own."""
+    """An agent as an /api/tags entry: its model's size and details when the upstream told them; its own digest."""
     told = upstream.get("details") if isinstance(upstream.get("details"), dict) else {}
     details = {**OLLAMA_DETAILS, **{k: v for k, v in told.items() if k in OLLAMA_DETAILS}}
     size = upstream.get("size") if isinstance(upstream.get("size"), int) else 0
@@ -4404,8 +4155,7 @@ def upstream_models(listed: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def embed_fields(config: Config, body: OllamaEmbedRequest) -> dict[str, Any]:
-    """The client's own /api/embed fields for Ollama (truncate, dimensions, keep_alive, options), num_ctx at most
-    CTX_TOKENS."""
+    """The client's own /api/embed fields for Ollama (truncate, dimensions, ...), num_ctx at most CTX_TOKENS."""
     fields = body.model_dump(include={"truncate", "dimensions", "keep_alive", "options"}, exclude_none=True)
     asked = fields.get("options", {}).get("num_ctx")
     if isinstance(asked, int):
@@ -4426,8 +4176,7 @@ async def refuse_model_management(request: Request) -> Response:
 
 
 def add_ollama_routes(app: FastAPI, rt: Runtime) -> None:
-    """Attach Ollama's API (/api/...): chat, generate, embed, the model lists (the agents are the models), and
-    refusals of model management. Out of /openapi.json: Ollama documents its own API."""
+    """Attach Ollama's API (/api/...), its agents as models; out of /openapi.json: Ollama documents its own API."""
     config, hidden = rt.config, {"include_in_schema": False}
     add_ollama_model_routes(app, rt)
 
@@ -4524,10 +4273,7 @@ def add_ollama_model_routes(app: FastAPI, rt: Runtime) -> None:
 
 
 def iso_time(epoch_s: float) -> str:
-    """UTC ISO 8601, cut (not rounded) to the microsecond, so a page cursor never lands after its own row.
-
-    Example: 0.5 -> "1970-01-01T00:00:00.500000+00:00"
-    """
+    """UTC ISO 8601, cut (not rounded) to the microsecond, so a page cursor never lands after its own row."""
     seconds, micros = divmod(math.floor(epoch_s * 1_000_000), 1_000_000)
     return datetime.fromtimestamp(seconds, timezone.utc).replace(microsecond=micros).isoformat(timespec="microseconds")
 
@@ -4930,12 +4676,7 @@ def add_page_route(app: FastAPI, config: Config) -> None:
 
 
 def load_config(environ: Mapping[str, str], env_file: Path | None = None) -> Config:
-    """Config from the real environment over the env file over the defaults; a ConfigError names what is wrong.
-
-    PROVIDER and MEMORY_BACKEND choose among PROVIDERS and MEMORY_STORES; the provider's class names its agents'
-    model variables and whether models warm up by default. Old names still work: OLLAMA_TIMEOUT_S and
-    OLLAMA_CONNECT_TIMEOUT_S for UPSTREAM_TIMEOUT_S and UPSTREAM_CONNECT_TIMEOUT_S.
-    """
+    """Config from the real environment over the env file over the defaults; a ConfigError names what is wrong."""
     file_values = read_env_file(env_file) if env_file is not None else {}
     s = _Settings({**file_values, **environ})
     d = Config()
@@ -5009,8 +4750,6 @@ def load_config(environ: Mapping[str, str], env_file: Path | None = None) -> Con
     )
 
 
-
-
 def _redis_url(settings: _Settings) -> str:
     url = settings.text("REDIS_URL", Config.redis_url) or Config.redis_url
     if not re.match(r"^(redis|rediss|unix)://", url):
@@ -5038,10 +4777,7 @@ def _read_mcp_server(s: _Settings, name: str) -> McpServerConfig:
 
 def _read_agents(settings: _Settings, prefix: str, default_model: str, tools_ok: bool,
                  servers: tuple[McpServerConfig, ...] = ()) -> tuple[Agent, ...]:
-    """AGENTS=a,b plus <prefix><NAME> (the model), AGENT_<NAME>_SYSTEM and AGENT_<NAME>_TOOLS for each.
-
-    An agent without its own model uses <prefix>GENERAL, then `default_model`.
-    """
+    """AGENTS=a,b and for each <prefix><NAME> (the model, else <prefix>GENERAL's), AGENT_<NAME>_SYSTEM and _TOOLS."""
     names = [n.strip().lower() for n in (settings.text("AGENTS", "general") or "general").split(",")]
     if not all(AGENT_NAME_PATTERN.match(n) for n in names) or len(set(names)) != len(names):
         raise settings.fail("AGENTS", "distinct comma-separated names of lowercase letters, digits and _")
@@ -5275,9 +5011,8 @@ def uvicorn_options(config: Config) -> dict[str, Any]:
 
 
 def guarded_http(config: Config) -> type:
-    """uvicorn's HTTP/1.1 protocol with piagent's connection limits: beyond MAX_CONNECTIONS a connection is
-    answered 503 at once and closed, and one that has not sent a whole request head HEADER_TIMEOUT_S after it
-    opened (or after its last response) is closed, so idle and half-open connections cannot pile up."""
+    """uvicorn's HTTP/1.1 protocol, closing connections beyond MAX_CONNECTIONS (with a 503) and those that send no
+    whole request head within HEADER_TIMEOUT_S of opening or of their last response, so idle ones cannot pile up."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     body = json.dumps(error_body("/", 503, "too_many_connections", "piagent has MAX_CONNECTIONS connections open; "
@@ -5324,8 +5059,7 @@ def guarded_http(config: Config) -> type:
 
 
 def raise_fd_limit() -> None:
-    """Raise this process's soft limit of open files to its hard limit (systemd's default soft limit is 1,024:
-    a few hundred idle clients would stop piagent from accepting any more)."""
+    """Raise the soft limit of open files to the hard one (systemd's default, 1,024, would stop piagent accepting)."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -5341,8 +5075,7 @@ def configure_logging(config: Config, stream: Any) -> None:
     handler.setFormatter(JsonLog() if use_json else TextLog())
     logging.basicConfig(level=config.log_level.upper(), handlers=[handler], force=True)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # piagent's own request record says it all
-    # a stream piagent cut on purpose (the upstream failed mid-reply) ends without its closing chunk; piagent logs
-    # that itself, once, so the server's complaint about it is noise
+    # a stream piagent cut on purpose (the upstream failed mid-reply) has no closing chunk; piagent logs that itself
     logging.getLogger("uvicorn.error").addFilter(
         lambda record: "returned without completing response" not in record.getMessage())
 
