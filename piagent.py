@@ -545,7 +545,8 @@ class SQLiteStore(CappedStore):
         try:
             return await asyncio.get_running_loop().run_in_executor(self._thread, work, *args)
         except sqlite3.Error as exc:
-            raise MemoryUnavailable(sqlite_problem(exc, self.path), {"Retry-After": str(DEFAULT_RETRY_AFTER_S)}) from None
+            retry = {"Retry-After": str(DEFAULT_RETRY_AFTER_S)}
+            raise MemoryUnavailable(sqlite_problem(exc, self.path), retry) from None
 
     async def open(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._thread, self._connect)
@@ -859,12 +860,16 @@ OLLAMA_PASSED_FIELDS = ("keep_alive", "format", "think")
 OPENAI_SAME_OPTIONS = ("top_p", "seed", "stop", "presence_penalty", "frequency_penalty")
 
 
+def context_tokens(config: Config, asked: Any) -> int:
+    """A client's num_ctx if it is a whole number from 1 to CTX_TOKENS, else CTX_TOKENS (never raised past it)."""
+    fits = isinstance(asked, int) and not isinstance(asked, bool) and 0 < asked < config.ctx_tokens
+    return asked if fits else config.ctx_tokens
+
+
 def ollama_options(config: Config, sampling: Sampling) -> dict[str, Any]:
     """Ollama's `options`: the client's own, with the sampling's num_predict and temperature, num_ctx <= CTX_TOKENS."""
     options = dict(sampling.extra.get("options") or {})
-    asked = options.get("num_ctx")
-    fits = isinstance(asked, int) and not isinstance(asked, bool) and 0 < asked < config.ctx_tokens
-    return {**options, "num_ctx": asked if fits else config.ctx_tokens, "num_predict": sampling.max_tokens,
+    return {**options, "num_ctx": context_tokens(config, options.get("num_ctx")), "num_predict": sampling.max_tokens,
             "temperature": sampling.temperature}
 
 
@@ -1435,7 +1440,8 @@ class OpenAIProvider(HTTPProvider):
         if not isinstance(chunk, dict) or chunk.get("error"):
             raise UpstreamError(f"{self.label}: {upstream_error_text(event[1].encode(), 200)}")
         delta = typed(self._choice(chunk, usage).get("delta"), dict, "choices[0].delta", self.label) or {}
-        reply.setdefault("parts", ToolCallParts()).feed(typed(delta.get("tool_calls"), list, "choices[0].delta.tool_calls", self.label))
+        calls = typed(delta.get("tool_calls"), list, "choices[0].delta.tool_calls", self.label)
+        reply.setdefault("parts", ToolCallParts()).feed(calls)
         return typed(delta.get("content"), str, "choices[0].delta.content", self.label) or ""
 
     def end(self, reply: dict[str, Any], usage: Usage) -> None:
@@ -1624,7 +1630,8 @@ def argument_problem(schema: dict[str, Any], arguments: Any) -> str | None:
             continue
         kind = JSON_TYPES.get(rule["type"], object) if isinstance(rule.get("type"), str) else object
         if not isinstance(value, kind) or (kind is not object and rule["type"] != "boolean" and type(value) is bool):
-            return f"{name!r} must be a {rule['type']}"
+            article = "an" if rule["type"][:1] in ("a", "e", "i", "o", "u") else "a"
+            return f"{name!r} must be {article} {rule['type']}"
         limit = rule.get("maxLength")
         if isinstance(value, str) and isinstance(limit, int) and len(value) > limit:
             return f"{name!r} is longer than {limit} characters"
@@ -1842,7 +1849,8 @@ def _block_text(block: Mapping[str, Any]) -> str:
         return f"[{str(block.get('mimeType', kind))[:80]}, {shown}, not shown]"
     if kind in ("resource", "resource_link"):
         resource = block.get("resource") if isinstance(block.get("resource"), dict) else block
-        return f"[resource {str(resource.get('uri', '?'))[:200]}, {str(resource.get('mimeType', 'unknown type'))[:80]}, not shown]"
+        uri, kind = str(resource.get("uri", "?"))[:200], str(resource.get("mimeType", "unknown type"))[:80]
+        return f"[resource {uri}, {kind}, not shown]"
     return f"[{kind} content, not shown]"
 
 
@@ -1950,7 +1958,8 @@ class StdioTransport:
         finally:
             code = self.process.returncode
             self.closed = (f"the server exited with code {code}" if code is not None and code >= 0 else
-                           f"the server was killed by signal {-code}" if code is not None else "the server closed stdout")
+                           f"the server was killed by signal {-code}" if code is not None else
+                           "the server closed stdout")
             for future in self.pending.values():
                 if not future.done():
                     future.set_exception(ConnectionError(self.closed))
@@ -2038,7 +2047,8 @@ class HttpTransport:
         """POST a request; its answer is the JSON body or the first answer on the SSE stream, tied to this POST."""
         sent_session = self.session_id
         try:
-            async with self.client.stream("POST", self.config.url, json=message, headers=self._headers(message)) as reply:
+            request = self.client.stream("POST", self.config.url, json=message, headers=self._headers(message))
+            async with request as reply:
                 if reply.status_code == 404 and sent_session:
                     self.session_id = self.version = None
                     raise McpSessionLost(f"{self.config.url} forgot the session")
@@ -2254,8 +2264,9 @@ class McpServer:
                                                     "capabilities": {}, "clientInfo": MCP_CLIENT_INFO})
         version = result.get("protocolVersion")
         if version not in MCP_HANDSHAKE_VERSIONS:
+            ours = f"{MCP_MODERN_VERSION} and {', '.join(MCP_HANDSHAKE_VERSIONS)}"
             raise McpError("initialize", {"message": f"it speaks protocol version {str(version)[:40]!r}; piagent "
-                                                     f"speaks {MCP_MODERN_VERSION} and {', '.join(MCP_HANDSHAKE_VERSIONS)}"})
+                                                     f"speaks {ours}"})
         self._era = self._transport.version = version
         await self._transport.notify({"jsonrpc": "2.0", "method": "notifications/initialized"})
         return result.get("capabilities") or {}
@@ -2270,8 +2281,10 @@ class McpServer:
                     continue
                 schema = tool.get("inputSchema") if isinstance(tool.get("inputSchema"), dict) else {"type": "object"}
                 needs_task = (tool.get("execution") or {}).get("taskSupport") == "required"
-                if needs_task or (self.config.url and self._era == MCP_MODERN_VERSION and "x-mcp-header" in json.dumps(schema)):
-                    log.warning("MCP server %s: tool %r left out: piagent cannot call it", self.config.name, tool["name"])
+                mirrored = self.config.url and self._era == MCP_MODERN_VERSION and "x-mcp-header" in json.dumps(schema)
+                if needs_task or mirrored:
+                    log.warning("MCP server %s: tool %r left out: piagent cannot call it", self.config.name,
+                                tool["name"])
                     continue
                 tools[tool["name"]] = self._tool(tool["name"], str(tool.get("description") or ""), schema)
             cursor = page.get("nextCursor")
@@ -2544,7 +2557,8 @@ class Gate:
     def enter(self, conversation: str | None, slot: bool = True) -> Ticket:
         """A ticket, granted at once if it may go now, else queued. Raises QueueFull or ShuttingDown."""
         if self.closed:
-            raise ShuttingDown("piagent is shutting down; retry in a few seconds", {"Retry-After": "5"})
+            raise ShuttingDown("piagent is shutting down; retry in a few seconds",
+                               {"Retry-After": str(DEFAULT_RETRY_AFTER_S)})
         ticket = Ticket(conversation, slot, asyncio.get_running_loop().create_future())
         if self._may_go(ticket):
             self._grant(ticket)
@@ -2616,7 +2630,8 @@ class Drain:
     def begin(self, gate: Gate) -> None:
         """Called on the event loop when the server is told to stop."""
         gate.closed = True
-        asyncio.get_running_loop().call_later(self.grace_s, lambda: self.expired.done() or self.expired.set_result(None))
+        expire = lambda: self.expired.done() or self.expired.set_result(None)  # noqa: E731
+        asyncio.get_running_loop().call_later(self.grace_s, expire)
 
 
 #: OpenAI error "type" by HTTP status, for the /v1 front door.
@@ -2747,7 +2762,7 @@ class Guards:
 def startup_warnings(config: Config) -> list[str]:
     """What an operator must hear at start-up. Example: HOST=0.0.0.0 with no API_KEYS -> one loud warning."""
     warnings = []
-    if config.host not in ("127.0.0.1", "localhost", "::1") and not config.api_keys:
+    if config.host not in LOOPBACK_NAMES and not config.api_keys:
         warnings.append(f"!!! piagent listens on {config.host} with NO API_KEYS: anyone who can reach this "
                         f"machine can use the model. Set API_KEYS (see README, 'Safe on the LAN'). !!!")
     return warnings
@@ -2819,7 +2834,8 @@ class Exchange:
 
     def __init__(self, rt: Runtime, agent: Agent, ask: Ask, sampling: Sampling, conversation_id: str | None,
                  stream: bool, fields: dict[str, Any]):
-        self.rt, self.agent, self.ask, self.sampling, self.stream, self.fields = rt, agent, ask, sampling, stream, fields
+        self.rt, self.agent, self.ask, self.sampling = rt, agent, ask, sampling
+        self.stream, self.fields = stream, fields
         self.conversation_id = conversation_id or ""
         self.remember = bool(conversation_id) and ask.history is None and rt.store is not None
         self.owner = fields.get("key")  # with API keys, the key's id: it owns the conversations it makes
@@ -3024,7 +3040,8 @@ class Relay:
             if self.gone.done():
                 raise ClientGone()
             if self.expired.done():
-                raise ShuttingDown("piagent is shutting down; retry in a few seconds", {"Retry-After": "5"})
+                raise ShuttingDown("piagent is shutting down; retry in a few seconds",
+                                   {"Retry-After": str(DEFAULT_RETRY_AFTER_S)})
             if woken_by is PING and not self.buffer and not self.producer.done():
                 return PING
         if self.room is not None and not self.room.done():
@@ -3433,9 +3450,11 @@ class Metrics:
         if mcp:
             family("piagent_mcp_calls_total", "counter", "Calls of MCP tools, by server.",
                    [f'piagent_mcp_calls_total{{server="{_label(n)}"}} {c}' for n, (c, _) in sorted(mcp.items())])
-            family("piagent_mcp_failures_total", "counter", "MCP calls that failed (the model read an error), by server.",
+            family("piagent_mcp_failures_total", "counter",
+                   "MCP calls that failed (the model read an error), by server.",
                    [f'piagent_mcp_failures_total{{server="{_label(n)}"}} {f}' for n, (_, f) in sorted(mcp.items())])
-        family("piagent_queue_depth", "gauge", "Requests waiting for a generation slot.", [f"piagent_queue_depth {queued}"])
+        family("piagent_queue_depth", "gauge", "Requests waiting for a generation slot.",
+               [f"piagent_queue_depth {queued}"])
         family("piagent_generations_active", "gauge", "Generations holding a slot.",
                [f"piagent_generations_active {generating}"])
         family("piagent_active_streams", "gauge", "Streamed responses in progress.",
@@ -3618,7 +3637,8 @@ class TextLog(logging.Formatter):
         if request is not None:
             pairs = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) and re.search(UNSAFE_IN_LOG, v) else v}"
                              for k, v in request.items() if k in LOG_RECORD_FIELDS)
-            record.message = f"{request['method']} {request['path']} {request['status']} {request['duration_ms']}ms {pairs}"
+            head = f"{request['method']} {request['path']} {request['status']} {request['duration_ms']}ms"
+            record.message = f"{head} {pairs}"
         return super().formatMessage(record)
 
 
@@ -4157,9 +4177,8 @@ def upstream_models(listed: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 def embed_fields(config: Config, body: OllamaEmbedRequest) -> dict[str, Any]:
     """The client's own /api/embed fields for Ollama (truncate, dimensions, ...), num_ctx at most CTX_TOKENS."""
     fields = body.model_dump(include={"truncate", "dimensions", "keep_alive", "options"}, exclude_none=True)
-    asked = fields.get("options", {}).get("num_ctx")
-    if isinstance(asked, int):
-        fields["options"]["num_ctx"] = min(asked, config.ctx_tokens)
+    if "num_ctx" in fields.get("options", {}):
+        fields["options"]["num_ctx"] = context_tokens(config, fields["options"]["num_ctx"])
     return fields
 
 
@@ -4692,7 +4711,8 @@ def load_config(environ: Mapping[str, str], env_file: Path | None = None) -> Con
     if keep_alive is not None and not KEEP_ALIVE_PATTERN.match(keep_alive):
         raise s.fail("OLLAMA_KEEP_ALIVE", "seconds or a duration such as 30m, 1h, -1 (forever)")
     servers = tuple(_read_mcp_server(s, name) for name in s.items(
-        "MCP_SERVERS", MCP_SERVER_NAME_PATTERN, "comma-separated names of lowercase letters, digits and _ (at most 32)"))
+        "MCP_SERVERS", MCP_SERVER_NAME_PATTERN,
+        "comma-separated names of lowercase letters, digits and _ (at most 32)"))
     if len({server.name for server in servers}) != len(servers):
         raise s.fail("MCP_SERVERS", "distinct names")
     return Config(
@@ -4704,7 +4724,8 @@ def load_config(environ: Mapping[str, str], env_file: Path | None = None) -> Con
         ollama_keep_alive=keep_alive,
         upstream_connect_timeout_s=s.number(s.named("UPSTREAM_CONNECT_TIMEOUT_S", "OLLAMA_CONNECT_TIMEOUT_S"),
                                             d.upstream_connect_timeout_s, 0.1, 600),
-        upstream_timeout_s=s.number(s.named("UPSTREAM_TIMEOUT_S", "OLLAMA_TIMEOUT_S"), d.upstream_timeout_s, 0.1, 86400),
+        upstream_timeout_s=s.number(s.named("UPSTREAM_TIMEOUT_S", "OLLAMA_TIMEOUT_S"), d.upstream_timeout_s, 0.1,
+                                    86400),
         write_timeout_s=s.number("WRITE_TIMEOUT_S", d.write_timeout_s, 0.1, 3600),
         max_connections=s.integer("MAX_CONNECTIONS", d.max_connections, 1, 100_000),
         header_timeout_s=s.number("HEADER_TIMEOUT_S", d.header_timeout_s, 0.1, 3600),
@@ -4819,7 +4840,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         config = load_config({**environ, **overrides}, env_file)
         Toolbox(TOOLS).check(config)
     except ConfigError as exc:  # --check reports it as a failed check (exit 1); start-up stops with exit 2
-        print(f"✗ settings: {exc}" if args.check else f"piagent: {exc}", file=sys.stdout if args.check else sys.stderr)
+        print(f"✗ settings: {exc}" if args.check else f"piagent: {exc}",
+              file=sys.stdout if args.check else sys.stderr)
         return 1 if args.check else 2
     if args.check:
         print_settings(config, env_file)
@@ -4835,7 +4857,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     configure_logging(config, sys.stderr)
     raise_fd_limit()
     log.info("piagent on http://%s:%d -> %s %s, agents: %s, memory: %s", config.host, config.port,
-             config.provider, getattr(config, PROVIDERS[config.provider].url_field), ", ".join(f"{a.name}={a.model}" for a in config.agents),
+             config.provider, getattr(config, PROVIDERS[config.provider].url_field),
+             ", ".join(f"{a.name}={a.model}" for a in config.agents),
              _memory_description(config))
     for warning in startup_warnings(config):
         log.warning(warning)
@@ -4866,7 +4889,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
 
 async def unreachable(config: Config) -> str | None:
     """Why the upstream cannot be reached (with both fixes), or None when it answers (whatever it says)."""
-    async with httpx.AsyncClient(timeout=httpx.Timeout(PROBE_TIMEOUT_S, connect=config.upstream_connect_timeout_s)) as c:
+    timeout = httpx.Timeout(PROBE_TIMEOUT_S, connect=config.upstream_connect_timeout_s)
+    async with httpx.AsyncClient(timeout=timeout) as c:
         try:
             await PROVIDERS[config.provider](c, config).probe()
         except UpstreamUnavailable as exc:

@@ -229,6 +229,14 @@ def test_embed_uses_the_agents_model_or_embed_model(serve, upstream):
     assert legacy == {"embedding": VECTOR} and received(upstream, "/api/embed")[-1]["model"] == "nomic-embed-text"
 
 
+@pytest.mark.parametrize("asked, sent", [(1024, 1024), (8192, 2048), (True, 2048), (-1, 2048), ("big", 2048)])
+def test_embed_keeps_num_ctx_within_ctx_tokens_as_chat_does(serve, upstream, asked, sent):
+    response = httpx.post(f"{serve().url}/api/embed", json={"model": "general", "input": "a",
+                                                             "options": {"num_ctx": asked}})
+    assert response.status_code == 200
+    assert received(upstream, "/api/embed")[-1]["options"] == {"num_ctx": sent}
+
+
 def test_embed_with_an_openai_upstream_uses_v1_embeddings(serve_openai, upstream):
     assert client(serve_openai()).embed("general", "a").embeddings == [VECTOR]
     assert received(upstream, "/v1/embeddings") == [{"model": MODEL, "input": ["a"]}]

@@ -1721,6 +1721,13 @@ def test_a_call_piagent_will_not_run_is_answered_with_an_error_for_the_model(nam
     assert event.as_message() == {"role": "tool", "tool_call_id": "call_1", "content": f"error: {event.error}"}
 
 
+@pytest.mark.parametrize("kind, value, says", [("integer", "7", "an integer"), ("object", 1, "an object"),
+                                               ("array", {}, "an array"), ("number", "1", "a number")])
+def test_a_wrong_argument_type_is_named_with_its_article(kind, value, says):
+    schema = {"type": "object", "properties": {"x": {"type": kind}}}
+    assert piagent.argument_problem(schema, {"x": value}) == f"'x' must be {says}"
+
+
 def test_agent_tools_come_from_agent_name_tools_and_default_to_none():
     config = load_config({"AGENTS": "general,maths", "AGENT_MATHS_TOOLS": "calc, now,calc"})
     assert config.agent("general").tools == () and config.agent("maths").tools == ("calc", "now")
