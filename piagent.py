@@ -4824,8 +4824,6 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     import argparse
     import sys
 
-    import uvicorn
-
     parser = argparse.ArgumentParser(prog="piagent", description="A small agent server in front of Ollama.")
     parser.add_argument("--host", help="address to listen on (overrides HOST)")
     parser.add_argument("--port", help="port to listen on (overrides PORT)")
@@ -4866,13 +4864,21 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         missing = asyncio.run(unreachable(config))
         if missing is not None:
             log.warning("%s; piagent keeps trying on each request", missing)
+    serve(config, env_file)
+    return 0
+
+
+def serve(config: Config, env_file: Path | None) -> None:
+    """Run uvicorn until SIGTERM/SIGINT: this process with piagent's graceful drain, or WORKERS processes."""
+    import uvicorn
+
     if config.workers > 1:  # each worker process builds its own app from the same environment
         if env_file is not None:
             os.environ["PIAGENT_ENV_FILE"] = str(env_file)
         uvicorn.run("piagent:app_from_environment", factory=True, workers=config.workers,
                     app_dir=str(Path(__file__).resolve().parent), host=config.host, port=config.port,
                     **uvicorn_options(config))
-        return 0
+        return
     app = create_app(config)
 
     class Server(uvicorn.Server):
@@ -4884,7 +4890,6 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
             super().handle_exit(sig, frame)
 
     Server(uvicorn.Config(app, host=config.host, port=config.port, **uvicorn_options(config))).run()
-    return 0
 
 
 async def unreachable(config: Config) -> str | None:
