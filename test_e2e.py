@@ -37,6 +37,10 @@ LLM_START_S = 120.0  # loading a 100 MB model on a busy 2-core machine
 #: A full generation of this many tokens takes SmolLM2-135M on 2 cores well over 10 s (measured ~95 tokens/s).
 LONG_REPLY_TOKENS = 1900
 README_PORT = 8080  # where the README runs llama.cpp; the tests use a free port instead
+#: Under pytest-xdist (pytest.ini), one worker runs every test that needs llama.cpp, this file's and
+#: test_ollama_api.py's: its module-scoped servers start once, and only one generation at a time uses the CPU.
+LLAMA_CPP = pytest.mark.xdist_group("llama.cpp")
+pytestmark = LLAMA_CPP
 
 
 def missing(message: str) -> None:

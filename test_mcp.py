@@ -479,10 +479,16 @@ def need_filesystem() -> None:
     need(FILESYSTEM_SERVER.exists(), "@modelcontextprotocol/server-filesystem (cd mcp_servers && npm ci)")
 
 
+#: For a piagent whose /ready a test polls until its MCP servers are up: /ready counts against RATE_LIMIT_PER_MIN
+#: (30 a minute), and a poll every few ms spends that before a slow server has listed its tools.
+UNLIMITED = {"RATE_LIMIT_PER_MIN": "0"}
+
+
 @pytest.fixture(params=["ollama", "openai"])
 def serve_mcp(request, serve, serve_openai):
     """serve_mcp(**env) -> piagent in front of either provider, once its MCP servers have listed their tools."""
     def start(**env):
+        env = {**UNLIMITED, **env}
         server = serve(**env) if request.param == "ollama" else serve_openai(**env)
         names = [n for n in env.get("MCP_SERVERS", "").split(",") if n]
         wait_until(lambda: all(httpx.get(f"{server.url}/ready").json()["checks"][f"mcp:{n}"]["ok"] for n in names),
@@ -529,7 +535,7 @@ def test_a_call_outside_the_allowlist_or_refused_by_the_server_is_an_error_for_t
 def test_a_star_allows_every_tool_of_a_server_and_a_dead_server_only_fails_its_own_check(serve, fake):
     need(TIME_SERVER is not None, "mcp-server-time (pip install mcp-server-time)")
     server = serve(MCP_SERVERS="time,broken", MCP_TIME_COMMAND=TIME_SERVER, MCP_BROKEN_COMMAND="/nonexistent/mcp",
-                   AGENTS="general,clock", AGENT_CLOCK_TOOLS="time.*,broken.*")
+                   AGENTS="general,clock", AGENT_CLOCK_TOOLS="time.*,broken.*", **UNLIMITED)
     wait_until(lambda: httpx.get(f"{server.url}/ready").json()["checks"]["mcp:time"]["ok"], timeout=30)
     checks = httpx.get(f"{server.url}/ready").json()["checks"]
     assert not checks["mcp:broken"]["ok"] and "No such file" in checks["mcp:broken"]["detail"]
@@ -545,7 +551,7 @@ def test_a_client_leaving_during_a_slow_mcp_call_cancels_it_at_the_server(serve,
     need_sdk()
     fake.script = Script(tool_rounds=[[("sdk__slow", {"seconds": 30})]], echo_tools=True)
     server = serve(MCP_SERVERS="sdk", MCP_SDK_COMMAND=f"{PY} {SDK_SERVER} stdio --events {tmp_path / 'events'}",
-                   AGENT_GENERAL_TOOLS="sdk.slow")
+                   AGENT_GENERAL_TOOLS="sdk.slow", **UNLIMITED)
     wait_until(lambda: httpx.get(f"{server.url}/ready").json()["checks"]["mcp:sdk"]["ok"], timeout=30)
     sock = raw_post(server.port, "/chat", {"message": "hi", "stream": True})
     wait_until(lambda: "started slow" in events(tmp_path), what="the slow call to start")
@@ -577,7 +583,7 @@ def test_sigterm_of_piagent_leaves_no_mcp_server_behind(fake, tmp_path):
     port = free_port()
     env = {**os.environ, "OLLAMA_HOST": fake.url, "WARMUP": "false", "PORT": str(port), "PIAGENT_ENV_FILE": "",
            "MCP_SERVERS": "sdk,files", "MCP_SDK_COMMAND": f"{PY} {SDK_SERVER} stdio",
-           "MCP_FILES_COMMAND": f"{FILESYSTEM_SERVER} {tmp_path}", "AGENT_GENERAL_TOOLS": "sdk.*,files.*"}
+           "MCP_FILES_COMMAND": f"{FILESYSTEM_SERVER} {tmp_path}", "AGENT_GENERAL_TOOLS": "sdk.*,files.*", **UNLIMITED}
     proc = subprocess.Popen([PY, str(HERE / "piagent.py")], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:

@@ -388,6 +388,8 @@ def test_requests_are_counted_under_their_route(serve, fake):  # noqa: F811
 # End to end: the ollama library -> piagent -> llama.cpp with SmolLM2 (test_e2e.py's server)
 # ---------------------------------------------------------------------------
 
+LLAMA_CPP = pytest.mark.xdist_group("llama.cpp")  # test_e2e.py's group: on the worker that runs its tests
+
 
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
@@ -403,6 +405,7 @@ def real(llm):
     yield from serve_piagent(llm)
 
 
+@LLAMA_CPP
 def test_e2e_ollama_library_chats_through_piagent_with_a_real_model(real, llm):
     from test_e2e import prime
 
@@ -417,6 +420,7 @@ def test_e2e_ollama_library_chats_through_piagent_with_a_real_model(real, llm):
     assert c.generate("general", "Name a fruit.").response.strip()
 
 
+@LLAMA_CPP
 def test_e2e_client_leaving_mid_stream_frees_llama_cpp_at_once(llm):
     from test_e2e import assert_leaving_frees_the_llm_server
 

@@ -53,6 +53,8 @@ PHONE = {"width": 390, "height": 844}
 DESKTOP = {"width": 1280, "height": 800}
 PAGE_LIMIT = 16 * 1024  # the whole page, style and script included
 DOCS_SHOT = Path(__file__).resolve().parent / "docs" / "page.png"  # shown in the README; test_readme_screenshot
+#: Under pytest-xdist (pytest.ini), one worker runs this whole file: one chromium (the module-scoped browser).
+pytestmark = pytest.mark.xdist_group("chromium")
 
 
 @pytest.fixture
@@ -99,9 +101,11 @@ def assistant_texts(page) -> list[str]:
 
 
 def expect(locator):
-    """Playwright's auto-waiting assertions (they work under the page's strict CSP, unlike string evals)."""
+    """Playwright's auto-waiting assertions (they work under the page's strict CSP, unlike string evals), polling
+    up to DEADLINE_S like every other wait here (Playwright's own default is 5 s, short on a busy machine)."""
     from playwright.sync_api import expect as playwright_expect
 
+    playwright_expect.set_options(timeout=DEADLINE_S * 1000)
     return playwright_expect(locator)
 
 
@@ -125,7 +129,7 @@ def test_page_is_small_self_contained_and_locked_down(page_of):
     assert "default-src 'none'" in response.headers["content-security-policy"]
     assert "http://" not in response.text and "https://" not in response.text  # no CDN, fonts or scripts
     assert "innerHTML" not in response.text and "insertAdjacentHTML" not in response.text
-    assert page.locator("#agent option").all_text_contents() == ["general"]
+    expect(page.locator("#agent option")).to_have_text(["general"])  # filled from /agents after the page loads
     expect(page.locator("#log")).to_be_empty()  # the empty-state hint is CSS (#log:empty::before)
 
 

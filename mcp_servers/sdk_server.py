@@ -128,6 +128,7 @@ async def serve_http(server: MCPServer, legacy: bool, json_response: bool, token
     """Serve on a free 127.0.0.1 port, printing it first so the test knows where to connect."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
+    sock.listen()  # before the port is printed: a client that connects at once is queued, not refused
     app = server.streamable_http_app(json_response=json_response, host="127.0.0.1")
     app = legacy_only(app) if legacy else app
     config = uvicorn.Config(token_required(app, token) if token else app, log_level="warning", lifespan="on")
