@@ -4694,83 +4694,6 @@ def add_page_route(app: FastAPI, config: Config) -> None:
 # ---------------------------------------------------------------------------
 
 
-def load_config(environ: Mapping[str, str], env_file: Path | None = None) -> Config:
-    """Config from the real environment over the env file over the defaults; a ConfigError names what is wrong."""
-    file_values = read_env_file(env_file) if env_file is not None else {}
-    s = _Settings({**file_values, **environ})
-    d = Config()
-    provider = s.choice("PROVIDER", d.provider, tuple(PROVIDERS))
-    state_dir = s.text("STATE_DIRECTORY", None)  # set by systemd's StateDirectory=
-    backend = s.choice("MEMORY_BACKEND", "sqlite" if state_dir else d.memory_backend, tuple(MEMORY_STORES))
-    workers = s.integer("WORKERS", d.workers, 1, 64)
-    if workers > 1 and backend == "memory":
-        raise s.fail("WORKERS", "1 with MEMORY_BACKEND=memory (each worker would keep its own memory); "
-                                "use MEMORY_BACKEND=sqlite or redis for several workers")
-    ollama_api = s.choice("OLLAMA_API", d.ollama_api, OLLAMA_APIS)
-    keep_alive = s.text("OLLAMA_KEEP_ALIVE", None)
-    if keep_alive is not None and not KEEP_ALIVE_PATTERN.match(keep_alive):
-        raise s.fail("OLLAMA_KEEP_ALIVE", "seconds or a duration such as 30m, 1h, -1 (forever)")
-    servers = tuple(_read_mcp_server(s, name) for name in s.items(
-        "MCP_SERVERS", MCP_SERVER_NAME_PATTERN,
-        "comma-separated names of lowercase letters, digits and _ (at most 32)"))
-    if len({server.name for server in servers}) != len(servers):
-        raise s.fail("MCP_SERVERS", "distinct names")
-    return Config(
-        provider=provider,
-        openai_base_url=s.url("OPENAI_BASE_URL", d.openai_base_url),
-        openai_api_key=s.text("OPENAI_API_KEY", None),
-        ollama_host=s.url("OLLAMA_HOST", d.ollama_host),
-        ollama_api=ollama_api,
-        ollama_keep_alive=keep_alive,
-        upstream_connect_timeout_s=s.number(s.named("UPSTREAM_CONNECT_TIMEOUT_S", "OLLAMA_CONNECT_TIMEOUT_S"),
-                                            d.upstream_connect_timeout_s, 0.1, 600),
-        upstream_timeout_s=s.number(s.named("UPSTREAM_TIMEOUT_S", "OLLAMA_TIMEOUT_S"), d.upstream_timeout_s, 0.1,
-                                    86400),
-        write_timeout_s=s.number("WRITE_TIMEOUT_S", d.write_timeout_s, 0.1, 3600),
-        max_connections=s.integer("MAX_CONNECTIONS", d.max_connections, 1, 100_000),
-        header_timeout_s=s.number("HEADER_TIMEOUT_S", d.header_timeout_s, 0.1, 3600),
-        ctx_tokens=s.integer("CTX_TOKENS", d.ctx_tokens, 128, 1_048_576),
-        max_tokens=s.integer("MAX_TOKENS", d.max_tokens, 1, 1_048_576),
-        temperature=s.number("TEMPERATURE", d.temperature, 0.0, 2.0),
-        enable_memory=s.boolean("ENABLE_MEMORY", d.enable_memory),
-        memory_max_turns=s.integer("MEMORY_MAX_TURNS", d.memory_max_turns, 1, 1000),
-        memory_ttl_min=s.number("MEMORY_TTL_MIN", d.memory_ttl_min, 0.01, 525_600),
-        memory_max_conversations=s.integer("MEMORY_MAX_CONVERSATIONS", d.memory_max_conversations, 1, 1_000_000),
-        memory_backend=backend,
-        memory_path=s.text("MEMORY_PATH", str(Path(state_dir) / "piagent.db") if state_dir else d.memory_path),
-        redis_url=_redis_url(s),
-        workers=workers,
-        host=s.text("HOST", d.host) or d.host,
-        port=s.integer("PORT", d.port, 1, 65535),
-        log_level=s.choice("LOG_LEVEL", d.log_level, LOG_LEVELS),
-        sse_ping_s=s.number("SSE_PING_S", d.sse_ping_s, 0.01, 3600),
-        log_format=s.choice("LOG_FORMAT", d.log_format, LOG_FORMATS),
-        log_prompts=s.boolean("LOG_PROMPTS", d.log_prompts),
-        api_keys=s.items("API_KEYS", re.compile(r"^[\x21-\x2b\x2d-\x7e]{8,256}$"),
-                         "comma-separated keys of 8 to 256 printable characters, no spaces"),
-        rate_limit_per_min=s.integer("RATE_LIMIT_PER_MIN", d.rate_limit_per_min, 0, 100_000),
-        trust_proxy=s.boolean("TRUST_PROXY", d.trust_proxy),
-        max_body_bytes=s.integer("MAX_BODY_BYTES", d.max_body_bytes, 1024, 16_777_216),
-        max_message_chars=s.integer("MAX_MESSAGE_CHARS", d.max_message_chars, 1, 1_000_000),
-        cors_origins=s.items("CORS_ORIGINS", ORIGIN_PATTERN,
-                             "comma-separated origins such as http://pi.local:8000 (never *)"),
-        allowed_hosts=tuple(h.lower() for h in s.items("ALLOWED_HOSTS", re.compile(r"^[A-Za-z0-9.:-]{1,253}$"),
-                                                        "comma-separated host names such as pi.local")),
-        max_concurrent=s.integer("MAX_CONCURRENT", d.max_concurrent, 1, 1024),
-        max_queue=s.integer("MAX_QUEUE", d.max_queue, 0, 100_000),
-        shutdown_grace_s=s.number("SHUTDOWN_GRACE_S", d.shutdown_grace_s, 0, 3600),
-        enable_ui=s.boolean("ENABLE_UI", d.enable_ui),
-        metrics_public=s.boolean("METRICS_PUBLIC", d.metrics_public),
-        warmup=s.boolean("WARMUP", PROVIDERS[provider].warm_by_default),
-        max_tool_rounds=s.integer("MAX_TOOL_ROUNDS", d.max_tool_rounds, 0, 10),
-        embed_model=s.text("EMBED_MODEL", None),
-        agents=_read_agents(s, PROVIDERS[provider].model_prefix, d.agents[0].model,
-                            tools_ok=provider == "openai" or ollama_api == "chat", servers=servers),
-        mcp_servers=servers,
-        mcp_max_result_chars=s.integer("MCP_MAX_RESULT_CHARS", d.mcp_max_result_chars, 200, 1_000_000),
-    )
-
-
 def _redis_url(settings: _Settings) -> str:
     url = settings.text("REDIS_URL", Config.redis_url) or Config.redis_url
     if not re.match(r"^(redis|rediss|unix)://", url):
@@ -4817,6 +4740,95 @@ def _read_agents(settings: _Settings, prefix: str, default_model: str, tools_ok:
                                                         f"with MCP_{unknown[0].upper()}_COMMAND or _URL")
         agents.append(Agent(name, model, system, tuple(dict.fromkeys(tools))))
     return tuple(agents)
+
+
+def _read_memory(s: _Settings, d: Config) -> dict[str, Any]:
+    """The memory settings, and WORKERS (several workers need a memory they share)."""
+    state_dir = s.text("STATE_DIRECTORY", None)  # set by systemd's StateDirectory=
+    backend = s.choice("MEMORY_BACKEND", "sqlite" if state_dir else d.memory_backend, tuple(MEMORY_STORES))
+    workers = s.integer("WORKERS", d.workers, 1, 64)
+    if workers > 1 and backend == "memory":
+        raise s.fail("WORKERS", "1 with MEMORY_BACKEND=memory (each worker would keep its own memory); "
+                                "use MEMORY_BACKEND=sqlite or redis for several workers")
+    return dict(
+        enable_memory=s.boolean("ENABLE_MEMORY", d.enable_memory),
+        memory_max_turns=s.integer("MEMORY_MAX_TURNS", d.memory_max_turns, 1, 1000),
+        memory_ttl_min=s.number("MEMORY_TTL_MIN", d.memory_ttl_min, 0.01, 525_600),
+        memory_max_conversations=s.integer("MEMORY_MAX_CONVERSATIONS", d.memory_max_conversations, 1, 1_000_000),
+        memory_backend=backend,
+        memory_path=s.text("MEMORY_PATH", str(Path(state_dir) / "piagent.db") if state_dir else d.memory_path),
+        redis_url=_redis_url(s),
+        workers=workers,
+    )
+
+
+def _read_mcp_servers(s: _Settings) -> tuple[McpServerConfig, ...]:
+    servers = tuple(_read_mcp_server(s, name) for name in s.items(
+        "MCP_SERVERS", MCP_SERVER_NAME_PATTERN,
+        "comma-separated names of lowercase letters, digits and _ (at most 32)"))
+    if len({server.name for server in servers}) != len(servers):
+        raise s.fail("MCP_SERVERS", "distinct names")
+    return servers
+
+
+def load_config(environ: Mapping[str, str], env_file: Path | None = None) -> Config:
+    """Config from the real environment over the env file over the defaults; a ConfigError names what is wrong."""
+    file_values = read_env_file(env_file) if env_file is not None else {}
+    s = _Settings({**file_values, **environ})
+    d = Config()
+    provider = s.choice("PROVIDER", d.provider, tuple(PROVIDERS))
+    ollama_api = s.choice("OLLAMA_API", d.ollama_api, OLLAMA_APIS)
+    keep_alive = s.text("OLLAMA_KEEP_ALIVE", None)
+    if keep_alive is not None and not KEEP_ALIVE_PATTERN.match(keep_alive):
+        raise s.fail("OLLAMA_KEEP_ALIVE", "seconds or a duration such as 30m, 1h, -1 (forever)")
+    servers = _read_mcp_servers(s)
+    return Config(
+        provider=provider,
+        openai_base_url=s.url("OPENAI_BASE_URL", d.openai_base_url),
+        openai_api_key=s.text("OPENAI_API_KEY", None),
+        ollama_host=s.url("OLLAMA_HOST", d.ollama_host),
+        ollama_api=ollama_api,
+        ollama_keep_alive=keep_alive,
+        upstream_connect_timeout_s=s.number(s.named("UPSTREAM_CONNECT_TIMEOUT_S", "OLLAMA_CONNECT_TIMEOUT_S"),
+                                            d.upstream_connect_timeout_s, 0.1, 600),
+        upstream_timeout_s=s.number(s.named("UPSTREAM_TIMEOUT_S", "OLLAMA_TIMEOUT_S"), d.upstream_timeout_s, 0.1,
+                                    86400),
+        write_timeout_s=s.number("WRITE_TIMEOUT_S", d.write_timeout_s, 0.1, 3600),
+        max_connections=s.integer("MAX_CONNECTIONS", d.max_connections, 1, 100_000),
+        header_timeout_s=s.number("HEADER_TIMEOUT_S", d.header_timeout_s, 0.1, 3600),
+        ctx_tokens=s.integer("CTX_TOKENS", d.ctx_tokens, 128, 1_048_576),
+        max_tokens=s.integer("MAX_TOKENS", d.max_tokens, 1, 1_048_576),
+        temperature=s.number("TEMPERATURE", d.temperature, 0.0, 2.0),
+        **_read_memory(s, d),
+        host=s.text("HOST", d.host) or d.host,
+        port=s.integer("PORT", d.port, 1, 65535),
+        log_level=s.choice("LOG_LEVEL", d.log_level, LOG_LEVELS),
+        sse_ping_s=s.number("SSE_PING_S", d.sse_ping_s, 0.01, 3600),
+        log_format=s.choice("LOG_FORMAT", d.log_format, LOG_FORMATS),
+        log_prompts=s.boolean("LOG_PROMPTS", d.log_prompts),
+        api_keys=s.items("API_KEYS", re.compile(r"^[\x21-\x2b\x2d-\x7e]{8,256}$"),
+                         "comma-separated keys of 8 to 256 printable characters, no spaces"),
+        rate_limit_per_min=s.integer("RATE_LIMIT_PER_MIN", d.rate_limit_per_min, 0, 100_000),
+        trust_proxy=s.boolean("TRUST_PROXY", d.trust_proxy),
+        max_body_bytes=s.integer("MAX_BODY_BYTES", d.max_body_bytes, 1024, 16_777_216),
+        max_message_chars=s.integer("MAX_MESSAGE_CHARS", d.max_message_chars, 1, 1_000_000),
+        cors_origins=s.items("CORS_ORIGINS", ORIGIN_PATTERN,
+                             "comma-separated origins such as http://pi.local:8000 (never *)"),
+        allowed_hosts=tuple(h.lower() for h in s.items("ALLOWED_HOSTS", re.compile(r"^[A-Za-z0-9.:-]{1,253}$"),
+                                                        "comma-separated host names such as pi.local")),
+        max_concurrent=s.integer("MAX_CONCURRENT", d.max_concurrent, 1, 1024),
+        max_queue=s.integer("MAX_QUEUE", d.max_queue, 0, 100_000),
+        shutdown_grace_s=s.number("SHUTDOWN_GRACE_S", d.shutdown_grace_s, 0, 3600),
+        enable_ui=s.boolean("ENABLE_UI", d.enable_ui),
+        metrics_public=s.boolean("METRICS_PUBLIC", d.metrics_public),
+        warmup=s.boolean("WARMUP", PROVIDERS[provider].warm_by_default),
+        max_tool_rounds=s.integer("MAX_TOOL_ROUNDS", d.max_tool_rounds, 0, 10),
+        embed_model=s.text("EMBED_MODEL", None),
+        agents=_read_agents(s, PROVIDERS[provider].model_prefix, d.agents[0].model,
+                            tools_ok=provider == "openai" or ollama_api == "chat", servers=servers),
+        mcp_servers=servers,
+        mcp_max_result_chars=s.integer("MCP_MAX_RESULT_CHARS", d.mcp_max_result_chars, 200, 1_000_000),
+    )
 
 
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:

@@ -526,11 +526,11 @@ def test_store_caps_hold_under_churn_keeping_the_most_recent(memory_env, backend
     clock = Clock()
 
     async def scenario(store):
-        for i in range(10_000):
+        for i in range(2_500):
             clock.now += 0.001
             await store.append(f"c{i}", "general", "u", "a")
         page, before = [], None
-        for _ in range(10):  # bounded: 500 conversations at most, 100 a page
+        for _ in range(10):  # bounded: 250 conversations at most, 100 a page
             rows = await store.recent(100, before)
             page += rows
             if len(rows) < 100:
@@ -538,8 +538,8 @@ def test_store_caps_hold_under_churn_keeping_the_most_recent(memory_env, backend
             before = rows[-1][2]
         return page
 
-    kept = [cid for cid, _, _ in with_store(memory_env(backend), clock, scenario, MEMORY_MAX_CONVERSATIONS=500)]
-    assert kept == [f"c{i}" for i in range(9999, 9499, -1)]  # exactly the 500 most recent, newest first
+    kept = [cid for cid, _, _ in with_store(memory_env(backend), clock, scenario, MEMORY_MAX_CONVERSATIONS=250)]
+    assert kept == [f"c{i}" for i in range(2499, 2249, -1)]  # exactly the 250 most recent, newest first
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
