@@ -9,6 +9,7 @@ records what it received and when a client hung up. Nothing here mocks piagent's
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import importlib
 import importlib.util
@@ -367,6 +368,54 @@ def test_import_defines_things_and_does_nothing_else():
     code = "import threading, piagent; print(threading.active_count(), hasattr(piagent, 'app'))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE, timeout=20)
     assert result.returncode == 0 and result.stdout == "1 False\n" and result.stderr == ""
+
+
+#: style.md's sections, in order; and the forward references piagent.py declares (each commented where it is)
+SECTIONS = ("Config", "Memory", "Prompt", "Providers", "Tools", "Guards", "Streaming", "Operations", "API", "Page",
+            "Entry")
+DECLARED_FORWARD = {("Runtime", "Metrics"), ("Runtime", "Warmup"), ("create_app", "add_page_route")}
+
+
+def module_names(tree: ast.Module) -> dict[str, int]:
+    """Each name defined at piagent.py's top level, with its line."""
+    names: dict[str, int] = {}
+    for node in tree.body:
+        targets = ([node.name] if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) else
+                   [t.id for t in getattr(node, "targets", [getattr(node, "target", None)]) if isinstance(t, ast.Name)])
+        for name in targets:
+            names.setdefault(name, node.lineno)
+    return names
+
+
+def uses(node: ast.AST) -> set[str]:
+    """The names `node` reads that are not its own (arguments, assignments, nested definitions)."""
+    own = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    own |= {a.arg for n in ast.walk(node) if isinstance(n, ast.arguments) for a in
+            (*n.posonlyargs, *n.args, *n.kwonlyargs, n.vararg, n.kwarg) if a is not None}
+    own |= {n.name for n in ast.walk(node) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+            and n is not node}
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)} - own
+
+
+def test_piagent_py_keeps_the_house_shape():
+    """style.md: the sections in order, each using only those above it; no function over 60 lines; no line over 120
+    columns outside the page's HTML."""
+    source = (HERE / "piagent.py").read_text()
+    lines, tree = source.splitlines(), ast.parse(source)
+    starts = [next(i for i, line in enumerate(lines, 1) if line.startswith(f"# {name}")) for name in SECTIONS]
+    assert starts == sorted(starts), "the sections are out of order"
+    section = lambda line: sum(start <= line for start in starts)  # noqa: E731
+    defined = module_names(tree)
+    forward = {(node.name, name) for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef,
+                                                                             ast.ClassDef))
+               for name in uses(node) if name in defined and section(defined[name]) > section(node.lineno)}
+    assert forward == DECLARED_FORWARD
+    long = [(n.name, n.end_lineno - n.lineno + 1) for n in ast.walk(tree) if isinstance(
+        n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 60]
+    assert long == []
+    page = range(starts[SECTIONS.index("Page")], starts[SECTIONS.index("Entry")])
+    wide = [i for i, line in enumerate(lines, 1) if len(line) > 120 and i not in page]
+    assert wide == []
 
 
 # ---------------------------------------------------------------------------
