@@ -968,7 +968,7 @@ class ToolCall(NamedTuple):
 
     def parsed_arguments(self) -> Any:
         """The arguments as JSON (raises ValueError). Not strict: a model may put a raw line break in a string."""
-        return json.loads(self.arguments or "{}", strict=False)
+        return external_json(self.arguments or "{}", strict=False)
 
     def as_message_part(self) -> dict[str, Any]:
         """The call as an assistant message's tool_calls item (OpenAI's shape)."""
@@ -1028,12 +1028,63 @@ def has_model(model: str, available: set[str]) -> bool:
 
 #: The longest line piagent reads from an upstream stream (a token's chunk is a few hundred bytes).
 MAX_UPSTREAM_LINE_BYTES = 1 << 20
-#: Lines piagent reads after a reply's end (the closing chunk, a trailing [DONE]); more, and it closes the request.
-MAX_LINES_AFTER_END = 8
+#: Lines piagent reads after a reply's end (the closing chunk, a trailing [DONE]), and how long it waits for them;
+#: then it closes the request (the reply stands): a server's closing chunk follows its last line at once.
+MAX_LINES_AFTER_END, AFTER_END_WAIT_S = 8, 1.0
 #: The largest non-streamed upstream body piagent reads.
 MAX_UPSTREAM_BODY_BYTES = 4 << 20
 JSON_KINDS = {str: "a string", int: "a whole number", float: "a number", dict: "an object", list: "a list",
               bool: "true or false"}
+
+
+def json_path(keys: tuple) -> str:
+    """Where a value is in a body. Example: json_path(("messages", 0, "content")) -> "messages.0.content" """
+    return ".".join(map(str, keys)) or "body"
+
+
+def is_text(value: str) -> bool:
+    """False for a string holding a lone surrogate (from a \\ud800-\\udfff escape): it cannot be sent on or stored."""
+    try:
+        return value.isascii() or bool(value.encode())
+    except UnicodeEncodeError:
+        return False
+
+
+def lone_surrogate(value: Any) -> str | None:
+    """Where a JSON value holds a string that is not text, or None. Example: {"a": ["\\ud800"]} -> "a.0" """
+    stack: list[tuple[tuple, Any]] = [((), value)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str) and not is_text(value):
+            return json_path(where)
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, item in items:
+            if isinstance(key, str) and not is_text(key):
+                return f"a key in {json_path(where)}"
+            stack.append(((*where, key), item))
+    return None
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+#: What a lone surrogate looks like in JSON text: a \ud800-\udfff escape, or (in bytes) its UTF-8 form.
+SURROGATE_HINT, SURROGATE_HINT_BYTES = re.compile(r"\\u[dD][89a-fA-F]|[\ud800-\udfff]"), re.compile(
+    rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+
+
+def external_json(raw: str | bytes, strict: bool = True) -> Any:
+    """JSON from outside (an upstream, an MCP server, a model's tool arguments) as values piagent can send on and
+    store; else ValueError saying why (not JSON, nested too deep, NaN or Infinity, a lone surrogate)."""
+    try:
+        value = json.loads(raw, strict=strict, parse_constant=_no_constant)
+    except RecursionError:
+        raise ValueError("nested too deep") from None
+    hint = SURROGATE_HINT if isinstance(raw, str) else SURROGATE_HINT_BYTES
+    if hint.search(raw) and (where := lone_surrogate(value)) is not None:
+        raise ValueError(f"{where} holds a lone surrogate (an unpaired \\ud800-\\udfff escape), which is not text")
+    return value
 
 
 def typed(value: Any, kind: type, field_name: str, label: str) -> Any:
@@ -1092,15 +1143,23 @@ class HTTPProvider:
         reply: dict[str, Any] = {"done": False}  # what `read` keeps between lines
         async with aclosing(self.stream_lines(path, body, agent.model)) as lines:
             async for line in lines:
-                if reply["done"]:  # after the end: read on a little, so the connection goes back to the pool
-                    reply["after"] = reply.get("after", 0) + 1
-                    if reply["after"] > MAX_LINES_AFTER_END:
-                        break  # an upstream that goes on after its end is not waited for: close it
-                    continue
                 text = self.read(line, reply, usage)
                 if text:
                     yield text
+                if reply["done"]:
+                    await self._after_end(lines)
+                    break
         self.end(reply, usage)
+
+    @staticmethod
+    async def _after_end(lines: AsyncIterator[bytes]) -> None:
+        """Read on a little after the reply's end (its body's closing chunk), so the connection goes back to the pool.
+        An upstream that goes on, or holds the connection open, is not waited for: leaving `stream` closes it."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(AFTER_END_WAIT_S):
+                for _ in range(MAX_LINES_AFTER_END):
+                    if await anext(lines, None) is None:
+                        return
 
     async def raise_for_status(self, response: httpx.Response, model: str) -> None:
         """Turn an HTTP error from the upstream into the typed error a caller can act on."""
@@ -1160,9 +1219,9 @@ class HTTPProvider:
         except httpx.HTTPError as exc:
             raise self.transport_error(exc, started=False) from None
         try:
-            data = json.loads(raw)
-        except ValueError:
-            raise UpstreamError(f"{self.label} sent a reply that is not JSON") from None
+            data = external_json(raw)
+        except ValueError as exc:
+            raise UpstreamError(f"{self.label} sent a reply that is not JSON ({exc})") from None
         return typed(data, dict, "its reply", self.label) or {}
 
     async def stream_lines(self, path: str, body: dict[str, Any], model: str) -> AsyncIterator[bytes]:
@@ -1241,9 +1300,9 @@ class OllamaProvider(HTTPProvider):
         if not line.strip():
             return ""
         try:
-            chunk = json.loads(line)
-        except ValueError:
-            raise UpstreamError(f"Ollama sent a line that is not JSON: {line[:80]!r}") from None
+            chunk = external_json(line)
+        except ValueError as exc:
+            raise UpstreamError(f"Ollama sent a line that is not JSON ({exc}): {line[:80]!r}") from None
         if not isinstance(chunk, dict):
             raise UpstreamError(f"Ollama sent an unexpected line: {line[:80]!r}")
         if chunk.get("error"):
@@ -1271,7 +1330,7 @@ class OllamaProvider(HTTPProvider):
 def upstream_error_text(body: bytes, status: int) -> str:
     """The message in an error body: Ollama's {"error": "..."} or OpenAI's {"error": {"message": ...}}."""
     with contextlib.suppress(ValueError, AttributeError):
-        error = json.loads(body).get("error")
+        error = external_json(body).get("error")
         if isinstance(error, dict):
             error = error.get("message") or json.dumps(error)
         if error:
@@ -1315,7 +1374,7 @@ def ollama_messages(messages: list[Message]) -> list[Message]:
 def json_object(text: Any) -> dict[str, Any]:
     """`text` parsed as a JSON object; {} when it is not one (a model's broken arguments)."""
     try:
-        value = json.loads(text, strict=False) if isinstance(text, str) else text
+        value = external_json(text, strict=False) if isinstance(text, str) else text
     except ValueError:
         return {}
     return value if isinstance(value, dict) else {}
@@ -1434,9 +1493,9 @@ class OpenAIProvider(HTTPProvider):
             reply["done"] = True
             return ""
         try:
-            chunk = json.loads(event[1])
-        except ValueError:
-            raise UpstreamError(f"{self.label} sent an event that is not JSON: {event[1][:80]!r}") from None
+            chunk = external_json(event[1])
+        except ValueError as exc:
+            raise UpstreamError(f"{self.label} sent an event that is not JSON ({exc}): {event[1][:80]!r}") from None
         if not isinstance(chunk, dict) or chunk.get("error"):
             raise UpstreamError(f"{self.label}: {upstream_error_text(event[1].encode(), 200)}")
         delta = typed(self._choice(chunk, usage).get("delta"), dict, "choices[0].delta", self.label) or {}
@@ -1969,7 +2028,7 @@ class StdioTransport:
         """Hand answers to their waiters, requests to mcp_answer, notifications to `deliver`; skip non-JSON-RPC."""
         async for line in _lines(stdout):
             try:
-                message = json.loads(line)
+                message = external_json(line)
             except ValueError:
                 message = None
             if not isinstance(message, dict):
@@ -2076,7 +2135,7 @@ class HttpTransport:
         async for line in reply.aiter_lines():
             event = decoder.feed(line)
             try:
-                incoming = json.loads(event[1]) if event is not None and event[0] == "message" else None
+                incoming = external_json(event[1]) if event is not None and event[0] == "message" else None
             except ValueError:
                 incoming = None
             if not isinstance(incoming, dict):
@@ -2136,7 +2195,7 @@ def _header_value(text: str) -> str:
 def _http_answer(status: int, body: bytes, name: str) -> dict[str, Any]:
     """The JSON-RPC answer in an HTTP reply; if there is none, an error naming the HTTP status."""
     try:
-        answer = json.loads(body)
+        answer = external_json(body)
     except ValueError:
         answer = None
     if isinstance(answer, dict) and ("result" in answer or "error" in answer) and (status < 300 or "error" in answer):
@@ -2433,20 +2492,14 @@ def json_problem(body: bytes) -> str | None:
         for key, item in items:
             if depth >= MAX_JSON_DEPTH:
                 return f"{json_path((*where, key))}: nested deeper than {MAX_JSON_DEPTH} levels"
-            if isinstance(key, str) and not key.isascii() or isinstance(item, str) and not item.isascii():
-                try:
-                    f"{key}{item if isinstance(item, str) else ''}".encode()
-                except UnicodeEncodeError:
-                    return (f"{json_path((*where, key))}: a lone surrogate (an unpaired \\ud800-\\udfff escape) "
-                            f"is not text; send UTF-8")
+            if isinstance(key, str) and not is_text(key):
+                return f"a key in {json_path(where)}: a lone surrogate (an unpaired \\ud800-\\udfff escape) is not text"
+            if isinstance(item, str) and not is_text(item):
+                return (f"{json_path((*where, key))}: a lone surrogate (an unpaired \\ud800-\\udfff escape) "
+                        f"is not text; send UTF-8")
             if isinstance(item, (dict, list, float)):
                 stack.append(((*where, key), item, depth + 1))
     return None
-
-
-def json_path(keys: tuple) -> str:
-    """Where a value is in a body. Example: json_path(("messages", 0, "content")) -> "messages.0.content" """
-    return ".".join(map(str, keys)) or "body"
 
 
 def key_id(key: str) -> str:
@@ -2522,6 +2575,11 @@ class TokenBuckets:
             self._buckets.popitem(last=False)
 
 
+def shutting_down() -> ShuttingDown:
+    """The refusal of a request that comes, or a stream that is still running, when piagent is stopping."""
+    return ShuttingDown("piagent is shutting down; retry in a few seconds", {"Retry-After": str(DEFAULT_RETRY_AFTER_S)})
+
+
 class Ticket:
     """One request's place at the gate: waiting, then holding (a slot and its conversation), then gone."""
 
@@ -2557,8 +2615,7 @@ class Gate:
     def enter(self, conversation: str | None, slot: bool = True) -> Ticket:
         """A ticket, granted at once if it may go now, else queued. Raises QueueFull or ShuttingDown."""
         if self.closed:
-            raise ShuttingDown("piagent is shutting down; retry in a few seconds",
-                               {"Retry-After": str(DEFAULT_RETRY_AFTER_S)})
+            raise shutting_down()
         ticket = Ticket(conversation, slot, asyncio.get_running_loop().create_future())
         if self._may_go(ticket):
             self._grant(ticket)
@@ -2621,6 +2678,8 @@ class Drain:
         self.grace_s = grace_s
         self.loop: asyncio.AbstractEventLoop | None = None  # set by the app's lifespan
         self.expired: asyncio.Future | None = None
+        self.expires_at = math.inf  # the loop's time when `expired` is set, once begun
+        self.writes: set[asyncio.Timeout] = set()  # the time limits of writes in progress: the grace ends them too
 
     def start(self) -> None:
         """Called by the lifespan, on the loop that serves requests."""
@@ -2630,8 +2689,13 @@ class Drain:
     def begin(self, gate: Gate) -> None:
         """Called on the event loop when the server is told to stop."""
         gate.closed = True
-        expire = lambda: self.expired.done() or self.expired.set_result(None)  # noqa: E731
-        asyncio.get_running_loop().call_later(self.grace_s, expire)
+        self.expires_at = asyncio.get_running_loop().call_later(self.grace_s, self._expire).when()
+
+    def _expire(self) -> None:
+        if not self.expired.done():
+            self.expired.set_result(None)
+        for limit in self.writes:  # a write blocked on a slow client ends now (its stream gets ShuttingDown)
+            limit.reschedule(self.loop.time())
 
 
 #: OpenAI error "type" by HTTP status, for the /v1 front door.
@@ -3026,27 +3090,35 @@ class Relay:
             pass
 
     async def next(self, ping_s: float | None) -> Any:
-        """The next event, PING after `ping_s` idle, or END; raises the exchange's error, ClientGone or ShuttingDown."""
-        while not self.buffer:
+        """The next event, PING after `ping_s` idle, or END; raises the exchange's error, ClientGone or ShuttingDown.
+        The client leaving and the grace ending are checked on every call, even with events buffered: a slow reader
+        must not keep its stream past the grace, nor be credited with what it never got."""
+        woken_by = None
+        while True:
+            if self.gone.done():
+                raise ClientGone()
+            if self.expired.done():
+                raise shutting_down()
+            if self.buffer:
+                break
             if self.producer.done():
                 self.producer.result()
                 return END
+            if woken_by is PING:
+                return PING
             loop = asyncio.get_running_loop()
             self.ready = loop.create_future()
             ping = None if ping_s is None else loop.call_later(ping_s, self._wake, PING)
             woken_by = await self.ready
             if ping is not None:
                 ping.cancel()
-            if self.gone.done():
-                raise ClientGone()
-            if self.expired.done():
-                raise ShuttingDown("piagent is shutting down; retry in a few seconds",
-                                   {"Retry-After": str(DEFAULT_RETRY_AFTER_S)})
-            if woken_by is PING and not self.buffer and not self.producer.done():
-                return PING
         if self.room is not None and not self.room.done():
             self.room.set_result(None)
         return self.buffer.popleft()
+
+    @property
+    def client_left(self) -> bool:
+        return self.gone.done()
 
 
 class Door:
@@ -3308,7 +3380,7 @@ class Generation(Response):
             log.warning("stream ended by a failure after it began: %s: %s", exc.code, exc.message)
             tail = door.failure(exc)
             if tail is not None:  # else no closing chunk: the client must see this reply as incomplete
-                with contextlib.suppress(ClientGone):  # it stopped reading too: the upstream's error stands
+                with contextlib.suppress(ClientGone, ShuttingDown):  # it stopped reading too: the error stands
                     await self._write(send, tail)
                     await self._write(send, "", more=False)
         finally:
@@ -3334,6 +3406,8 @@ class Generation(Response):
             if out:
                 await self._write(send, out)
             if isinstance(event, (str, ToolEvent)):
+                if relay.client_left:  # the server drops what is sent after the client left: it was not given
+                    raise ClientGone()
                 x.note(event)  # after it was written: memory keeps what the client was given
         await x.save()  # before the client hears the reply is done
         await self._write(send, door.end(x))
@@ -3346,10 +3420,19 @@ class Generation(Response):
                 *((k.lower().encode(), v.encode()) for k, v in headers.items()), *self.raw_headers]})
             self.started = True
             self.x.rt.streams += 1
+        # a write waits WRITE_TIMEOUT_S for a client that stopped reading, and never past the shutdown grace
+        drain = self.x.rt.drain
+        deadline = asyncio.get_running_loop().time() + self.x.rt.config.write_timeout_s
         try:
-            async with asyncio.timeout(self.x.rt.config.write_timeout_s):
-                await send({"type": "http.response.body", "body": text.encode(), "more_body": more})
+            async with asyncio.timeout_at(min(deadline, drain.expires_at)) as limit:
+                drain.writes.add(limit)
+                try:
+                    await send({"type": "http.response.body", "body": text.encode(), "more_body": more})
+                finally:
+                    drain.writes.discard(limit)
         except (TimeoutError, OSError):  # it stopped reading, or it is gone (the server's ClientDisconnected)
+            if drain.expired.done():
+                raise shutting_down() from None
             raise ClientGone() from None
 
 
