@@ -61,6 +61,8 @@ class Script:
     # of "x" with no newline (in 64 KiB chunks), then wait like hold_after (until `release` or the client leaves).
     blob_bytes: int = 0
     blob_after: int = 0
+    hold_after_end: bool = False  # after the reply's last line, keep the connection open (no closing chunk) until
+    # `release` or the client leaves: the reply is whole, the body never ends
 
 
 @dataclass
@@ -293,9 +295,11 @@ class FakeOllama:
             await writer.drain()
         if self._note_hangup(gone):
             return False
-        writer.write(head + wire.chunk(wire.final()) + b"0\r\n\r\n")
+        writer.write(head + wire.chunk(wire.final()) + (b"" if script.hold_after_end else b"0\r\n\r\n"))
         await writer.drain()
         self.completed += 1
+        if script.hold_after_end and not await self._hold(script, gone):
+            writer.write(b"0\r\n\r\n")
         return True
 
     async def _blob(self, wire, script: Script, writer, gone: "_Hangup", head: bytes) -> bool:
@@ -556,7 +560,9 @@ def _chunk(data: bytes) -> bytes:
 def _line(value: dict) -> bytes:
     # Go's json.Marshal escapes <, > and & in strings; mimic it so clients must decode JSON properly
     text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-    return (text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026") + "\n").encode()
+    # a lone surrogate (a broken upstream's) goes out in UTF-8's form, which Python's JSON reader takes
+    return (text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026") + "\n").encode(
+        "utf-8", "surrogatepass")
 
 
 def _now() -> str:

@@ -18,8 +18,10 @@ import json
 import os
 import re
 import resource
+import signal
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
 import threading
@@ -349,6 +351,10 @@ BROKEN = {  # name: (Script.mangle, a field path the error message names)
     "eval-count-str": (_change({"final", "whole"}, lambda o: {**o, "eval_count": "manylots"}), "eval_count"),
     "prompt-count-str": (_change({"final", "whole"}, lambda o: {**o, "prompt_eval_count": "12"}),
                          "prompt_eval_count"),
+    # valid JSON, not text: it can be neither stored nor sent on (the fake sends it as an escape in a whole body,
+    # in UTF-8's form in a streamed line: Python's JSON reader takes both)
+    "content-lone-surrogate": (_change({"piece", "whole"}, _with_message(content="bad \ud800 text")),
+                               "message.content"),
 }
 
 
@@ -403,6 +409,65 @@ def test_broken_upstream_data_is_502_naming_the_field_and_stores_nothing(hserve,
                     _assert_upstream_error(chunks[-1]["error"], field)
     assert statuses_counted(server, "500") == 0
     assert_whole(server, fake, cid, None)
+
+
+def test_json_from_outside_that_python_reads_but_cannot_send_on_is_refused_saying_why():
+    refused = {b'{"message": {"content": "a \\ud800 b"}}': "message.content holds a lone surrogate",
+               b'{"a": "\xed\xa0\x80"}': "a holds a lone surrogate", '{"k\\udfff": 1}': "a key in body",
+               b'{"eval_count": NaN}': "NaN is not a JSON number", b"[" * 100_000: "nested too deep"}
+    for raw, why in refused.items():
+        with pytest.raises(ValueError, match=re.escape(why)):
+            piagent.external_json(raw)
+    assert piagent.external_json('{"a": ["\\uD83D\\uDE00", "\\u00e9"]}') == {"a": ["\U0001F600", "\u00e9"]}
+
+
+@pytest.mark.parametrize("door", ["sse", "v1-stream", "ollama-stream"])
+def test_a_reply_whose_upstream_holds_the_connection_open_after_its_end_is_delivered_and_stored(hserve, fake, door):
+    """The done line (or [DONE]) ends the reply: piagent does not wait UPSTREAM_TIMEOUT_S for the body's end."""
+    server = hserve(UPSTREAM_TIMEOUT_S=60)
+    fake.script = Script(hold_after_end=True)
+    cid = f"held-{door}"
+    messages = [{"role": "user", "content": "hi"}]
+    path, body, headers = {
+        "sse": ("/chat", {"message": "hi", "stream": True, "conversation_id": cid}, SSE),
+        "v1-stream": ("/v1/chat/completions", {"model": "general", "stream": True, "messages": messages},
+                      {"X-Conversation-Id": cid}),
+        "ollama-stream": ("/api/chat", {"model": "general", "messages": messages}, {"X-Conversation-Id": cid})}[door]
+    try:
+        response = post(server, path, body, headers)
+    except httpx.TimeoutException:
+        raise AssertionError(f"the reply did not end within {DEADLINE} s of its done line") from None
+    assert response.status_code == 200, response.text
+    last = response.text.strip().splitlines()[-1]
+    assert {"sse": '"done_reason":"stop"', "v1-stream": "data: [DONE]", "ollama-stream": '"done":true'}[door] in last
+    assert fake.hangups, "the upstream's open connection was not closed"
+    assert_whole(server, fake, cid, [("hi", REPLY)])
+
+
+def test_text_written_after_the_client_left_is_not_stored_as_given(hserve, fake):
+    """A client that stopped reading, then hung up: memory keeps at most what was written to its connection before
+    it left (what the kernel could hold for it), never the rest of the reply, which the upstream had finished."""
+    tokens = [f"<{i:03d}>" + "x" * 100_000 for i in range(79)] + ["<END>"]
+    fake.script = Script(tokens=tokens)
+    server = hserve(MAX_TOKENS=1_000_000, CTX_TOKENS=1_048_576)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(DEADLINE)
+    try:
+        sock.connect(("127.0.0.1", server.port))
+        sock.sendall(_post_bytes("/chat", {"message": "go", "stream": True, "conversation_id": "gone"}, server.port))
+        assert sock.recv(1024).startswith(b"HTTP/1.1 200")
+        wait_until(lambda: fake.completed == 1, timeout=DEADLINE, what="the upstream to finish its reply")
+    finally:  # a reset: what the kernel still holds for the client is thrown away
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+    assert_idle(server)
+    (turn,) = stored(server, "gone")
+    # the most that can have left piagent: the kernel's largest send buffer, the transport's own, and a token
+    sent_at_most = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2]) + 2 * 65_536 + 100_005
+    assert turn[0] == "go" and "<END>" not in turn[1] and len(turn[1]) <= sent_at_most, (len(turn[1]), sent_at_most)
+    fake.script = Script()
+    served_chat(server, "gone")
 
 
 # ---------------------------------------------------------------------------
@@ -1309,3 +1374,29 @@ def test_a_failure_at_any_stage_leaves_the_slot_and_the_conversation_free(hserve
     else:
         assert extra == [], extra
     assert_whole(ctx.server, fake, "leak", after)
+
+
+def test_a_stream_blocked_on_a_slow_client_ends_when_the_shutdown_grace_does(fake, tmp_path):
+    """SIGTERM while piagent waits to write to a client that reads nothing: the write ends with the grace, the stream
+    ends as shutting_down and its request is logged, instead of waiting for the server's forced cancel."""
+    fake.script = Script(tokens=["y" * 100_000] * 200)
+    env = {"OLLAMA_HOST": fake.url, "SHUTDOWN_GRACE_S": "0.5", "WRITE_TIMEOUT_S": "60", "MAX_TOKENS": "1000000",
+           "CTX_TOKENS": "1048576", "RATE_LIMIT_PER_MIN": "0"}
+    log = tmp_path / "log"
+    with piagent_with_log(env, log, None) as (url, proc, port):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(DEADLINE)
+        with sock:
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(_post_bytes("/chat", {"message": "go", "stream": True}, port))
+            assert sock.recv(1024).startswith(b"HTTP/1.1 200")
+            # the client reads no more: once the upstream stops too, piagent is blocked writing to the client
+            sent = []
+            wait_until(lambda: sent.append(fake.tokens_sent) or sent[-3:] == [sent[-1]] * 3 and len(sent) > 3,
+                       timeout=DEADLINE, what="the upstream to be held back")
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(DEADLINE)
+    text = log.read_text()
+    assert re.search(r"POST /chat 200 .*error=shutting_down", text), text[-2000:]
+    assert "Cancel 1 running task" not in text, text[-2000:]
