@@ -1042,6 +1042,10 @@ def json_path(keys: tuple) -> str:
     return ".".join(map(str, keys)) or "body"
 
 
+#: What the error messages call a string that is not text.
+LONE_SURROGATE = "a lone surrogate (an unpaired \\ud800-\\udfff escape)"
+
+
 def is_text(value: str) -> bool:
     """False for a string holding a lone surrogate (from a \\ud800-\\udfff escape): it cannot be sent on or stored."""
     try:
@@ -1083,7 +1087,7 @@ def external_json(raw: str | bytes, strict: bool = True) -> Any:
         raise ValueError("nested too deep") from None
     hint = SURROGATE_HINT if isinstance(raw, str) else SURROGATE_HINT_BYTES
     if hint.search(raw) and (where := lone_surrogate(value)) is not None:
-        raise ValueError(f"{where} holds a lone surrogate (an unpaired \\ud800-\\udfff escape), which is not text")
+        raise ValueError(f"{where} holds {LONE_SURROGATE}, which is not text")
     return value
 
 
@@ -2493,10 +2497,9 @@ def json_problem(body: bytes) -> str | None:
             if depth >= MAX_JSON_DEPTH:
                 return f"{json_path((*where, key))}: nested deeper than {MAX_JSON_DEPTH} levels"
             if isinstance(key, str) and not is_text(key):
-                return f"a key in {json_path(where)}: a lone surrogate (an unpaired \\ud800-\\udfff escape) is not text"
+                return f"a key in {json_path(where)}: {LONE_SURROGATE} is not text"
             if isinstance(item, str) and not is_text(item):
-                return (f"{json_path((*where, key))}: a lone surrogate (an unpaired \\ud800-\\udfff escape) "
-                        f"is not text; send UTF-8")
+                return f"{json_path((*where, key))}: {LONE_SURROGATE} is not text; send UTF-8"
             if isinstance(item, (dict, list, float)):
                 stack.append(((*where, key), item, depth + 1))
     return None

@@ -1392,9 +1392,13 @@ def test_a_stream_blocked_on_a_slow_client_ends_when_the_shutdown_grace_does(fak
             sock.sendall(_post_bytes("/chat", {"message": "go", "stream": True}, port))
             assert sock.recv(1024).startswith(b"HTTP/1.1 200")
             # the client reads no more: once the upstream stops too, piagent is blocked writing to the client
-            sent = []
-            wait_until(lambda: sent.append(fake.tokens_sent) or sent[-3:] == [sent[-1]] * 3 and len(sent) > 3,
-                       timeout=DEADLINE, what="the upstream to be held back")
+            seen: list[int] = []
+
+            def held_back() -> bool:  # the upstream's count has not moved over the last three polls
+                seen.append(fake.tokens_sent)
+                return len(seen) > 3 and len(set(seen[-3:])) == 1
+
+            wait_until(held_back, timeout=DEADLINE, what="the upstream to be held back")
             proc.send_signal(signal.SIGTERM)
             proc.wait(DEADLINE)
     text = log.read_text()
