@@ -4492,7 +4492,7 @@ const NET = "piagent is not reachable: is it running, and is this its address?";
 const CUT = "The connection dropped before the reply was finished.";
 const conv = (id) => "/conversations/" + encodeURIComponent(id);
 const models = {}, st = {ready: "", rate: ""};
-let epoch = 0, live = null, timer = 0;  // a stream from an older epoch (before New chat, reopen) writes nothing
+let epoch = 0, live = null, timer = 0;  // a stream of an older epoch writes nothing
 function el(tag, cls, text) {
   const e = document.createElement(tag);
   e.className = cls || "";
@@ -4596,7 +4596,7 @@ async function ready() {
     $("status").className = d.status || "";
     statusLine();
   }
-  clearTimeout(timer);  // one timer, however many calls overlapped
+  clearTimeout(timer);  // one timer, however calls overlap
   timer = setTimeout(ready, d.status === "warming" ? 3000 : 30000);
 }
 const busy = (on) => { $("send").hidden = on; $("stop").hidden = !on; };
@@ -4619,7 +4619,7 @@ function handle(s, raw) {
     note(""); md(s.out, s.text += d.text);
     if (near) log.scrollTop = log.scrollHeight;
   } else if (event === "queued") note("Waiting: number " + d.position + " in line");
-  else if (event === "tool") {  // what a tool was asked and answered, above the answer
+  else if (event === "tool") {  // asked and answered, above the answer
     const args = typeof d.arguments === "string" ? d.arguments : JSON.stringify(d.arguments);
     log.insertBefore(bubble("tool", d.name + " " + args + " \u2192 " + (d.error ? "error: " + d.error : d.result)), s.out);
   } else if (event === "done") {
@@ -4636,7 +4636,8 @@ async function send(text) {
   bubble("user", text);
   const out = s.out = bubble("assistant", "");
   out.classList.add("pending");
-  const body = {message: text, agent: $("agent").value, stream: true, conversation_id: saved("cid") || undefined};
+  const body = {message: text, agent: $("agent").value || saved("agent") || undefined, stream: true,
+    conversation_id: saved("cid") || undefined};
   try {
     const r = await call("/chat", {method: "POST", body: JSON.stringify(body), signal: s.ac.signal,
       headers: {Accept: "text/event-stream"}});
@@ -4661,21 +4662,22 @@ async function send(text) {
     if (live === s) { live = null; busy(false); ready(); }
   }
 }
-async function openChat(cid) {
-  reset(cid);
+async function showChat(cid) {  // above a message sent meanwhile
   const e = epoch;
   if (!cid) return;
   const r = await ask(conv(cid));
   if (!r || e !== epoch) return;
-  if (r.status === 404) return saved("cid", null);
+  if (r.status === 404) return live || saved("cid", null);
   const c = await r.json();
   if (e !== epoch) return;
-  const a = $("agent"), was = a.value;
+  const a = $("agent"), was = a.value, sent = [...$("log").children];
   a.value = c.agent;
   if (!a.value) a.value = was;
   for (const t of c.turns) { bubble("user", t.user); bubble("assistant", t.assistant); }
+  $("log").append(...sent);
   statusLine();
 }
+const openChat = (cid) => { reset(cid); return showChat(cid); };
 async function chats() {
   const box = $("chats");
   const r = await ask("/conversations?limit=20");
@@ -4699,7 +4701,7 @@ async function chats() {
       .then((d) => { title.textContent = d?.turns[0]?.user || "(empty)"; }).catch(() => {});
   }
 }
-async function loadAgents() {
+async function loadAgents(boot) {
   const r = await ask("/agents");
   if (!r) return;
   $("keyrow").hidden = true;
@@ -4708,7 +4710,7 @@ async function loadAgents() {
   select.replaceChildren(...d.agents.map((name) => new Option(name, name)));
   if (d.agents.includes(saved("agent"))) select.value = saved("agent");
   statusLine(); ready();
-  await openChat(saved("cid"));
+  await (boot ? showChat : openChat)(saved("cid"));  // boot: a message may be on its way
 }
 $("form").onsubmit = (e) => {
   e.preventDefault();
@@ -4729,7 +4731,7 @@ $("new").onclick = () => { openChat(null); $("chats").hidden = true; $("text").f
 $("chatsbtn").onclick = () => { if (!($("chats").hidden = !$("chats").hidden)) chats(); };
 $("savekey").onclick = () => { saved("key", $("key").value.trim()); $("key").value = ""; loadAgents(); };
 $("key").onkeydown = (e) => { if (e.key === "Enter") $("savekey").click(); };
-loadAgents();
+loadAgents(true);
 """
 
 PAGE_HTML = r"""<!doctype html>

@@ -196,6 +196,32 @@ def test_stop_mid_stream_frees_the_upstream(page_of, fake):
     assert history == ["tell me a long story", "Partial answer", "go on"]
 
 
+def test_a_message_sent_before_the_page_has_loaded_is_kept_and_continues_the_chat(page_of, fake):
+    page, _ = page_of()
+    fake.script = Script(tokens=["Old", " answer"])
+    send(page, "old topic")
+    expect(done_replies(page)).to_have_text(["Old answer"])
+    held = []  # the page's /agents call, answered when the test says: a slow Pi, a busy browser
+    page.route("**/agents", lambda route: held.append(route))
+    page.reload()
+    wait_until(lambda: held, what="the page to ask for /agents")
+    expect(page.locator("#agent option")).to_have_count(0)
+    fake.script = Script(tokens=["Next", " answer"] + [" more"] * 2, hold_after=2)
+    send(page, "next")  # before the agents and the saved chat have loaded
+    expect(page.locator(".msg.assistant.pending")).to_have_text("Next answer")
+    held[0].continue_()  # now the page loads the agents and shows the saved chat, above the message in flight
+    expect(page.locator(".msg.user")).to_have_text(["old topic", "next"])
+    fake.script.release.set()
+    expect(done_replies(page)).to_have_text(["Old answer", "Next answer more more"])
+    generation = fake.generations()[-1].body
+    assert [m["content"] for m in generation["messages"][1:]] == ["old topic", "Old answer", "next"]
+    assert generation["model"] == MODEL  # the default agent's, though the page sent before it knew the agents
+    expect(page.locator(".msg.error")).to_have_count(0)
+    page.unroute("**/agents")
+    page.reload()
+    expect(page.locator(".msg.assistant")).to_have_text(["Old answer", "Next answer more more"])
+
+
 def test_new_chat_mid_stream_really_starts_a_new_conversation(page_of, fake):
     page, _ = page_of(viewport=DESKTOP)
     fake.script = Script(tokens=["Old", " answer"])
