@@ -440,7 +440,8 @@ def test_a_reply_whose_upstream_holds_the_connection_open_after_its_end_is_deliv
     assert response.status_code == 200, response.text
     last = response.text.strip().splitlines()[-1]
     assert {"sse": '"done_reason":"stop"', "v1-stream": "data: [DONE]", "ollama-stream": '"done":true'}[door] in last
-    assert fake.hangups, "the upstream's open connection was not closed"
+    # piagent reads on for at most AFTER_END_WAIT_S, then closes; the fake sees that within a few ms (it polls)
+    wait_until(lambda: fake.hangups, timeout=DEADLINE, what="piagent to close the upstream's open connection")
     assert_whole(server, fake, cid, [("hi", REPLY)])
 
 
