@@ -1924,6 +1924,21 @@ def mcp_answer(request: Mapping[str, Any]) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "id": request["id"], "error": {"code": -32601, "message": "piagent only calls tools"}}
 
 
+def mcp_message(raw: str | bytes) -> dict[str, Any] | None:
+    """A JSON-RPC message from a server, or None if the text is none. An answer piagent cannot pass on (a lone
+    surrogate, nesting too deep) becomes an error answer to its call: the call fails now, not at its time-out."""
+    try:
+        message = external_json(raw)
+    except ValueError as exc:
+        with contextlib.suppress(ValueError, RecursionError):
+            loose = json.loads(raw)
+            if isinstance(loose, dict) and "method" not in loose and isinstance(loose.get("id"), (int, str)):
+                return {"jsonrpc": "2.0", "id": loose["id"], "error": {"code": -32603, "message": f"its answer is "
+                                                                       f"unusable: {exc}"}}
+        return None
+    return message if isinstance(message, dict) else None
+
+
 class McpError(Exception):
     """A server answered a request with a JSON-RPC error (or an HTTP error standing for one)."""
 
@@ -2031,11 +2046,8 @@ class StdioTransport:
     async def _read_stdout(self, stdout: asyncio.StreamReader) -> None:
         """Hand answers to their waiters, requests to mcp_answer, notifications to `deliver`; skip non-JSON-RPC."""
         async for line in _lines(stdout):
-            try:
-                message = external_json(line)
-            except ValueError:
-                message = None
-            if not isinstance(message, dict):
+            message = mcp_message(line)
+            if message is None:
                 self.garbage_log.line(f"not JSON-RPC on stdout, skipped: {line[:100]!r}")
             elif "method" not in message:  # an answer; a late one (cancelled, timed out) finds no waiter
                 future = self.pending.get(message.get("id"))
@@ -2138,11 +2150,8 @@ class HttpTransport:
         decoder = SSEDecoder()
         async for line in reply.aiter_lines():
             event = decoder.feed(line)
-            try:
-                incoming = external_json(event[1]) if event is not None and event[0] == "message" else None
-            except ValueError:
-                incoming = None
-            if not isinstance(incoming, dict):
+            incoming = mcp_message(event[1]) if event is not None and event[0] == "message" else None
+            if incoming is None:
                 continue
             if "method" in incoming and "id" in incoming:
                 await self.notify(mcp_answer(incoming))
@@ -2198,10 +2207,7 @@ def _header_value(text: str) -> str:
 
 def _http_answer(status: int, body: bytes, name: str) -> dict[str, Any]:
     """The JSON-RPC answer in an HTTP reply; if there is none, an error naming the HTTP status."""
-    try:
-        answer = external_json(body)
-    except ValueError:
-        answer = None
+    answer = mcp_message(body)
     if isinstance(answer, dict) and ("result" in answer or "error" in answer) and (status < 300 or "error" in answer):
         if status < 300:
             return answer

@@ -447,6 +447,22 @@ def test_garbage_on_stdout_is_skipped_and_a_chatty_server_is_logged_bounded(tmp_
         assert len([line for line in lines if kind in line]) <= mcp_client.MCP_LOG_LINES_PER_MIN
 
 
+def test_an_answer_piagent_cannot_pass_on_fails_its_call_at_once_and_the_next_call_works():
+    """A tools/call answer that is valid JSON but holds a lone surrogate is a tool error naming the field, given
+    when the answer comes (it was skipped as not JSON-RPC, and the call failed only at its time-out)."""
+    async def scenario():
+        server = McpServer(McpServerConfig("odd", (PY, BAD_SERVER, "unusable"), timeout_s=8))
+        await server.start()
+        try:
+            assert await server.ready(20)
+            with pytest.raises(ToolError, match=r"unusable: result\.content\.0\.text holds a lone surrogate"):
+                await server.call("odd", {})
+            assert await server.call("plain", {}) == "fine"
+        finally:
+            await server.stop()
+    run(scenario())
+
+
 def test_stop_leaves_no_process_even_one_ignoring_stdin_close_and_sigterm(tmp_path, monkeypatch):
     monkeypatch.setattr(mcp_client, "MCP_STOP_GRACE_S", 0.3)
     pids_file = tmp_path / "pids"

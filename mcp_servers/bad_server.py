@@ -5,8 +5,12 @@
         that does the same; --pids writes "<own pid> <grandchild pid>" to FILE once both run.
     python bad_server.py noisy LINES -- COMMAND...
         writes LINES lines of garbage to stdout and LINES lines to stderr, then becomes COMMAND (exec).
+    python bad_server.py unusable
+        a handshake-era server with tools `odd` and `plain`: odd's answer is valid JSON that holds a lone
+        surrogate ("\\ud800", which is not text), plain's is "fine".
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -44,5 +48,27 @@ def noisy(argv: list[str]) -> None:
     os.execv(command[0], command)
 
 
+def unusable(argv: list[str]) -> None:
+    """Answer like a server of the handshake era; tools/call of `odd` gets a result piagent cannot pass on."""
+    tools = [{"name": name, "inputSchema": {"type": "object"}} for name in ("odd", "plain")]
+    for line in sys.stdin:
+        request = json.loads(line)
+        method, params = request.get("method"), request.get("params") or {}
+        if "id" not in request:
+            continue  # a notification
+        if method == "initialize":
+            answer = {"result": {"protocolVersion": params["protocolVersion"], "capabilities": {"tools": {}},
+                                 "serverInfo": {"name": "unusable", "version": "0"}}}
+        elif method == "tools/list":
+            answer = {"result": {"tools": tools}}
+        elif method == "tools/call":
+            text = "\ud800" if params.get("name") == "odd" else "fine"  # json.dumps writes it as the escape \ud800
+            answer = {"result": {"content": [{"type": "text", "text": text}]}}
+        else:
+            answer = {"error": {"code": -32601, "message": f"no method {method}"}}
+        sys.stdout.write(json.dumps({"jsonrpc": "2.0", "id": request["id"], **answer}) + "\n")
+        sys.stdout.flush()
+
+
 if __name__ == "__main__":
-    {"silent": silent, "noisy": noisy}[sys.argv[1]](sys.argv[2:])
+    {"silent": silent, "noisy": noisy, "unusable": unusable}[sys.argv[1]](sys.argv[2:])
