@@ -4512,7 +4512,7 @@ async function call(path, options = {}) {
   if (r.status === 401) $("keyrow").hidden = false;
   return r;
 }
-async function reason(r) {  // the server's own words
+async function reason(r) {
   const b = await r.json().catch(() => null);
   return b?.error?.message || "piagent answered HTTP " + r.status + ".";
 }
@@ -4668,7 +4668,7 @@ async function send(text) {
     if (live === s) { live = null; busy(false); ready(); }
   }
 }
-async function showChat(cid) {  // above a message sent meanwhile
+async function showChat(cid) {
   const e = epoch;
   if (!cid) return;
   const r = await ask(conv(cid));
@@ -4708,7 +4708,7 @@ async function chats() {
   }
 }
 async function loadAgents(boot) {
-  const r = await ask("/agents");
+  const e = epoch, r = await ask("/agents");
   if (!r) return;
   $("keyrow").hidden = true;
   const d = await r.json(), select = $("agent");
@@ -4716,7 +4716,8 @@ async function loadAgents(boot) {
   select.replaceChildren(...d.agents.map((name) => new Option(name, name)));
   if (d.agents.includes(saved("agent"))) select.value = saved("agent");
   statusLine(); ready();
-  await (boot ? showChat : openChat)(saved("cid"));  // boot: a message may be on its way
+  if (!boot) await openChat(saved("cid"));
+  else if (e === epoch) await showChat(saved("cid"));  // no reset: a message may be on its way
 }
 $("form").onsubmit = (e) => {
   e.preventDefault();

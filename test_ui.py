@@ -222,6 +222,30 @@ def test_a_message_sent_before_the_page_has_loaded_is_kept_and_continues_the_cha
     expect(page.locator(".msg.assistant")).to_have_text(["Old answer", "Next answer more more"])
 
 
+def test_a_chat_opened_before_the_page_has_loaded_is_shown_once(page_of, fake):
+    page, _ = page_of()
+    for question, answer in (("about cats", "Cats purr."), ("about dogs", "Dogs bark.")):
+        page.click("#new")
+        fake.script = Script(tokens=[answer])
+        send(page, question)
+        expect(done_replies(page)).to_have_text([answer])
+    held = []
+    page.route("**/agents", lambda route: held.append(route))
+    page.reload()
+    wait_until(lambda: held, what="the page to ask for /agents")
+    page.click("#chatsbtn")  # the older chat opened while the agents have not loaded
+    page.locator("#chats .chat").nth(1).locator(".open").click()
+    expect(page.locator(".msg")).to_have_text(["about cats", "Cats purr."])
+    with page.expect_request(lambda request: request.url.endswith("/ready")):  # the page's load goes on from here
+        held[0].continue_()
+    fake.script = Script(tokens=["Still cats."])
+    send(page, "more cats")
+    expect(done_replies(page)).to_have_count(2)
+    expect(page.locator(".msg")).to_have_text(["about cats", "Cats purr.", "more cats", "Still cats."])
+    assert [m["content"] for m in fake.generations()[-1].body["messages"][1:]] == [
+        "about cats", "Cats purr.", "more cats"]
+
+
 def test_new_chat_mid_stream_really_starts_a_new_conversation(page_of, fake):
     page, _ = page_of(viewport=DESKTOP)
     fake.script = Script(tokens=["Old", " answer"])
