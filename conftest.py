@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import collections
 import os
+import py_compile
+from pathlib import Path
 
 import pytest
 
@@ -39,6 +41,14 @@ def _one_default_tls_context() -> None:
 
 
 _one_default_tls_context()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Compile piagent.py once, before the workers start, as the README's install does on the Pi: the tests start
+    piagent as the unit does (`python -m piagent`, test_piagent.piagent_command), which then loads this bytecode,
+    even where PYTHONDONTWRITEBYTECODE keeps Python from writing it (as on CI)."""
+    if not hasattr(config, "workerinput"):
+        py_compile.compile(str(Path(__file__).resolve().parent / "piagent.py"), doraise=True)
 
 
 def _set_nodeid(item: pytest.Item, nodeid: str) -> None:

@@ -35,7 +35,8 @@ import piagent
 from fake_ollama import FakeOllama, Script
 from piagent import create_app, load_config
 from test_piagent import (HERE, KEY, MODEL, OTHER_KEY, LiveServer, RedisServer, find_redis_server, free_port,
-                          in_background, parse_metrics, piagent_process, piagent_records, sample, wait_until)
+                          in_background, parse_metrics, piagent_command, piagent_process, piagent_records, sample,
+                          wait_until)
 
 DEADLINE = 5.0  # upper bound for polls and for "is served" in this file
 REPLY = "Hello from the Pi!"  # what the fake's default Script answers
@@ -761,12 +762,12 @@ def read_only_db(small_disk):
 def test_a_read_only_database_is_never_told_to_be_moved_aside(fake, read_only_db):
     env = {**os.environ, "OLLAMA_HOST": fake.url, "WARMUP": "false", "MEMORY_BACKEND": "sqlite",
            "MEMORY_PATH": str(read_only_db)}
-    check = subprocess.run([sys.executable, str(HERE / "piagent.py"), "--check"], env=env, capture_output=True,
+    check = subprocess.run(piagent_command("--check"), cwd=HERE, env=env, capture_output=True,
                            text=True, timeout=30, stdin=subprocess.DEVNULL)
     (line,) = [line for line in check.stdout.splitlines() if "memory" in line and line.startswith(("✓", "✗"))]
     assert line.startswith("✗") and "move" not in line.lower() and "read" in line.lower(), line
     try:
-        start = subprocess.run([sys.executable, str(HERE / "piagent.py"), "--port", str(free_port())], env=env,
+        start = subprocess.run(piagent_command("--port", str(free_port())), cwd=HERE, env=env,
                                capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL)
         output = start.stdout + start.stderr
     except subprocess.TimeoutExpired as exc:  # it started serving: what it printed meanwhile must not say it either
@@ -1036,10 +1037,10 @@ def test_an_sse_client_waiting_behind_its_own_conversation_gets_a_queued_event(h
 
 @contextlib.contextmanager
 def piagent_with_log(env: dict, log_path: Path, preexec_fn=None):
-    """A real `python piagent.py` on a free port, its output in a file (a pipe could fill and block it)."""
+    """A real piagent process on a free port, its output in a file (a pipe could fill and block it)."""
     port = free_port()
     with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen([sys.executable, str(HERE / "piagent.py"), "--port", str(port)],
+        proc = subprocess.Popen(piagent_command("--port", str(port)), cwd=HERE,
                                 env={**os.environ, "WARMUP": "false", "LOG_FORMAT": "text", **env},
                                 stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                                 preexec_fn=preexec_fn)

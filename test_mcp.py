@@ -487,8 +487,8 @@ def test_stop_leaves_no_process_even_one_ignoring_stdin_close_and_sigterm(tmp_pa
 # --- end to end: MCP tools through piagent's tool loop, with the fake upstream calling them -------------------------
 
 from fake_ollama import Script  # noqa: E402
-from test_piagent import (DEADLINE_S, fake, free_port, raw_post, run_piagent, serve, serve_openai,  # noqa: E402,F401
-                          tool_reply, wait_until, servers)
+from test_piagent import (DEADLINE_S, fake, free_port, piagent_command, raw_post, run_piagent, serve,  # noqa: E402,F401
+                          serve_openai, tool_reply, wait_until, servers)
 
 
 def need_filesystem() -> None:
@@ -600,7 +600,7 @@ def test_sigterm_of_piagent_leaves_no_mcp_server_behind(fake, tmp_path):
     env = {**os.environ, "OLLAMA_HOST": fake.url, "WARMUP": "false", "PORT": str(port), "PIAGENT_ENV_FILE": "",
            "MCP_SERVERS": "sdk,files", "MCP_SDK_COMMAND": f"{PY} {SDK_SERVER} stdio",
            "MCP_FILES_COMMAND": f"{FILESYSTEM_SERVER} {tmp_path}", "AGENT_GENERAL_TOOLS": "sdk.*,files.*", **UNLIMITED}
-    proc = subprocess.Popen([PY, str(HERE / "piagent.py")], env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(piagent_command(), cwd=HERE, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
         def both_up():
