@@ -15,7 +15,6 @@ import os
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -319,10 +318,8 @@ def test_http_token_is_sent_and_a_wrong_one_is_named(http_server):
     run(scenario())
 
 
-def test_http_server_that_is_down_gives_a_clear_error():
-    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
-        sock.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{sock.getsockname()[1]}/mcp"
+def test_http_server_that_is_down_gives_a_clear_error(dead_port):
+    url = f"http://127.0.0.1:{dead_port}/mcp"
 
     async def scenario():
         now = [0.0]
@@ -487,8 +484,8 @@ def test_stop_leaves_no_process_even_one_ignoring_stdin_close_and_sigterm(tmp_pa
 # --- end to end: MCP tools through piagent's tool loop, with the fake upstream calling them -------------------------
 
 from fake_ollama import Script  # noqa: E402
-from test_piagent import (DEADLINE_S, fake, free_port, piagent_command, raw_post, run_piagent, serve,  # noqa: E402,F401
-                          serve_openai, tool_reply, wait_until, servers)
+from test_piagent import (DEADLINE_S, dead_port, fake, free_port, piagent_command, raw_post,  # noqa: E402,F401
+                          run_piagent, serve, serve_openai, tool_reply, wait_until, servers)
 
 
 def need_filesystem() -> None:

@@ -60,6 +60,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture
+def dead_port():
+    """A loopback port nothing listens on (a stopped upstream, Redis or MCP server): held bound but not listening for
+    the whole test, so a connection is refused and no server another worker starts meanwhile can be given it (a
+    port from free_port() once went to another test's fake Ollama, and a check for a stopped upstream passed)."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        yield held.getsockname()[1]
+
+
 class Requests:
     """server.get("/agents"), server.post("/chat", json=...): the same calls whether piagent is live or in process."""
 
@@ -634,9 +644,9 @@ def test_corrupt_sqlite_file_is_one_clear_start_up_error(tmp_path):
     assert result.stderr.count("\n") == 1
 
 
-def test_unreachable_redis_is_one_clear_start_up_error_that_systemd_retries():
+def test_unreachable_redis_is_one_clear_start_up_error_that_systemd_retries(dead_port):
     find_redis_server()
-    result = run_piagent(env={"MEMORY_BACKEND": "redis", "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
+    result = run_piagent(env={"MEMORY_BACKEND": "redis", "REDIS_URL": f"redis://127.0.0.1:{dead_port}/0"})
     assert result.returncode == 1 and "cannot reach Redis" in result.stderr and result.stderr.count("\n") == 1
 
 
@@ -943,8 +953,8 @@ def test_health_is_liveness_only_and_never_calls_upstream(serve_local, fake):
     assert fake.requests == []
 
 
-def test_health_answers_even_with_no_upstream():
-    config = load_config({"OLLAMA_HOST": f"http://127.0.0.1:{free_port()}"})
+def test_health_answers_even_with_no_upstream(dead_port):
+    config = load_config({"OLLAMA_HOST": f"http://127.0.0.1:{dead_port}"})
     with InProcessServer(create_app(config)) as server:
         assert server.get("/health").json() == {"status": "ok"}
 
@@ -1129,8 +1139,8 @@ def test_unknown_route_and_wrong_method_use_the_error_shape(serve_local):
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_upstream_unreachable_is_503_naming_the_url(stream):
-    host = f"http://127.0.0.1:{free_port()}"
+def test_upstream_unreachable_is_503_naming_the_url(stream, dead_port):
+    host = f"http://127.0.0.1:{dead_port}"
     with InProcessServer(create_app(load_config({"OLLAMA_HOST": host}))) as server:
         response = chat(server, message="hi", stream=stream)
     error = error_of(response)
@@ -1370,8 +1380,8 @@ def test_openai_upstream_silent_past_the_timeout_is_504(serve_openai, fake):
     wait_until(lambda: len(fake.hangups) == 1, timeout=1.0, what="the fake to see piagent hang up")
 
 
-def test_openai_upstream_unreachable_is_503(serve_openai_local):
-    url = f"http://127.0.0.1:{free_port()}/v1"
+def test_openai_upstream_unreachable_is_503(serve_openai_local, dead_port):
+    url = f"http://127.0.0.1:{dead_port}/v1"
     response = chat(serve_openai_local(OPENAI_BASE_URL=url), message="hi")
     assert response.status_code == 503 and url in error_of(response)["message"]
 
@@ -1592,8 +1602,8 @@ def test_v1_unknown_agent_is_404_not_found_error(serve_local):
     assert response.status_code == 404 and error["type"] == "not_found_error" and "general" in error["message"]
 
 
-def test_v1_upstream_errors_keep_their_status_in_openai_shape():
-    with InProcessServer(create_app(load_config({"OLLAMA_HOST": f"http://127.0.0.1:{free_port()}"}))) as server:
+def test_v1_upstream_errors_keep_their_status_in_openai_shape(dead_port):
+    with InProcessServer(create_app(load_config({"OLLAMA_HOST": f"http://127.0.0.1:{dead_port}"}))) as server:
         response = v1(server, model="general", messages=[{"role": "user", "content": "hi"}])
     error = openai_error_of(response)
     assert response.status_code == 503 and error["type"] == "api_error" and error["code"] == "upstream_unavailable"
@@ -2542,16 +2552,16 @@ def test_not_ready_names_the_missing_model_and_the_fix(serve_local, fake):
     assert not body["checks"]["models"]["ok"] and "ollama pull coder:7b" in body["checks"]["models"]["detail"]
 
 
-def test_not_ready_without_an_upstream_and_health_stays_200():
-    config = load_config({"OLLAMA_HOST": f"http://127.0.0.1:{free_port()}", "WARMUP": "false"})
+def test_not_ready_without_an_upstream_and_health_stays_200(dead_port):
+    config = load_config({"OLLAMA_HOST": f"http://127.0.0.1:{dead_port}", "WARMUP": "false"})
     with InProcessServer(create_app(config)) as server:
         response = server.get("/ready")
         assert server.get("/health").status_code == 200
     assert response.status_code == 503 and not response.json()["checks"]["upstream"]["ok"]
 
 
-def test_ready_repeats_the_start_up_warning_about_an_open_lan():
-    config = load_config({"HOST": "0.0.0.0", "OLLAMA_HOST": f"http://127.0.0.1:{free_port()}", "WARMUP": "false"})
+def test_ready_repeats_the_start_up_warning_about_an_open_lan(dead_port):
+    config = load_config({"HOST": "0.0.0.0", "OLLAMA_HOST": f"http://127.0.0.1:{dead_port}", "WARMUP": "false"})
     with InProcessServer(create_app(config)) as server:  # the app is served on loopback; only the setting says LAN
         assert "NO API_KEYS" in server.get("/ready").json()["warnings"][0]
 
@@ -2681,8 +2691,8 @@ def test_check_passes_against_a_healthy_upstream_and_masks_secrets(fake):
     assert fake.generations() == []  # checking never generates
 
 
-def test_check_fails_with_the_fix_when_the_upstream_is_stopped():
-    result = check({"OLLAMA_HOST": f"http://127.0.0.1:{free_port()}"})
+def test_check_fails_with_the_fix_when_the_upstream_is_stopped(dead_port):
+    result = check({"OLLAMA_HOST": f"http://127.0.0.1:{dead_port}"})
     assert result.returncode == 1 and "✗ upstream at" in result.stdout and "ollama serve" in result.stdout
 
 
@@ -2861,15 +2871,15 @@ def test_readme_seed_curls_work_verbatim_against_python_piagent_py(fake):
     assert len(fake.generations()[2].body["messages"]) == 4  # the reused conversation carried history
 
 
-def test_python_piagent_py_with_no_upstream_gives_the_documented_error():
-    with piagent_process({"OLLAMA_HOST": f"http://127.0.0.1:{free_port()}"}, script=True) as url:
+def test_python_piagent_py_with_no_upstream_gives_the_documented_error(dead_port):
+    with piagent_process({"OLLAMA_HOST": f"http://127.0.0.1:{dead_port}"}, script=True) as url:
         response = httpx.post(f"{url}/chat", json={"message": "hi"})
     assert response.status_code == 503 and error_of(response)["code"] == "upstream_unavailable"
 
 
 @pytest.mark.parametrize("provider, fix", [("ollama", "sudo systemctl start ollama"), ("openai", "OPENAI_BASE_URL")])
-def test_an_upstream_that_cannot_be_reached_at_start_is_said_at_once_with_both_fixes(provider, fix):
-    url = f"http://127.0.0.1:{free_port()}"
+def test_an_upstream_that_cannot_be_reached_at_start_is_said_at_once_with_both_fixes(provider, fix, dead_port):
+    url = f"http://127.0.0.1:{dead_port}"
     env = {"PROVIDER": provider, "OLLAMA_HOST": url, "OPENAI_BASE_URL": f"{url}/v1", "LOG_FORMAT": "text"}
     with piagent_process(env, capture=True) as (_, proc):
         first = ""
