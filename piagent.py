@@ -1926,13 +1926,14 @@ def mcp_answer(request: Mapping[str, Any]) -> dict[str, Any]:
 
 def mcp_message(raw: str | bytes) -> dict[str, Any] | None:
     """A JSON-RPC message from a server, or None if the text is none. An answer piagent cannot pass on (a lone
-    surrogate, nesting too deep) becomes an error answer to its call: the call fails now, not at its time-out."""
+    surrogate, NaN) becomes an error answer to its call: the call fails now, not at its time-out. (One nested past
+    Python's reader cannot be read even for its id: it is skipped, and its call times out.)"""
     try:
         message = external_json(raw)
     except ValueError as exc:
         with contextlib.suppress(ValueError, RecursionError):
             loose = json.loads(raw)
-            if isinstance(loose, dict) and "method" not in loose and isinstance(loose.get("id"), (int, str)):
+            if isinstance(loose, dict) and "method" not in loose and type(loose.get("id")) in (int, str):
                 return {"jsonrpc": "2.0", "id": loose["id"], "error": {"code": -32603, "message": f"its answer is "
                                                                        f"unusable: {exc}"}}
         return None
@@ -4498,7 +4499,7 @@ const NET = "piagent is not reachable: is it running, and is this its address?";
 const CUT = "The connection dropped before the reply was finished.";
 const conv = (id) => "/conversations/" + encodeURIComponent(id);
 const models = {}, st = {ready: "", rate: ""};
-let epoch = 0, live = null, timer = 0;  // a stream of an older epoch writes nothing
+let epoch = 0, live = null, timer = 0, booting;  // a stream of an older epoch writes nothing
 function el(tag, cls, text) {
   const e = document.createElement(tag);
   e.className = cls || "";
@@ -4516,7 +4517,7 @@ async function reason(r) {
   const b = await r.json().catch(() => null);
   return b?.error?.message || "piagent answered HTTP " + r.status + ".";
 }
-async function ask(path, options) {  // ok or 404; else null, the problem shown
+async function ask(path, options) {  // ok or 404; else null, shown
   let r;
   try { r = await call(path, options); } catch (e) { return fail(null, NET); }
   if (r.ok || r.status === 404) return r;
@@ -4546,7 +4547,7 @@ function copy(pre, b) {
   const select = () => { getSelection().selectAllChildren(pre); said("Selected"); };  // then Ctrl+C or long press
   try { navigator.clipboard.writeText(pre.textContent).then(() => said("Copied"), select); } catch (e) { select(); }
 }
-function md(box, text) {  // a safe Markdown subset, built as DOM nodes
+function md(box, text) {  // safe Markdown subset, as DOM nodes
   const out = document.createDocumentFragment(), lines = text.split("\n");
   let para = null, list = null, m;
   for (let i = 0; i < lines.length; i++) {
@@ -4607,7 +4608,7 @@ async function ready() {
 }
 const busy = (on) => { $("send").hidden = on; $("stop").hidden = !on; };
 function stop() { if (live) { live.stopped = true; live.ac.abort(); } }
-function reset(cid) {  // leave this chat; its stream, if any, is abandoned
+function reset(cid) {  // leave this chat and its stream
   if (live) live.ac.abort();
   live = null; epoch++; busy(false);
   saved("cid", cid); $("log").replaceChildren(); note("");
@@ -4642,9 +4643,11 @@ async function send(text) {
   bubble("user", text);
   const out = s.out = bubble("assistant", "");
   out.classList.add("pending");
-  const body = {message: text, agent: $("agent").value || saved("agent") || undefined, stream: true,
-    conversation_id: saved("cid") || undefined};
   try {
+    await booting;  // after the load
+    if (!mine()) return;
+    const body = {message: text, agent: $("agent").value || saved("agent") || undefined, stream: true,
+      conversation_id: saved("cid") || undefined};
     const r = await call("/chat", {method: "POST", body: JSON.stringify(body), signal: s.ac.signal,
       headers: {Accept: "text/event-stream"}});
     if (!r.ok) { const why = await reason(r); return mine() && fail(out, why); }
@@ -4717,7 +4720,7 @@ async function loadAgents(boot) {
   if (d.agents.includes(saved("agent"))) select.value = saved("agent");
   statusLine(); ready();
   if (!boot) await openChat(saved("cid"));
-  else if (e === epoch) await showChat(saved("cid"));  // no reset: a message may be on its way
+  else if (e === epoch) await showChat(saved("cid"));
 }
 $("form").onsubmit = (e) => {
   e.preventDefault();
@@ -4738,7 +4741,7 @@ $("new").onclick = () => { openChat(null); $("chats").hidden = true; $("text").f
 $("chatsbtn").onclick = () => { if (!($("chats").hidden = !$("chats").hidden)) chats(); };
 $("savekey").onclick = () => { saved("key", $("key").value.trim()); $("key").value = ""; loadAgents(); };
 $("key").onkeydown = (e) => { if (e.key === "Enter") $("savekey").click(); };
-loadAgents(true);
+booting = loadAgents(true);
 """
 
 PAGE_HTML = r"""<!doctype html>
