@@ -135,6 +135,15 @@ def pump_until(page, predicate, what: str) -> None:
         page.wait_for_timeout(20)
 
 
+def two_chats(page, fake) -> None:
+    """Two saved chats, each one turn: "about cats" (older), then "about dogs" (the one shown)."""
+    for question, answer in (("about cats", "Cats purr."), ("about dogs", "Dogs bark.")):
+        page.click("#new")
+        fake.script = Script(tokens=[answer])
+        send(page, question)
+        expect(done_replies(page)).to_have_text([answer])
+
+
 def stored_id(page) -> str | None:
     return page.evaluate("localStorage.getItem('piagent.cid')")
 
@@ -239,11 +248,7 @@ def test_a_message_sent_before_the_page_has_loaded_is_sent_after_it_and_continue
 
 def test_a_chat_opened_before_the_page_has_loaded_is_shown_once(page_of, fake):
     page, _ = page_of()
-    for question, answer in (("about cats", "Cats purr."), ("about dogs", "Dogs bark.")):
-        page.click("#new")
-        fake.script = Script(tokens=[answer])
-        send(page, question)
-        expect(done_replies(page)).to_have_text([answer])
+    two_chats(page, fake)
     held = hold(page, "**/agents")
     page.reload()
     pump_until(page, lambda: held, "the page to ask for /agents")
@@ -398,11 +403,7 @@ def test_wide_screens_get_a_readable_column(page_of, fake):
 
 def test_recent_chats_reopen_and_delete(page_of, fake):
     page, server = page_of()
-    for question, answer in (("about cats", "Cats purr."), ("about dogs", "Dogs bark.")):
-        page.click("#new")
-        fake.script = Script(tokens=[answer])
-        send(page, question)
-        expect(done_replies(page)).to_have_text([answer])
+    two_chats(page, fake)
     page.click("#chatsbtn")
     rows = page.locator("#chats .chat")
     expect(rows).to_have_count(2)
