@@ -353,6 +353,8 @@ REDIS_PREFIX = "piagent:"
 REDIS_EXPIRE_MARGIN_S = 60
 #: The conversation list API returns at most this many per page.
 MAX_PAGE = 100
+#: A listed conversation's preview: its first kept user message, cut to this many characters.
+PREVIEW_CHARS = 80
 
 
 class Turn(NamedTuple):
@@ -362,6 +364,15 @@ class Turn(NamedTuple):
     assistant: str
     created_at: float = 0.0  # when it was stored, epoch seconds
     index: int = 0  # its number in the conversation: 0 for the first turn ever, even once that was forgotten
+
+
+class Listed(NamedTuple):
+    """A conversation as the list shows it, before it is opened."""
+
+    conversation_id: str
+    agent: str
+    last_used: float
+    preview: str  # the first kept user message, at most PREVIEW_CHARS characters
 
 
 @dataclass
@@ -395,8 +406,8 @@ class MemoryStore(Protocol):
     async def delete(self, conversation_id: str) -> None:
         """Forget the conversation (nothing happens if it is unknown)."""
 
-    async def recent(self, limit: int, before: float | None, owner: str = "") -> list[tuple[str, str, float]]:
-        """(id, agent, last_used) of live conversations used before `before`, owned by `owner`, newest first."""
+    async def recent(self, limit: int, before: float | None, owner: str = "") -> list[Listed]:
+        """Live conversations used before `before`, owned by `owner`, newest first."""
 
     async def count(self) -> int:
         """How many live conversations are kept."""
@@ -481,9 +492,10 @@ class InProcessStore(CappedStore):
         self._sweep(self.clock())
         return len(self._kept)
 
-    async def recent(self, limit: int, before: float | None, owner: str = "") -> list[tuple[str, str, float]]:
+    async def recent(self, limit: int, before: float | None, owner: str = "") -> list[Listed]:
         self._sweep(self.clock())
-        found = ((cid, kept.agent, kept.last_used) for cid, kept in reversed(self._kept.items())  # newest first
+        found = (Listed(cid, kept.agent, kept.last_used, kept.turns[0].user[:PREVIEW_CHARS] if kept.turns else "")
+                 for cid, kept in reversed(self._kept.items())  # newest first
                  if (before is None or kept.last_used < before) and kept.agent.startswith(owner))
         return list(itertools.islice(found, limit))
 
@@ -673,13 +685,14 @@ class SQLiteStore(CappedStore):
                                f"restart piagent (sudo systemctl restart piagent) to start a new memory")
             raise
 
-    async def recent(self, limit: int, before: float | None, owner: str = "") -> list[tuple[str, str, float]]:
-        def read() -> list[tuple[str, str, float]]:
-            return self._db.execute(
-                "SELECT id, agent, last_used FROM conversations WHERE last_used > ? AND last_used < ? "
+    async def recent(self, limit: int, before: float | None, owner: str = "") -> list[Listed]:
+        def read() -> list[Listed]:
+            return [Listed(*row) for row in self._db.execute(
+                "SELECT id, agent, last_used, coalesce((SELECT substr(user, 1, ?) FROM turns WHERE conversation_id = "
+                "conversations.id ORDER BY seq LIMIT 1), '') FROM conversations WHERE last_used > ? AND last_used < ? "
                 "AND substr(agent, 1, ?) = ? ORDER BY last_used DESC LIMIT ?",
-                (self.clock() - self.ttl_s, math.inf if before is None else before, len(owner), owner,
-                 limit)).fetchall()
+                (PREVIEW_CHARS, self.clock() - self.ttl_s, math.inf if before is None else before, len(owner), owner,
+                 limit))]
 
         return await self._run(read)
 
@@ -795,7 +808,7 @@ class RedisStore(CappedStore):
     async def count(self) -> int:
         return await self._call(self._redis.zcount(f"{REDIS_PREFIX}recent", f"({self.clock() - self.ttl_s!r}", "+inf"))
 
-    async def recent(self, limit: int, before: float | None, owner: str = "") -> list[tuple[str, str, float]]:
+    async def recent(self, limit: int, before: float | None, owner: str = "") -> list[Listed]:
         low, high, rows = self.clock() - self.ttl_s, "+inf" if before is None else f"({before!r}", []
         for start in range(0, self.max_conversations, MAX_PAGE):  # pages, until `limit` of this owner's
             found = await self._call(self._redis.zrevrangebyscore(
@@ -804,7 +817,13 @@ class RedisStore(CappedStore):
                 for conversation_id, _ in found:
                     pipe.hget(f"{REDIS_PREFIX}meta:{conversation_id}", "agent")
                 agents = await self._call(pipe.execute())
-            rows += [(cid, a or "", used) for (cid, used), a in zip(found, agents) if (a or "").startswith(owner)]
+            mine = [(cid, a, used) for (cid, used), a in zip(found, agents) if (a or "").startswith(owner)]
+            async with self._redis.pipeline(transaction=False) as pipe:  # the first turns of this owner's only
+                for conversation_id, _, _ in mine[:limit - len(rows)]:
+                    pipe.lindex(f"{REDIS_PREFIX}turns:{conversation_id}", 0)
+                firsts = await self._call(pipe.execute())
+            rows += [Listed(cid, a or "", used, _turn_from_json(first).user[:PREVIEW_CHARS] if first else "")
+                     for (cid, a, used), first in zip(mine, firsts)]
             if len(rows) >= limit or len(found) < MAX_PAGE:
                 return rows[:limit]
         return rows[:limit]
@@ -3864,7 +3883,7 @@ class ModelList(BaseModel): object: Literal["list"]; data: list[ModelCard]  # no
 class ToolOut(BaseModel): name: str; arguments: Any; result: str | None = None; error: str | None = None  # noqa
 class TurnOut(BaseModel): user: str; assistant: str; created_at: str  # noqa: E701, E702
 class ConversationOut(BaseModel): conversation_id: str; agent: str; turns: list[TurnOut]  # noqa: E701, E702
-class ConversationSummary(BaseModel): conversation_id: str; agent: str; last_used: str  # noqa: E701, E702
+class ConversationSummary(BaseModel): conversation_id: str; agent: str; last_used: str; preview: str  # noqa
 
 
 class ChatResponse(BaseModel):
@@ -4437,10 +4456,10 @@ def add_conversation_routes(app: FastAPI, rt: Runtime) -> None:
             cursor = (before if before.tzinfo else before.replace(tzinfo=timezone.utc)).timestamp()
         with storage_errors():
             rows = await rt.store.recent(limit, cursor, mine(request)) if rt.store is not None else []
-        page = [{"conversation_id": cid, "agent": agent.split("/")[-1], "last_used": iso_time(used)}
-                for cid, agent, used in rows]
+        page = [{"conversation_id": row.conversation_id, "agent": row.agent.split("/")[-1],
+                 "last_used": iso_time(row.last_used), "preview": row.preview} for row in rows]
         more = len(page) == limit
-        return {"conversations": page, "next": repr(rows[-1][2]) if more else None,
+        return {"conversations": page, "next": repr(rows[-1].last_used) if more else None,
                 "next_before": page[-1]["last_used"] if more else None}
 
 
@@ -4697,7 +4716,7 @@ async function chats() {
   for (const c of list) {
     const id = c.conversation_id, row = box.appendChild(el("div", "chat" + (id === saved("cid") ? " on" : "")));
     const open = row.appendChild(el("button", "open")), del = row.appendChild(el("button", "del", "Delete"));
-    const title = open.appendChild(el("span", "", c.preview || "\u2026"));
+    open.append(el("span", "", c.preview || "(empty)"));
     open.append(el("small", "", c.agent + " \u00b7 " + new Date(c.last_used).toLocaleString([], {dateStyle: "medium", timeStyle: "short"})));
     open.type = del.type = "button";
     open.onclick = () => { box.hidden = true; openChat(id); };
@@ -4706,8 +4725,6 @@ async function chats() {
       if (id === saved("cid")) reset(null);
       if (await ask(conv(id), {method: "DELETE"})) row.remove();
     };
-    if (!c.preview) call(conv(id)).then((r) => r.ok ? r.json() : null)
-      .then((d) => { title.textContent = d?.turns[0]?.user || "(empty)"; }).catch(() => {});
   }
 }
 async function loadAgents(boot) {

@@ -54,10 +54,36 @@ def wait_until(predicate, timeout: float = DEADLINE_S, what: str = "condition") 
         time.sleep(0.005)
 
 
+def _port_slice() -> range:
+    """This process's ports for free_port(): a slice, its own among the xdist workers, of the ports below the kernel's
+    ephemeral range (/proc/sys/net/ipv4/ip_local_port_range), which bind(0) and outgoing connections draw from."""
+    try:
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    low, high = 10000, max(10000 + 64 * 64, min(ephemeral_low, 32768))
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").lstrip("gw") or 0) % 64
+    width = (high - low) // 64
+    return range(low + worker * width, low + (worker + 1) * width)
+
+
+_unused_ports = iter(_port_slice())
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port for a server a test starts by number (a subprocess, redis-server). Not one from bind(0): that
+    port is free only until the next bind(0) or outgoing connection anywhere on the machine, and a server another
+    worker started meanwhile once took one. These come from this worker's slice below the ephemeral range, each
+    handed out once, and are checked free now."""
+    for port in _unused_ports:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # some other program's
+            return port
+    raise AssertionError("this test process has used up its slice of free ports")
 
 
 @pytest.fixture
@@ -564,7 +590,7 @@ def test_store_forgets_idle_conversations_after_ttl_and_a_read_is_a_use(memory_e
         assert await store.history("used")  # reading is a use: its idle time starts again
         clock.now += 15
         return (await store.history("old"), await store.history("used"), await store.get("old"),
-                [cid for cid, _, _ in await store.recent(10, None)])
+                [row.conversation_id for row in await store.recent(10, None)])
 
     old, used, old_info, listed = with_store(memory_env(backend), clock, scenario, MEMORY_TTL_MIN=1)
     assert old == [] and [(t.user, t.assistant) for t in used] == [("u", "a")]
@@ -601,10 +627,10 @@ def test_store_caps_hold_under_churn_keeping_the_most_recent(memory_env, backend
             page += rows
             if len(rows) < 100:
                 break
-            before = rows[-1][2]
+            before = rows[-1].last_used
         return page
 
-    kept = [cid for cid, _, _ in with_store(memory_env(backend), clock, scenario, MEMORY_MAX_CONVERSATIONS=250)]
+    kept = [row.conversation_id for row in with_store(memory_env(backend), clock, scenario, MEMORY_MAX_CONVERSATIONS=250)]
     assert kept == [f"c{i}" for i in range(2499, 2249, -1)]  # exactly the 250 most recent, newest first
 
 
@@ -619,14 +645,20 @@ def test_store_gets_lists_and_deletes_conversations(memory_env, backend):
         got = await store.get("x")
         listed = await store.recent(10, None)
         older = await store.recent(10, 1000.5)
+        clock.now += 1
+        await store.append("z", "general", "\u00e9" * 100, "a")  # a preview is cut in characters, not bytes
+        await store.append("z", "general", "later", "a")
+        (long,) = await store.recent(1, None)
         await store.delete("x")
         await store.delete("never-was")
-        return got, listed, older, await store.get("x"), await store.history("x")
+        return got, listed, older, long, await store.get("x"), await store.history("x")
 
-    got, listed, older, after_delete, history = with_store(memory_env(backend), clock, scenario)
+    got, listed, older, long, after_delete, history = with_store(memory_env(backend), clock, scenario)
+    assert long == ("z", "general", 1002.0, "\u00e9" * piagent.PREVIEW_CHARS)
     assert (got.conversation_id, got.agent, got.last_used) == ("x", "coder", 1000.0)
     assert [(t.user, t.assistant, t.created_at) for t in got.turns] == [("u1", "a1", 1000.0)]
-    assert listed == [("y", "general", 1001.0), ("x", "coder", 1000.0)] and older == [("x", "coder", 1000.0)]
+    assert listed == [("y", "general", 1001.0, "u2"), ("x", "coder", 1000.0, "u1")]
+    assert older == [("x", "coder", 1000.0, "u1")]
     assert after_delete is None and history == []
 
 
@@ -748,8 +780,8 @@ def test_conversation_api_reads_lists_and_forgets(serve_local, fake, memory_env,
     assert (turn["user"], turn["assistant"]) == ("one", "Hello from the Pi!")
     assert datetime.fromisoformat(turn["created_at"]).tzinfo is not None
     listed = server.get("/conversations").json()
-    assert [(c["conversation_id"], c["agent"]) for c in listed["conversations"]] == [("second", "coder"),
-                                                                                      ("first", "general")]
+    assert [(c["conversation_id"], c["agent"], c["preview"]) for c in listed["conversations"]] == [
+        ("second", "coder", "two"), ("first", "general", "one")]
     assert listed["next_before"] is None
     page = server.get("/conversations", params={"limit": 1}).json()
     assert [c["conversation_id"] for c in page["conversations"]] == ["second"]

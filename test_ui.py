@@ -404,10 +404,14 @@ def test_wide_screens_get_a_readable_column(page_of, fake):
 def test_recent_chats_reopen_and_delete(page_of, fake):
     page, server = page_of()
     two_chats(page, fake)
+    asked = []
+    page.on("request", lambda r: asked.append(r.url.split("/", 3)[3]))
     page.click("#chatsbtn")
     rows = page.locator("#chats .chat")
     expect(rows).to_have_count(2)
     expect(rows.locator(".open span")).to_have_text(["about dogs", "about cats"])  # newest first
+    assert [p for p in asked if p.startswith("conversations")] == ["conversations?limit=20"]  # one request: the
+    # list carries each chat's first message (a Pi with many chats is not asked for each one's whole history)
     expect(page.locator("#chats .chat.on .open span")).to_have_text("about dogs")  # the one shown
     rows.nth(1).locator(".open").click()
     expect(page.locator("#chats")).to_be_hidden()
