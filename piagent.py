@@ -127,6 +127,7 @@ class ConversationNotFound(PiagentError): status, code = 404, "conversation_not_
 class MessageTooLong(PiagentError): status, code = 413, "message_too_long"  # noqa: E701
 class PromptTooLarge(PiagentError): status, code = 413, "prompt_too_large"  # noqa: E701
 class BodyTooLarge(PiagentError): status, code = 413, "body_too_large"  # noqa: E701
+class BodyTimeout(PiagentError): status, code = 408, "request_timeout"  # noqa: E701
 class Unauthorized(PiagentError): status, code = 401, "unauthorized"  # noqa: E701
 class RateLimited(PiagentError): status, code = 429, "rate_limited"  # noqa: E701
 class HostNotAllowed(PiagentError): status, code = 400, "host_not_allowed"  # noqa: E701
@@ -208,7 +209,7 @@ class Config:
     shutdown_grace_s: float = 10.0  # on SIGTERM, in-flight streams get this long to finish
     write_timeout_s: float = 30.0  # a client that reads nothing of a stream for this long is dropped
     max_connections: int = 256  # open client connections; more are answered 503 at once and closed
-    header_timeout_s: float = 10.0  # a connection must send a whole request head within this (slow clients)
+    header_timeout_s: float = 10.0  # a connection must send a whole request head within this, then its body
     enable_ui: bool = True  # the chat page at /
     metrics_public: bool = False  # /metrics without a key (for a Prometheus on the LAN)
     warmup: bool = True  # load each agent's model at start-up (Ollama only), so the first chat is not cold
@@ -1092,6 +1093,24 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON number")
 
 
+#: The deepest nesting accepted in JSON from anywhere (a request, an upstream, an MCP server): real ones nest a few
+#: levels, and a value nested near Python's limit parses but fails later, when piagent sends it on.
+MAX_JSON_DEPTH = 64
+
+
+def too_deep(value: Any, limit: int) -> str | None:
+    """Where a JSON value nests lists and objects more than `limit` deep (its first levels), or None."""
+    stack: list[tuple[tuple, Any]] = [((), value)] if isinstance(value, (dict, list)) else []
+    while stack:
+        where, value = stack.pop()
+        for key, child in value.items() if isinstance(value, dict) else enumerate(value):
+            if isinstance(child, (dict, list)):
+                if len(where) + 1 >= limit:  # named by its first levels: the field that holds it
+                    return json_path((*where, key)[:6]) + "..."
+                stack.append(((*where, key), child))
+    return None
+
+
 #: What a lone surrogate looks like in JSON text: a \ud800-\udfff escape, or (in bytes) its UTF-8 form.
 SURROGATE_HINT, SURROGATE_HINT_BYTES = re.compile(r"\\u[dD][89a-fA-F]|[\ud800-\udfff]"), re.compile(
     rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
@@ -1102,8 +1121,14 @@ def external_json(raw: str | bytes, strict: bool = True) -> Any:
     store; else ValueError saying why (not JSON, nested too deep, NaN or Infinity, a lone surrogate)."""
     try:
         value = json.loads(raw, strict=strict, parse_constant=_no_constant)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
     except RecursionError:
         raise ValueError("nested too deep") from None
+    opening = ("[", "{") if isinstance(raw, str) else (b"[", b"{")
+    if raw.count(opening[0]) + raw.count(opening[1]) > MAX_JSON_DEPTH and (
+            where := too_deep(value, MAX_JSON_DEPTH)) is not None:
+        raise ValueError(f"{where} is nested deeper than {MAX_JSON_DEPTH} levels")
     hint = SURROGATE_HINT if isinstance(raw, str) else SURROGATE_HINT_BYTES
     if hint.search(raw) and (where := lone_surrogate(value)) is not None:
         raise ValueError(f"{where} holds {LONE_SURROGATE}, which is not text")
@@ -1244,7 +1269,7 @@ class HTTPProvider:
         try:
             data = external_json(raw)
         except ValueError as exc:
-            raise UpstreamError(f"{self.label} sent a reply that is not JSON ({exc})") from None
+            raise UpstreamError(f"{self.label} sent a reply piagent cannot use ({exc})") from None
         return typed(data, dict, "its reply", self.label) or {}
 
     async def stream_lines(self, path: str, body: dict[str, Any], model: str) -> AsyncIterator[bytes]:
@@ -1325,7 +1350,7 @@ class OllamaProvider(HTTPProvider):
         try:
             chunk = external_json(line)
         except ValueError as exc:
-            raise UpstreamError(f"Ollama sent a line that is not JSON ({exc}): {line[:80]!r}") from None
+            raise UpstreamError(f"Ollama sent a line piagent cannot use ({exc}): {line[:80]!r}") from None
         if not isinstance(chunk, dict):
             raise UpstreamError(f"Ollama sent an unexpected line: {line[:80]!r}")
         if chunk.get("error"):
@@ -1518,7 +1543,7 @@ class OpenAIProvider(HTTPProvider):
         try:
             chunk = external_json(event[1])
         except ValueError as exc:
-            raise UpstreamError(f"{self.label} sent an event that is not JSON ({exc}): {event[1][:80]!r}") from None
+            raise UpstreamError(f"{self.label} sent an event piagent cannot use ({exc}): {event[1][:80]!r}") from None
         if not isinstance(chunk, dict) or chunk.get("error"):
             raise UpstreamError(f"{self.label}: {upstream_error_text(event[1].encode(), 200)}")
         delta = typed(self._choice(chunk, usage).get("delta"), dict, "choices[0].delta", self.label) or {}
@@ -2497,8 +2522,6 @@ MAX_RATE_BUCKETS = 10_000
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 #: Wrong keys one client address may send a minute before it is refused with 429 (key guessing is slow).
 AUTH_FAILURES_PER_MIN = 10
-#: The deepest nesting accepted anywhere in a JSON body (a real request nests a few levels).
-MAX_JSON_DEPTH = 64
 #: Host names a keyless server on loopback answers to (with ALLOWED_HOSTS): a web page that points its own
 #: DNS name at 127.0.0.1 (DNS rebinding) is refused.
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -2803,15 +2826,20 @@ class Guards:
         if declared.isdigit() and int(declared) > limit:
             raise too_large
         body, more = bytearray(), True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return receive  # the client left; let the app see it
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > limit:
-                raise too_large
-        problem = json_problem(body) if body[:1] in (b"{", b"[") else None
+        try:  # a body that stalls would hold its connection (and a MAX_CONNECTIONS place) for ever
+            async with asyncio.timeout(self.config.header_timeout_s):
+                while more:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        raise ClientGone()  # it left mid-body: nobody to answer
+                    body += message.get("body", b"")
+                    more = message.get("more_body", False)
+                    if len(body) > limit:
+                        raise too_large
+        except TimeoutError:
+            raise BodyTimeout(f"the request body did not arrive within {self.config.header_timeout_s:g} s "
+                              f"(HEADER_TIMEOUT_S): send it whole, at once", {"Connection": "close"}) from None
+        problem = json_problem(body) if body else None  # whatever the first byte (a space, a BOM): a route may parse it
         if problem is not None:
             raise InvalidRequest(problem)
         replayed = False
@@ -3344,25 +3372,33 @@ class OllamaDoor(Door):
                 "eval_count": u.completion_tokens or len(x.sent), "eval_duration": ns(now - first)}
 
 
-async def embed(rt: Runtime, model: str, texts: list[str], extra: dict[str, Any]) -> tuple[list[Any], int | None]:
-    """(one vector per text, prompt tokens) from the upstream, in a slot of the gate; only Ollama takes `extra`."""
+async def embed(rt: Runtime, model: str, texts: list[str], extra: dict[str, Any],
+                receive: Callable[[], Awaitable[dict]]) -> tuple[list[Any], int | None]:
+    """(one vector per text, prompt tokens) from the upstream, in a slot of the gate; only Ollama takes `extra`.
+    Run as an exchange's events are (Relay): a client that leaves, in line or mid-call, stops it and frees the slot."""
     provider = rt.provider
     if not isinstance(provider, HTTPProvider):
         raise InvalidRequest(f"PROVIDER={provider.name} has no embeddings")
-    ticket = rt.gate.enter(None)
-    try:
-        await ticket.future
-        if isinstance(provider, OllamaProvider):
-            data = await provider.post_json("/api/embed", {**extra, "model": model, "input": texts}, model)
-            vectors = typed(data.get("embeddings"), list, "embeddings", provider.label) or []
-            return vectors, typed(data.get("prompt_eval_count"), int, "prompt_eval_count", provider.label)
-        data = await provider.post_json("/embeddings", {"model": model, "input": texts}, model)
-        items = [i for i in typed(data.get("data"), list, "data", provider.label) or [] if isinstance(i, dict)]
-        vectors = [i.get("embedding") for i in sorted(items, key=lambda i: i.get("index") or 0)]
-        used = typed(data.get("usage"), dict, "usage", provider.label) or {}
-        return vectors, typed(used.get("prompt_tokens"), int, "usage.prompt_tokens", provider.label)
-    finally:
-        rt.gate.leave(ticket)
+
+    async def vectors() -> AsyncIterator[tuple[list[Any], int | None]]:
+        ticket = rt.gate.enter(None)
+        try:
+            await ticket.future
+            if isinstance(provider, OllamaProvider):
+                data = await provider.post_json("/api/embed", {**extra, "model": model, "input": texts}, model)
+                found = typed(data.get("embeddings"), list, "embeddings", provider.label) or []
+                yield found, typed(data.get("prompt_eval_count"), int, "prompt_eval_count", provider.label)
+                return
+            data = await provider.post_json("/embeddings", {"model": model, "input": texts}, model)
+            items = [i for i in typed(data.get("data"), list, "data", provider.label) or [] if isinstance(i, dict)]
+            found = [i.get("embedding") for i in sorted(items, key=lambda i: i.get("index") or 0)]
+            used = typed(data.get("usage"), dict, "usage", provider.label) or {}
+            yield found, typed(used.get("prompt_tokens"), int, "usage.prompt_tokens", provider.label)
+        finally:
+            rt.gate.leave(ticket)
+
+    async with Relay(vectors(), receive, rt.drain.expired) as relay:
+        return await relay.next(None)
 
 
 #: Seconds /api/tags and /api/show wait for the upstream's own model details (Home Assistant allows 5 in all).
@@ -3713,6 +3749,8 @@ class RequestLog:
 
         try:
             await self.app(scope, receive, send_and_note)
+        except ClientGone:  # it left before its answer (mid-body, or waiting for a slot): logged as 499
+            fields["error"] = "client_gone"
         except Exception as exc:  # a bug: whatever the routes and streams did not turn into a response
             log.error("unexpected error on %s %s", scope["method"], scope["path"], exc_info=exc)
             if fields["status"] is None:
@@ -4228,7 +4266,12 @@ def ollama_sampling(config: Config, body: OllamaAsk) -> Sampling:
     number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
     max_tokens = min(int(asked), config.max_tokens) if number(asked) and asked >= 1 else config.max_tokens
     extra = {k: v for k, v in body.model_dump(include=set(OLLAMA_PASSED_FIELDS)).items() if v not in (None, "")}
-    return Sampling(max_tokens, float(heat) if number(heat) else config.temperature, {**extra, "options": options})
+    try:
+        temperature = float(heat) if number(heat) else config.temperature
+    except OverflowError:  # an integer past any float
+        raise InvalidRequest(f"options.temperature: {str(heat)[:12]}... is too large; send a number such as "
+                             f"{config.temperature:g}") from None
+    return Sampling(max_tokens, temperature, {**extra, "options": options})
 
 
 def ollama_as_openai(messages: list[OllamaMessage]) -> list[OpenAIMessage]:
@@ -4345,7 +4388,8 @@ def add_ollama_routes(app: FastAPI, rt: Runtime) -> None:
         for text in texts:
             check_length(config, text)
         model = config.embed_model or agent.model
-        vectors, tokens = await embed(rt, model, texts, embed_fields(config, body)) if texts else ([], None)
+        vectors, tokens = await embed(rt, model, texts, embed_fields(config, body), request.receive) if texts else (
+            [], None)
         if legacy:
             return {"embedding": vectors[0] if vectors else []}
         return {"model": body.model, "embeddings": vectors, "prompt_eval_count": tokens or 0,

@@ -270,6 +270,14 @@ def nested_brackets(depth: int) -> str:
     return "[" * depth + "]" * depth
 
 
+def nested_object(depth: int) -> dict:
+    """{"a": {"a": ... {}}}, `depth` objects deep."""
+    value: dict = {}
+    for _ in range(depth - 1):
+        value = {"a": value}
+    return value
+
+
 # ---------------------------------------------------------------------------
 # 4) Client bad input is refused at the door: 422 naming the field, never upstream, never counted as upstream
 # ---------------------------------------------------------------------------
@@ -307,6 +315,11 @@ DOOR_CASES = {
         f'{{"type":"object","x":{nested_brackets(65)}}}')), "tools.0.function.parameters"),
     "v1-tool-schema-960-deep": ("/v1/chat/completions", _v1_body(tools=_tool(
         f'{{"type":"object","x":{nested_brackets(960)}}}')), "tools.0.function.parameters"),
+    # whatever comes before the JSON (a space, a UTF-8 byte order mark), a route may still read it: checked as well
+    "v1-content-surrogate-after-a-space": ("/v1/chat/completions", b" " + _v1_body(
+        f'[{{"role":"user","content":"x{SURROGATE}"}}]'), "messages.0.content"),
+    "chat-ignored-field-nan-after-a-bom": ("/chat", b'\xef\xbb\xbf{"message":"hi","conversation_id":"door",'
+                                                    b'"temperature":NaN}', "temperature"),
 }
 
 
@@ -356,6 +369,9 @@ BROKEN = {  # name: (Script.mangle, a field path the error message names)
     # in UTF-8's form in a streamed line: Python's JSON reader takes both)
     "content-lone-surrogate": (_change({"piece", "whole"}, _with_message(content="bad \ud800 text")),
                                "message.content"),
+    # readable, but nested past what piagent sends on (near Python's limit it would fail later, sending it on)
+    "tool-arguments-100-deep": (_change({"piece", "whole"}, _with_message(tool_calls=[
+        {"function": {"name": "calc", "arguments": nested_object(100)}}])), "message.tool_calls.0.function.arguments"),
 }
 
 
@@ -1406,3 +1422,106 @@ def test_a_stream_blocked_on_a_slow_client_ends_when_the_shutdown_grace_does(fak
     text = log.read_text()
     assert re.search(r"POST /chat 200 .*error=shutting_down", text), text[-2000:]
     assert "Cancel 1 running task" not in text, text[-2000:]
+
+
+# ---------------------------------------------------------------------------
+# 11) What a hostile tester found: a body that never ends, a client leaving mid-body, numbers past a float
+# ---------------------------------------------------------------------------
+
+STALLED_BODIES = [  # a head, then part of a body (or none), then nothing
+    b"POST /chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 40\r\n\r\n"
+    b'{"mess',
+    b"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\nfff\r\n{\"model\"",
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    b"Content-Length: 10\r\n\r\n",
+]
+
+
+def _until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (within DEADLINE)."""
+    data, end = b"", time.monotonic() + DEADLINE
+    sock.settimeout(DEADLINE)
+    while time.monotonic() < end:
+        try:
+            part = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not part:
+            break
+        data += part
+    else:
+        raise AssertionError(f"the connection was still open after {DEADLINE} s: {data!r}")
+    return data
+
+
+def test_a_body_that_never_ends_is_408_after_header_timeout_and_frees_its_connection(hserve, fake):
+    """Without it, MAX_CONNECTIONS such requests (no key needed: the body is read before the key is checked) held
+    every connection for ever, and everyone else got 503 too_many_connections."""
+    server = hserve(MAX_CONNECTIONS=len(STALLED_BODIES), HEADER_TIMEOUT_S=0.5)
+    socks = [socket.create_connection(("127.0.0.1", server.port), timeout=DEADLINE) for _ in STALLED_BODIES]
+    try:
+        for sock, head in zip(socks, STALLED_BODIES):
+            sock.sendall(head)
+        for sock in socks:
+            answer = _until_closed(sock)
+            assert answer.startswith(b"HTTP/1.1 408"), answer
+            assert b"HEADER_TIMEOUT_S" in answer and b"connection: close" in answer.lower(), answer
+    finally:
+        for sock in socks:
+            sock.close()
+    assert fake.generations() == [] and statuses_counted(server, "500") == 0
+    assert_whole(server, fake, "after-stalls", None)
+
+
+@pytest.mark.parametrize("path", ["/chat", "/v1/chat/completions", "/api/chat", "/api/generate", "/api/embed"])
+def test_a_client_that_leaves_mid_body_is_logged_as_499_not_as_a_bug(hserve, fake, caplog, path):
+    caplog.set_level("INFO", logger="piagent")
+    server = hserve()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=DEADLINE) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: 100\r\n\r\n{{\"model\":".encode())
+    wait_until(lambda: statuses_counted(server, "499") == 1, timeout=DEADLINE, what="the request to be logged as 499")
+    assert statuses_counted(server, "500") == 0 and fake.generations() == []
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], [r.getMessage() for r in caplog.records]
+    (record,) = [r.request for r in caplog.records if getattr(r, "request", {}).get("path") == path]
+    assert record["status"] == 499 and record["error"] == "client_gone"
+    assert_whole(server, fake, "after-leaving", None)
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/api/generate"])
+@pytest.mark.parametrize("stream", [True, False])
+def test_ollama_options_past_a_float_are_refused_naming_the_option(hserve, fake, path, stream):
+    server = hserve()
+    ask = {"messages": [{"role": "user", "content": "hi"}]} if path == "/api/chat" else {"prompt": "hi"}
+    huge = "1" + "0" * 400  # JSON allows it; as a float it is out of range
+    cases = {"options.temperature": f'{{"temperature":{huge}}}',
+             "options.num_predict": '{"num_predict":Infinity}'}
+    for field, options in cases.items():
+        for before in (b"", b" ", b"\xef\xbb\xbf"):  # whatever comes before the JSON
+            body = json.dumps({"model": "general", "stream": stream, **ask})[:-1] + f',"options":{options}}}'
+            response = post(server, path, raw=before + body.encode())
+            assert response.status_code == 400, (field, before, response.status_code, response.text)
+            if not before.startswith(b"\xef"):  # behind a byte order mark, the route's reader refuses the whole body
+                assert field in response.json()["error"], response.text
+    assert fake.generations() == [] and statuses_counted(server, "500") == 0
+    assert_whole(server, fake, "after-options", None)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_arguments_nested_near_pythons_limit_are_a_502_not_a_bug(hserve, fake, stream):
+    """Such arguments parse, but sending them back to the model in the next round recursed too deep (a 500, and a
+    stream cut with no error event)."""
+    server = hserve(AGENT_GENERAL_TOOLS="calc")
+    fake.script = Script(tool_rounds=[[("calc", nested_object(900))]], echo_tools=True)
+    body = {"message": "hi", "conversation_id": "deep-args", "stream": stream}
+    if stream:
+        with httpx.stream("POST", f"{server.url}/chat", json=body, headers=SSE, timeout=DEADLINE) as response:
+            response.read()  # the calls come before any text: the failure is the reply's status, not an event
+        assert response.status_code == 502, (response.status_code, response.text)
+        _assert_upstream_error(error_of(response), "message.tool_calls")
+    else:
+        response = chat(server, **body)
+        assert response.status_code == 502, (response.status_code, response.text)
+        _assert_upstream_error(error_of(response), "message.tool_calls")
+    assert statuses_counted(server, "500") == 0
+    assert_whole(server, fake, "deep-args", None)

@@ -7,6 +7,8 @@ parses. piagent runs under uvicorn on a loopback port in front of fake_ollama.Fa
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import time
@@ -235,6 +237,43 @@ def test_embed_keeps_num_ctx_within_ctx_tokens_as_chat_does(serve, upstream, ask
                                                              "options": {"num_ctx": asked}})
     assert response.status_code == 200
     assert received(upstream, "/api/embed")[-1]["options"] == {"num_ctx": sent}
+
+
+def test_an_embed_whose_client_leaves_frees_its_place_in_line_and_its_call_upstream(serve, upstream):
+    """An embed is run as a generation is: a client that leaves while it waits for the slot takes its place in line
+    with it (the upstream never hears of it), and one that leaves mid-call closes the upstream request."""
+    answering, inner = [], upstream._dispatch
+
+    async def dispatch(req, reader, writer):  # "held": the upstream answers only once piagent hangs up
+        if req.path == "/api/embed" and (req.body or {}).get("input") == ["held"]:
+            upstream.requests.append(req)
+            answering.append(req)
+            with contextlib.suppress(ConnectionError, asyncio.TimeoutError):
+                await asyncio.wait_for(reader.read(1), DEADLINE_S)  # b"": piagent closed the connection
+            upstream.hangups.append(time.monotonic())
+            return False
+        return await inner(req, reader, writer)
+
+    upstream._dispatch = dispatch
+    upstream.script = Script(tokens=["A1", "A2"], hold_after=1)
+    server = serve(MAX_CONCURRENT=1, MAX_QUEUE=1)
+    gate = server.app.state.runtime.gate
+    with httpx.stream("POST", f"{server.url}/chat", json={"message": "a", "stream": True}, timeout=DEADLINE_S) as held:
+        pieces = held.iter_text()  # kept: a dropped iterator would close the response
+        assert next(pieces) == "A1"  # the slot is taken
+        waiting = raw_post(server.port, "/api/embed", {"model": "general", "input": ["queued"]})
+        wait_until(lambda: gate.queued == 1, what="the embed to wait in line")
+        waiting.close()
+        wait_until(lambda: gate.queued == 0, what="the embed to leave the line with its client")
+        upstream.script.release.set()
+        assert "".join(pieces) == "A2"
+    mid_call = raw_post(server.port, "/api/embed", {"model": "general", "input": ["held"]})
+    wait_until(lambda: answering, what="the embed to reach the upstream")
+    mid_call.close()
+    wait_until(lambda: upstream.hangups, what="piagent to close the upstream embed request")
+    wait_until(lambda: gate.active == 0, what="the slot to be free")
+    assert [r.body["input"] for r in upstream.requests if r.path == "/api/embed"] == [["held"]]  # never ["queued"]
+    assert client(server).embed("general", "next").embeddings == [VECTOR]
 
 
 def test_embed_with_an_openai_upstream_uses_v1_embeddings(serve_openai, upstream):

@@ -2988,7 +2988,8 @@ def test_service_unit_verifies_clean(tmp_path):
 @pytest.mark.slow  # a fresh venv and a pip install
 def test_pi_install_rehearsal_runs_the_readme_steps_and_starts_like_the_unit():
     result = subprocess.run(["bash", str(HERE / "scripts/pi-install-check.sh")], capture_output=True, text=True,
-                            timeout=300, stdin=subprocess.DEVNULL)
+                            timeout=300, stdin=subprocess.DEVNULL,
+                            env={**os.environ, "REHEARSAL_PORTS": f"{free_port()} {free_port()}"})
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     # the README's own install lines ran (its --check passed against a fake Ollama), then the unit's way of starting
     assert "--check passed" in result.stdout

@@ -44,8 +44,8 @@ step "a copy of the project folder, with PORT and OLLAMA_HOST set in piagent.env
 mkdir -p "$root/src" "$root/var/lib/piagent"
 cp "$here"/piagent.py "$here"/requirements.txt "$here"/README.md "$here"/piagent.env "$here"/piagent.service \
    "$here"/fake_ollama.py "$root/src/"
-port=$(free_port)
-fake_port=$(free_port)
+# the tests pass two ports that no other test's server can be given meanwhile (test_piagent.free_port)
+read -r port fake_port <<< "${REHEARSAL_PORTS:-$(free_port) $(free_port)}"
 sed -i "s/^PORT=.*/PORT=$port/; s#^OLLAMA_HOST=.*#OLLAMA_HOST=http://127.0.0.1:$fake_port#" "$root/src/piagent.env"
 python3 "$root/src/fake_ollama.py" --port "$fake_port" > "$root/fake.log" 2>&1 &
 fake_pid=$!
