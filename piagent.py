@@ -1970,16 +1970,20 @@ def mcp_answer(request: Mapping[str, Any]) -> dict[str, Any]:
 
 def mcp_message(raw: str | bytes) -> dict[str, Any] | None:
     """A JSON-RPC message from a server, or None if the text is none. An answer piagent cannot pass on (a lone
-    surrogate, NaN) becomes an error answer to its call: the call fails now, not at its time-out. (One nested past
-    Python's reader cannot be read even for its id: it is skipped, and its call times out.)"""
+    surrogate, NaN, deep nesting) becomes an error answer to its call: the call fails now, not at its time-out; a
+    request with such params is still answered (by its method alone). (One nested past Python's reader cannot be read
+    even for its id: it is skipped, and its call times out.)"""
     try:
         message = external_json(raw)
     except ValueError as exc:
         with contextlib.suppress(ValueError, RecursionError):
             loose = json.loads(raw)
-            if isinstance(loose, dict) and "method" not in loose and type(loose.get("id")) in (int, str):
-                return {"jsonrpc": "2.0", "id": loose["id"], "error": {"code": -32603, "message": f"its answer is "
-                                                                       f"unusable: {exc}"}}
+            ident = loose.get("id") if isinstance(loose, dict) else None
+            if type(ident) is int or (type(ident) is str and is_text(ident)):
+                if "method" in loose:  # a request to us: mcp_answer reads only its method
+                    return {"jsonrpc": "2.0", "id": ident, "method": str(loose["method"])}
+                return {"jsonrpc": "2.0", "id": ident, "error": {"code": -32603, "message": f"its answer is "
+                                                                 f"unusable: {exc}"}}
         return None
     return message if isinstance(message, dict) else None
 

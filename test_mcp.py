@@ -454,6 +454,9 @@ def test_an_answer_piagent_cannot_pass_on_fails_its_call_at_once_and_the_next_ca
             assert await server.ready(20)
             with pytest.raises(ToolError, match=r"unusable: result\.content\.0\.text holds a lone surrogate"):
                 await server.call("odd", {})
+            with pytest.raises(ToolError, match=r"unusable: result\.structuredContent\.d\.0.* nested deeper than 64"):
+                await server.call("deep", {})
+            assert await server.call("asks", {}) == "pinged"  # its ping, params unusable, was answered all the same
             assert await server.call("plain", {}) == "fine"
         finally:
             await server.stop()

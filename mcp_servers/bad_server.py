@@ -6,8 +6,10 @@
     python bad_server.py noisy LINES -- COMMAND...
         writes LINES lines of garbage to stdout and LINES lines to stderr, then becomes COMMAND (exec).
     python bad_server.py unusable
-        a handshake-era server with tools `odd` and `plain`: odd's answer is valid JSON that holds a lone
-        surrogate ("\\ud800", which is not text), plain's is "fine".
+        a handshake-era server with tools `odd`, `deep`, `asks` and `plain`: odd's answer is valid JSON that holds
+        a lone surrogate ("\\ud800", which is not text), deep's nests 100 levels; asks first sends the client a
+        ping whose params hold a lone surrogate and answers "pinged" once the client answered it; plain's is
+        "fine".
 """
 
 import json
@@ -50,7 +52,7 @@ def noisy(argv: list[str]) -> None:
 
 def unusable(argv: list[str]) -> None:
     """Answer like a server of the handshake era; tools/call of `odd` gets a result piagent cannot pass on."""
-    tools = [{"name": name, "inputSchema": {"type": "object"}} for name in ("odd", "plain")]
+    tools = [{"name": name, "inputSchema": {"type": "object"}} for name in ("odd", "deep", "asks", "plain")]
     for line in sys.stdin:
         request = json.loads(line)
         method, params = request.get("method"), request.get("params") or {}
@@ -61,6 +63,19 @@ def unusable(argv: list[str]) -> None:
                                  "serverInfo": {"name": "unusable", "version": "0"}}}
         elif method == "tools/list":
             answer = {"result": {"tools": tools}}
+        elif method == "tools/call" and params.get("name") == "deep":
+            deep: list = []
+            for _ in range(99):
+                deep = [deep]
+            answer = {"result": {"content": [{"type": "text", "text": "deep"}], "structuredContent": {"d": deep}}}
+        elif method == "tools/call" and params.get("name") == "asks":
+            sys.stdout.write(json.dumps({"jsonrpc": "2.0", "id": "p1", "method": "ping", "params": {"x": "\ud800"}})
+                             + "\n")
+            sys.stdout.flush()
+            for reply in sys.stdin:  # the client's answer to the ping (the call waits for it)
+                if json.loads(reply).get("id") == "p1":
+                    break
+            answer = {"result": {"content": [{"type": "text", "text": "pinged"}]}}
         elif method == "tools/call":
             text = "\ud800" if params.get("name") == "odd" else "fine"  # json.dumps writes it as the escape \ud800
             answer = {"result": {"content": [{"type": "text", "text": text}]}}
