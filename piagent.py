@@ -19,6 +19,7 @@ import ast
 import asyncio
 import base64
 import contextlib
+import difflib
 import errno
 import hashlib
 import hmac
@@ -34,6 +35,7 @@ import re
 import shlex
 import signal
 import sqlite3
+import sys
 import time
 import uuid
 import zoneinfo
@@ -218,6 +220,7 @@ class Config:
     mcp_servers: tuple[McpServerConfig, ...] = ()  # MCP servers whose tools agents may list (MCP_SERVERS)
     mcp_max_result_chars: int = 8000  # an MCP tool's result is cut to this before the model reads it
     agents: tuple[Agent, ...] = field(default=(Agent("general", "qwen2.5:3b-instruct", DEFAULT_SYSTEM_PROMPT),))
+    unread: tuple[str, ...] = ()  # not a setting: env-file names nothing read (typos), each with a likely fix
 
     def agent(self, name: str) -> Agent | None:
         """The agent called `name`, or None."""
@@ -277,8 +280,10 @@ class _Settings:
 
     def __init__(self, values: Mapping[str, str]):
         self.values = values
+        self.asked: set[str] = set()  # every name read: what an env file sets beyond these is a typo
 
     def raw(self, key: str) -> str | None:
+        self.asked.add(key)
         value = self.values.get(key)
         return None if value is None or value.strip() == "" else value.strip()
 
@@ -752,7 +757,8 @@ class RedisStore(CappedStore):
         try:
             import redis.asyncio as aioredis
         except ImportError:
-            raise StoreError("MEMORY_BACKEND=redis needs the redis package: pip install redis") from None
+            raise StoreError(f"MEMORY_BACKEND=redis needs the redis package: {sys.executable} -m pip install "
+                             f"redis") from None
         self._redis = aioredis.from_url(self.url, socket_connect_timeout=3, socket_timeout=5, decode_responses=True)
         self._append = self._redis.register_script(REDIS_APPEND)
         self._history = self._redis.register_script(REDIS_HISTORY)
@@ -1212,6 +1218,9 @@ class HTTPProvider:
     async def raise_for_status(self, response: httpx.Response, model: str) -> None:
         """Turn an HTTP error from the upstream into the typed error a caller can act on."""
         status = response.status_code
+        if response.headers.get("x-piagent"):  # a piagent (this one, or another) would ask itself: no model there
+            raise UpstreamError(f"{self.url_field.upper()}={self.base_url} is a piagent, not {self.label}: set it to "
+                                f"{self.label}'s own address")
         if status < 400:
             return
         detail = upstream_error_text(await response.aread(), status)
@@ -1300,7 +1309,8 @@ class OllamaProvider(HTTPProvider):
 
     name, label, model_prefix, url_field = "ollama", "Ollama", "OLLAMA_MODEL_", "ollama_host"
     warm_by_default = True
-    start_hint = "start it (sudo systemctl start ollama, or ollama serve), or use another model server (PROVIDER)"
+    start_hint = ("start it (sudo systemctl start ollama, or ollama serve), fix OLLAMA_HOST if it runs elsewhere, or "
+                  "use another model server (PROVIDER)")
     key_hint = "Ollama itself needs no key: is OLLAMA_HOST really Ollama?"
 
     def not_found(self, model: str) -> str:
@@ -1919,7 +1929,9 @@ MCP_LOG_LINE_CHARS = 300
 #: Seconds a stdio server gets to exit at each step of stop: stdin closed, then SIGTERM, then SIGKILL (ref §3.5).
 MCP_STOP_GRACE_S = 2.0
 #: What a stdio server inherits from piagent's environment: never piagent's keys or the other servers' tokens.
-MCP_CHILD_ENV = ("HOME", "LOGNAME", "PATH", "SHELL", "TERM", "USER", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR")
+#: NODE_OPTIONS: the unit's --jitless, without which node cannot run under its MemoryDenyWriteExecute.
+MCP_CHILD_ENV = ("HOME", "LOGNAME", "PATH", "SHELL", "TERM", "USER", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR",
+                 "NODE_OPTIONS")
 
 
 def model_tool_name(server: str, tool: str) -> str:
@@ -2797,7 +2809,7 @@ class Guards:
         given = headers.get("x-request-id", "")
         fields["request_id"] = given if REQUEST_ID_PATTERN.match(given) else uuid.uuid4().hex
         fields["client"] = client_ip(scope, headers, self.config.trust_proxy)
-        extra_headers = [(b"x-request-id", fields["request_id"].encode())]
+        extra_headers = [(b"x-request-id", fields["request_id"].encode()), (b"x-piagent", b"1")]  # see raise_for_status
         head = scope["method"] == "HEAD"  # answered as GET, without the body
         scope["method"] = "GET" if head else scope["method"]
 
@@ -2886,7 +2898,7 @@ class Guards:
 
 def startup_warnings(config: Config) -> list[str]:
     """What an operator must hear at start-up. Example: HOST=0.0.0.0 with no API_KEYS -> one loud warning."""
-    warnings = []
+    warnings = [f"the env file sets {name}, which piagent does not read" for name in config.unread]
     if config.host not in LOOPBACK_NAMES and not config.api_keys:
         warnings.append(f"!!! piagent listens on {config.host} with NO API_KEYS: anyone who can reach this "
                         f"machine can use the model. Set API_KEYS (see README, 'Safe on the LAN'). !!!")
@@ -3972,6 +3984,13 @@ GUARD_STATUSES = (401, 413, 429)
 GENERATION_STATUSES = (*GUARD_STATUSES, 404, 422, 502, 503, 504)
 
 
+def validation_problem(error: Mapping[str, Any]) -> str:
+    """One of FastAPI's validation errors, naming the field. Example: single quotes -> "body is not JSON at..."."""
+    if error["type"] == "json_invalid":
+        return f"body is not JSON at character {error['loc'][-1]}: {error.get('ctx', {}).get('error', error['msg'])}"
+    return f"{'.'.join(str(p) for p in error['loc'][1:]) or 'body'}: {error['msg']}"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Route FastAPI's own errors through error_response too (bugs are RequestLog's: they become 500s there)."""
 
@@ -3981,14 +4000,19 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(validation_problem(e) for e in exc.errors())
+        if "json" not in request.headers.get("content-type", "") and any(e["loc"] == ("body",) for e in exc.errors()):
+            problems += " (send JSON with the header Content-Type: application/json, as curl's -H does)"
         return error_response(request.scope, InvalidRequest(problems))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400:  # FastAPI's "error parsing the body" (e.g. not UTF-8): a bad body, like bad JSON
             return error_response(request.scope, InvalidRequest(f"body: {exc.detail} (send UTF-8 JSON)"))
-        error = PiagentError(str(exc.detail), exc.headers)
+        detail = {404: f"there is nothing at {request.url.path}; the API is in the README (POST /chat, ...)",
+                  405: f"{request.method} is not allowed on {request.url.path}; use "
+                       f"{(exc.headers or {}).get('Allow', 'another method')}"}.get(exc.status_code, str(exc.detail))
+        error = PiagentError(detail, exc.headers)
         error.status = exc.status_code
         error.code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(request.scope, error)
@@ -4441,9 +4465,9 @@ def add_ollama_model_routes(app: FastAPI, rt: Runtime) -> None:
                 "capabilities": ["completion", "tools"] if tools else ["completion"], "modified_at": started}
 
     @app.api_route("/api/version", methods=["GET", "HEAD"], **hidden)
-    async def ollama_version() -> JSONResponse:
-        """The Ollama API version piagent speaks (a plain dotted number), and that it is piagent."""
-        return JSONResponse({"version": OLLAMA_API_VERSION}, headers={"X-Piagent": "1"})
+    async def ollama_version() -> dict[str, str]:
+        """The Ollama API version piagent speaks (a plain dotted number); X-Piagent (every reply's) says who it is."""
+        return {"version": OLLAMA_API_VERSION}
 
     @app.api_route("/", methods=["HEAD"] if config.enable_ui else ["GET", "HEAD"], **hidden)
     async def ollama_probe() -> Response:
@@ -4902,6 +4926,9 @@ def _read_agents(settings: _Settings, prefix: str, default_model: str, tools_ok:
             raise settings.fail(f"AGENT_{upper}_TOOLS", f"tools of servers in MCP_SERVERS; add {unknown[0]!r} there, "
                                                         f"with MCP_{unknown[0].upper()}_COMMAND or _URL")
         agents.append(Agent(name, model, system, tuple(dict.fromkeys(tools))))
+    # the other providers' model names are settings too: a file may keep both, for a switch of PROVIDER
+    settings.asked.update(f"{cls.model_prefix}{name}" for cls in PROVIDERS.values() for name in ("GENERAL", *(
+        a.name.upper() for a in agents)))
     return tuple(agents)
 
 
@@ -4991,13 +5018,22 @@ def load_config(environ: Mapping[str, str], env_file: Path | None = None) -> Con
                             tools_ok=provider == "openai" or ollama_api == "chat", servers=servers),
         mcp_servers=servers,
         mcp_max_result_chars=s.integer("MCP_MAX_RESULT_CHARS", d.mcp_max_result_chars, 200, 1_000_000),
+        unread=tuple(_unread(name, s.asked) for name in file_values if name not in s.asked),
     )
+
+
+def _unread(name: str, asked: set[str]) -> str:
+    """An env-file name nothing read, with the likely fix. Example: "API_KEY" -> "API_KEY (did you mean API_KEYS?)"."""
+    like = difflib.get_close_matches(name.upper(), asked, n=1, cutoff=0.8)
+    if like:
+        return f"{name} (did you mean {like[0]}?)"
+    return f"{name} (not a setting{'' if name.isupper() else ', and names are upper-case'}; for an agent or an MCP " \
+           f"server, list it in AGENTS or MCP_SERVERS)"
 
 
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     """Parse flags, load config, run the server until SIGTERM/SIGINT. Exit 2 with one line on a config error."""
     import argparse
-    import sys
 
     parser = argparse.ArgumentParser(prog="piagent", description="A small agent server in front of Ollama.")
     parser.add_argument("--host", help="address to listen on (overrides HOST)")
@@ -5085,6 +5121,8 @@ def masked_settings(config: Config) -> list[tuple[str, str]]:
     shown = []
     for f in fields(Config):
         value = getattr(config, f.name)
+        if f.name == "unread":
+            continue
         if f.name == "agents":
             shown.append(("AGENTS", ",".join(a.name for a in value)))
             shown += [(f"  agent {a.name}", f"model {a.model}, tools {','.join(a.tools) or '(none)'}, "
@@ -5120,6 +5158,9 @@ def print_settings(config: Config, env_file: Path | None) -> None:
 async def run_checks(config: Config, env_file: Path | None) -> list[tuple[bool, str, str]]:
     """(ok, what was checked, how to fix it) for: env file, upstream, each agent's model, memory, port."""
     results = [(True, f"env file {env_file} parsed" if env_file else "no env file; defaults and environment", "")]
+    if config.unread:
+        results = [(False, f"env file {env_file}: piagent does not read {', '.join(config.unread)}",
+                    "fix the name, or remove the line")]
     async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S) as client:
         provider = PROVIDERS[config.provider](client, config)
         try:

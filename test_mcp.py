@@ -12,6 +12,7 @@ import asyncio
 import importlib.util
 import logging
 import os
+import re
 import select
 import shutil
 import signal
@@ -629,6 +630,36 @@ def test_sigterm_of_piagent_leaves_no_mcp_server_behind(fake, tmp_path):
 def test_a_bad_mcp_setting_stops_start_up_with_exit_2_naming_the_variable(env, says):
     result = run_piagent(env={"PIAGENT_ENV_FILE": "", **env})
     assert result.returncode == 2 and says in result.stderr and "Traceback" not in result.stderr
+
+
+#: Run a command as systemd's MemoryDenyWriteExecute=yes does (the kernel's PR_SET_MDWE, inherited by children):
+#: no memory may become writable and executable. Exit 97: this kernel cannot (before Linux 6.3).
+MDWE = ("import ctypes, os, sys\n"
+        "if ctypes.CDLL(None, use_errno=True).prctl(65, 1, 0, 0, 0): sys.exit(97)\n"
+        "os.execv(sys.argv[1], sys.argv[1:])")
+
+
+def test_a_node_server_runs_under_the_units_memory_deny_write_execute(fake, tmp_path):
+    """The unit sets MemoryDenyWriteExecute=yes, which V8's JIT cannot live with: without the unit's NODE_OPTIONS
+    (--jitless, passed on to the servers) the README's filesystem server is killed at start, on the Pi only."""
+    need_filesystem()
+    unit = (HERE / "piagent.service").read_text()
+    assert re.search(r"^MemoryDenyWriteExecute=yes$", unit, re.M)
+    unit_env = dict(pair.split("=", 1) for line in re.findall(r"^Environment=(.*)$", unit, re.M)
+                    for pair in line.split())
+    env = {"PIAGENT_ENV_FILE": "", "OLLAMA_HOST": fake.url, "MCP_SERVERS": "files",
+           "MCP_FILES_COMMAND": f"{FILESYSTEM_SERVER} {tmp_path}", "AGENT_GENERAL_TOOLS": "files.*"}
+    outcomes = {}
+    for name, node_options in (("without", None), ("with the unit's", unit_env.get("NODE_OPTIONS"))):
+        child_env = {k: v for k, v in os.environ.items() if k != "NODE_OPTIONS"}
+        child_env.update(env, **({"NODE_OPTIONS": node_options} if node_options else {}))
+        result = subprocess.run([PY, "-c", MDWE, PY, *piagent_command("--check")[1:]], capture_output=True,
+                                text=True, cwd=HERE, env=child_env, timeout=60, stdin=subprocess.DEVNULL)
+        if result.returncode == 97:
+            need(False, "a kernel with PR_SET_MDWE (Linux 6.3 or later)")
+        outcomes[name] = result.stdout
+    assert "✗ MCP server files: cannot start" in outcomes["without"], outcomes["without"]  # the rule is enforced
+    assert "✓ MCP server files: read_file" in outcomes["with the unit's"], outcomes["with the unit's"]
 
 
 def test_check_lists_each_servers_tools_and_marks_entries_that_match_nothing(fake):

@@ -1163,11 +1163,25 @@ def test_malformed_or_non_utf8_body_is_422_in_the_error_shape(serve_local, raw):
     assert response.status_code == 422 and error_of(response)["code"] == "invalid_request"
 
 
-def test_unknown_route_and_wrong_method_use_the_error_shape(serve_local):
+def test_unknown_route_and_wrong_method_use_the_error_shape_and_say_what_to_do(serve_local):
     server = serve_local()
-    assert error_of(server.get("/nope"))["code"] == "not_found"
+    missing = error_of(server.get("/nope"))
+    assert missing["code"] == "not_found" and "nothing at /nope" in missing["message"] and "README" in missing["message"]
     response = server.get("/chat")
     assert response.status_code == 405 and error_of(response)["code"] == "method_not_allowed"
+    assert error_of(response)["message"] == "GET is not allowed on /chat; use POST"
+
+
+def test_the_mistakes_of_a_first_curl_are_422_saying_how_to_send_the_body(serve_local, fake):
+    server = serve_local()
+    form = server.post("/chat", content=b'{"message":"hi"}',  # curl -d without -H: as a form
+                       headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert form.status_code == 422 and "Content-Type: application/json" in error_of(form)["message"]
+    quoted = server.post("/chat", content=b"{'message':'hi'}", headers={"Content-Type": "application/json"})
+    assert error_of(quoted)["message"] == "body is not JSON at character 1: Expecting property name enclosed in double quotes"
+    typed = server.post("/chat", json={"message": 5})  # JSON sent as such: no hint about the header
+    assert error_of(typed)["message"] == "message: Input should be a valid string"
+    assert fake.generations() == []
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -2726,6 +2740,40 @@ def test_check_passes_against_a_healthy_upstream_and_masks_secrets(fake):
 def test_check_fails_with_the_fix_when_the_upstream_is_stopped(dead_port):
     result = check({"OLLAMA_HOST": f"http://127.0.0.1:{dead_port}"})
     assert result.returncode == 1 and "✗ upstream at" in result.stdout and "ollama serve" in result.stdout
+    assert "fix OLLAMA_HOST if it runs elsewhere" in result.stdout
+
+
+def test_check_fails_on_env_file_names_nothing_reads_and_names_the_setting_meant(fake, servers, tmp_path):
+    """A typo in the env file used to be ignored in silence: API_KEY=... left the server without keys."""
+    env_file = tmp_path / "typos.env"
+    env_file.write_text("API_KEY=abcdefgh12345678\nOLAMA_HOST=http://127.0.0.1:1\nAGENT_GENRAL_SYSTEM=Be brief.\n"
+                        "OLLAMA_MODEL_MATHS=tiny\nmax_tokens=64\nMAX_TOKENS=64\nOPENAI_MODEL_GENERAL=smollm2\n")
+    result = run_piagent("--check", "--env-file", str(env_file), env={"OLLAMA_HOST": fake.url, "PORT": str(free_port())})
+    (line,) = [c for c in result.stdout.split("checks:\n")[1].splitlines() if c.startswith("✗ env file")]
+    assert result.returncode == 1 and "✓ Ollama 0.12.6 answers" in result.stdout
+    for said in ("API_KEY (did you mean API_KEYS?)", "OLAMA_HOST (did you mean OLLAMA_HOST?)",
+                 "AGENT_GENRAL_SYSTEM (did you mean AGENT_GENERAL_SYSTEM?)", "OLLAMA_MODEL_MATHS (not a setting;",
+                 "max_tokens (did you mean MAX_TOKENS?)"):
+        assert said in line, line
+    assert "MAX_TOKENS," not in line and "list it in AGENTS or MCP_SERVERS" in line
+    assert "OPENAI_MODEL_GENERAL" not in line  # another provider's setting: kept for a switch of PROVIDER
+    # a server started so says it at /ready too (and in its log at start-up)
+    config = load_config({"OLLAMA_HOST": fake.url, "WARMUP": "false"}, env_file)
+    server = LiveServer(create_app(config)).__enter__()
+    servers.append(server)
+    warnings = httpx.get(f"{server.url}/ready", timeout=DEADLINE_S).json()["warnings"]
+    assert "the env file sets API_KEY (did you mean API_KEYS?), which piagent does not read" in warnings
+
+
+def test_check_says_when_the_upstream_address_is_a_piagent(serve, fake):
+    """OLLAMA_HOST (or OPENAI_BASE_URL) set to piagent's own port: it was "Ollama answers", then "ollama pull"."""
+    other = serve()
+    for env, name in (({"OLLAMA_HOST": other.url}, "OLLAMA_HOST"),
+                      ({"PROVIDER": "openai", "OPENAI_BASE_URL": f"{other.url}/v1"}, "OPENAI_BASE_URL")):
+        result = check(env)
+        assert result.returncode == 1 and f"✗ upstream at {other.url}" in result.stdout, result.stdout
+        assert f"{name}={other.url}" in result.stdout and "is a piagent, not" in result.stdout
+    assert fake.generations() == []
 
 
 def test_check_fails_with_the_pull_command_for_a_missing_model(fake):
