@@ -4372,9 +4372,13 @@ async def refuse_model_management(request: Request) -> Response:
         model = (sent.get("model") or sent.get("name") or sent.get("source")) if isinstance(sent, dict) else None
     except ValueError:
         model = None
-    agents = ", ".join(a.name for a in request.app.state.runtime.config.agents)
-    raise ModelsNotManaged(f"piagent does not manage models: on the Pi, run `ollama pull {model or '<model>'}` and "
-                           f"set OLLAMA_MODEL_<AGENT>; piagent's models are its agents ({agents})")
+    config = request.app.state.runtime.config
+    agent = config.agent(str(model or "").partition(":")[0])  # an agent's name: its model is what to pull
+    real = agent.model if agent else model or "<model>"
+    how = f"run `ollama pull {real}`" if config.provider == "ollama" else f"load {real} in the model server"
+    raise ModelsNotManaged(f"piagent does not manage models: on the Pi, {how} and set "
+                           f"{PROVIDERS[config.provider].model_prefix}<AGENT>; piagent's models are its agents "
+                           f"({', '.join(a.name for a in config.agents)})")
 
 
 def add_ollama_routes(app: FastAPI, rt: Runtime) -> None:

@@ -288,11 +288,17 @@ def test_model_management_is_refused_saying_what_to_do(serve, fake, path):  # no
     assert not fake.requests
 
 
+def test_a_refused_pull_names_the_providers_model_setting(serve_openai):  # noqa: F811
+    error = httpx.post(f"{serve_openai().url}/api/pull", json={"model": "general"}).json()["error"]
+    assert f"load {MODEL} in the model server" in error and "OPENAI_MODEL_<AGENT>" in error, error
+
+
 def test_the_library_sees_a_refused_pull_and_delete(serve, fake):  # noqa: F811
     c = client(serve())
     with pytest.raises(ollama.ResponseError) as info:
         c.pull("general")
-    assert info.value.status_code == 403 and "ollama pull general" in info.value.error
+    assert info.value.status_code == 403 and f"ollama pull {MODEL}" in info.value.error  # general's model
+    assert "OLLAMA_MODEL_<AGENT>" in info.value.error
     with pytest.raises(ollama.ResponseError):
         c.delete("general")
     assert httpx.post(f"{serve().url}/api/blobs/sha256:{'0' * 64}", content=b"x").status_code == 403
