@@ -289,6 +289,7 @@ class _Settings:
 
     def named(self, key: str, *aliases: str) -> str:
         """`key`, or the first of its older names that is set (old env files keep working)."""
+        self.asked.update(aliases)  # an old name beside the new one is known, though the new one wins
         return next((k for k in (key, *aliases) if self.raw(k) is not None), key)
 
     def fail(self, key: str, expected: str) -> ConfigError:
@@ -5022,15 +5023,19 @@ def load_config(environ: Mapping[str, str], env_file: Path | None = None) -> Con
                             tools_ok=provider == "openai" or ollama_api == "chat", servers=servers),
         mcp_servers=servers,
         mcp_max_result_chars=s.integer("MCP_MAX_RESULT_CHARS", d.mcp_max_result_chars, 200, 1_000_000),
-        unread=tuple(_unread(name, s.asked) for name in file_values if name not in s.asked),
+        unread=tuple(filter(None, (_unread(name, s.asked) for name in file_values if name not in s.asked))),
     )
 
 
-def _unread(name: str, asked: set[str]) -> str:
-    """An env-file name nothing read, with the likely fix. Example: "API_KEY" -> "API_KEY (did you mean API_KEYS?)"."""
+def _unread(name: str, asked: set[str]) -> str | None:
+    """An env-file name nothing read that looks like piagent's, with the likely fix; None for one of the process's
+    own (TZ, HTTPS_PROXY, NODE_OPTIONS: the file is its environment too). Example: "API_KEY" -> "API_KEY (did you
+    mean API_KEYS?)"."""
     like = difflib.get_close_matches(name.upper(), asked, n=1, cutoff=0.8)
     if like:
         return f"{name} (did you mean {like[0]}?)"
+    if name.upper().split("_")[0] not in {known.split("_")[0] for known in asked}:
+        return None
     return f"{name} (not a setting{'' if name.isupper() else ', and names are upper-case'}; for an agent or an MCP " \
            f"server, list it in AGENTS or MCP_SERVERS)"
 

@@ -2747,7 +2747,8 @@ def test_check_fails_on_env_file_names_nothing_reads_and_names_the_setting_meant
     """A typo in the env file used to be ignored in silence: API_KEY=... left the server without keys."""
     env_file = tmp_path / "typos.env"
     env_file.write_text("API_KEY=abcdefgh12345678\nOLAMA_HOST=http://127.0.0.1:1\nAGENT_GENRAL_SYSTEM=Be brief.\n"
-                        "OLLAMA_MODEL_MATHS=tiny\nmax_tokens=64\nMAX_TOKENS=64\nOPENAI_MODEL_GENERAL=smollm2\n")
+                        "OLLAMA_MODEL_MATHS=tiny\nmax_tokens=64\nMAX_TOKENS=64\nOPENAI_MODEL_GENERAL=smollm2\n"
+                        "TZ=Europe/London\nHTTPS_PROXY=http://127.0.0.1:9\nUPSTREAM_TIMEOUT_S=60\nOLLAMA_TIMEOUT_S=90\n")
     result = run_piagent("--check", "--env-file", str(env_file), env={"OLLAMA_HOST": fake.url, "PORT": str(free_port())})
     (line,) = [c for c in result.stdout.split("checks:\n")[1].splitlines() if c.startswith("✗ env file")]
     assert result.returncode == 1 and "✓ Ollama 0.12.6 answers" in result.stdout
@@ -2757,6 +2758,8 @@ def test_check_fails_on_env_file_names_nothing_reads_and_names_the_setting_meant
         assert said in line, line
     assert "MAX_TOKENS," not in line and "list it in AGENTS or MCP_SERVERS" in line
     assert "OPENAI_MODEL_GENERAL" not in line  # another provider's setting: kept for a switch of PROVIDER
+    for name in ("TZ", "HTTPS_PROXY", "OLLAMA_TIMEOUT_S"):  # the process's own (the file is its environment too),
+        assert name not in line, line  # and an old name beside its new one (which wins)
     # a server started so says it at /ready too (and in its log at start-up)
     config = load_config({"OLLAMA_HOST": fake.url, "WARMUP": "false"}, env_file)
     server = LiveServer(create_app(config)).__enter__()
