@@ -1155,7 +1155,7 @@ class HTTPProvider:
     """What both providers share: the client, the error mapping, one loop reading a streamed reply. A subclass gives
     request (path and body), read (a streamed line's text), end (was the reply whole?), whole (a body's text)."""
 
-    name = label = model_prefix = url_field = ""
+    name = label = model_prefix = url_field = url_hint = ""
     warm_by_default = False
     start_hint = "start it"  # what to do when it cannot be reached
     key_hint = "check its settings"  # what to do when it refuses piagent's credentials
@@ -1228,6 +1228,9 @@ class HTTPProvider:
         if status == 400 and "does not support tools" in detail:
             raise UpstreamError(f"{self.label}: {detail}; give this agent a model with tool calling (see the README) "
                                 f"or remove its AGENT_<NAME>_TOOLS")
+        if status == 404 and not model:  # a probe's path (models, version): the address is wrong, not a model
+            raise UpstreamError(f"{self.label} has nothing at {response.request.url} (404): is "
+                                f"{self.url_field.upper()}={self.base_url} its address{self.url_hint}?")
         if status == 404:  # the wording varies between servers and versions: never parse it
             raise ModelNotFound(self.not_found(model))
         if status in (401, 403):
@@ -1507,6 +1510,7 @@ class OpenAIProvider(HTTPProvider):
 
     name, label, model_prefix, url_field = "openai", "the OpenAI-compatible server", "OPENAI_MODEL_", "openai_base_url"
     start_hint = "start it, check OPENAI_BASE_URL, or use another model server (PROVIDER)"
+    url_hint = " (it usually ends in /v1)"
     key_hint = "check OPENAI_API_KEY"
 
     def headers(self) -> dict[str, str]:

@@ -2779,6 +2779,14 @@ def test_check_says_when_the_upstream_address_is_a_piagent(serve, fake):
     assert fake.generations() == []
 
 
+def test_check_says_the_address_is_wrong_when_the_upstream_has_no_model_list(fake):
+    """OPENAI_BASE_URL without its /v1: the model list is a 404, which used to read "model '' was not found"."""
+    result = check({"PROVIDER": "openai", "OPENAI_BASE_URL": fake.url})
+    assert result.returncode == 1 and f"has nothing at {fake.url}/models (404)" in result.stdout, result.stdout
+    assert f"is OPENAI_BASE_URL={fake.url} its address (it usually ends in /v1)?" in result.stdout
+    assert "model ''" not in result.stdout
+
+
 def test_check_fails_with_the_pull_command_for_a_missing_model(fake):
     result = check({"OLLAMA_HOST": fake.url, "AGENTS": "general,coder", "OLLAMA_MODEL_CODER": "coder:7b"})
     assert result.returncode == 1
