@@ -4621,6 +4621,7 @@ async function ask(path, options) {  // ok or 404; else null, shown
   let r;
   try { r = await call(path, options); } catch (e) { return fail(null, NET); }
   if (r.ok || r.status === 404) return r;
+  if (r.status === 401) return note("Type this piagent's API key above.");
   fail(null, await reason(r));
 }
 function link(text, url) {

@@ -472,14 +472,19 @@ def test_only_a_network_failure_uses_the_pages_own_words(page_of, fake):
 
 def test_key_field_appears_when_the_server_needs_one(page_of, fake):
     page, server = page_of(API_KEYS="kitchen-pi-key-1")
-    told = httpx.get(server.url + "/agents").json()["error"]["message"]
     expect(page.locator("#keyrow")).to_be_visible()
-    expect(page.locator(".msg.error")).to_have_text(told)
+    expect(page.locator("#note")).to_have_text("Type this piagent's API key above.")  # words, not HTTP headers
+    expect(page.locator(".msg.error")).to_have_count(0)
     expect(page.locator("#agent option")).to_have_count(0)
+    page.fill("#key", "wrong-key-000")
+    page.click("#savekey")
+    expect(page.locator("#keyrow")).to_be_visible()  # still asked
+    expect(page.locator("#note")).to_have_text("Type this piagent's API key above.")
     page.fill("#key", "kitchen-pi-key-1")
     page.click("#savekey")
     expect(page.locator("#agent option")).to_have_count(1)
     expect(page.locator("#keyrow")).to_be_hidden()
+    expect(page.locator("#note")).to_have_text("")
     expect(page.locator("#state")).to_contain_text("ready")  # /ready needs the key too
     fake.script = Script(tokens=["Keyed"])
     send(page, "hi")
