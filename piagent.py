@@ -5247,8 +5247,6 @@ async def check_memory(config: Config) -> None:
 
 def app_from_environment() -> FastAPI:
     """The app a uvicorn worker builds for itself when WORKERS > 1 (config as main() read it)."""
-    import sys
-
     config = load_config(os.environ, default_env_file(os.environ))
     configure_logging(config, sys.stderr)
     return create_app(config)
