@@ -1445,8 +1445,8 @@ def json_object(text: Any) -> dict[str, Any]:
 class SSEDecoder:
     """Server-sent events from lines. Example: feed("event: done"), feed("data: {}"), feed("") -> ("done", "{}")"""
 
-    def __init__(self) -> None:
-        self.event = ""
+    def __init__(self, limit: int) -> None:
+        self.event, self.limit, self.size = "", limit, 0  # an event's data past `limit` characters: ValueError
         self.data: list[str] = []
 
     def feed(self, line: str) -> tuple[str, str] | None:
@@ -1458,6 +1458,9 @@ class SSEDecoder:
         name, _, value = line.partition(":")
         value = value[1:] if value.startswith(" ") else value
         if name == "data":
+            self.size += len(value) + 1
+            if self.size > self.limit:
+                raise ValueError(f"an event longer than {self.limit >> 20} MiB with no end")
             self.data.append(value)
         elif name == "event":
             self.event = value
@@ -1469,7 +1472,7 @@ class SSEDecoder:
             self.event = ""
             return None
         event = (self.event or "message", "\n".join(self.data))
-        self.event, self.data = "", []
+        self.event, self.data, self.size = "", [], 0
         return event
 
 
@@ -1549,7 +1552,10 @@ class OpenAIProvider(HTTPProvider):
         return typed(message.get("content"), str, "choices[0].message.content", self.label) or ""
 
     def read(self, line: bytes, reply: dict[str, Any], usage: Usage) -> str:
-        event = reply.setdefault("sse", SSEDecoder()).feed(line.decode("utf-8", "replace"))
+        try:
+            event = reply.setdefault("sse", SSEDecoder(MAX_UPSTREAM_LINE_BYTES)).feed(line.decode("utf-8", "replace"))
+        except ValueError as exc:
+            raise UpstreamError(f"{self.label} sent {exc}; piagent stopped reading") from None
         if event is None:
             return ""
         if event[1].strip() == "[DONE]":
@@ -2038,6 +2044,27 @@ class LogBudget:
             log.info("MCP server %s: %s", self.name, text[:MCP_LOG_LINE_CHARS])
 
 
+async def _drain(pipe: asyncio.StreamReader) -> None:
+    """Read a pipe to its end, keeping nothing."""
+    while await pipe.read(1 << 16):
+        pass
+
+
+def pidfd(pid: int) -> int | None:
+    """A descriptor that becomes readable when process `pid` exits (Linux 5.3+); None where there is none. One that
+    has already gone gets a descriptor readable at once."""
+    if not hasattr(os, "pidfd_open"):
+        return None
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        read, write = os.pipe()  # gone already: an end that reads as closed
+        os.close(write)
+        return read
+    except OSError:  # a kernel without it
+        return None
+
+
 async def _lines(stream: asyncio.StreamReader) -> AsyncIterator[bytes]:
     """A pipe's lines until it closes; a line over MCP_MAX_LINE_BYTES comes out as a marker (asyncio drops it)."""
     while True:
@@ -2093,14 +2120,30 @@ class StdioTransport:
             self.process.stdin.write(json.dumps(message).encode() + b"\n")
 
     async def pump(self, changed: asyncio.Event) -> None:
-        """Read stdout and stderr until the server exits, then fail whatever still waits for an answer."""
-        assert self.process is not None and self.process.stdout is not None and self.process.stderr is not None
-        try:  # both pipes at once: a child blocked on a full stderr pipe would never answer on stdout
-            await asyncio.gather(self._read_stdout(self.process.stdout), self._read_stderr(self.process.stderr))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.process.wait(), MCP_STOP_GRACE_S)
+        """Read stdout and stderr until stdout ends or the server exits (a child of its own may hold the pipes open
+        for ever), then fail whatever still waits for an answer."""
+        process, loop = self.process, asyncio.get_running_loop()
+        assert process is not None and process.stdout is not None and process.stderr is not None
+        # its exit, whoever holds its pipes: asyncio's process.wait() waits for them too (Linux's pidfd; elsewhere
+        # that wait it is); and both pipes at once: a child blocked on a full stderr pipe would never answer
+        exited, watch = loop.create_future(), pidfd(process.pid)
+        if watch is not None:
+            loop.add_reader(watch, lambda: exited.done() or exited.set_result(None))
+        tasks = [loop.create_task(work) for work in (self._read_stdout(process.stdout), self._read_stderr(
+            process.stderr), *(() if watch is not None else (process.wait(),)))]
+        try:
+            await asyncio.wait({tasks[0], exited if watch is not None else tasks[2]},
+                               return_when=asyncio.FIRST_COMPLETED)
+            with contextlib.suppress(TimeoutError):  # its last words on stderr (often why), and its exit code
+                await asyncio.wait_for(asyncio.gather(tasks[1], process.wait()), MCP_STOP_GRACE_S)
         finally:
-            code = self.process.returncode
+            if watch is not None:
+                loop.remove_reader(watch)
+                os.close(watch)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # no reader left behind: close() drains the pipes
+            code = process.returncode
             self.closed = (f"the server exited with code {code}" if code is not None and code >= 0 else
                            f"the server was killed by signal {-code}" if code is not None else
                            "the server closed stdout")
@@ -2143,6 +2186,9 @@ class StdioTransport:
                 await asyncio.wait_for(process.wait(), MCP_STOP_GRACE_S)
                 break
         self._signal_group(signal.SIGKILL)  # whatever the server left in its group (npx's node) goes with it
+        with contextlib.suppress(TimeoutError):  # its pipes end with the last of that group: asyncio then lets it go
+            await asyncio.wait_for(asyncio.gather(*(_drain(pipe) for pipe in (process.stdout, process.stderr)
+                                                    if pipe is not None)), MCP_STOP_GRACE_S)
 
     def _signal_group(self, sig: int) -> None:
         """Signal the server's process group, if any of it is left."""
@@ -2200,22 +2246,48 @@ class HttpTransport:
                         if "method" not in incoming:
                             return incoming
                     raise ConnectionError(f"{self.config.url} ended the stream without an answer")
-                return _http_answer(reply.status_code, await reply.aread(), self.config.name)
+                body = bytearray()
+                async for chunk in reply.aiter_bytes():  # a body that never ends must not fill piagent's memory
+                    body += chunk
+                    if len(body) > MCP_MAX_LINE_BYTES:
+                        raise ConnectionError(f"{self.config.url} sent an answer over {MCP_MAX_LINE_BYTES >> 20} MiB")
+                return _http_answer(reply.status_code, bytes(body), self.config.name)
         except httpx.HTTPError as exc:
             raise ConnectionError(f"cannot reach {self.config.url}: {exc or type(exc).__name__}") from None
 
     async def notify(self, message: dict[str, Any]) -> None:
-        """POST a notification (or an answer to a server's request); the server owes only 202."""
+        """POST a notification (or an answer to a server's request) within timeout_s; the server owes only 202, and
+        what else it sends is not read."""
         try:
-            await self.client.post(self.config.url, json=message, headers=self._headers(message))
+            async with self.client.stream("POST", self.config.url, json=message, headers=self._headers(message),
+                                          timeout=self.config.timeout_s):
+                pass
         except httpx.HTTPError as exc:
             raise ConnectionError(f"cannot reach {self.config.url}: {exc or type(exc).__name__}") from None
 
+    async def _lines(self, reply: httpx.Response) -> AsyncIterator[str]:
+        """An SSE body's lines (\n or \r\n); one that never ends past MCP_MAX_LINE_BYTES ends the stream."""
+        pending = bytearray()
+        async for chunk in reply.aiter_bytes():
+            pending += chunk
+            if b"\n" in chunk:
+                *lines, rest = pending.split(b"\n")
+                pending = bytearray(rest)
+                for line in lines:
+                    yield line.removesuffix(b"\r").decode("utf-8", "replace")
+            if len(pending) > MCP_MAX_LINE_BYTES:
+                raise ConnectionError(f"{self.config.url} sent a line over {MCP_MAX_LINE_BYTES >> 20} MiB")
+        if pending:
+            yield bytes(pending).removesuffix(b"\r").decode("utf-8", "replace")
+
     async def _stream(self, reply: httpx.Response) -> AsyncIterator[dict[str, Any]]:
         """The JSON-RPC messages of an SSE reply; notifications are delivered, server requests answered, on the way."""
-        decoder = SSEDecoder()
-        async for line in reply.aiter_lines():
-            event = decoder.feed(line)
+        decoder = SSEDecoder(MCP_MAX_LINE_BYTES)
+        async for line in self._lines(reply):
+            try:
+                event = decoder.feed(line)
+            except ValueError as exc:
+                raise ConnectionError(f"{self.config.url} sent {exc}") from None
             incoming = mcp_message(event[1]) if event is not None and event[0] == "message" else None
             if incoming is None:
                 continue
@@ -2361,8 +2433,8 @@ class McpServer:
             self._why = str(exc) or type(exc).__name__
         finally:
             self._up = False
+            await pump.stop()  # first: its readers must be gone before close() drains what is left
             await transport.close()
-            await pump.stop()
             if not self._stopped:
                 self._failed_starts += 1
                 delay_s = min(MCP_RESTART_MAX_S, MCP_RESTART_MIN_S * 2 ** (self._failed_starts - 1))

@@ -16,6 +16,7 @@ import re
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -319,6 +320,60 @@ def test_http_token_is_sent_and_a_wrong_one_is_named(http_server):
     run(scenario())
 
 
+BAD_HTTP = HERE / "mcp_servers" / "bad_http.py"
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.parametrize("mode", ["endless-answer", "endless-line", "endless-event"])
+def test_an_http_answer_that_never_ends_is_cut_at_the_line_cap_not_read_into_memory(mode, monkeypatch):
+    """A body, an SSE line or an SSE event that goes on and on: read until MCP_MAX_LINE_BYTES (here 1 MiB), then the
+    call fails; before, piagent read all of it (gigabytes, where the server did not stop)."""
+    port = free_port()
+    proc = subprocess.Popen([PY, str(BAD_HTTP), str(port), mode], stdin=subprocess.DEVNULL)
+
+    async def scenario():
+        server = McpServer(McpServerConfig("bad", url=f"http://127.0.0.1:{port}/mcp", timeout_s=20))
+        await server.start()
+        try:
+            assert await server.ready(20), server.status()
+            with pytest.raises(ToolError, match=r"over 1 MiB|longer than 1 MiB"):
+                await server.call("x", {})
+        finally:
+            await server.stop()
+    try:
+        wait_until(lambda: listening(port), what="bad_http.py to listen")
+        monkeypatch.setattr(mcp_client, "MCP_MAX_LINE_BYTES", 1 << 20)  # an injected cap: 1 MiB read, not 32
+        run(scenario())
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_an_http_server_that_never_takes_the_initialized_notification_fails_its_start_in_time():
+    port = free_port()
+    proc = subprocess.Popen([PY, str(BAD_HTTP), str(port), "mute-notify"], stdin=subprocess.DEVNULL)
+
+    async def scenario():
+        server = McpServer(McpServerConfig("bad", url=f"http://127.0.0.1:{port}/mcp", timeout_s=1))
+        started = time.monotonic()
+        await server.start()
+        try:
+            assert not await server.ready(15)  # it was "starting" for ever
+            assert time.monotonic() - started < 15 and not server.status()[0]
+        finally:
+            await server.stop()
+    try:
+        wait_until(lambda: listening(port), what="bad_http.py to listen")
+        run(scenario())
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_http_server_that_is_down_gives_a_clear_error(dead_port):
     url = f"http://127.0.0.1:{dead_port}/mcp"
 
@@ -401,6 +456,28 @@ def test_dead_server_is_restarted_on_next_use_after_a_growing_back_off(tmp_path)
                 server._failed_starts += 1  # as if it had not served a call: the next back-off doubles
         finally:
             await server.stop()
+    run(scenario())
+
+
+@pytest.mark.parametrize("tool, why", [("dies", "exited with code 3"), ("mute", "closed stdout")])
+def test_a_server_that_stops_answering_mid_call_fails_the_call_at_once_and_is_seen_down(tool, why):
+    """It exits leaving a child that holds its pipes, or closes stdout and lives on: the reader used to wait for
+    both pipes to end, so the call (and every later one) waited its whole time-out and /ready said all was well."""
+    async def scenario():
+        server = McpServer(McpServerConfig("gone", (PY, BAD_SERVER, "gone"), timeout_s=30))
+        await server.start()
+        try:
+            assert await server.ready(20)
+            pid = server._transport.process.pid
+            started = time.monotonic()
+            with pytest.raises(ToolError, match=why):
+                await server.call(tool, {})
+            assert time.monotonic() - started < 10  # the time-out is 30 s
+            await poll(lambda: not server.status()[0])
+            assert why in server.status()[1]
+        finally:
+            await server.stop()
+        assert not alive(pid)
     run(scenario())
 
 

@@ -1311,7 +1311,7 @@ def test_client_leaving_a_non_stream_request_cancels_the_upstream_call(serve, fa
 
 
 def decode_sse(lines):
-    decoder, events = piagent.SSEDecoder(), []
+    decoder, events = piagent.SSEDecoder(1 << 20), []
     for line in lines:
         event = decoder.feed(line)
         if event:

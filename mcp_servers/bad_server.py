@@ -10,6 +10,9 @@
         a lone surrogate ("\\ud800", which is not text), deep's nests 100 levels; asks first sends the client a
         ping whose params hold a lone surrogate and answers "pinged" once the client answered it; plain's is
         "fine".
+    python bad_server.py gone
+        a handshake-era server with tools `dies` and `mute`: on `dies` it starts a child that keeps its stdout and
+        stderr open for 60 s, and exits with code 3; on `mute` it closes its stdout and lives on (60 s at most).
 """
 
 import json
@@ -85,5 +88,27 @@ def unusable(argv: list[str]) -> None:
         sys.stdout.flush()
 
 
+def gone(argv: list[str]) -> None:
+    """Stop answering mid-call while the pipes stay open: exit, leaving a child holding them; or close stdout."""
+    tools = [{"name": name, "inputSchema": {"type": "object"}} for name in ("dies", "mute")]
+    for line in sys.stdin:
+        request = json.loads(line)
+        method, params = request.get("method"), request.get("params") or {}
+        if "id" not in request:
+            continue
+        if method == "tools/call" and params.get("name") == "dies":
+            subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], stdin=subprocess.DEVNULL)
+            os._exit(3)
+        if method == "tools/call":
+            os.close(1)
+            time.sleep(60)
+            return
+        answer = {"result": {"tools": tools}} if method == "tools/list" else {"result": {
+            "protocolVersion": params.get("protocolVersion"), "capabilities": {"tools": {}},
+            "serverInfo": {"name": "gone", "version": "0"}}}
+        sys.stdout.write(json.dumps({"jsonrpc": "2.0", "id": request["id"], **answer}) + "\n")
+        sys.stdout.flush()
+
+
 if __name__ == "__main__":
-    {"silent": silent, "noisy": noisy, "unusable": unusable}[sys.argv[1]](sys.argv[2:])
+    {"silent": silent, "noisy": noisy, "unusable": unusable, "gone": gone}[sys.argv[1]](sys.argv[2:])
