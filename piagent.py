@@ -2372,6 +2372,7 @@ class McpServer:
         self._up, self._why = False, "not started"
         self._stopped, self._failed_starts, self._retry_at = False, 0, 0.0
         self._changed = asyncio.Event()  # set when the tool list changed, or the connection ended
+        self._changes_log = LogBudget(config.name)
         self._settled = asyncio.Event()  # set when the tools are listed, or the attempt failed
 
     async def start(self) -> None:
@@ -2480,7 +2481,7 @@ class McpServer:
 
     async def _list_tools(self) -> None:
         """tools/list, page by page; a tool that needs tasks, or HTTP headers piagent does not send, is left out."""
-        tools, cursor = {}, None
+        tools, cursor, left_out = {}, None, []
         for _ in range(MCP_MAX_LIST_PAGES):
             page = await self._request("tools/list", {"cursor": cursor} if cursor else None)
             for tool in page.get("tools") or []:
@@ -2490,20 +2491,22 @@ class McpServer:
                 needs_task = (tool.get("execution") or {}).get("taskSupport") == "required"
                 mirrored = self.config.url and self._era == MCP_MODERN_VERSION and "x-mcp-header" in json.dumps(schema)
                 if needs_task or mirrored:
-                    log.warning("MCP server %s: tool %r left out: piagent cannot call it", self.config.name,
-                                tool["name"])
+                    left_out.append(tool["name"][:64])
                     continue
                 tools[tool["name"]] = self._tool(tool["name"], str(tool.get("description") or ""), schema)
             cursor = page.get("nextCursor")
             if not cursor:
                 break
+        if left_out:  # one line a listing, however many
+            log.warning("MCP server %s: %d tools left out, piagent cannot call them: %s%s", self.config.name,
+                        len(left_out), ", ".join(left_out[:5]), " ..." if len(left_out) > 5 else "")
         self._tools = tools
 
     async def _relist(self) -> None:
         """List the tools again after a change; on failure keep the old list (the next change tries again)."""
         try:
             await self._list_tools()
-            log.info("MCP server %s: tool list changed, %d tools", self.config.name, len(self._tools))
+            self._changes_log.line(f"tool list changed, {len(self._tools)} tools")  # a flood of changes: bounded
         except (McpError, TimeoutError) as exc:
             log.warning("MCP server %s: listing tools again failed: %s", self.config.name, exc)
 

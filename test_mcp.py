@@ -522,6 +522,27 @@ def test_garbage_on_stdout_is_skipped_and_a_chatty_server_is_logged_bounded(tmp_
         assert len([line for line in lines if kind in line]) <= mcp_client.MCP_LOG_LINES_PER_MIN
 
 
+def test_tools_left_out_and_a_flood_of_list_changes_are_logged_bounded(caplog):
+    """50 tools piagent cannot call were 50 warnings a listing; 500 list changes were ~500 lines."""
+    caplog.set_level("INFO", logger="piagent")
+
+    async def scenario():
+        server = McpServer(McpServerConfig("chatty", (PY, BAD_SERVER, "chatty"), timeout_s=20))
+        await server.start()
+        try:
+            assert await server.ready(20)
+            assert list(server.tools()) == ["flood"]
+            assert await server.call("flood", {}) == "flooded"
+            await poll(lambda: any("tool list changed" in r.getMessage() for r in caplog.records))
+        finally:
+            await server.stop()
+    run(scenario())
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("MCP server chatty")]
+    left_out = [line for line in lines if "left out" in line]
+    assert left_out and all("50 tools left out" in line and "task0, task1" in line for line in left_out)
+    assert len([line for line in lines if "tool list changed" in line]) <= mcp_client.MCP_LOG_LINES_PER_MIN
+
+
 def test_an_answer_piagent_cannot_pass_on_fails_its_call_at_once_and_the_next_call_works():
     """A tools/call answer that is valid JSON but holds a lone surrogate is a tool error naming the field, given
     when the answer comes (it was skipped as not JSON-RPC, and the call failed only at its time-out)."""

@@ -10,6 +10,9 @@
         a lone surrogate ("\\ud800", which is not text), deep's nests 100 levels; asks first sends the client a
         ping whose params hold a lone surrogate and answers "pinged" once the client answered it; plain's is
         "fine".
+    python bad_server.py chatty
+        a handshake-era server listing 50 tools piagent cannot call (taskSupport required) and `flood`, which
+        sends 500 notifications/tools/list_changed before it answers "flooded".
     python bad_server.py gone
         a handshake-era server with tools `dies` and `mute`: on `dies` it starts a child that keeps its stdout and
         stderr open for 60 s, and exits with code 3; on `mute` it closes its stdout and lives on (60 s at most).
@@ -88,6 +91,30 @@ def unusable(argv: list[str]) -> None:
         sys.stdout.flush()
 
 
+def chatty(argv: list[str]) -> None:
+    """Many tools piagent must leave out, and a flood of list changes."""
+    tools = [{"name": f"task{i}", "inputSchema": {"type": "object"}, "execution": {"taskSupport": "required"}}
+             for i in range(50)] + [{"name": "flood", "inputSchema": {"type": "object"}}]
+    for line in sys.stdin:
+        request = json.loads(line)
+        method, params = request.get("method"), request.get("params") or {}
+        if "id" not in request:
+            continue
+        if method == "tools/call":
+            for _ in range(500):
+                sys.stdout.write(json.dumps({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}) + "\n")
+            answer = {"result": {"content": [{"type": "text", "text": "flooded"}]}}
+        elif method == "tools/list":
+            answer = {"result": {"tools": tools}}
+        elif method == "initialize":
+            answer = {"result": {"protocolVersion": params.get("protocolVersion"), "capabilities": {"tools": {
+                "listChanged": True}}, "serverInfo": {"name": "chatty", "version": "0"}}}
+        else:
+            answer = {"error": {"code": -32601, "message": f"no method {method}"}}
+        sys.stdout.write(json.dumps({"jsonrpc": "2.0", "id": request["id"], **answer}) + "\n")
+        sys.stdout.flush()
+
+
 def gone(argv: list[str]) -> None:
     """Stop answering mid-call while the pipes stay open: exit, leaving a child holding them; or close stdout."""
     tools = [{"name": name, "inputSchema": {"type": "object"}} for name in ("dies", "mute")]
@@ -111,4 +138,4 @@ def gone(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    {"silent": silent, "noisy": noisy, "unusable": unusable, "gone": gone}[sys.argv[1]](sys.argv[2:])
+    {"silent": silent, "noisy": noisy, "unusable": unusable, "gone": gone, "chatty": chatty}[sys.argv[1]](sys.argv[2:])
