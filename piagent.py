@@ -2117,7 +2117,17 @@ class StdioTransport:
     def listen(self, message: dict[str, Any] | None) -> None:
         """Ask for list changes (2026-07-28; before, they come unasked); its answer only comes when it ends."""
         if message is not None and self.process is not None and self.process.stdin is not None:
-            self.process.stdin.write(json.dumps(message).encode() + b"\n")
+            self._send_now(message)
+
+    def _send_now(self, message: dict[str, Any]) -> None:
+        """Write without waiting (from the reader, which must not block); a server that reads nothing while its
+        unread input passes MCP_MAX_LINE_BYTES is cut off, rather than piagent's memory growing for it."""
+        stdin = self.process.stdin
+        if stdin.transport.get_write_buffer_size() > MCP_MAX_LINE_BYTES:
+            self.closed = "the server reads nothing of what piagent sends"
+            self._signal_group(signal.SIGKILL)
+            return
+        stdin.write(json.dumps(message).encode() + b"\n")
 
     async def pump(self, changed: asyncio.Event) -> None:
         """Read stdout and stderr until stdout ends or the server exits (a child of its own may hold the pipes open
@@ -2144,9 +2154,9 @@ class StdioTransport:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)  # no reader left behind: close() drains the pipes
             code = process.returncode
-            self.closed = (f"the server exited with code {code}" if code is not None and code >= 0 else
-                           f"the server was killed by signal {-code}" if code is not None else
-                           "the server closed stdout")
+            self.closed = self.closed or (
+                f"the server exited with code {code}" if code is not None and code >= 0 else
+                f"the server was killed by signal {-code}" if code is not None else "the server closed stdout")
             for future in self.pending.values():
                 if not future.done():
                     future.set_exception(ConnectionError(self.closed))
@@ -2163,7 +2173,7 @@ class StdioTransport:
                 if future is not None and not future.done():
                     future.set_result(message)
             elif "id" in message:
-                self.process.stdin.write(json.dumps(mcp_answer(message)).encode() + b"\n")
+                self._send_now(mcp_answer(message))
             else:
                 self.deliver(message)
 

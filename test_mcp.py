@@ -522,6 +522,28 @@ def test_garbage_on_stdout_is_skipped_and_a_chatty_server_is_logged_bounded(tmp_
         assert len([line for line in lines if kind in line]) <= mcp_client.MCP_LOG_LINES_PER_MIN
 
 
+def test_a_server_that_reads_nothing_of_piagents_answers_is_cut_off_not_buffered_for(monkeypatch):
+    """It asks (pings with 512 KiB ids) and never reads the answers: they piled up in piagent's memory (hundreds of
+    MiB) while the call waited its time-out. Past MCP_MAX_LINE_BYTES unread (here 1 MiB) the server is cut off."""
+    monkeypatch.setattr(mcp_client, "MCP_MAX_LINE_BYTES", 1 << 20)
+
+    async def scenario():
+        server = McpServer(McpServerConfig("deaf", (PY, BAD_SERVER, "deaf"), timeout_s=30))
+        await server.start()
+        try:
+            assert await server.ready(20)
+            pid = server._transport.process.pid
+            started = time.monotonic()
+            with pytest.raises(ToolError, match="reads nothing of what piagent sends"):
+                await server.call("pings", {})
+            assert time.monotonic() - started < 20  # not the 30 s time-out
+            await poll(lambda: not server.status()[0])
+        finally:
+            await server.stop()
+        assert not alive(pid)
+    run(scenario())
+
+
 def test_tools_left_out_and_a_flood_of_list_changes_are_logged_bounded(caplog):
     """50 tools piagent cannot call were 50 warnings a listing; 500 list changes were ~500 lines."""
     caplog.set_level("INFO", logger="piagent")

@@ -13,6 +13,9 @@
     python bad_server.py chatty
         a handshake-era server listing 50 tools piagent cannot call (taskSupport required) and `flood`, which
         sends 500 notifications/tools/list_changed before it answers "flooded".
+    python bad_server.py deaf
+        a handshake-era server with tool `pings`: on it, it sends 200 pings with 512 KiB ids and reads nothing more
+        (60 s at most).
     python bad_server.py gone
         a handshake-era server with tools `dies` and `mute`: on `dies` it starts a child that keeps its stdout and
         stderr open for 60 s, and exits with code 3; on `mute` it closes its stdout and lives on (60 s at most).
@@ -115,6 +118,26 @@ def chatty(argv: list[str]) -> None:
         sys.stdout.flush()
 
 
+def deaf(argv: list[str]) -> None:
+    """Ask the client again and again, and never read its answers."""
+    for line in sys.stdin:
+        request = json.loads(line)
+        method, params = request.get("method"), request.get("params") or {}
+        if "id" not in request:
+            continue
+        if method == "tools/call":
+            for i in range(200):
+                sys.stdout.write(json.dumps({"jsonrpc": "2.0", "id": f"{i}-" + "x" * (1 << 19), "method": "ping"}) + "\n")
+                sys.stdout.flush()
+            time.sleep(60)
+            return
+        answer = {"result": {"tools": [{"name": "pings", "inputSchema": {"type": "object"}}]}} if method == "tools/list" \
+            else {"result": {"protocolVersion": params.get("protocolVersion"), "capabilities": {"tools": {}},
+                             "serverInfo": {"name": "deaf", "version": "0"}}}
+        sys.stdout.write(json.dumps({"jsonrpc": "2.0", "id": request["id"], **answer}) + "\n")
+        sys.stdout.flush()
+
+
 def gone(argv: list[str]) -> None:
     """Stop answering mid-call while the pipes stay open: exit, leaving a child holding them; or close stdout."""
     tools = [{"name": name, "inputSchema": {"type": "object"}} for name in ("dies", "mute")]
@@ -138,4 +161,5 @@ def gone(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    {"silent": silent, "noisy": noisy, "unusable": unusable, "gone": gone, "chatty": chatty}[sys.argv[1]](sys.argv[2:])
+    {"silent": silent, "noisy": noisy, "unusable": unusable, "gone": gone, "chatty": chatty,
+     "deaf": deaf}[sys.argv[1]](sys.argv[2:])
