@@ -102,6 +102,10 @@ class ToolError(Exception):
     """A tool refused its input; the message goes back to the model as the call's result."""
 
 
+class ToolTimeout(ToolError):
+    """A tool (or its MCP server) did not answer in time: the rest of the reply does not wait on it again."""
+
+
 class ClientGone(Exception):
     """The client hung up (or stopped reading) before the reply was whole; nothing more is sent."""
 
@@ -1772,6 +1776,7 @@ class ToolEvent(NamedTuple):
     call: ToolCall
     result: str | None
     error: str | None
+    timed_out: bool = False  # then the same reply does not call this tool again (each wait holds the model's slot)
 
     def as_message(self) -> Message:
         """The result as the `tool` message the model reads next."""
@@ -1848,9 +1853,9 @@ class Toolbox:
                 else:  # in a thread, so a slow tool never stalls the streams of others
                     result = await asyncio.to_thread(tool.run, arguments)
         except ToolError as exc:
-            return ToolEvent(call, None, str(exc))
+            return ToolEvent(call, None, str(exc), isinstance(exc, ToolTimeout))
         except TimeoutError:
-            return ToolEvent(call, None, f"{call.name} took longer than {tool.timeout_s:g} s")
+            return ToolEvent(call, None, f"{call.name} took longer than {tool.timeout_s:g} s", True)
         except Exception:  # a bug in the tool: the model hears it failed, the log has the traceback
             log.exception("tool %s failed", call.name)
             return ToolEvent(call, None, f"{call.name} failed")
@@ -1860,7 +1865,7 @@ class Toolbox:
 async def tool_loop(provider: Provider, toolbox: Toolbox, agent: Agent, prompt: Prompt, sampling: Sampling,
                     usage: Usage, max_rounds: int, stream: bool) -> AsyncIterator[str | ToolEvent]:
     """An agent's reply with its tools run: text pieces, a ToolEvent per call; `usage` sums the rounds' token counts."""
-    specs, counts = toolbox.specs(agent.tools), [0, 0, False]
+    specs, counts, slow = toolbox.specs(agent.tools), [0, 0, False], set()  # slow: tools that timed out
     for round_number in range(max_rounds + 1):
         offer = specs if round_number < max_rounds else ()  # the last round has no tools: a reply ends in text
         said: list[str] = []
@@ -1881,9 +1886,15 @@ async def tool_loop(provider: Provider, toolbox: Toolbox, agent: Agent, prompt: 
             break
         events = []
         for i, call in enumerate(usage.tool_calls):
-            events.append(await toolbox.run(call, agent.tools) if i < MAX_TOOL_CALLS_PER_ROUND else
-                          ToolEvent(call, None, f"more than {MAX_TOOL_CALLS_PER_ROUND} calls at once; not run"))
-            yield events[-1]
+            if i >= MAX_TOOL_CALLS_PER_ROUND:
+                event = ToolEvent(call, None, f"more than {MAX_TOOL_CALLS_PER_ROUND} calls at once; not run")
+            elif call.name in slow:  # each wait holds the model's slot: one time-out a reply is enough
+                event = ToolEvent(call, None, f"{call.name} timed out earlier in this reply; not run again")
+            else:
+                event = await toolbox.run(call, agent.tools)
+            slow.update([call.name] if event.timed_out else [])
+            events.append(event)
+            yield event
         turn = tool_call_message("".join(said), [e.call.as_message_part() for e in events])
         prompt = prompt._replace(tail=(*prompt.tail, turn, *(e.as_message() for e in events)))
     if counts[2]:
@@ -2590,7 +2601,8 @@ class McpServer:
             self.failures += 1
             if isinstance(exc, ConnectionError):
                 self._why = str(exc)
-            raise exc if isinstance(exc, ToolError) else ToolError(f"MCP server {self.config.name}: {exc}") from None
+            kind = ToolTimeout if isinstance(exc, TimeoutError) else ToolError
+            raise exc if isinstance(exc, ToolError) else kind(f"MCP server {self.config.name}: {exc}") from None
         self._why, self._failed_starts = None, 0
         return text
 
