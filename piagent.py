@@ -958,9 +958,12 @@ def fit_history(history: list[Message], fixed: list[Message], budget_tokens: int
     """(the newest turns of `history` that fit the budget beside `fixed`, how many older turns were dropped)."""
     fixed_tokens = estimate_tokens(fixed)
     if fixed_tokens > budget_tokens:
-        raise PromptTooLarge(f"the message needs about {fixed_tokens} tokens with the system prompt, more than the "
-                             f"{budget_tokens} left of CTX_TOKENS after the reply's MAX_TOKENS; shorten it, or raise "
-                             f"CTX_TOKENS")
+        system = estimate_tokens(fixed[:1])  # the agent's system prompt, with its tools' descriptions
+        fix = ("offer the agent fewer tools (AGENT_<NAME>_TOOLS: an MCP server's may be many and long)"
+               if system > budget_tokens else "shorten the message")
+        raise PromptTooLarge(f"the message needs about {fixed_tokens} tokens with the system prompt and tools (about "
+                             f"{system} of them), more than the {budget_tokens} left of CTX_TOKENS after the reply's "
+                             f"MAX_TOKENS; {fix}, or raise CTX_TOKENS")
     kept, dropped = list(history), 0
     while kept and fixed_tokens + estimate_tokens(kept) > budget_tokens:
         # up to the next user message: a turn goes whole, tool calls and their results with it

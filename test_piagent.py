@@ -930,8 +930,11 @@ def test_fit_history_drops_oldest_whole_turns_and_never_the_message():
     kept, dropped = piagent.fit_history(history, fixed, budget)
     assert (len(kept), dropped) == (4, 1) and kept == history[2:]
     assert piagent.fit_history(history, fixed, 10_000) == (history, 0)
-    with pytest.raises(piagent.PromptTooLarge, match="tokens"):
+    with pytest.raises(piagent.PromptTooLarge, match="shorten the message"):
         piagent.fit_history(history, fixed, piagent.estimate_tokens(fixed) - 1)
+    tools = [{"role": "system", "content": "tool description " * 300}, {"role": "user", "content": "hi"}]
+    with pytest.raises(piagent.PromptTooLarge, match=r"offer the agent fewer tools \(AGENT_<NAME>_TOOLS"):
+        piagent.fit_history([], tools, 500)  # the system prompt and tools alone are over the budget
 
 
 def test_history_over_the_budget_is_trimmed_and_said(serve, fake, caplog):
