@@ -359,11 +359,10 @@ def test_an_http_server_that_never_takes_the_initialized_notification_fails_its_
 
     async def scenario():
         server = McpServer(McpServerConfig("bad", url=f"http://127.0.0.1:{port}/mcp", timeout_s=1))
-        started = time.monotonic()
         await server.start()
         try:
             assert not await server.ready(15)  # it was "starting" for ever
-            assert time.monotonic() - started < 15 and not server.status()[0]
+            assert "cannot reach" in server.status()[1], server.status()
         finally:
             await server.stop()
     try:
@@ -459,26 +458,30 @@ def test_dead_server_is_restarted_on_next_use_after_a_growing_back_off(tmp_path)
     run(scenario())
 
 
-@pytest.mark.parametrize("tool, why", [("dies", "exited with code 3"), ("mute", "closed stdout")])
-def test_a_server_that_stops_answering_mid_call_fails_the_call_at_once_and_is_seen_down(tool, why):
-    """It exits leaving a child that holds its pipes, or closes stdout and lives on: the reader used to wait for
-    both pipes to end, so the call (and every later one) waited its whole time-out and /ready said all was well."""
+def call_fails_naming_why_and_server_goes_down(mode: str, tool: str, why: str) -> None:
+    """Call `tool` of bad_server.py `mode` (time-out 30 s): it fails saying `why` (not "no answer ... within 30 s"),
+    the server is seen down, and stopping it leaves no process."""
     async def scenario():
-        server = McpServer(McpServerConfig("gone", (PY, BAD_SERVER, "gone"), timeout_s=30))
+        server = McpServer(McpServerConfig(mode, (PY, BAD_SERVER, mode), timeout_s=30))
         await server.start()
         try:
             assert await server.ready(20)
             pid = server._transport.process.pid
-            started = time.monotonic()
             with pytest.raises(ToolError, match=why):
                 await server.call(tool, {})
-            assert time.monotonic() - started < 10  # the time-out is 30 s
             await poll(lambda: not server.status()[0])
             assert why in server.status()[1]
         finally:
             await server.stop()
         assert not alive(pid)
     run(scenario())
+
+
+@pytest.mark.parametrize("tool, why", [("dies", "exited with code 3"), ("mute", "closed stdout")])
+def test_a_server_that_stops_answering_mid_call_fails_the_call_at_once_and_is_seen_down(tool, why):
+    """It exits leaving a child that holds its pipes, or closes stdout and lives on: the reader used to wait for
+    both pipes to end, so the call (and every later one) waited its whole time-out and /ready said all was well."""
+    call_fails_naming_why_and_server_goes_down("gone", tool, why)
 
 
 def test_server_that_never_answers_fails_in_bounded_time_and_says_why(tmp_path):
@@ -526,22 +529,7 @@ def test_a_server_that_reads_nothing_of_piagents_answers_is_cut_off_not_buffered
     """It asks (pings with 512 KiB ids) and never reads the answers: they piled up in piagent's memory (hundreds of
     MiB) while the call waited its time-out. Past MCP_MAX_LINE_BYTES unread (here 1 MiB) the server is cut off."""
     monkeypatch.setattr(mcp_client, "MCP_MAX_LINE_BYTES", 1 << 20)
-
-    async def scenario():
-        server = McpServer(McpServerConfig("deaf", (PY, BAD_SERVER, "deaf"), timeout_s=30))
-        await server.start()
-        try:
-            assert await server.ready(20)
-            pid = server._transport.process.pid
-            started = time.monotonic()
-            with pytest.raises(ToolError, match="reads nothing of what piagent sends"):
-                await server.call("pings", {})
-            assert time.monotonic() - started < 20  # not the 30 s time-out
-            await poll(lambda: not server.status()[0])
-        finally:
-            await server.stop()
-        assert not alive(pid)
-    run(scenario())
+    call_fails_naming_why_and_server_goes_down("deaf", "pings", "reads nothing of what piagent sends")
 
 
 def test_tools_left_out_and_a_flood_of_list_changes_are_logged_bounded(caplog):
@@ -704,11 +692,11 @@ def test_a_tool_that_timed_out_is_not_called_again_in_the_same_reply(serve, fake
     fake.script = Script(tool_rounds=[[("sdk__slow", {"seconds": 30}), ("sdk__slow", {"seconds": 30})],
                                       [("sdk__slow", {"seconds": 30})]], echo_tools=True)
     server = serve(MCP_SERVERS="sdk", MCP_SDK_COMMAND=f"{PY} {SDK_SERVER} stdio --events {tmp_path / 'events'}",
-                   MCP_SDK_TIMEOUT_S="1", AGENT_GENERAL_TOOLS="sdk.slow", **UNLIMITED)
+                   MCP_SDK_TIMEOUT_S="5", AGENT_GENERAL_TOOLS="sdk.slow", **UNLIMITED)
     wait_until(lambda: httpx.get(f"{server.url}/ready").json()["checks"]["mcp:sdk"]["ok"], timeout=30)
     _, tools = tool_reply(server, "json")
     errors = [t["error"] for t in tools]
-    assert "no answer to tools/call within 1 s" in errors[0], errors
+    assert "no answer to tools/call within 5 s" in errors[0], errors
     assert errors[1:] == ["sdk__slow timed out earlier in this reply; not run again"] * 2, errors
     assert events(tmp_path).count("started slow") == 1
     assert httpx.get(f"{server.url}/ready").json()["checks"]["mcp:sdk"]["ok"]  # the server itself is fine

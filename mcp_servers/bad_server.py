@@ -59,105 +59,92 @@ def noisy(argv: list[str]) -> None:
     os.execv(command[0], command)
 
 
-def unusable(argv: list[str]) -> None:
-    """Answer like a server of the handshake era; tools/call of `odd` gets a result piagent cannot pass on."""
-    tools = [{"name": name, "inputSchema": {"type": "object"}} for name in ("odd", "deep", "asks", "plain")]
+def send(message: dict) -> None:
+    sys.stdout.write(json.dumps({"jsonrpc": "2.0", **message}) + "\n")
+    sys.stdout.flush()
+
+
+def text(words: str) -> dict:
+    return {"result": {"content": [{"type": "text", "text": words}]}}
+
+
+def handshake_server(name: str, tools: list[dict], call, list_changed: bool = False) -> None:
+    """Answer initialize and tools/list as a server of the handshake era would; tools/call's answer is
+    call(tool name) (which may also misbehave, or never return)."""
     for line in sys.stdin:
         request = json.loads(line)
         method, params = request.get("method"), request.get("params") or {}
         if "id" not in request:
             continue  # a notification
         if method == "initialize":
-            answer = {"result": {"protocolVersion": params["protocolVersion"], "capabilities": {"tools": {}},
-                                 "serverInfo": {"name": "unusable", "version": "0"}}}
+            answer = {"result": {"protocolVersion": params.get("protocolVersion"), "capabilities": {"tools": {
+                "listChanged": list_changed}}, "serverInfo": {"name": name, "version": "0"}}}
         elif method == "tools/list":
             answer = {"result": {"tools": tools}}
-        elif method == "tools/call" and params.get("name") == "deep":
+        elif method == "tools/call":
+            answer = call(params.get("name"))
+        else:
+            answer = {"error": {"code": -32601, "message": f"no method {method}"}}
+        send({"id": request["id"], **answer})
+
+
+def plain_tools(*names: str) -> list[dict]:
+    return [{"name": name, "inputSchema": {"type": "object"}} for name in names]
+
+
+def unusable(argv: list[str]) -> None:
+    """tools/call of `odd` gets a result piagent cannot pass on; `deep` one nested 100 levels; `asks` pings first."""
+    def call(tool: str) -> dict:
+        if tool == "deep":
             deep: list = []
             for _ in range(99):
                 deep = [deep]
-            answer = {"result": {"content": [{"type": "text", "text": "deep"}], "structuredContent": {"d": deep}}}
-        elif method == "tools/call" and params.get("name") == "asks":
-            sys.stdout.write(json.dumps({"jsonrpc": "2.0", "id": "p1", "method": "ping", "params": {"x": "\ud800"}})
-                             + "\n")
-            sys.stdout.flush()
+            return {"result": {"content": [{"type": "text", "text": "deep"}], "structuredContent": {"d": deep}}}
+        if tool == "asks":
+            send({"id": "p1", "method": "ping", "params": {"x": "\ud800"}})
             for reply in sys.stdin:  # the client's answer to the ping (the call waits for it)
                 if json.loads(reply).get("id") == "p1":
                     break
-            answer = {"result": {"content": [{"type": "text", "text": "pinged"}]}}
-        elif method == "tools/call":
-            text = "\ud800" if params.get("name") == "odd" else "fine"  # json.dumps writes it as the escape \ud800
-            answer = {"result": {"content": [{"type": "text", "text": text}]}}
-        else:
-            answer = {"error": {"code": -32601, "message": f"no method {method}"}}
-        sys.stdout.write(json.dumps({"jsonrpc": "2.0", "id": request["id"], **answer}) + "\n")
-        sys.stdout.flush()
+            return text("pinged")
+        return text("\ud800" if tool == "odd" else "fine")  # json.dumps writes it as the escape \ud800
+
+    handshake_server("unusable", plain_tools("odd", "deep", "asks", "plain"), call)
 
 
 def chatty(argv: list[str]) -> None:
     """Many tools piagent must leave out, and a flood of list changes."""
-    tools = [{"name": f"task{i}", "inputSchema": {"type": "object"}, "execution": {"taskSupport": "required"}}
-             for i in range(50)] + [{"name": "flood", "inputSchema": {"type": "object"}}]
-    for line in sys.stdin:
-        request = json.loads(line)
-        method, params = request.get("method"), request.get("params") or {}
-        if "id" not in request:
-            continue
-        if method == "tools/call":
-            for _ in range(500):
-                sys.stdout.write(json.dumps({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}) + "\n")
-            answer = {"result": {"content": [{"type": "text", "text": "flooded"}]}}
-        elif method == "tools/list":
-            answer = {"result": {"tools": tools}}
-        elif method == "initialize":
-            answer = {"result": {"protocolVersion": params.get("protocolVersion"), "capabilities": {"tools": {
-                "listChanged": True}}, "serverInfo": {"name": "chatty", "version": "0"}}}
-        else:
-            answer = {"error": {"code": -32601, "message": f"no method {method}"}}
-        sys.stdout.write(json.dumps({"jsonrpc": "2.0", "id": request["id"], **answer}) + "\n")
-        sys.stdout.flush()
+    def call(tool: str) -> dict:
+        for _ in range(500):
+            sys.stdout.write(json.dumps({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}) + "\n")
+        return text("flooded")
+
+    tasks = [{"name": f"task{i}", "inputSchema": {"type": "object"}, "execution": {"taskSupport": "required"}}
+             for i in range(50)]
+    handshake_server("chatty", tasks + plain_tools("flood"), call, list_changed=True)
 
 
 def deaf(argv: list[str]) -> None:
     """Ask the client again and again, and never read its answers."""
-    for line in sys.stdin:
-        request = json.loads(line)
-        method, params = request.get("method"), request.get("params") or {}
-        if "id" not in request:
-            continue
-        if method == "tools/call":
-            for i in range(200):
-                sys.stdout.write(json.dumps({"jsonrpc": "2.0", "id": f"{i}-" + "x" * (1 << 19), "method": "ping"}) + "\n")
-                sys.stdout.flush()
-            time.sleep(60)
-            return
-        answer = {"result": {"tools": [{"name": "pings", "inputSchema": {"type": "object"}}]}} if method == "tools/list" \
-            else {"result": {"protocolVersion": params.get("protocolVersion"), "capabilities": {"tools": {}},
-                             "serverInfo": {"name": "deaf", "version": "0"}}}
-        sys.stdout.write(json.dumps({"jsonrpc": "2.0", "id": request["id"], **answer}) + "\n")
-        sys.stdout.flush()
+    def call(tool: str) -> dict:
+        for i in range(200):
+            send({"id": f"{i}-" + "x" * (1 << 19), "method": "ping"})
+        time.sleep(60)
+        sys.exit(0)
+
+    handshake_server("deaf", plain_tools("pings"), call)
 
 
 def gone(argv: list[str]) -> None:
     """Stop answering mid-call while the pipes stay open: exit, leaving a child holding them; or close stdout."""
-    tools = [{"name": name, "inputSchema": {"type": "object"}} for name in ("dies", "mute")]
-    for line in sys.stdin:
-        request = json.loads(line)
-        method, params = request.get("method"), request.get("params") or {}
-        if "id" not in request:
-            continue
-        if method == "tools/call" and params.get("name") == "dies":
+    def call(tool: str) -> dict:
+        if tool == "dies":
             subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], stdin=subprocess.DEVNULL)
             os._exit(3)
-        if method == "tools/call":
-            os.close(1)
-            time.sleep(60)
-            return
-        answer = {"result": {"tools": tools}} if method == "tools/list" else {"result": {
-            "protocolVersion": params.get("protocolVersion"), "capabilities": {"tools": {}},
-            "serverInfo": {"name": "gone", "version": "0"}}}
-        sys.stdout.write(json.dumps({"jsonrpc": "2.0", "id": request["id"], **answer}) + "\n")
-        sys.stdout.flush()
+        os.close(1)
+        time.sleep(60)
+        sys.exit(0)
+
+    handshake_server("gone", plain_tools("dies", "mute"), call)
 
 
 if __name__ == "__main__":
