@@ -4091,8 +4091,9 @@ GENERATION_STATUSES = (*GUARD_STATUSES, 404, 422, 502, 503, 504)
 
 def validation_problem(error: Mapping[str, Any]) -> str:
     """One of FastAPI's validation errors, naming the field. Example: single quotes -> "body is not JSON at..."."""
-    if error["type"] == "json_invalid":
-        return f"body is not JSON at character {error['loc'][-1]}: {error.get('ctx', {}).get('error', error['msg'])}"
+    if error["type"] == "json_invalid":  # FastAPI's reader gives the character; pydantic's says where in its text
+        at = f" at character {error['loc'][-1]}" if isinstance(error["loc"][-1], int) else ""
+        return f"body is not JSON{at}: {error.get('ctx', {}).get('error', error['msg'])}"
     return f"{'.'.join(str(p) for p in error['loc'][1:]) or 'body'}: {error['msg']}"
 
 

@@ -1182,6 +1182,8 @@ def test_the_mistakes_of_a_first_curl_are_422_saying_how_to_send_the_body(serve_
     assert form.status_code == 422 and "Content-Type: application/json" in error_of(form)["message"]
     quoted = server.post("/chat", content=b"{'message':'hi'}", headers={"Content-Type": "application/json"})
     assert error_of(quoted)["message"] == "body is not JSON at character 1: Expecting property name enclosed in double quotes"
+    ollama = server.post("/api/chat", content=b"{'model':'general'}").json()["error"]  # its reader says where
+    assert ollama.startswith("body is not JSON: ") and "character" not in ollama, ollama
     typed = server.post("/chat", json={"message": 5})  # JSON sent as such: no hint about the header
     assert error_of(typed)["message"] == "message: Input should be a valid string"
     assert fake.generations() == []
