@@ -1953,6 +1953,10 @@ MCP_LOG_LINES_PER_MIN = 20
 MCP_LOG_LINE_CHARS = 300
 #: Seconds a stdio server gets to exit at each step of stop: stdin closed, then SIGTERM, then SIGKILL (ref §3.5).
 MCP_STOP_GRACE_S = 2.0
+#: Seconds a stdio server's pending calls wait, once its stdout has ended or it has exited, for its last lines on
+#: stderr (often why) and its exit code: a server that exits closes its pipes at once; only a child holding them, or
+#: a server living on without stdout, makes piagent wait this long to fail the calls.
+MCP_LAST_WORDS_S = 0.5
 #: What a stdio server inherits from piagent's environment: never piagent's keys or the other servers' tokens.
 #: NODE_OPTIONS: the unit's --jitless, without which node cannot run under its MemoryDenyWriteExecute.
 MCP_CHILD_ENV = ("HOME", "LOGNAME", "PATH", "SHELL", "TERM", "USER", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR",
@@ -2159,7 +2163,7 @@ class StdioTransport:
             await asyncio.wait({tasks[0], exited if watch is not None else tasks[2]},
                                return_when=asyncio.FIRST_COMPLETED)
             with contextlib.suppress(TimeoutError):  # its last words on stderr (often why), and its exit code
-                await asyncio.wait_for(asyncio.gather(tasks[1], process.wait()), MCP_STOP_GRACE_S)
+                await asyncio.wait_for(asyncio.gather(tasks[1], process.wait()), MCP_LAST_WORDS_S)
         finally:
             if watch is not None:
                 loop.remove_reader(watch)
