@@ -4673,7 +4673,7 @@ button{background:var(--acc);color:var(--on);border-color:var(--acc);cursor:poin
 display:flex;flex-direction:column;overflow:hidden}.on .open{border-color:var(--acc)}
 .open span{white-space:nowrap;overflow:hidden;text-overflow:ellipsis;max-width:100%}
 small,.mute{color:var(--mute);font-size:.8em}.del{color:var(--errfg);border-color:transparent}.sure{background:var(--err)}
-#log{flex:1;overflow-y:auto;display:flex;flex-direction:column;gap:.7em;padding-top:1em;padding-bottom:1em}
+#log{flex:1;overflow-y:auto;display:flex;flex-direction:column;gap:.7em;padding-block:1em}
 #log:empty::before{content:"Ask anything. Enter sends, Shift+Enter adds a line; Chats has earlier ones.";
 margin:auto;max-width:21em;text-align:center;color:var(--mute)}
 .msg{max-width:88%;padding:.5em .85em;border-radius:1em;white-space:pre-wrap;overflow-wrap:anywhere}
@@ -4688,7 +4688,7 @@ overflow-x:auto;white-space:pre}pre code{padding:0}.copy{position:absolute;top:.
 .stopped::after{content:"Stopped";display:block;color:var(--mute);font-size:.8em}
 .error{align-self:center;background:var(--err);color:var(--errfg);border:1px solid var(--errfg)}
 .tool{align-self:flex-start;color:var(--mute);font-size:.85em;padding:0 .85em}
-#status{padding-top:.3em;padding-bottom:.3em;color:var(--mute);font-size:.85em;border-top:1px solid var(--line)}
+#status{padding-block:.3em;color:var(--mute);font-size:.85em;border-top:1px solid var(--line)}
 #state::before{content:"\25CF  ";color:var(--dot,var(--mute))}.ready{--dot:#40916c}.warming{--dot:#d4a017}
 .not_ready,.down{--dot:#d9534f}
 #note{float:right}form{border:0;align-items:flex-end}
@@ -4703,7 +4703,7 @@ const saved = (k, v) => v === undefined ? localStorage.getItem("piagent." + k) |
 const NET = "piagent is not reachable: is it running, and is this its address?";
 const CUT = "The connection dropped before the reply was finished.";
 const conv = (id) => "/conversations/" + encodeURIComponent(id);
-const models = {}, st = {ready: "", rate: ""};
+const models = {}, st = {ready: "", rate: "", why: "", told: ""};
 let epoch = 0, live = null, timer = 0, booting;  // a stream of an older epoch writes nothing
 function el(tag, cls, text) {
   const e = document.createElement(tag);
@@ -4793,6 +4793,10 @@ const note = (text) => { $("note").textContent = text; };
 function fail(out, text) {
   if (out && !out.textContent) out.remove(); else if (out) out.classList.remove("pending");
   bubble("error", text);
+  told(text);
+}
+function told(text) {
+  st.told = text; $("why").textContent = st.why !== text ? st.why : "";
 }
 function statusLine() {
   const a = $("agent").value;
@@ -4805,7 +4809,8 @@ async function ready() {
     const c = d.checks || {}, bad = Object.values(c).find((x) => !x.ok) || {};
     st.ready = {ready: "ready", warming: "warming up", down: "piagent unreachable"}[d.status]
       || (c.upstream?.ok === false ? "upstream down" : d.status ? "not ready" : "");
-    $("why").textContent = d.status === "not_ready" ? bad.detail || "" : "";
+    st.why = d.status === "not_ready" ? bad.detail || "" : "";
+    told(st.told);
     $("status").className = d.status || "";
     statusLine();
   }
@@ -4817,7 +4822,7 @@ function stop() { if (live) { live.stopped = true; live.ac.abort(); } }
 function reset(cid) {  // leave this chat and its stream
   if (live) live.ac.abort();
   live = null; epoch++; busy(false);
-  saved("cid", cid); $("log").replaceChildren(); note("");
+  saved("cid", cid); $("log").replaceChildren(); note(""); told("");
 }
 function handle(s, raw) {
   let event = "message"; const data = [];
@@ -4836,7 +4841,7 @@ function handle(s, raw) {
     const args = typeof d.arguments === "string" ? d.arguments : JSON.stringify(d.arguments);
     log.insertBefore(bubble("tool", d.name + " " + args + " \u2192 " + (d.error ? "error: " + d.error : d.result)), s.out);
   } else if (event === "done") {
-    s.end = true; saved("cid", d.conversation_id); models[d.agent] = d.model;
+    s.end = true; saved("cid", d.conversation_id); models[d.agent] = d.model; told("");
     const t = d.tokens_per_s != null ? d.tokens_per_s : d.tokens / ((d.duration_ms - d.ttft_ms) / 1000);
     st.rate = isFinite(t) && t > 0 ? t.toFixed(1) + " tok/s" : "";
     note(d.history_truncated ? "Older turns were left out to fit." : "");
@@ -4850,7 +4855,7 @@ async function send(text) {
   const out = s.out = bubble("assistant", "");
   out.classList.add("pending");
   try {
-    await booting;  // after the load
+    await booting;
     if (!mine()) return;
     const body = {message: text, agent: $("agent").value || saved("agent") || undefined, stream: true,
       conversation_id: saved("cid") || undefined};

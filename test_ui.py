@@ -446,6 +446,12 @@ def test_errors_show_the_servers_own_message(page_of, fake):
     send(page, "hello?")
     expect(page.locator(".msg.error")).to_have_text(told)
     expect(page.locator(".msg.assistant")).to_have_count(0)
+    # said once: the chat shows the reason (readiness has been asked again after the reply), so the status line
+    # keeps only its short state, until a new chat
+    expect(page.locator("#state")).to_contain_text("upstream down")
+    expect(page.locator("#why")).to_have_text("")
+    page.click("#new")
+    expect(page.locator("#why")).to_have_text(re.compile("cannot reach"))
 
 
 def test_a_model_error_mid_stream_shows_the_servers_message(page_of, fake):
