@@ -2868,6 +2868,14 @@ class Drain:
         gate.closed = True
         self.expires_at = asyncio.get_running_loop().call_later(self.grace_s, self._expire).when()
 
+    def end_now(self) -> None:
+        """Called on the event loop at a second Ctrl-C: the grace ends at once, and its usual way (streams cut and
+        saved, waiters 503, the lifespan's clean-up): uvicorn's own forced exit would skip that clean-up."""
+        if not self.expired.done():
+            log.warning("stopping now: replies still running are cut (Ctrl-C once more quits without cleaning up)")
+            self.expires_at = self.loop.time()
+            self._expire()
+
     def _expire(self) -> None:
         if not self.expired.done():
             self.expired.set_result(None)
@@ -5217,14 +5225,22 @@ def serve(config: Config, env_file: Path | None) -> None:
     app = create_app(config)
 
     class Server(uvicorn.Server):
+        cut = False
+
         def handle_exit(self, sig: int, frame: Any) -> None:
-            # first signal: close the gate and start the grace period on the loop, then let uvicorn drain
+            # first signal: close the gate and start the grace period on the loop, then let uvicorn drain; a second
+            # Ctrl-C ends the grace now; only a third is uvicorn's forced exit (which skips the lifespan's clean-up)
             rt = app.state.runtime
             if rt.drain.loop is not None and not self.should_exit:
                 rt.drain.loop.call_soon_threadsafe(rt.drain.begin, rt.gate)
+            elif rt.drain.loop is not None and sig == signal.SIGINT and not self.cut:
+                self.cut = True
+                rt.drain.loop.call_soon_threadsafe(rt.drain.end_now)
+                return
             super().handle_exit(sig, frame)
 
-    Server(uvicorn.Config(app, host=config.host, port=config.port, **uvicorn_options(config))).run()
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises a Ctrl-C once it has stopped: that is no error
+        Server(uvicorn.Config(app, host=config.host, port=config.port, **uvicorn_options(config))).run()
 
 
 async def unreachable(config: Config) -> str | None:

@@ -2563,6 +2563,34 @@ def assert_stopped_gracefully(proc: subprocess.Popen) -> None:
     assert "Application shutdown complete" in log_text and "Traceback" not in log_text, log_text
 
 
+def test_ctrl_c_drains_a_second_cuts_the_replies_at_once_and_neither_prints_a_traceback(fake):
+    """In a terminal: the first Ctrl-C drains as SIGTERM does (here a 60 s grace), a second ends the grace at once
+    the clean way (the stream cut, its upstream let go, the lifespan's clean-up run), and piagent exits 0. uvicorn's
+    own second Ctrl-C skipped the clean-up and printed tracebacks, and even one Ctrl-C ended in KeyboardInterrupt's."""
+    fake.script = Script(tokens=["A1", "A2"], hold_after=1)
+    with piagent_process({"OLLAMA_HOST": fake.url, "SHUTDOWN_GRACE_S": "60", "LOG_FORMAT": "text"},
+                         capture=True) as (url, proc):
+        with httpx.stream("POST", f"{url}/chat", json={"message": "a", "stream": True}, timeout=DEADLINE_S) as r:
+            pieces = r.iter_text()
+            assert next(pieces) == "A1"
+            proc.send_signal(signal.SIGINT)
+            try:  # the first one is heard: no new work
+                late = httpx.post(f"{url}/chat", json={"message": "late"}, timeout=DEADLINE_S)
+                assert late.status_code == 503 and error_of(late)["code"] == "shutting_down"
+            except httpx.ConnectError:
+                pass
+            assert proc.poll() is None  # the stream has its grace
+            proc.send_signal(signal.SIGINT)
+            with pytest.raises(httpx.RemoteProtocolError):  # cut, never a clean end
+                "".join(pieces)
+        assert proc.wait(DEADLINE_S) == 0
+        log_text = proc.stdout.read()
+        assert "stopping now: replies still running are cut" in log_text, log_text
+        assert "Application shutdown complete" in log_text and "Traceback" not in log_text, log_text
+        wait_until(lambda: len(fake.hangups) == 1, timeout=2.0, what="the upstream request to be let go")
+    assert len(fake.generations()) == 1
+
+
 def test_after_the_grace_streams_are_cut_and_waiters_get_503_not_500(fake):
     fake.script = Script(tokens=["A1", "A2"], hold_after=1)  # every generation holds after its first token
     env = {"OLLAMA_HOST": fake.url, "SHUTDOWN_GRACE_S": "0.5", "MAX_CONCURRENT": "2"}
