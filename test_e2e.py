@@ -221,7 +221,7 @@ def piagent_url(llm):
 def serve_piagent(llm: str, **env: str):
     """piagent in front of the real server: greedy decoding, short replies; yields its URL."""
     config = load_config({"PROVIDER": "openai", "OPENAI_BASE_URL": llm, "OPENAI_MODEL_GENERAL": "smollm2",
-                          "TEMPERATURE": "0", "MAX_TOKENS": "48", "CTX_TOKENS": "2048", **env})
+                          "TEMPERATURE": "0", "MAX_TOKENS": "24", "CTX_TOKENS": "2048", **env})
     with LiveServer(create_app(config)) as server:
         yield server.url
 
