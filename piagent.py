@@ -554,6 +554,27 @@ CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY, at REAL NOT NULL);
 """
 
 
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring a file made by an older piagent up to SQLITE_SCHEMA: its turns had no number (the kept ones are
+    numbered in order, from 0; which of them came first is all that is used)."""
+    def numbered() -> bool:
+        return "number" in {row[1] for row in db.execute("PRAGMA table_info(turns)")}
+
+    if numbered():
+        return
+    db.execute("BEGIN IMMEDIATE")  # then look again: another worker may have done it meanwhile
+    try:
+        if not numbered():
+            db.execute("ALTER TABLE turns ADD COLUMN number INTEGER NOT NULL DEFAULT 0")
+            db.execute("UPDATE turns SET number = (SELECT COUNT(*) FROM turns AS older WHERE older.conversation_id "
+                       "= turns.conversation_id AND older.seq < turns.seq)")
+            log.info("the SQLite memory was made by an older piagent; its turns are numbered now")
+        db.execute("COMMIT")
+    finally:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+
+
 class SQLiteStore(CappedStore):
     """Conversations in one SQLite file (WAL), shared by workers; calls run on a thread, so the loop never waits."""
 
@@ -587,6 +608,7 @@ class SQLiteStore(CappedStore):
             db.execute("PRAGMA synchronous=NORMAL")  # with WAL: a crash loses nothing committed, never corrupts
             db.execute("PRAGMA foreign_keys=ON")
             db.executescript(SQLITE_SCHEMA)
+            _migrate(db)
         except sqlite3.Error as exc:
             raise StoreError(sqlite_problem(exc, self.path)) from None
         self._db, self._inode, self._probed = db, self.path.stat().st_ino, -math.inf

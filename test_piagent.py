@@ -22,12 +22,13 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
 import warnings
-from contextlib import contextmanager, suppress
+from contextlib import closing, contextmanager, suppress
 from datetime import datetime
 from pathlib import Path
 
@@ -674,6 +675,36 @@ def test_corrupt_sqlite_file_is_one_clear_start_up_error(tmp_path):
     result = run_piagent(env={"MEMORY_BACKEND": "sqlite", "MEMORY_PATH": str(bad)})
     assert result.returncode == 2 and "not a usable SQLite database" in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+#: The SQLite schema of the first piagent with SQLite memory (66750ea): its turns had no number.
+FIRST_SQLITE_SCHEMA = """
+CREATE TABLE conversations (id TEXT PRIMARY KEY, agent TEXT NOT NULL, last_used REAL NOT NULL);
+CREATE TABLE turns (seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    user TEXT NOT NULL, assistant TEXT NOT NULL, created_at REAL NOT NULL);
+"""
+
+
+def test_a_sqlite_file_from_the_first_piagent_is_brought_up_to_date_and_its_chats_go_on(serve_local, fake, tmp_path):
+    """Updating from an early install, as the README says: its conversations read and continue, and new turns are
+    stored (they were 503 'no such column: number', and a new chat's turn was silently not saved)."""
+    path, now = tmp_path / "piagent.db", time.time()
+    with closing(sqlite3.connect(path)) as db:
+        db.executescript(FIRST_SQLITE_SCHEMA)
+        db.execute("INSERT INTO conversations VALUES ('old', 'general', ?)", (now,))
+        db.executemany("INSERT INTO turns (conversation_id, user, assistant, created_at) VALUES ('old', ?, ?, ?)",
+                       [("u1", "a1", now), ("u2", "a2", now)])
+        db.commit()
+    server = serve_local(MEMORY_BACKEND="sqlite", MEMORY_PATH=str(path))
+    assert [t["user"] for t in server.get("/conversations/old").json()["turns"]] == ["u1", "u2"]
+    assert chat(server, message="u3", conversation_id="old").status_code == 200
+    assert [m["content"] for m in fake.generations()[-1].body["messages"][1:]] == ["u1", "a1", "u2", "a2", "u3"]
+    assert chat(server, message="new").status_code == 200
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT conversation_id, user, number FROM turns ORDER BY seq").fetchall() == [
+            ("old", "u1", 0), ("old", "u2", 1), ("old", "u3", 2), (db.execute(
+                "SELECT id FROM conversations WHERE id != 'old'").fetchone()[0], "new", 0)]
 
 
 def test_unreachable_redis_is_one_clear_start_up_error_that_systemd_retries(dead_port):
