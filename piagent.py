@@ -241,7 +241,8 @@ def parse_env_file(text: str, source: str = "env file") -> dict[str, str]:
         key, sep, value = line.partition("=")
         where = f"{source} line {number}"
         if not sep or not ENV_KEY_PATTERN.match(key):
-            hint = " (drop 'export')" if key.startswith("export ") else ""
+            hint = (" (drop 'export')" if key.startswith("export ") else " (no spaces around '=')"
+                    if sep and ENV_KEY_PATTERN.match(key.rstrip()) else "")
             raise ConfigError(f"{where}: expected KEY=value, got {raw.strip()!r}{hint}")
         values[key] = _env_file_value(value, where, key)
     return values
@@ -255,6 +256,9 @@ def _env_file_value(value: str, where: str, key: str) -> str:
         value = value[1:-1]
     elif value[0] in "\"'" or value[-1] in "\"'":
         raise ConfigError(f"{where}: {key} has an unmatched quote; quote the whole value or none of it")
+    elif re.search(r"\s#", value):  # systemd would keep it as part of the value
+        raise ConfigError(f"{where}: {key} has a comment after its value; put comments on a line of their own "
+                          "(or quote the whole value if the '#' belongs to it)")
     if "\\" in value or "$" in value or '"' in value:
         raise ConfigError(
             f"{where}: {key} contains a backslash, '$' or '\"', which systemd would rewrite; write the value plainly"
@@ -265,9 +269,17 @@ def _env_file_value(value: str, where: str, key: str) -> str:
 def read_env_file(path: Path) -> dict[str, str]:
     """Read and parse an env file; a missing or unreadable file is a ConfigError."""
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read env file {path}: {exc.strerror or exc}") from None
+    if data.startswith((b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff")):  # UTF-8's or UTF-16's byte-order mark
+        raise ConfigError(f"{path} starts with a byte-order mark, which systemd would read as part of the first "
+                          "line; save it as UTF-8 without BOM")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path} line {line}: not UTF-8 text; save the file as UTF-8") from None
     return parse_env_file(text, source=str(path))
 
 

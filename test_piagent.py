@@ -312,7 +312,7 @@ def test_env_file_reads_values_quotes_and_whole_line_comments():
 
 
 @pytest.mark.parametrize("line", ["export PORT=1", "PORT = 1", "PORT", "PORT='1", "PORT=", "A=${B}", "A=x\\y",
-                                  "9X=1"])
+                                  "9X=1", "OLLAMA_MODEL_GENERAL=qwen2.5:3b  # the small one"])
 def test_env_file_line_that_systemd_would_read_differently_is_an_error_naming_the_line(line):
     with pytest.raises(ConfigError, match=r"line 3"):
         parse_env_file(f"# ok\nHOST=127.0.0.1\n{line}\n")
@@ -399,6 +399,24 @@ def test_start_up_with_bad_config_exits_2_with_one_line_and_no_traceback(env):
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith("piagent: ")
+
+
+@pytest.mark.parametrize("data, told", [
+    ("PORT=8000\nAGENT_GENERAL_SYSTEM=Réponds en français\n".encode("latin-1"), "line 2: not UTF-8 text; save"),
+    ("MAX_TOKENS=100\n".encode("utf-16"), "starts with a byte-order mark"),
+    ("\ufeff# piagent settings\nMAX_TOKENS=100\n".encode(), "save it as UTF-8 without BOM"),
+    (b"MAX_TOKENS = 100\n", "line 1: expected KEY=value, got 'MAX_TOKENS = 100' (no spaces around '=')"),
+    (b"MAX_TOKENS=100 # shorter\n", "line 1: MAX_TOKENS has a comment after its value; put comments on a line"),
+])
+def test_an_env_file_from_a_windows_editor_or_with_a_comment_after_a_value_is_one_line_saying_the_fix(
+        tmp_path, data, told):
+    """Latin-1 or UTF-16 (a traceback and exit 1, so systemd restarted it every 3 s), a BOM (shown as '\\ufeff'),
+    spaces around '=', a comment after a value (it became part of the value: 'ollama pull qwen # small')."""
+    bad = tmp_path / "piagent.env"
+    bad.write_bytes(data)
+    result = run_piagent("--env-file", str(bad))
+    assert result.returncode == 2 and told in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_malformed_env_file_line_stops_start_up_naming_the_line(tmp_path):
