@@ -3244,10 +3244,14 @@ class Exchange:
         for key, moment in (("queue_wait_ms", self.generating_at), ("ttft_ms", self.first_at)):
             if moment is not None:
                 out[key] = round((moment - self.started) * 1000)
-        since = self.first_at or self.generating_at
-        if self.sent and since is not None and now > since:
-            out["tokens_per_s"] = round(len(self.sent) / (now - since), 2)
+        since, tokens = self.first_at or self.generating_at, self.tokens()  # a whole reply has no first token
+        if tokens and since is not None and now > since:
+            out["tokens_per_s"] = round(tokens / (now - since), 2)
         return out
+
+    def tokens(self) -> int:
+        """Tokens of the reply: a stream's pieces, or the upstream's count for a whole reply (one piece)."""
+        return len(self.sent) if self.stream else self.usage.completion_tokens or len(self.sent)
 
     def record(self) -> dict[str, Any]:
         """What the request log says of this exchange."""

@@ -2920,6 +2920,21 @@ def test_one_record_per_request_with_fields_and_never_the_message(serve, fake, c
                for r in (plain, streamed))
 
 
+def test_tokens_per_s_of_a_whole_reply_counts_its_tokens_not_its_one_piece(serve_local, fake, caplog):
+    """A reply not streamed reaches piagent as one piece: its rate was 1 piece over the whole time (0.02 for a
+    200-token reply on a Pi). It is the upstream's token count over the time from the start of generation."""
+    caplog.set_level("INFO", logger="piagent")
+    fake.script = Script(tokens=["t"] * 40, token_delay_s=0.002)
+    server = serve_local()
+    chat(server, message="hi")
+    chat(server, message="hi", stream=True)
+    wait_until(lambda: len(piagent_records(caplog)) == 2, what="two request records")
+    plain, streamed = piagent_records(caplog)
+    assert plain["tokens"] == streamed["tokens"] == 40
+    # the same 40 tokens at the same pace: one rate within a few times the other (one piece made it 40 times less)
+    assert plain["tokens_per_s"] > streamed["tokens_per_s"] / 8, (plain, streamed)
+
+
 def test_text_log_line_shows_method_path_status_duration_and_fields():
     record = logging.LogRecord("piagent", logging.INFO, __file__, 1, "POST /chat 200", None, None)
     record.request = {"method": "POST", "path": "/chat", "status": 200, "duration_ms": 12, "request_id": "r1",
