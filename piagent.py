@@ -84,6 +84,8 @@ TOOL_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$|^[a-z][a-z0-9_]{0,31}\.(
 #: MCP_SERVERS names become parts of variable names (MCP_<NAME>_URL) and prefixes of tool names.
 MCP_SERVER_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 OLLAMA_APIS = ("chat", "generate")
+#: HOST: an IPv4 or IPv6 address, or a host name (letters, digits, '-' and '.').
+HOST_PATTERN = re.compile(r"^[0-9A-Za-z.-]{1,253}$|^[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*$")
 
 
 class ConfigError(Exception):
@@ -313,6 +315,12 @@ class _Settings:
 
     def text(self, key: str, default: str | None) -> str | None:
         value = self.raw(key)
+        return default if value is None else value
+
+    def matching(self, key: str, default: str | None, pattern: re.Pattern, expected: str) -> str | None:
+        value = self.raw(key)
+        if value is not None and not pattern.match(value):
+            raise self.fail(key, expected)
         return default if value is None else value
 
     def choice(self, key: str, default: str, options: tuple[str, ...]) -> str:
@@ -5134,9 +5142,8 @@ def load_config(environ: Mapping[str, str], env_file: Path | None = None) -> Con
     d = Config()
     provider = s.choice("PROVIDER", d.provider, tuple(PROVIDERS))
     ollama_api = s.choice("OLLAMA_API", d.ollama_api, OLLAMA_APIS)
-    keep_alive = s.text("OLLAMA_KEEP_ALIVE", None)
-    if keep_alive is not None and not KEEP_ALIVE_PATTERN.match(keep_alive):
-        raise s.fail("OLLAMA_KEEP_ALIVE", "seconds or a duration such as 30m, 1h, -1 (forever)")
+    keep_alive = s.matching("OLLAMA_KEEP_ALIVE", None, KEEP_ALIVE_PATTERN,
+                            "seconds or a duration such as 30m, 1h, -1 (forever)")
     servers = _read_mcp_servers(s)
     return Config(
         provider=provider,
@@ -5156,7 +5163,8 @@ def load_config(environ: Mapping[str, str], env_file: Path | None = None) -> Con
         max_tokens=s.integer("MAX_TOKENS", d.max_tokens, 1, 1_048_576),
         temperature=s.number("TEMPERATURE", d.temperature, 0.0, 2.0),
         **_read_memory(s, d),
-        host=s.text("HOST", d.host) or d.host,
+        host=s.matching("HOST", d.host, HOST_PATTERN, "an address of this machine (127.0.0.1: this machine only; "
+                        "0.0.0.0: the LAN too) or its name"),
         port=s.integer("PORT", d.port, 1, 65535),
         log_level=s.choice("LOG_LEVEL", d.log_level, LOG_LEVELS),
         sse_ping_s=s.number("SSE_PING_S", d.sse_ping_s, 0.01, 3600),
@@ -5389,8 +5397,11 @@ def _port_free(host: str, port: int) -> tuple[bool, str, str]:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
             sock.bind((host, port))
     except OSError as exc:
-        return False, what, f"cannot listen there ({exc.strerror}); is piagent already running " \
-                            f"(systemctl status piagent)? Or choose another PORT"
+        if exc.errno == errno.EADDRINUSE:
+            return False, what, f"cannot listen there ({exc.strerror}); is piagent already running " \
+                                f"(systemctl status piagent)? Or choose another PORT"
+        return False, what, f"cannot listen there ({exc.strerror}); is HOST={host} an address of this machine? " \
+                            f"(127.0.0.1: this machine only; 0.0.0.0: the LAN too)"
     return True, f"{what} is free", ""
 
 

@@ -334,12 +334,19 @@ def test_env_file_location_from_piagent_env_file(tmp_path):
                                        ("MEMORY_MAX_TURNS", "-1"), ("PROVIDER", "skynet"),
                                        ("OLLAMA_HOST", "127.0.0.1:11434"), ("ENABLE_MEMORY", "yes"),
                                        ("OLLAMA_KEEP_ALIVE", "forever"), ("AGENTS", "general,general"),
-                                       ("LOG_LEVEL", "loud"), ("OLLAMA_API", "completions")])
+                                       ("LOG_LEVEL", "loud"), ("OLLAMA_API", "completions"),
+                                       ("HOST", "127.0.0.1   # local only"), ("HOST", "http://127.0.0.1")])
 def test_bad_value_is_one_error_naming_variable_value_and_expectation(key, value):
     with pytest.raises(ConfigError) as info:
         load_config({key: value})
     message = str(info.value)
     assert key in message and repr(value) in message and "expected" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0", "::", "::1", "fe80::1", "localhost",
+                                  "raspberrypi.lan"])
+def test_host_takes_addresses_and_names(host):  # the setting only: nothing here binds
+    assert load_config({"HOST": host}).host == host
 
 
 def test_agents_have_their_own_model_and_system_prompt_with_fallbacks():
