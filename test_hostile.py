@@ -904,6 +904,8 @@ def test_a_conversation_belongs_to_the_key_that_made_it(hserve, fake):
     listed = httpx.get(f"{server.url}/conversations", headers=other, timeout=DEADLINE)
     assert listed.status_code == 200 and "mine" not in [c["conversation_id"] for c in listed.json()["conversations"]]
     assert httpx.delete(f"{server.url}/conversations/mine", headers=other, timeout=DEADLINE).status_code == 404
+    # as for an id nobody has (DEVELOPING.md, "Conversation API"): the answer does not tell the two apart
+    assert httpx.delete(f"{server.url}/conversations/never-was", headers=other, timeout=DEADLINE).status_code == 404
     hijack = chat(server, other, message="and?", conversation_id="mine")
     assert hijack.status_code == 404 and error_of(hijack)["code"] == "conversation_not_found", hijack.text
     assert len(fake.generations()) == 1  # the model never saw the other key's request
