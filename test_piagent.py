@@ -3155,7 +3155,7 @@ def test_pi_install_rehearsal_runs_the_readme_steps_and_starts_like_the_unit():
                             env={**os.environ, "REHEARSAL_PORTS": f"{free_port()} {free_port()}"})
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     # the README's own install lines ran (its --check passed against a fake Ollama), then the unit's way of starting
-    assert "--check passed" in result.stdout
+    assert "--check passed" in result.stdout and "update passed" in result.stdout
     assert "exposure 1." in result.stdout and "OK: /health answered" in result.stdout
 
 

@@ -8,7 +8,8 @@
 # Then: render the unit for those paths, check it with systemd-analyze (verify, and security exposure <= 2.0),
 # start piagent exactly as the unit's ExecStart would, with its Environment= and EnvironmentFile= (read with
 # systemd's rules for the subset piagent.env uses) and the STATE_DIRECTORY that StateDirectory= provides, and
-# check /health and that the SQLite memory file appears. Loopback only; everything is removed at the end.
+# check /health and that the SQLite memory file appears. Between the two, step 3 runs again as "To update" says.
+# Loopback only; everything is removed at the end.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 root=$(mktemp -d)
@@ -62,6 +63,17 @@ grep -q '^✓ agent general' "$root/install.log" || { tail -n 40 "$root/install.
 echo "--check passed"
 [ -f "$root/opt/piagent/__pycache__/piagent.cpython-$(python3 -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")').pyc" ] \
   || { echo "no compiled bytecode"; exit 1; }
+
+step "update as README.md's 'To update' says: step 3 again, but its piagent.env line"
+grep -q "repeat step 3 but its \`cp piagent.env\` line" "$here/README.md" \
+  || { echo "README.md's 'To update' no longer says what this rehearses"; exit 1; }
+echo "# my own settings" >> "$root/etc/piagent/piagent.env"
+grep -v 'cp piagent.env' "$root/install.sh" > "$root/update.sh"
+(cd "$root/src" && ROOT="$root" PIP_DISABLE_PIP_VERSION_CHECK=1 bash "$root/update.sh") > "$root/update.log" 2>&1 \
+  || { tail -n 40 "$root/update.log"; echo "the update failed"; exit 1; }
+grep -q '^✓ agent general' "$root/update.log" || { tail -n 40 "$root/update.log"; echo "--check after the update"; exit 1; }
+grep -qx '# my own settings' "$root/etc/piagent/piagent.env" || { echo "the update overwrote the settings"; exit 1; }
+echo "update passed"
 
 step "render the unit for these paths and check it"
 unit="$root/piagent.service"
