@@ -2148,6 +2148,7 @@ class StdioTransport:
         self.process: asyncio.subprocess.Process | None = None
         self.pending: dict[Any, asyncio.Future] = {}
         self.closed: str | None = None  # why the server can no longer answer, once it cannot
+        self.last_words = ""  # its last line on stderr: often why it stopped
 
     async def open(self) -> None:
         """Start the server; never through a shell, with a trimmed environment, in a new process group."""
@@ -2216,7 +2217,8 @@ class StdioTransport:
             code = process.returncode
             self.closed = self.closed or (
                 f"the server exited with code {code}" if code is not None and code >= 0 else
-                f"the server was killed by signal {-code}" if code is not None else "the server closed stdout")
+                f"the server was killed by signal {-code}" if code is not None else "the server closed stdout"
+            ) + (f" ({self.last_words})" if self.last_words else "")
             for future in self.pending.values():
                 if not future.done():
                     future.set_exception(ConnectionError(self.closed))
@@ -2240,7 +2242,9 @@ class StdioTransport:
     async def _read_stderr(self, stderr: asyncio.StreamReader) -> None:
         """Forward the server's stderr to piagent's log, within the log budget."""
         async for line in _lines(stderr):
-            self.stderr_log.line(line.decode("utf-8", "replace").rstrip())
+            text = line.decode("utf-8", "replace").strip()
+            self.stderr_log.line(text)
+            self.last_words = text[:MCP_LOG_LINE_CHARS] or self.last_words
 
     async def close(self) -> None:
         """Close stdin and wait; then SIGTERM the process group and wait; then SIGKILL it (ref §3.5)."""
@@ -5232,6 +5236,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         return 1 if args.check else 2
     if args.check:
         print_settings(config, env_file)
+        log.setLevel(logging.ERROR)  # what the checks meet (an MCP server down) is in their results, said once
         results = asyncio.run(run_checks(config, env_file))
         for ok, what, fix in results:
             print(f"✓ {what}" if ok else f"✗ {what} — {fix}")
@@ -5380,9 +5385,9 @@ async def check_mcp_servers(config: Config) -> list[tuple[bool, str, str]]:
     results = [(ok, f"MCP server {s.name}: " + (", ".join(s.tools()) if ok else "cannot start"),
                 "" if ok else f"{why}; check MCP_{s.name.upper()}_COMMAND or _URL")
                for s, (ok, why) in zip(servers, status)]
-    toolbox = Toolbox({}, tuple(servers))
-    for agent in config.agents:
-        for entry in (t for t in agent.tools if "." in t and not toolbox.allowed((t,))):
+    toolbox, down = Toolbox({}, tuple(servers)), {s.name for s, (ok, _) in zip(servers, status) if not ok}
+    for agent in config.agents:  # an entry of a server that is down is that server's failure, said above
+        for entry in (t for t in agent.tools if "." in t and t.split(".")[0] not in down and not toolbox.allowed((t,))):
             results.append((False, f"agent {agent.name}: {entry} matches no tool",
                             f"fix AGENT_{agent.name.upper()}_TOOLS (tools as listed above)"))
     return results

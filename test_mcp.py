@@ -797,3 +797,15 @@ def test_check_lists_each_servers_tools_and_marks_entries_that_match_nothing(fak
     assert "✗ MCP server broken: cannot start" in result.stdout and "MCP_BROKEN_COMMAND" in result.stdout
     assert "✗ agent general: time.nope matches no tool" in result.stdout
     assert "time.get_current_time matches" not in result.stdout and result.returncode == 1
+
+
+def test_check_says_why_a_server_exited_in_its_own_words_once(fake):
+    """Its last stderr line is the reason ('exited with code 1' alone hid it), said in its check line only: not also
+    in a stray log line, nor as 'matches no tool' for the agent's entries of that server."""
+    need(TIME_SERVER is not None, "mcp-server-time (pip install mcp-server-time)")
+    result = run_piagent("--check", env={"PIAGENT_ENV_FILE": "", "OLLAMA_HOST": fake.url, "PORT": str(free_port()),
+                                         "MCP_SERVERS": "time", "AGENT_GENERAL_TOOLS": "time.*",
+                                         "MCP_TIME_COMMAND": f"{TIME_SERVER} --local-timezone Mars/Base"}, timeout=60)
+    assert re.search(r"✗ MCP server time: cannot start — the server exited with code 1 \(.*Mars/Base.*\); check "
+                     r"MCP_TIME_COMMAND", result.stdout), result.stdout
+    assert "matches no tool" not in result.stdout and result.stderr == "" and result.returncode == 1
