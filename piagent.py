@@ -54,7 +54,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi import Path as FastAPIPath
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
@@ -4032,6 +4032,16 @@ class OpenAIMessage(BaseModel):
     tool_calls: list[ClientToolCall] | None = Field(None, max_length=64)
     tool_call_id: str | None = Field(None, max_length=128)
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def text_only(cls, value: Any) -> Any:
+        """An image part is refused in words, not as the two shapes content may have (a string, or text parts)."""
+        other = [part["type"] for part in (value if isinstance(value, list) else ())
+                 if isinstance(part, dict) and isinstance(part.get("type"), str) and part["type"] != "text"]
+        if other:
+            raise ValueError(f"has a part of type {other[0]!r}; piagent's agents read text only")
+        return value
+
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
@@ -4083,6 +4093,7 @@ class OpenAIChatRequest(BaseModel):
     messages: list[OpenAIMessage] = Field(min_length=1, max_length=1000)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    n: Literal[1] | None = Field(None, description="piagent gives one choice")
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -4156,7 +4167,8 @@ def validation_problem(error: Mapping[str, Any]) -> str:
     if error["type"] == "json_invalid":  # FastAPI's reader gives the character; pydantic's says where in its text
         at = f" at character {error['loc'][-1]}" if isinstance(error["loc"][-1], int) else ""
         return f"body is not JSON{at}: {error.get('ctx', {}).get('error', error['msg'])}"
-    return f"{'.'.join(str(p) for p in error['loc'][1:]) or 'body'}: {error['msg']}"
+    message = str(error.get("ctx", {}).get("error", error["msg"])) if error["type"] == "value_error" else error["msg"]
+    return f"{'.'.join(str(p) for p in error['loc'][1:]) or 'body'}: {message}"
 
 
 def install_error_handlers(app: FastAPI) -> None:

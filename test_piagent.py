@@ -1703,6 +1703,18 @@ def test_v1_invalid_request_is_422_in_openai_error_shape(serve_local, fake, extr
     assert fake.generations() == []
 
 
+@pytest.mark.parametrize("extra, told", [
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "what is this?"},
+                                                {"type": "image_url", "image_url": {"url": "data:,"}}]}]},
+     "messages.0.content: has a part of type 'image_url'; piagent's agents read text only"),
+    ({"n": 2}, "n: Input should be 1")])
+def test_v1_an_image_or_more_than_one_choice_is_refused_in_words(serve_local, fake, extra, told):
+    """They were pydantic's account of content's two shapes, and n=2 was answered with one choice in silence."""
+    response = v1(serve_local(), **{"model": "general", "messages": [{"role": "user", "content": "hi"}], **extra})
+    assert response.status_code == 422 and openai_error_of(response)["message"] == told
+    assert fake.generations() == []
+
+
 def test_v1_unknown_agent_is_404_not_found_error(serve_local):
     response = v1(serve_local(), model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
     error = openai_error_of(response)
