@@ -3934,6 +3934,12 @@ class RequestLog:
             await self.app(scope, receive, send_and_note)
         except ClientGone:  # it left before its answer (mid-body, or waiting for a slot): logged as 499
             fields["error"] = "client_gone"
+        except asyncio.CancelledError:
+            if not asyncio.current_task().cancelling():  # not this request's own cancellation: a bug, shown
+                raise
+            # uvicorn stopped waiting (its graceful-shutdown limit, with WORKERS > 1; a forced exit): everything the
+            # request held was released on the way out, and a traceback would say nothing more
+            fields["error"] = "shutting_down"
         except Exception as exc:  # a bug: whatever the routes and streams did not turn into a response
             log.error("unexpected error on %s %s", scope["method"], scope["path"], exc_info=exc)
             if fields["status"] is None:

@@ -2659,6 +2659,25 @@ def test_ctrl_c_drains_a_second_cuts_the_replies_at_once_and_neither_prints_a_tr
     assert len(fake.generations()) == 1
 
 
+def test_a_request_cancelled_by_the_server_mid_stream_frees_everything_and_is_one_record(serve_local, fake, caplog):
+    """uvicorn cancels the requests still running at its graceful-shutdown limit (with WORKERS > 1, piagent's own
+    drain does not run) and at a forced exit: the cancelled request lets go of the upstream, the slot and the
+    conversation, and is one record, not an 'Exception in ASGI application' traceback."""
+    caplog.set_level("INFO", logger="piagent")
+    fake.script = Script(tokens=["A1", "A2"], hold_after=1)
+    server = serve_local(MAX_CONCURRENT=1)
+    call = asyncio.run_coroutine_threadsafe(server.client.post("/chat", json={
+        "message": "a", "stream": True, "conversation_id": "cut"}), server.loop)
+    wait_until(lambda: len(fake.generations()) == 1, what="the generation to start")
+    call.cancel()  # cancels the task that runs the app, as uvicorn does
+    wait_until(lambda: any(r.get("error") == "shutting_down" for r in piagent_records(caplog)),
+               what="the cancelled request's record")
+    wait_until(lambda: len(fake.hangups) == 1, timeout=2.0, what="the upstream request to be let go")
+    fake.script = Script()
+    assert chat(server, message="next", conversation_id="cut").status_code == 200  # slot and conversation free
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
 def test_after_the_grace_streams_are_cut_and_waiters_get_503_not_500(fake):
     fake.script = Script(tokens=["A1", "A2"], hold_after=1)  # every generation holds after its first token
     env = {"OLLAMA_HOST": fake.url, "SHUTDOWN_GRACE_S": "0.5", "MAX_CONCURRENT": "2"}
