@@ -1844,6 +1844,9 @@ class ToolSource(Protocol):
     def tools(self) -> Mapping[str, Tool]:
         """Its tools now, by their own names."""
 
+    async def settled(self) -> None:
+        """Return once it is not starting: up, or failed (bounded by its own time-out)."""
+
 
 class Toolbox:
     """The tools of one app: the built-ins (or a test's own set) by name, and sources by name (MCP servers)."""
@@ -1863,6 +1866,12 @@ class Toolbox:
                 found.update({model_tool_name(source, name): tool for name, tool in self.sources[source].tools().items()
                               if wanted in ("*", name)})
         return found
+
+    async def settle(self, patterns: tuple[str, ...]) -> None:
+        """Wait for the sources these patterns name to finish starting: a chat just after start-up is offered their
+        tools, not only the built-ins (the model would call a tool that is not there)."""
+        names = {pattern.partition(".")[0] for pattern in patterns if "." in pattern}
+        await asyncio.gather(*(self.sources[name].settled() for name in names if name in self.sources))
 
     def check(self, config: Config) -> None:
         """Raise ConfigError if an agent's AGENT_<NAME>_TOOLS names a built-in tool that is not here."""
@@ -2471,6 +2480,9 @@ class McpServer:
     def tools(self) -> dict[str, Tool]:
         """MCP tool name -> Tool, as last listed (kept while the server restarts)."""
         return dict(self._tools)
+
+    async def settled(self) -> None:
+        await self.ready(self.config.timeout_s)
 
     def status(self) -> tuple[bool, str]:
         """(usable, "3 tools" or why not), for /ready."""
@@ -3163,6 +3175,8 @@ class Exchange:
 
     async def events(self) -> AsyncIterator[Queued | str | ToolEvent]:
         """What a door shows, in order: queue positions, then text pieces and tool calls (cut at the reply's cap)."""
+        if not self.ask.tools:  # before its place in line: the slot is not held while an MCP server starts
+            await self.rt.toolbox.settle(self.agent.tools)
         ticket = self.rt.gate.enter(self.conversation_id if self.remember else None)
         self.held.callback(self.rt.gate.leave, ticket)
         async for position in self.rt.gate.positions(ticket):

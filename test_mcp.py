@@ -672,6 +672,20 @@ def test_a_star_allows_every_tool_of_a_server_and_a_dead_server_only_fails_its_o
     assert httpx.post(f"{server.url}/chat", json={"message": "hi"}).status_code == 200  # other agents go on
 
 
+def test_a_chat_just_after_start_up_waits_for_a_starting_server_and_is_offered_its_tools(serve, fake):
+    """A chat in the first moments (here a server that takes two seconds to start) was offered only the tools already
+    listed, so the model was told its time tool did not exist; now it waits, before its place in line."""
+    need(TIME_SERVER is not None, "mcp-server-time (pip install mcp-server-time)")
+    fake.script = Script(tool_rounds=[[("time__get_current_time", {"timezone": "UTC"})]], echo_tools=True)
+    server = serve(MCP_SERVERS="time", MCP_TIME_COMMAND=f"sh -c 'sleep 2; exec {TIME_SERVER}'",
+                   AGENT_GENERAL_TOOLS="time.*", **UNLIMITED)
+    assert httpx.get(f"{server.url}/ready").json()["checks"]["mcp:time"]["detail"] == "starting"
+    text, tools = tool_reply(server, "json")
+    offered = sorted(t["function"]["name"] for t in fake.generations()[0].body["tools"])
+    assert offered == ["time__convert_time", "time__get_current_time"]
+    assert '"timezone": "UTC"' in tools[0]["result"] and text.startswith("results: {")
+
+
 def test_a_client_leaving_during_a_slow_mcp_call_cancels_it_at_the_server(serve, fake, tmp_path):
     need_sdk()
     fake.script = Script(tool_rounds=[[("sdk__slow", {"seconds": 30})]], echo_tools=True)
