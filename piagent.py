@@ -3953,6 +3953,8 @@ class RequestLog:
                 raise
             # uvicorn stopped waiting (its graceful-shutdown limit, with WORKERS > 1; a forced exit): everything the
             # request held was released on the way out, and a traceback would say nothing more
+            if fields["status"] is None:  # else uvicorn answers a plain-text 500 itself
+                await error_response(scope, shutting_down())(scope, receive, send_and_note)
             fields["error"] = "shutting_down"
         except Exception as exc:  # a bug: whatever the routes and streams did not turn into a response
             log.error("unexpected error on %s %s", scope["method"], scope["path"], exc_info=exc)

@@ -64,8 +64,9 @@ echo "--check passed"
 [ -f "$root/opt/piagent/__pycache__/piagent.cpython-$(python3 -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")').pyc" ] \
   || { echo "no compiled bytecode"; exit 1; }
 
-step "update as README.md's 'To update' says: step 3 again, but its piagent.env line"
-grep -q "repeat step 3 but its \`cp piagent.env\` line" "$here/README.md" \
+step "update as README.md's 'To update' says: with piagent stopped, step 3 again, but its piagent.env line"
+grep -q "To update: \`sudo systemctl stop piagent\`" "$here/README.md" \
+  && grep -q "repeat step 3 but its \`cp piagent.env\` line" "$here/README.md" \
   || { echo "README.md's 'To update' no longer says what this rehearses"; exit 1; }
 echo "# my own settings" >> "$root/etc/piagent/piagent.env"
 grep -v 'cp piagent.env' "$root/install.sh" > "$root/update.sh"
