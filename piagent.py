@@ -84,8 +84,8 @@ TOOL_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$|^[a-z][a-z0-9_]{0,31}\.(
 #: MCP_SERVERS names become parts of variable names (MCP_<NAME>_URL) and prefixes of tool names.
 MCP_SERVER_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 OLLAMA_APIS = ("chat", "generate")
-#: HOST: an IPv4 or IPv6 address, or a host name (letters, digits, '-' and '.').
-HOST_PATTERN = re.compile(r"^[0-9A-Za-z.-]{1,253}$|^[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*$")
+#: HOST: an IPv4 or IPv6 address (fe80::1%eth0 with its interface), or a host name (letters, digits, '-' and '.').
+HOST_PATTERN = re.compile(r"^[0-9A-Za-z.-]{1,253}$|^[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(%[0-9A-Za-z_.-]{1,15})?$")
 
 
 class ConfigError(Exception):
@@ -318,6 +318,7 @@ class _Settings:
         return default if value is None else value
 
     def matching(self, key: str, default: str | None, pattern: re.Pattern, expected: str) -> str | None:
+        """The value if it matches `pattern` (else an error saying `expected`), or the default when unset."""
         value = self.raw(key)
         if value is not None and not pattern.match(value):
             raise self.fail(key, expected)
@@ -2157,7 +2158,7 @@ class StdioTransport:
         self.process: asyncio.subprocess.Process | None = None
         self.pending: dict[Any, asyncio.Future] = {}
         self.closed: str | None = None  # why the server can no longer answer, once it cannot
-        self.last_words = ""  # its last line on stderr: often why it stopped
+        self.last_words = ""  # its last line on stderr: often why it stopped (for the operator: --check, the log)
 
     async def open(self) -> None:
         """Start the server; never through a shell, with a trimmed environment, in a new process group."""
@@ -2227,7 +2228,7 @@ class StdioTransport:
             self.closed = self.closed or (
                 f"the server exited with code {code}" if code is not None and code >= 0 else
                 f"the server was killed by signal {-code}" if code is not None else "the server closed stdout"
-            ) + (f" ({self.last_words})" if self.last_words else "")
+            )
             for future in self.pending.values():
                 if not future.done():
                     future.set_exception(ConnectionError(self.closed))
@@ -2253,7 +2254,8 @@ class StdioTransport:
         async for line in _lines(stderr):
             text = line.decode("utf-8", "replace").strip()
             self.stderr_log.line(text)
-            self.last_words = text[:MCP_LOG_LINE_CHARS] or self.last_words
+            if text and not re.match(r"at |Node\.js v\d|\^+$", text):  # node ends with its stack and version
+                self.last_words = text[:MCP_LOG_LINE_CHARS]
 
     async def close(self) -> None:
         """Close stdin and wait; then SIGTERM the process group and wait; then SIGKILL it (ref §3.5)."""
@@ -2457,6 +2459,7 @@ class McpServer:
         self._changed = asyncio.Event()  # set when the tool list changed, or the connection ended
         self._changes_log = LogBudget(config.name)
         self._settled = asyncio.Event()  # set when the tools are listed, or the attempt failed
+        self.last_words = ""  # a stdio server's last stderr line when it went down: for --check and the log
 
     async def start(self) -> None:
         """Connect and list the tools in the background; returns at once."""
@@ -2482,7 +2485,9 @@ class McpServer:
         return dict(self._tools)
 
     async def settled(self) -> None:
-        await self.ready(self.config.timeout_s)
+        """Wait for its first start only (at most its time-out): a restart keeps the tools last listed."""
+        if self._why == "starting" and self._failed_starts == 0 and not self._tools:
+            await self.ready(self.config.timeout_s)
 
     def status(self) -> tuple[bool, str]:
         """(usable, "3 tools" or why not), for /ready."""
@@ -2522,12 +2527,13 @@ class McpServer:
             self._up = False
             await pump.stop()  # first: its readers must be gone before close() drains what is left
             await transport.close()
+            self.last_words = getattr(transport, "last_words", "")  # not in _why: that reaches the model too
             if not self._stopped:
                 self._failed_starts += 1
                 delay_s = min(MCP_RESTART_MAX_S, MCP_RESTART_MIN_S * 2 ** (self._failed_starts - 1))
                 self._retry_at = self._clock() + delay_s
-                log.warning("MCP server %s is down: %s; started again on next use, not before %g s",
-                            name, self._why, delay_s)
+                log.warning("MCP server %s is down: %s%s; started again on next use, not before %g s",
+                            name, self._why, f" ({self.last_words})" if self.last_words else "", delay_s)
             self._settled.set()
 
     async def _connect(self) -> None:
@@ -3264,7 +3270,8 @@ class Exchange:
         return headers
 
     def timings(self) -> dict[str, Any]:
-        """queue_wait_ms, ttft_ms, duration_ms and tokens_per_s (after the first token), as far as known."""
+        """queue_wait_ms, ttft_ms, duration_ms and tokens_per_s (from the first token; for a whole reply, from the
+        start of generation), as far as known."""
         now = time.perf_counter()
         out: dict[str, Any] = {"duration_ms": round((now - self.started) * 1000)}
         for key, moment in (("queue_wait_ms", self.generating_at), ("ttft_ms", self.first_at)):
@@ -4061,7 +4068,7 @@ class OpenAIMessage(BaseModel):
         other = [part["type"] for part in (value if isinstance(value, list) else ())
                  if isinstance(part, dict) and isinstance(part.get("type"), str) and part["type"] != "text"]
         if other:
-            raise ValueError(f"has a part of type {other[0]!r}; piagent's agents read text only")
+            raise ValueError(f"has a part of type {other[0][:40]!r}; piagent's agents read text only")
         return value
 
     def text(self) -> str:
@@ -4115,7 +4122,7 @@ class OpenAIChatRequest(BaseModel):
     messages: list[OpenAIMessage] = Field(min_length=1, max_length=1000)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: Literal[1] | None = Field(None, description="piagent gives one choice")
+    n: int | None = Field(None, description="piagent gives one choice: leave n out, or send 1")
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -4123,6 +4130,13 @@ class OpenAIChatRequest(BaseModel):
                                            description="the client's own tools: their calls come back to the client")
     tool_choice: Literal["none", "auto", "required"] | ToolChoice | None = Field(
         None, description="passed on with `tools` to OpenAI-compatible upstreams; Ollama's API has no such field")
+
+    @field_validator("n")
+    @classmethod
+    def one_choice(cls, value: int | None) -> int | None:
+        if value not in (None, 1):
+            raise ValueError("piagent gives one choice; leave n out, or send 1")
+        return value
 
 
 # Response shapes, for the OpenAPI schema (/openapi.json) and the fuzz tests that read it.
@@ -5202,7 +5216,7 @@ def load_config(environ: Mapping[str, str], env_file: Path | None = None) -> Con
         temperature=s.number("TEMPERATURE", d.temperature, 0.0, 2.0),
         **_read_memory(s, d),
         host=s.matching("HOST", d.host, HOST_PATTERN, "an address of this machine (127.0.0.1: this machine only; "
-                        "0.0.0.0: the LAN too) or its name"),
+                        "0.0.0.0: the LAN too; IPv6 without brackets) or its name"),
         port=s.integer("PORT", d.port, 1, 65535),
         log_level=s.choice("LOG_LEVEL", d.log_level, LOG_LEVELS),
         sse_ping_s=s.number("SSE_PING_S", d.sse_ping_s, 0.01, 3600),
@@ -5270,7 +5284,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         return 1 if args.check else 2
     if args.check:
         print_settings(config, env_file)
-        log.setLevel(logging.ERROR)  # what the checks meet (an MCP server down) is in their results, said once
+        # an MCP server down is in the results, with why: its log line would say it twice (other warnings stay)
+        log.addFilter(lambda record: not str(record.msg).startswith("MCP server %s is down"))
         results = asyncio.run(run_checks(config, env_file))
         for ok, what, fix in results:
             print(f"✓ {what}" if ok else f"✗ {what} — {fix}")
@@ -5416,8 +5431,8 @@ async def check_mcp_servers(config: Config) -> list[tuple[bool, str, str]]:
         status = [server.status() for server in servers]
     finally:
         await asyncio.gather(*(server.stop() for server in servers))
-    results = [(ok, f"MCP server {s.name}: " + (", ".join(s.tools()) if ok else "cannot start"),
-                "" if ok else f"{why}; check MCP_{s.name.upper()}_COMMAND or _URL")
+    results = [(ok, f"MCP server {s.name}: " + (", ".join(s.tools()) if ok else "cannot start"), "" if ok else
+                f"{why}{f' ({s.last_words})' if s.last_words else ''}; check MCP_{s.name.upper()}_COMMAND or _URL")
                for s, (ok, why) in zip(servers, status)]
     toolbox, down = Toolbox({}, tuple(servers)), {s.name for s, (ok, _) in zip(servers, status) if not ok}
     for agent in config.agents:  # an entry of a server that is down is that server's failure, said above

@@ -814,12 +814,18 @@ def test_check_lists_each_servers_tools_and_marks_entries_that_match_nothing(fak
 
 
 def test_check_says_why_a_server_exited_in_its_own_words_once(fake):
-    """Its last stderr line is the reason ('exited with code 1' alone hid it), said in its check line only: not also
-    in a stray log line, nor as 'matches no tool' for the agent's entries of that server."""
+    """Its last stderr line is the reason ('exited with code 1' alone hid it; node's is its error, not the stack and
+    version it ends with), said in its check line only: not also in a stray log line, nor as 'matches no tool' for
+    the agent's entries of that server."""
     need(TIME_SERVER is not None, "mcp-server-time (pip install mcp-server-time)")
+    need(shutil.which("node") is not None, "node")
     result = run_piagent("--check", env={"PIAGENT_ENV_FILE": "", "OLLAMA_HOST": fake.url, "PORT": str(free_port()),
-                                         "MCP_SERVERS": "time", "AGENT_GENERAL_TOOLS": "time.*",
-                                         "MCP_TIME_COMMAND": f"{TIME_SERVER} --local-timezone Mars/Base"}, timeout=60)
+                                         "MCP_SERVERS": "time,js", "AGENT_GENERAL_TOOLS": "time.*,js.*",
+                                         "MCP_TIME_COMMAND": f"{TIME_SERVER} --local-timezone Mars/Base",
+                                         "MCP_JS_COMMAND": "node -e \"throw new Error('no folder /srv/notes')\""},
+                         timeout=60)
     assert re.search(r"✗ MCP server time: cannot start — the server exited with code 1 \(.*Mars/Base.*\); check "
                      r"MCP_TIME_COMMAND", result.stdout), result.stdout
+    assert ("✗ MCP server js: cannot start — the server exited with code 1 (Error: no folder /srv/notes); check "
+            "MCP_JS_COMMAND") in result.stdout, result.stdout
     assert "matches no tool" not in result.stdout and result.stderr == "" and result.returncode == 1

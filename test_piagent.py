@@ -335,7 +335,8 @@ def test_env_file_location_from_piagent_env_file(tmp_path):
                                        ("OLLAMA_HOST", "127.0.0.1:11434"), ("ENABLE_MEMORY", "yes"),
                                        ("OLLAMA_KEEP_ALIVE", "forever"), ("AGENTS", "general,general"),
                                        ("LOG_LEVEL", "loud"), ("OLLAMA_API", "completions"),
-                                       ("HOST", "127.0.0.1   # local only"), ("HOST", "http://127.0.0.1")])
+                                       ("HOST", "127.0.0.1   # local only"), ("HOST", "http://127.0.0.1"),
+                                       ("HOST", "[::1]")])
 def test_bad_value_is_one_error_naming_variable_value_and_expectation(key, value):
     with pytest.raises(ConfigError) as info:
         load_config({key: value})
@@ -343,7 +344,7 @@ def test_bad_value_is_one_error_naming_variable_value_and_expectation(key, value
     assert key in message and repr(value) in message and "expected" in message and "\n" not in message
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0", "::", "::1", "fe80::1", "localhost",
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0", "::", "::1", "fe80::1%eth0", "localhost",
                                   "raspberrypi.lan"])
 def test_host_takes_addresses_and_names(host):  # the setting only: nothing here binds
     assert load_config({"HOST": host}).host == host
@@ -1707,7 +1708,7 @@ def test_v1_invalid_request_is_422_in_openai_error_shape(serve_local, fake, extr
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": "what is this?"},
                                                 {"type": "image_url", "image_url": {"url": "data:,"}}]}]},
      "messages.0.content: has a part of type 'image_url'; piagent's agents read text only"),
-    ({"n": 2}, "n: Input should be 1")])
+    ({"n": 2}, "n: piagent gives one choice; leave n out, or send 1")])
 def test_v1_an_image_or_more_than_one_choice_is_refused_in_words(serve_local, fake, extra, told):
     """They were pydantic's account of content's two shapes, and n=2 was answered with one choice in silence."""
     response = v1(serve_local(), **{"model": "general", "messages": [{"role": "user", "content": "hi"}], **extra})
@@ -2974,15 +2975,16 @@ def test_tokens_per_s_of_a_whole_reply_counts_its_tokens_not_its_one_piece(serve
     """A reply not streamed reaches piagent as one piece: its rate was 1 piece over the whole time (0.02 for a
     200-token reply on a Pi). It is the upstream's token count over the time from the start of generation."""
     caplog.set_level("INFO", logger="piagent")
-    fake.script = Script(tokens=["t"] * 40, token_delay_s=0.002)
+    fake.script = Script(tokens=["t"] * 40, token_delay_s=0.005)
     server = serve_local()
     chat(server, message="hi")
     chat(server, message="hi", stream=True)
     wait_until(lambda: len(piagent_records(caplog)) == 2, what="two request records")
     plain, streamed = piagent_records(caplog)
     assert plain["tokens"] == streamed["tokens"] == 40
-    # the same 40 tokens at the same pace: one rate within a few times the other (one piece made it 40 times less)
-    assert plain["tokens_per_s"] > streamed["tokens_per_s"] / 8, (plain, streamed)
+    # its rate times its generation time gives back its 40 tokens (one piece gave 1), give or take what comes after
+    generating_s = (plain["duration_ms"] - plain["queue_wait_ms"]) / 1000
+    assert 20 <= plain["tokens_per_s"] * generating_s <= 60, plain  # the record ends a little after the rate
 
 
 def test_text_log_line_shows_method_path_status_duration_and_fields():
