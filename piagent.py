@@ -2227,8 +2227,7 @@ class StdioTransport:
             code = process.returncode
             self.closed = self.closed or (
                 f"the server exited with code {code}" if code is not None and code >= 0 else
-                f"the server was killed by signal {-code}" if code is not None else "the server closed stdout"
-            )
+                f"the server was killed by signal {-code}" if code is not None else "the server closed stdout")
             for future in self.pending.values():
                 if not future.done():
                     future.set_exception(ConnectionError(self.closed))
