@@ -302,8 +302,7 @@ class _Settings:
 
     def raw(self, key: str) -> str | None:
         self.asked.add(key)
-        value = self.values.get(key)
-        return None if value is None or value.strip() == "" else value.strip()
+        return (self.values.get(key) or "").strip() or None
 
     def named(self, key: str, *aliases: str) -> str:
         """`key`, or the first of its older names that is set (old env files keep working)."""
@@ -314,8 +313,7 @@ class _Settings:
         return ConfigError(f"{key}={self.values.get(key)!r} is not valid: expected {expected}")
 
     def text(self, key: str, default: str | None) -> str | None:
-        value = self.raw(key)
-        return default if value is None else value
+        return self.raw(key) or default
 
     def matching(self, key: str, default: str | None, pattern: re.Pattern, expected: str) -> str | None:
         """The value if it matches `pattern` (else an error saying `expected`), or the default when unset."""
@@ -351,13 +349,10 @@ class _Settings:
         value = self.raw(key)
         if value is None:
             return default
-        try:
-            number = float(value)
-        except ValueError:
-            raise self.fail(key, f"a number from {low:g} to {high:g}") from None
-        if not low <= number <= high:
-            raise self.fail(key, f"a number from {low:g} to {high:g}")
-        return number
+        with contextlib.suppress(ValueError):  # not a number at all: the same error as one out of range
+            if low <= (number := float(value)) <= high:
+                return number
+        raise self.fail(key, f"a number from {low:g} to {high:g}")
 
     def boolean(self, key: str, default: bool) -> bool:
         value = self.raw(key)
@@ -368,7 +363,7 @@ class _Settings:
         return value.lower() in ("true", "1")
 
     def url(self, key: str, default: str) -> str:
-        value = self.text(key, default) or default
+        value = self.text(key, default)
         parsed = httpx.URL(value) if re.match(r"^https?://[^/\s]+", value) else None
         if parsed is None or not parsed.host:
             raise self.fail(key, "a URL with scheme and host, like http://127.0.0.1:11434")
@@ -472,26 +467,20 @@ class InProcessStore(CappedStore):
         super().__init__(config, clock)
         self._kept: OrderedDict[str, _Kept] = OrderedDict()
 
-    def __len__(self) -> int:
-        return len(self._kept)
-
     async def open(self) -> None:
-        pass
+        """Nothing to connect, release or probe: open, close and check do nothing."""
 
-    async def close(self) -> None:
-        pass
+    close = check = open
 
-    async def check(self) -> None:
-        pass
-
-    def _sweep(self, now: float) -> None:
-        """Forget conversations idle for the TTL or longer; they sit at the front."""
+    def _sweep(self) -> float:
+        """Forget conversations idle for the TTL or longer (they sit at the front); return the time now."""
+        now = self.clock()
         while self._kept and now - next(iter(self._kept.values())).last_used >= self.ttl_s:
             self._kept.popitem(last=False)
+        return now
 
     def _use(self, conversation_id: str) -> _Kept | None:
-        now = self.clock()
-        self._sweep(now)
+        now = self._sweep()
         kept = self._kept.get(conversation_id)
         if kept is not None:
             kept.last_used = now
@@ -513,7 +502,7 @@ class InProcessStore(CappedStore):
         kept.total += 1
 
     async def get(self, conversation_id: str) -> Conversation | None:
-        self._sweep(self.clock())
+        self._sweep()
         kept = self._kept.get(conversation_id)
         return Conversation(conversation_id, kept.agent, kept.last_used, list(kept.turns)) if kept else None
 
@@ -521,11 +510,11 @@ class InProcessStore(CappedStore):
         self._kept.pop(conversation_id, None)
 
     async def count(self) -> int:
-        self._sweep(self.clock())
+        self._sweep()
         return len(self._kept)
 
     async def recent(self, limit: int, before: float | None, owner: str = "") -> list[Listed]:
-        self._sweep(self.clock())
+        self._sweep()
         found = (Listed(cid, kept.agent, kept.last_used, kept.turns[0].user[:PREVIEW_CHARS] if kept.turns else "")
                  for cid, kept in reversed(self._kept.items())  # newest first
                  if (before is None or kept.last_used < before) and kept.agent.startswith(owner))
@@ -533,13 +522,12 @@ class InProcessStore(CappedStore):
 
 
 @contextmanager
-def storage_errors() -> Iterator[None]:
-    """A storage error a store lets through (a disk's OSError, a database's) as MemoryUnavailable with its cause."""
+def storage_errors(path: Path = Path("MEMORY_PATH"), kinds: tuple = (sqlite3.Error, OSError)) -> Iterator[None]:
+    """A storage error of `kinds` (a disk's OSError, a database's) as MemoryUnavailable, its cause told for `path`."""
     try:
         yield
-    except (sqlite3.Error, OSError) as exc:
-        raise MemoryUnavailable(sqlite_problem(exc, Path("MEMORY_PATH")),
-                                {"Retry-After": str(DEFAULT_RETRY_AFTER_S)}) from None
+    except kinds as exc:
+        raise MemoryUnavailable(sqlite_problem(exc, path), {"Retry-After": str(DEFAULT_RETRY_AFTER_S)}) from None
 
 
 def sqlite_problem(exc: sqlite3.Error | OSError, path: Path) -> str:
@@ -607,11 +595,8 @@ class SQLiteStore(CappedStore):
         self._db: sqlite3.Connection | None = None
 
     async def _run(self, work: Callable[..., T], *args: Any) -> T:
-        try:
+        with storage_errors(self.path, (sqlite3.Error,)):  # an OSError goes on to the caller's storage_errors()
             return await asyncio.get_running_loop().run_in_executor(self._thread, work, *args)
-        except sqlite3.Error as exc:
-            retry = {"Retry-After": str(DEFAULT_RETRY_AFTER_S)}
-            raise MemoryUnavailable(sqlite_problem(exc, self.path), retry) from None
 
     async def open(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._thread, self._connect)
@@ -961,10 +946,8 @@ def openai_options(extra: Mapping[str, Any]) -> dict[str, Any]:
 
 def turns_as_messages(turns: list[Turn]) -> list[Message]:
     """Turns as messages: [Turn("hi", "yo")] -> [{"role": "user", "content": "hi"}, {"role": "assistant", ...}]"""
-    messages: list[Message] = []
-    for turn in turns:
-        messages += [{"role": "user", "content": turn.user}, {"role": "assistant", "content": turn.assistant}]
-    return messages
+    return [{"role": role, "content": text} for turn in turns
+            for role, text in (("user", turn.user), ("assistant", turn.assistant))]
 
 
 #: ASCII characters per token, counted low so the estimate errs high (see estimate_tokens).
@@ -1023,9 +1006,8 @@ def build_messages(prompt: Prompt) -> list[Message]:
 
 def render_prompt(prompt: Prompt) -> str:
     """The text prompt of /api/generate. Example: message "hi" -> "<user>\\nhi\\n</user>\\n<assistant>\\n\""""
-    blocks = [f"<{m['role']}>\n{m['content']}\n</{m['role']}>\n" for m in prompt.history]
-    blocks.append(f"<user>\n{prompt.message}\n</user>\n<assistant>\n")
-    return "".join(blocks)
+    history = "".join(f"<{m['role']}>\n{m['content']}\n</{m['role']}>\n" for m in prompt.history)
+    return f"{history}<user>\n{prompt.message}\n</user>\n<assistant>\n"
 
 
 # ---------------------------------------------------------------------------
@@ -1224,21 +1206,6 @@ class HTTPProvider:
     def headers(self) -> dict[str, str]:
         return {}
 
-    def not_found(self, model: str) -> str:
-        raise NotImplementedError
-
-    def request(self, agent: Agent, prompt: Prompt, sampling: Sampling, stream: bool) -> tuple[str, dict[str, Any]]:
-        raise NotImplementedError
-
-    def read(self, line: bytes, reply: dict[str, Any], usage: Usage) -> str:
-        raise NotImplementedError
-
-    def end(self, reply: dict[str, Any], usage: Usage) -> None:
-        raise NotImplementedError
-
-    def whole(self, data: dict[str, Any], usage: Usage) -> str:
-        raise NotImplementedError
-
     async def complete(self, agent: Agent, prompt: Prompt, sampling: Sampling, usage: Usage) -> str:
         path, body = self.request(agent, prompt, sampling, stream=False)
         return self.whole(await self.post_json(path, body, agent.model), usage)
@@ -1248,8 +1215,7 @@ class HTTPProvider:
         reply: dict[str, Any] = {"done": False}  # what `read` keeps between lines
         async with aclosing(self.stream_lines(path, body, agent.model)) as lines:
             async for line in lines:
-                text = self.read(line, reply, usage)
-                if text:
+                if text := self.read(line, reply, usage):
                     yield text
                 if reply["done"]:
                     await self._after_end(lines)
@@ -1315,11 +1281,10 @@ class HTTPProvider:
         return await self._json("GET", path, "", None, timeout=PROBE_TIMEOUT_S)
 
     async def _json(self, method: str, path: str, model: str, body: dict[str, Any] | None,
-                    timeout: float | None = None) -> dict[str, Any]:
-        options = {} if timeout is None else {"timeout": timeout}
+                    timeout: Any = httpx.USE_CLIENT_DEFAULT) -> dict[str, Any]:
         try:
             async with self.client.stream(method, self.url(path), json=body, headers=self.headers(),
-                                          **options) as response:
+                                          timeout=timeout) as response:
                 await self.raise_for_status(response, model)
                 raw = bytearray()
                 async for chunk in response.aiter_bytes():
@@ -1348,7 +1313,7 @@ class HTTPProvider:
                         *lines, rest = pending.split(b"\n")
                         pending = bytearray(rest)
                         for line in lines:
-                            yield bytes(line[:-1] if line.endswith(b"\r") else line)
+                            yield bytes(line.removesuffix(b"\r"))
                     if len(pending) > MAX_UPSTREAM_LINE_BYTES:
                         raise UpstreamError(f"{self.label} sent a line longer than {MAX_UPSTREAM_LINE_BYTES >> 20} "
                                             f"MiB; piagent stopped reading")
@@ -1372,10 +1337,9 @@ class OllamaProvider(HTTPProvider):
 
     def request(self, agent: Agent, prompt: Prompt, sampling: Sampling, stream: bool) -> tuple[str, dict[str, Any]]:
         c = self.config
-        body: dict[str, Any] = {"model": agent.model, "stream": stream, "options": ollama_options(c, sampling)}
+        body: dict[str, Any] = {"model": agent.model, "stream": stream, "options": ollama_options(c, sampling),
+                                **self.keep_alive}  # a client's own keep_alive, added next, wins
         body.update((k, sampling.extra[k]) for k in OLLAMA_PASSED_FIELDS if sampling.extra.get(k) is not None)
-        if self.keep_alive is not None and "keep_alive" not in body:  # a client's own keep_alive wins
-            body["keep_alive"] = self.keep_alive
         if c.ollama_api == "generate":
             body.update(system=prompt.system, prompt=render_prompt(prompt))
             return "/api/generate", body
@@ -1390,19 +1354,14 @@ class OllamaProvider(HTTPProvider):
         return f"Ollama {version}", {str(m.get("name", "")) for m in models if isinstance(m, dict)}
 
     async def warm(self, model: str) -> None:
-        body: dict[str, Any] = {"model": model, "stream": False}  # no prompt: Ollama just loads the model
-        if self.keep_alive is not None:
-            body["keep_alive"] = self.keep_alive
-        await self.post_json("/api/generate", body, model)
+        # no prompt: Ollama just loads the model
+        await self.post_json("/api/generate", {"model": model, "stream": False, **self.keep_alive}, model)
 
     @property
-    def keep_alive(self) -> int | str | None:
-        """OLLAMA_KEEP_ALIVE as Ollama takes it: a number is seconds, anything else a duration string."""
+    def keep_alive(self) -> dict[str, int | str]:
+        """OLLAMA_KEEP_ALIVE as Ollama's field ({} when unset): a number is seconds, anything else a duration string."""
         ka = self.config.ollama_keep_alive
-        return int(ka) if ka is not None and re.fullmatch(r"-?\d+", ka) else ka
-
-    def whole(self, data: dict[str, Any], usage: Usage) -> str:
-        return self._chunk(data, usage)
+        return {} if ka is None else {"keep_alive": int(ka) if re.fullmatch(r"-?\d+", ka) else ka}
 
     def end(self, reply: dict[str, Any], usage: Usage) -> None:
         if not reply["done"]:
@@ -1420,9 +1379,9 @@ class OllamaProvider(HTTPProvider):
         if chunk.get("error"):
             raise UpstreamError(f"Ollama: {chunk['error']}")
         reply["done"] = bool(chunk.get("done"))
-        return self._chunk(chunk, usage)
+        return self.whole(chunk, usage)
 
-    def _chunk(self, chunk: dict[str, Any], usage: Usage) -> str:
+    def whole(self, chunk: dict[str, Any], usage: Usage) -> str:
         """The text of a chat or generate chunk, every field type-checked; tool calls and final counts go to `usage`."""
         message = typed(chunk.get("message"), dict, "message", self.label)
         if message is None:
@@ -1506,7 +1465,7 @@ class SSEDecoder:
         if line.startswith(":"):
             return None
         name, _, value = line.partition(":")
-        value = value[1:] if value.startswith(" ") else value
+        value = value.removeprefix(" ")
         if name == "data":
             self.size += len(value) + 1
             if self.size > self.limit:
@@ -1594,8 +1553,7 @@ class OpenAIProvider(HTTPProvider):
         return "/chat/completions", body
 
     def whole(self, data: dict[str, Any], usage: Usage) -> str:
-        choice = self._choice(data, usage)
-        message = typed(choice.get("message"), dict, "choices[0].message", self.label) or {}
+        message = typed(self._choice(data, usage).get("message"), dict, "choices[0].message", self.label) or {}
         parts = ToolCallParts()
         parts.feed(typed(message.get("tool_calls"), list, "choices[0].message.tool_calls", self.label))
         usage.tool_calls += parts.calls()
@@ -2784,8 +2742,7 @@ class TokenBuckets:
     """Token buckets of `rate_per_min` a minute per identity; full idle ones are dropped, at most max_buckets kept."""
 
     def __init__(self, rate_per_min: int, clock: Callable[[], float], max_buckets: int = MAX_RATE_BUCKETS):
-        self.capacity = float(rate_per_min)
-        self.per_s = rate_per_min / 60.0
+        self.capacity, self.per_s = float(rate_per_min), rate_per_min / 60.0
         self.clock, self.max_buckets = clock, max_buckets
         self._buckets: OrderedDict[str, list[float]] = OrderedDict()  # identity -> [tokens, last update]
 
@@ -3038,14 +2995,10 @@ class Guards:
         problem = json_problem(body) if body else None  # whatever the first byte (a space, a BOM): a route may parse it
         if problem is not None:
             raise InvalidRequest(problem)
-        replayed = False
+        first = [{"type": "http.request", "body": bytes(body), "more_body": False}]
 
         async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
-            return await receive()
+            return first.pop() if first else await receive()
 
         return replay
 
@@ -3237,10 +3190,7 @@ class Exchange:
         """Keep an event the door has written (text is what memory stores); a stream's first one is its TTFT."""
         if self.stream and self.first_at is None:
             self.first_at = time.perf_counter()
-        if isinstance(event, str):
-            self.sent.append(event)
-        else:
-            self.tool_events.append(event)
+        (self.sent if isinstance(event, str) else self.tool_events).append(event)
 
     async def save(self) -> None:
         """Store (message, what the client got) once; a failure is logged and noted, not raised: the reply stands."""
@@ -3276,14 +3226,12 @@ class Exchange:
         for key, moment in (("queue_wait_ms", self.generating_at), ("ttft_ms", self.first_at)):
             if moment is not None:
                 out[key] = round((moment - self.started) * 1000)
-        since, tokens = self.first_at or self.generating_at, self.tokens()  # a whole reply has no first token
+        # a stream's pieces, or the upstream's count for a whole reply (one piece, and no first token)
+        since = self.first_at or self.generating_at
+        tokens = len(self.sent) if self.stream else self.usage.completion_tokens or len(self.sent)
         if tokens and since is not None and now > since:
             out["tokens_per_s"] = round(tokens / (now - since), 2)
         return out
-
-    def tokens(self) -> int:
-        """Tokens of the reply: a stream's pieces, or the upstream's count for a whole reply (one piece)."""
-        return len(self.sent) if self.stream else self.usage.completion_tokens or len(self.sent)
 
     def record(self) -> dict[str, Any]:
         """What the request log says of this exchange."""
@@ -3339,8 +3287,7 @@ class Relay:
         async with aclosing(self.source) as events:
             async for event in events:
                 self.buffer.append(event)
-                if self.ready is not None and not self.ready.done():
-                    self.ready.set_result(None)
+                self._wake()
                 while len(self.buffer) >= RELAY_BUFFER:
                     self.room = asyncio.get_running_loop().create_future()
                     await self.room
@@ -3375,10 +3322,6 @@ class Relay:
         if self.room is not None and not self.room.done():
             self.room.set_result(None)
         return self.buffer.popleft()
-
-    @property
-    def client_left(self) -> bool:
-        return self.gone.done()
 
 
 class Door:
@@ -3633,10 +3576,7 @@ class Generation(Response):
         x, door = self.x, self.door
         try:
             async with x, Relay(x.events(), receive, x.rt.drain.expired) as relay:
-                if x.stream:
-                    await self._stream(relay, send)
-                else:
-                    await self._whole(relay)
+                await (self._stream(relay, send) if x.stream else self._whole(relay))
             if not x.stream:
                 await JSONResponse(door.whole(x), headers=x.headers())(scope, receive, send)
         except ClientGone:
@@ -3674,7 +3614,7 @@ class Generation(Response):
             if out:
                 await self._write(send, out)
             if isinstance(event, (str, ToolEvent)):
-                if relay.client_left:  # the server drops what is sent after the client left: it was not given
+                if relay.gone.done():  # the server drops what is sent after the client left: it was not given
                     raise ClientGone()
                 x.note(event)  # after it was written: memory keeps what the client was given
         await x.save()  # before the client hears the reply is done
@@ -3760,8 +3700,7 @@ class Metrics:
         self.requests: dict[tuple[str, int], int] = {}
         self.durations: dict[str, Histogram] = {}
         self.ttft = Histogram()
-        self.tokens = 0
-        self.tool_calls = 0
+        self.tokens = self.tool_calls = 0
         self.upstream_errors: dict[str, int] = {}
 
     def observe(self, route: str, record: Mapping[str, Any]) -> None:
@@ -3781,7 +3720,8 @@ class Metrics:
         """The Prometheus text exposition format (version 0.0.4); `mcp`: server -> (calls, failures)."""
         lines: list[str] = []
 
-        def family(name: str, kind: str, help_text: str, samples: list[str]) -> None:
+        def family(name: str, kind: str, help_text: str, samples: list[str] | int) -> None:
+            samples = samples if isinstance(samples, list) else [f"{name} {samples}"]  # an int: its one sample
             lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *samples])
 
         family("piagent_requests_total", "counter", "Requests answered, by route and status.",
@@ -3792,10 +3732,9 @@ class Metrics:
                 for line in h.lines("piagent_request_duration_seconds", f'route="{_label(r)}",')])
         family("piagent_time_to_first_token_seconds", "histogram", "Time from request to the first streamed token.",
                self.ttft.lines("piagent_time_to_first_token_seconds"))
-        family("piagent_tokens_generated_total", "counter", "Text pieces (about tokens) sent to clients.",
-               [f"piagent_tokens_generated_total {self.tokens}"])
+        family("piagent_tokens_generated_total", "counter", "Text pieces (about tokens) sent to clients.", self.tokens)
         family("piagent_tool_calls_total", "counter", "Tool calls agents made (run or answered with an error).",
-               [f"piagent_tool_calls_total {self.tool_calls}"])
+               self.tool_calls)
         family("piagent_upstream_errors_total", "counter", "Upstream failures, by error code.",
                [f'piagent_upstream_errors_total{{code="{c}"}} {n}' for c, n in sorted(self.upstream_errors.items())])
         if mcp:
@@ -3804,17 +3743,12 @@ class Metrics:
             family("piagent_mcp_failures_total", "counter",
                    "MCP calls that failed (the model read an error), by server.",
                    [f'piagent_mcp_failures_total{{server="{_label(n)}"}} {f}' for n, (_, f) in sorted(mcp.items())])
-        family("piagent_queue_depth", "gauge", "Requests waiting for a generation slot.",
-               [f"piagent_queue_depth {queued}"])
-        family("piagent_generations_active", "gauge", "Generations holding a slot.",
-               [f"piagent_generations_active {generating}"])
-        family("piagent_active_streams", "gauge", "Streamed responses in progress.",
-               [f"piagent_active_streams {streams}"])
+        family("piagent_queue_depth", "gauge", "Requests waiting for a generation slot.", queued)
+        family("piagent_generations_active", "gauge", "Generations holding a slot.", generating)
+        family("piagent_active_streams", "gauge", "Streamed responses in progress.", streams)
         if conversations is not None:
-            family("piagent_conversations", "gauge", "Conversations kept in memory.",
-                   [f"piagent_conversations {conversations}"])
-        family("process_resident_memory_bytes", "gauge", "Resident memory of the piagent process.",
-               [f"process_resident_memory_bytes {_rss_bytes()}"])
+            family("piagent_conversations", "gauge", "Conversations kept in memory.", conversations)
+        family("process_resident_memory_bytes", "gauge", "Resident memory of the piagent process.", _rss_bytes())
         return "\n".join(lines) + "\n"
 
 
@@ -3847,31 +3781,18 @@ class Warmup:
                 except UpstreamFailure:
                     break  # reachable; what is wrong shows in the loads below and in /ready
             for model in models:
-                await self._warm_one(provider, model)
+                try:
+                    started = time.perf_counter()
+                    await provider.warm(model)
+                    log.info("model %s is loaded (%.1f s)", model, time.perf_counter() - started)
+                except UpstreamFailure as exc:
+                    self.problems.append(f"{model}: {exc.message}")
+                    log.warning("could not load %s: %s", model, exc.message)
         finally:
             self.state = "done"
 
-    async def _warm_one(self, provider: Provider, model: str) -> None:
-        try:
-            started = time.perf_counter()
-            await provider.warm(model)
-            log.info("model %s is loaded (%.1f s)", model, time.perf_counter() - started)
-        except UpstreamFailure as exc:
-            self.problems.append(f"{model}: {exc.message}")
-            log.warning("could not load %s: %s", model, exc.message)
-
     async def stop(self) -> None:
         await self._task.stop()
-
-
-async def memory_check(rt: Runtime) -> dict[str, Any]:
-    """/ready's memory entry: the store's own check (cheap; it rate-limits its write probe)."""
-    try:
-        with storage_errors():
-            await rt.store.check()
-        return {"ok": True, "detail": "the memory store reads and writes"}
-    except MemoryUnavailable as exc:
-        return {"ok": False, "detail": exc.message}
 
 
 async def readiness(rt: Runtime) -> tuple[bool, dict[str, Any]]:
@@ -3886,8 +3807,13 @@ async def readiness(rt: Runtime) -> tuple[bool, dict[str, Any]]:
         checks["models"] = {"ok": not missing, "detail": fix or "all agents' models are available"}
     except UpstreamFailure as exc:
         checks["upstream"] = {"ok": False, "detail": exc.message}
-    if rt.store is not None:
-        checks["memory"] = await memory_check(rt)
+    if rt.store is not None:  # the store's own check is cheap: it rate-limits its write probe
+        try:
+            with storage_errors():
+                await rt.store.check()
+            checks["memory"] = {"ok": True, "detail": "the memory store reads and writes"}
+        except MemoryUnavailable as exc:
+            checks["memory"] = {"ok": False, "detail": exc.message}
     stalled = rt.gate.stalled(config.upstream_timeout_s)
     if stalled:
         checks["generation"] = {"ok": False, "detail": f"{stalled} generation(s) hold the model with no word from "
@@ -4071,9 +3997,7 @@ class OpenAIMessage(BaseModel):
         return value
 
     def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
-        return self.content or ""
+        return "".join(part.text for part in self.content) if isinstance(self.content, list) else self.content or ""
 
     def as_message(self) -> Message:
         """This message as piagent passes it upstream (OpenAI's shape; see Message)."""
@@ -4182,12 +4106,12 @@ class ConversationPage(BaseModel):
     next_before: str | None = None  # the older cursor, an ISO time, for `before`
 
 
-def documented(errors: type[BaseModel], statuses: tuple[int, ...], ok: type[BaseModel] | None = None,
+def documented(errors: type[BaseModel], statuses: tuple[int, ...],
                streams: tuple[str, ...] = ()) -> dict[int | str, Any]:
-    """OpenAPI `responses` for a route: its 200 body (and stream media types) and its error statuses."""
+    """OpenAPI `responses` for a route: its error statuses, and the media types its 200 may stream besides JSON."""
     responses: dict[int | str, Any] = {status: {"model": errors} for status in statuses}
-    if ok is not None:
-        responses[200] = {"model": ok, "content": {media: {"schema": {"type": "string"}} for media in streams}}
+    if streams:
+        responses[200] = {"content": {media: {"schema": {"type": "string"}} for media in streams}}
     return responses
 
 
@@ -4275,10 +4199,8 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
     app = FastAPI(title="piagent", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.runtime = rt
     install_error_handlers(app)
-    add_routes(app, rt)
-    add_openai_routes(app, rt)
-    add_ollama_routes(app, rt)
-    add_conversation_routes(app, rt)
+    for add in (add_routes, add_openai_routes, add_ollama_routes, add_conversation_routes):
+        add(app, rt)
     add_page_route(app, config)  # the one forward reference: the page is data, kept at the end of the file
     # added innermost first: RequestLog wraps CORS, which wraps Guards (so preflights need no key)
     app.add_middleware(Guards, config=config, buckets=buckets, clock=clock)
@@ -4337,13 +4259,12 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
         return {"agents": [a.name for a in config.agents], "models": {a.name: a.model for a in config.agents}}
 
     @app.post("/chat", response_model=ChatResponse, responses=documented(
-        ErrorBody, GENERATION_STATUSES, ChatResponse, ("text/plain", "text/event-stream")))
+        ErrorBody, GENERATION_STATUSES, ("text/plain", "text/event-stream")))
     async def chat(body: ChatRequest, request: Request) -> Generation:
         agent = find_agent(config, body.agent)
         check_length(config, body.message)
-        ask = Ask([], None, body.message)
-        x = Exchange(rt, agent, ask, defaults, body.conversation_id or uuid.uuid4().hex, body.stream,
-                     request.scope[LOG_FIELDS_KEY])
+        x = Exchange(rt, agent, Ask([], None, body.message), defaults, body.conversation_id or uuid.uuid4().hex,
+                     body.stream, request.scope[LOG_FIELDS_KEY])
         plain = body.stream and "text/event-stream" not in request.headers.get("accept", "")
         return Generation(x, Door() if plain else ChatDoor(config.sse_ping_s))
 
@@ -4394,7 +4315,7 @@ def add_openai_routes(app: FastAPI, rt: Runtime) -> None:
                                             "owned_by": "piagent"} for a in config.agents]}
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=documented(
-        OpenAIErrorBody, GENERATION_STATUSES, ChatCompletion, ("text/event-stream",)))
+        OpenAIErrorBody, GENERATION_STATUSES, ("text/event-stream",)))
     async def completions(body: OpenAIChatRequest, request: Request) -> Generation:
         agent = find_agent(config, body.model)
         max_tokens = body.max_completion_tokens or body.max_tokens or config.max_tokens
@@ -5106,13 +5027,6 @@ def add_page_route(app: FastAPI, config: Config) -> None:
 # ---------------------------------------------------------------------------
 
 
-def _redis_url(settings: _Settings) -> str:
-    url = settings.text("REDIS_URL", Config.redis_url) or Config.redis_url
-    if not re.match(r"^(redis|rediss|unix)://", url):
-        raise settings.fail("REDIS_URL", "a URL such as redis://127.0.0.1:6379/0")
-    return url
-
-
 def _read_mcp_server(s: _Settings, name: str) -> McpServerConfig:
     """MCP_<NAME>_COMMAND (split like a shell would, never run by one) or _URL (+ _TOKEN), and _TIMEOUT_S."""
     key = f"MCP_{name.upper()}_"
@@ -5172,7 +5086,8 @@ def _read_memory(s: _Settings, d: Config) -> dict[str, Any]:
         memory_max_conversations=s.integer("MEMORY_MAX_CONVERSATIONS", d.memory_max_conversations, 1, 1_000_000),
         memory_backend=backend,
         memory_path=s.text("MEMORY_PATH", str(Path(state_dir) / "piagent.db") if state_dir else d.memory_path),
-        redis_url=_redis_url(s),
+        redis_url=s.matching("REDIS_URL", d.redis_url, re.compile(r"^(redis|rediss|unix)://"),
+                             "a URL such as redis://127.0.0.1:6379/0"),
         workers=workers,
     )
 
@@ -5298,8 +5213,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     raise_fd_limit()
     log.info("piagent on http://%s:%d -> %s %s, agents: %s, memory: %s", config.host, config.port,
              config.provider, getattr(config, PROVIDERS[config.provider].url_field),
-             ", ".join(f"{a.name}={a.model}" for a in config.agents),
-             _memory_description(config))
+             ", ".join(f"{a.name}={a.model}" for a in config.agents), _memory_description(config))
     for warning in startup_warnings(config):
         log.warning(warning)
     if not config.warmup:  # warm-up looks for the upstream itself; without it, look once, so a missing one is said
@@ -5348,24 +5262,22 @@ async def unreachable(config: Config) -> str | None:
     async with httpx.AsyncClient(timeout=timeout) as c:
         try:
             await PROVIDERS[config.provider](c, config).probe()
-        except UpstreamUnavailable as exc:
-            return exc.message
-        except UpstreamFailure:
-            pass
+        except UpstreamFailure as exc:
+            return exc.message if isinstance(exc, UpstreamUnavailable) else None
     return None
 
 
-def masked_settings(config: Config) -> list[tuple[str, str]]:
-    """(VARIABLE, value) for every setting, as piagent will use it; secrets shown only as short hashes."""
-    shown = []
-    for f in fields(Config):
+def print_settings(config: Config, env_file: Path | None) -> None:
+    """Every setting (VARIABLE=value), as piagent will use it; secrets shown only as short hashes."""
+    source = f"{env_file} and the environment" if env_file else "the environment (no env file)"
+    print(f"piagent settings, from {source}:")
+    for f in (field for field in fields(Config) if field.name != "unread"):
         value = getattr(config, f.name)
-        if f.name == "unread":
-            continue
         if f.name == "agents":
-            shown.append(("AGENTS", ",".join(a.name for a in value)))
-            shown += [(f"  agent {a.name}", f"model {a.model}, tools {','.join(a.tools) or '(none)'}, "
-                                            f"system prompt {a.system[:60]!r}") for a in value]
+            print(f"  AGENTS={','.join(a.name for a in value)}")
+            for a in value:
+                print(f"    agent {a.name}: model {a.model}, tools {','.join(a.tools) or '(none)'}, "
+                      f"system prompt {a.system[:60]!r}")
             continue
         if f.name == "mcp_servers":
             value = ", ".join(f"{m.name}: {shlex.join(m.command) or m.url}" + (" (token set)" if m.token else "")
@@ -5382,15 +5294,7 @@ def masked_settings(config: Config) -> list[tuple[str, str]]:
             value = str(value).lower()
         elif isinstance(value, float):
             value = f"{value:g}"
-        shown.append((f.name.upper(), "(unset)" if value is None else str(value)))
-    return shown
-
-
-def print_settings(config: Config, env_file: Path | None) -> None:
-    source = f"{env_file} and the environment" if env_file else "the environment (no env file)"
-    print(f"piagent settings, from {source}:")
-    for name, value in masked_settings(config):
-        print(f"  {name}: {value}" if name.startswith(" ") else f"  {name}={value}")
+        print(f"  {f.name.upper()}={'(unset)' if value is None else value}")
     print("checks:")
 
 
@@ -5450,11 +5354,10 @@ def _port_free(host: str, port: int) -> tuple[bool, str, str]:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
             sock.bind((host, port))
     except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            return False, what, f"cannot listen there ({exc.strerror}); is piagent already running " \
-                                f"(systemctl status piagent)? Or choose another PORT"
-        return False, what, f"cannot listen there ({exc.strerror}); is HOST={host} an address of this machine? " \
-                            f"(127.0.0.1: this machine only; 0.0.0.0: the LAN too)"
+        busy = exc.errno == errno.EADDRINUSE
+        fix = ("is piagent already running (systemctl status piagent)? Or choose another PORT" if busy else
+               f"is HOST={host} an address of this machine? (127.0.0.1: this machine only; 0.0.0.0: the LAN too)")
+        return False, what, f"cannot listen there ({exc.strerror}); {fix}"
     return True, f"{what} is free", ""
 
 

@@ -126,9 +126,6 @@ class FlakyStore:
     async def count(self):
         return await self._call("count")
 
-    def __len__(self):
-        return len(self.inner)
-
 
 def flaky(holder: dict):
     """A store factory for hserve that also hands the FlakyStore back in holder["store"]."""
