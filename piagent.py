@@ -1641,8 +1641,6 @@ def calc(arguments: dict[str, Any]) -> str:
         raise ToolError(f"calc understands only {CALC_HELP}")
     try:
         value = _calc_node(ast.parse(expression, mode="eval").body, 0)
-    except ToolError:
-        raise
     except SyntaxError:
         raise ToolError(f"not an arithmetic expression; calc understands {CALC_HELP}") from None
     except ZeroDivisionError:
@@ -1694,15 +1692,13 @@ def _calc_check_power(base: int | float, exponent: int | float) -> None:
 
 def _calc_checked(value: Any) -> int | float:
     """`value` if it is a finite real number of bounded size; ToolError otherwise."""
-    if type(value) is int:
-        if value.bit_length() > CALC_MAX_INT_BITS:
-            raise ToolError(f"the result would be larger than 2**{CALC_MAX_INT_BITS}")
-        return value
-    if type(value) is float:
-        if not math.isfinite(value):
-            raise ToolError("the result is not a finite number")
-        return value
-    raise ToolError("the result is not a real number")  # e.g. (-8) ** (1/3) is complex
+    if type(value) not in (int, float):
+        raise ToolError("the result is not a real number")  # e.g. (-8) ** (1/3) is complex
+    if type(value) is int and value.bit_length() > CALC_MAX_INT_BITS:
+        raise ToolError(f"the result would be larger than 2**{CALC_MAX_INT_BITS}")
+    if type(value) is float and not math.isfinite(value):
+        raise ToolError("the result is not a finite number")
+    return value
 
 
 def now(arguments: dict[str, Any]) -> str:
@@ -2364,7 +2360,7 @@ class HttpTransport:
         request = (self.client.stream("POST", self.config.url, json=message, headers=self._headers(message)) if message
                    else self.client.stream("GET", self.config.url, headers=self._headers({}, "text/event-stream")))
         async with request as reply:
-            if reply.status_code in (400, 405) or not reply.is_success:
+            if not reply.is_success:
                 return reply.status_code not in (400, 405)
             async for _ in self._stream(reply):
                 pass
@@ -2387,13 +2383,11 @@ def _header_value(text: str) -> str:
 
 def _http_answer(status: int, body: bytes, name: str) -> dict[str, Any]:
     """The JSON-RPC answer in an HTTP reply; if there is none, an error naming the HTTP status."""
-    answer = mcp_message(body)
-    if isinstance(answer, dict) and ("result" in answer or "error" in answer) and (status < 300 or "error" in answer):
-        if status < 300:
-            return answer
-        error = answer["error"] if isinstance(answer["error"], dict) else {"message": str(answer["error"])}
-    else:
-        error = {"message": body[:200].decode("utf-8", "replace") or "no body"}
+    answer = mcp_message(body) or {}
+    if status < 300 and ("result" in answer or "error" in answer):
+        return answer
+    error = answer["error"] if "error" in answer else {"message": body[:200].decode("utf-8", "replace") or "no body"}
+    error = error if isinstance(error, dict) else {"message": str(error)}
     hint = f"; check MCP_{name.upper()}_TOKEN" if status in (401, 403) else ""
     return {"error": {**error, "message": f"HTTP {status}: {error.get('message')}{hint}"}}
 
@@ -2419,16 +2413,12 @@ class McpServer:
         self.last_words = ""  # a stdio server's last stderr line when it went down: for --check and the log
 
     async def start(self) -> None:
-        """Connect and list the tools in the background; returns at once."""
+        """Connect and list the tools in a task of its own: returns at once; a slow or broken server delays no other."""
         if not self._stopped and not self._runner.running():
-            self._launch()
-
-    def _launch(self) -> None:
-        """Start one connection attempt, in a task of its own: a slow or broken server never delays the others."""
-        self._settled.clear()
-        self._changed.clear()
-        self._up, self._why = False, "starting"
-        self._runner.start(self._run())
+            self._settled.clear()
+            self._changed.clear()
+            self._up, self._why = False, "starting"
+            self._runner.start(self._run())
 
     async def ready(self, timeout_s: float) -> bool:
         """Wait up to timeout_s until the tools are listed or connecting failed; whether it is usable."""
@@ -2460,10 +2450,9 @@ class McpServer:
 
     async def _run(self) -> None:
         """Own one connection: open, pick the era, list tools, re-list on changes, until it ends or stop()."""
-        name = self.config.name
         transport = self._transport = (HttpTransport(self.config, self._on_notification, self._http) if self.config.url
-                                       else StdioTransport(name, self.config.command, self._on_notification))
-        pump = Background(f"mcp-{name}-pump")
+                                       else StdioTransport(self.name, self.config.command, self._on_notification))
+        pump = Background(f"mcp-{self.name}-pump")
         try:
             await transport.open()
             # the server's messages are read while we send: stdio answers come that way, and list changes
@@ -2471,7 +2460,7 @@ class McpServer:
             await self._connect()
             self._up, self._why = True, None
             self._settled.set()
-            log.info("MCP server %s: %d tools (protocol %s)", name, len(self._tools), self._era)
+            log.info("MCP server %s: %d tools (protocol %s)", self.name, len(self._tools), self._era)
             while True:
                 await self._changed.wait()
                 self._changed.clear()
@@ -2490,7 +2479,7 @@ class McpServer:
                 delay_s = min(MCP_RESTART_MAX_S, MCP_RESTART_MIN_S * 2 ** (self._failed_starts - 1))
                 self._retry_at = self._clock() + delay_s
                 log.warning("MCP server %s is down: %s%s; started again on next use, not before %g s",
-                            name, self._why, f" ({self.last_words})" if self.last_words else "", delay_s)
+                            self.name, self._why, f" ({self.last_words})" if self.last_words else "", delay_s)
             self._settled.set()
 
     async def _connect(self) -> None:
@@ -2499,12 +2488,10 @@ class McpServer:
         try:
             found = await self._request("server/discover")
             modern = MCP_MODERN_VERSION in (found.get("supportedVersions") or ())
-        except McpError as exc:
-            if exc.code in MCP_MODERN_ERRORS:  # modern, but not our version: falling back is forbidden (ref §10)
+        except (McpError, TimeoutError) as exc:  # a handshake-era server refuses it, or may leave it unanswered
+            if isinstance(exc, McpError) and exc.code in MCP_MODERN_ERRORS:  # modern: never fall back (ref §10)
                 raise McpError("server/discover", {"message": f"{exc.message} (piagent speaks {MCP_MODERN_VERSION} "
                                                               f"and {', '.join(MCP_HANDSHAKE_VERSIONS)})"}) from None
-            modern, found = False, {}
-        except TimeoutError:  # a handshake-era server may leave a request before initialize unanswered
             modern, found = False, {}
         capabilities = found.get("capabilities") if modern else await self._initialize()
         await self._list_tools()
@@ -2636,22 +2623,19 @@ class McpServer:
 
     async def _ensure_running(self) -> None:
         """Start the server again if it is down and its back-off has passed, and wait (bounded) for its tools."""
-        name = self.config.name
         if self._stopped:
-            raise ToolError(f"MCP server {name} has been stopped")
+            raise ToolError(f"MCP server {self.name} has been stopped")
         if not self._runner.running():
             wait_s = self._retry_at - self._clock()
             if wait_s > 0:
-                raise ToolError(f"MCP server {name} is not running ({self._why}); piagent tries again in "
+                raise ToolError(f"MCP server {self.name} is not running ({self._why}); piagent tries again in "
                                 f"{math.ceil(wait_s)} s")
-            self._launch()
-        try:
-            async with asyncio.timeout(self.config.timeout_s):
-                await self._settled.wait()
-        except TimeoutError:
-            raise ToolError(f"MCP server {name} is still starting after {self.config.timeout_s:g} s") from None
+            await self.start()
+        await self.ready(self.config.timeout_s)
+        if not self._settled.is_set():
+            raise ToolError(f"MCP server {self.name} is still starting after {self.config.timeout_s:g} s")
         if not self._up:
-            raise ToolError(f"MCP server {name} is not usable: {self._why}")
+            raise ToolError(f"MCP server {self.name} is not usable: {self._why}")
 
 
 # ---------------------------------------------------------------------------
