@@ -4092,8 +4092,11 @@ class ConversationPage(BaseModel):
 
 def documented(errors: type[BaseModel], statuses: tuple[int, ...],
                streams: tuple[str, ...] = ()) -> dict[int | str, Any]:
-    """OpenAPI `responses` for a route: its error statuses, and the media types its 200 may stream besides JSON."""
-    responses: dict[int | str, Any] = {status: {"model": errors} for status in statuses}
+    """OpenAPI `responses` for a route: its error statuses, and the media types its 200 may stream besides JSON.
+    The error model is named once and referred to after: FastAPI builds a validator for each `model` entry."""
+    ref = {"$ref": f"#/components/schemas/{errors.__name__}"}
+    responses: dict[int | str, Any] = {status: {"content": {"application/json": {"schema": dict(ref)}}}
+                                       for status in statuses} | {statuses[0]: {"model": errors}}
     if streams:
         responses[200] = {"content": {media: {"schema": {"type": "string"}} for media in streams}}
     return responses
