@@ -42,6 +42,17 @@ def _one_default_tls_context() -> None:
 
 _one_default_tls_context()
 
+#: item.stash[CALL_FAILED]: whether the test's own call failed (test_ui.py screenshots the pages of a failed one).
+CALL_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> pytest.TestReport:
+    report = yield
+    if report.when == "call":
+        item.stash[CALL_FAILED] = report.failed
+    return report
+
 
 def pytest_configure(config: pytest.Config) -> None:
     """Compile piagent.py once, before the workers start, as the README's install does on the Pi: the tests start

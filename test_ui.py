@@ -1,7 +1,7 @@
 """The chat page at /, in a real browser: Debian's chromium driven by Python Playwright.
 
-piagent runs under uvicorn on a loopback port in front of the fake Ollama. Each test saves a screenshot in its
-temp folder (the path is printed) so a person can look at the page when something fails.
+piagent runs under uvicorn on a loopback port in front of the fake Ollama. A test that fails saves a screenshot
+of each page it opened in its temp folder (the path is printed), so a person can look at the page.
 test_readme_screenshot also rewrites docs/page.png (laptop, light + phone, dark), which the README shows.
 Skips without chromium or playwright, except under CI=true, where that is a failure.
 """
@@ -19,6 +19,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+import conftest
 
 from fake_ollama import FakeOllama, Script
 from piagent import create_app, load_config
@@ -66,10 +68,10 @@ def fake():
 
 
 @pytest.fixture
-def page_of(browser, fake, tmp_path):
+def page_of(browser, fake, tmp_path, request):
     """page_of(viewport=PHONE, dark=False, **env) -> (Playwright page on piagent's /, the LiveServer).
 
-    Every page opened is screenshotted at the end of the test, into the test's temp folder (path printed)."""
+    If the test failed, every page it opened is screenshotted into the test's temp folder (path printed)."""
     opened = []
 
     def open_page(viewport=PHONE, dark=False, server=None, **env):
@@ -86,10 +88,12 @@ def page_of(browser, fake, tmp_path):
         return page, server
 
     yield open_page
+    failed = request.node.stash.get(conftest.CALL_FAILED, True)
     for i, (server, context, page, errors) in enumerate(opened):
-        shot = tmp_path / ("page.png" if i == 0 else f"page-{i + 1}.png")
-        page.screenshot(path=str(shot))
-        print(f"screenshot: {shot}")
+        if failed:
+            shot = tmp_path / ("page.png" if i == 0 else f"page-{i + 1}.png")
+            page.screenshot(path=str(shot))
+            print(f"screenshot: {shot}")
         context.close()
     for server in {id(o[0]): o[0] for o in opened}.values():
         server.__exit__(None, None, None)
