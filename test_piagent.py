@@ -13,6 +13,7 @@ import ast
 import asyncio
 import importlib
 import importlib.util
+import io
 import json
 import logging
 import math
@@ -28,7 +29,7 @@ import sys
 import threading
 import time
 import warnings
-from contextlib import closing, contextmanager, suppress
+from contextlib import closing, contextmanager, redirect_stdout, suppress
 from datetime import datetime
 from pathlib import Path
 
@@ -2867,7 +2868,12 @@ def test_metrics_need_the_key_unless_public(serve_local):
 
 
 def check(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return run_piagent("--check", *args, env={"PORT": str(free_port()), **env})
+    """`piagent --check` run as main() in this process (what it prints and returns), which saves starting a Python
+    for each; the tests of start-up itself (exit codes, stderr, no traceback) run piagent as a process."""
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = piagent.main(["--check", *args], {**os.environ, "PORT": str(free_port()), **env})
+    return subprocess.CompletedProcess(["piagent", "--check", *args], code, out.getvalue(), "")
 
 
 def test_check_passes_against_a_healthy_upstream_and_masks_secrets(fake):
