@@ -597,7 +597,7 @@ def test_stop_leaves_no_process_even_one_ignoring_stdin_close_and_sigterm(tmp_pa
 
 from fake_ollama import Script  # noqa: E402
 from test_piagent import (DEADLINE_S, dead_port, fake, free_port, piagent_command, raw_post,  # noqa: E402,F401
-                          run_piagent, serve, serve_openai, tool_reply, wait_until, servers)
+                          run_piagent, serve, serve_openai, start_up, tool_reply, wait_until, servers)
 
 
 def need_filesystem() -> None:
@@ -767,7 +767,7 @@ def test_sigterm_of_piagent_leaves_no_mcp_server_behind(fake, tmp_path):
     ({"AGENT_GENERAL_TOOLS": "web.*"}, "AGENT_GENERAL_TOOLS='web.*' is not valid: expected tools of servers in MCP_SERVERS; add 'web'"),
 ])
 def test_a_bad_mcp_setting_stops_start_up_with_exit_2_naming_the_variable(env, says):
-    result = run_piagent(env={"PIAGENT_ENV_FILE": "", **env})
+    result = start_up(env={"PIAGENT_ENV_FILE": "", **env})
     assert result.returncode == 2 and says in result.stderr and "Traceback" not in result.stderr
 
 

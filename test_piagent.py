@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 import warnings
-from contextlib import closing, contextmanager, redirect_stdout, suppress
+from contextlib import closing, contextmanager, redirect_stderr, redirect_stdout, suppress
 from datetime import datetime
 from pathlib import Path
 
@@ -414,6 +414,28 @@ def run_piagent(*args, env=None, timeout=20) -> subprocess.CompletedProcess:
                           timeout=timeout, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
 
 
+def start_up(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """piagent's start-up as main() in this process, for the tests of how it stops (what it prints and returns; an
+    exception escaping is raised here), which saves starting a Python for each; the test below runs such a stop as
+    a real process. A start-up that went on to serve fails the test after DEADLINE_S, its thread left running."""
+    out, err, ended = io.StringIO(), io.StringIO(), {}
+
+    def run() -> None:
+        try:
+            ended["code"] = piagent.main(list(args), {**os.environ, **(env or {})})
+        except BaseException as exc:  # noqa: BLE001 - handed to the test, which raises it
+            ended["raised"] = exc
+
+    with redirect_stdout(out), redirect_stderr(err):
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        thread.join(DEADLINE_S)
+    assert ended, f"main() did not return within {DEADLINE_S} s; it printed {out.getvalue() + err.getvalue()!r}"
+    if "raised" in ended:
+        raise ended["raised"]
+    return subprocess.CompletedProcess(["piagent", *args], ended["code"], out.getvalue(), err.getvalue())
+
+
 @pytest.mark.parametrize("env", [{"PORT": "abc"}, {"TEMPERATURE": "hot"}, {"PIAGENT_ENV_FILE": "/nonexistent.env"}])
 def test_start_up_with_bad_config_exits_2_with_one_line_and_no_traceback(env):
     result = run_piagent(env=env)
@@ -435,7 +457,7 @@ def test_an_env_file_from_a_windows_editor_or_with_a_comment_after_a_value_is_on
     spaces around '=', a comment after a value (it became part of the value: 'ollama pull qwen # small')."""
     bad = tmp_path / "piagent.env"
     bad.write_bytes(data)
-    result = run_piagent("--env-file", str(bad))
+    result = start_up("--env-file", str(bad))
     assert result.returncode == 2 and told in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
@@ -443,7 +465,7 @@ def test_an_env_file_from_a_windows_editor_or_with_a_comment_after_a_value_is_on
 def test_malformed_env_file_line_stops_start_up_naming_the_line(tmp_path):
     bad = tmp_path / "bad.env"
     bad.write_text("PORT=8000\nexport HOST=0.0.0.0\n")
-    result = run_piagent("--env-file", str(bad))
+    result = start_up("--env-file", str(bad))
     assert result.returncode == 2 and f"{bad} line 2" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -703,7 +725,7 @@ def test_store_gets_lists_and_deletes_conversations(memory_env, backend):
 
 
 def test_sqlite_memory_in_a_missing_folder_is_one_clear_start_up_error(tmp_path):
-    result = run_piagent(env={"MEMORY_BACKEND": "sqlite", "MEMORY_PATH": str(tmp_path / "no" / "such.db")})
+    result = start_up(env={"MEMORY_BACKEND": "sqlite", "MEMORY_PATH": str(tmp_path / "no" / "such.db")})
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1 and "does not exist" in result.stderr
 
@@ -711,7 +733,7 @@ def test_sqlite_memory_in_a_missing_folder_is_one_clear_start_up_error(tmp_path)
 def test_corrupt_sqlite_file_is_one_clear_start_up_error(tmp_path):
     bad = tmp_path / "memory.db"
     bad.write_bytes(b"this is not a database" * 100)
-    result = run_piagent(env={"MEMORY_BACKEND": "sqlite", "MEMORY_PATH": str(bad)})
+    result = start_up(env={"MEMORY_BACKEND": "sqlite", "MEMORY_PATH": str(bad)})
     assert result.returncode == 2 and "not a usable SQLite database" in result.stderr
     assert result.stderr.count("\n") == 1
 
@@ -748,7 +770,7 @@ def test_a_sqlite_file_from_the_first_piagent_is_brought_up_to_date_and_its_chat
 
 def test_unreachable_redis_is_one_clear_start_up_error_that_systemd_retries(dead_port):
     find_redis_server()
-    result = run_piagent(env={"MEMORY_BACKEND": "redis", "REDIS_URL": f"redis://127.0.0.1:{dead_port}/0"})
+    result = start_up(env={"MEMORY_BACKEND": "redis", "REDIS_URL": f"redis://127.0.0.1:{dead_port}/0"})
     assert result.returncode == 1 and "cannot reach Redis" in result.stderr and result.stderr.count("\n") == 1
 
 
@@ -1958,7 +1980,7 @@ def test_agent_tools_come_from_agent_name_tools_and_default_to_none():
     ({"MAX_TOOL_ROUNDS": "11"}, "MAX_TOOL_ROUNDS='11' is not valid"),
 ])
 def test_a_bad_tool_setting_stops_start_up_with_one_line(env, says):
-    result = run_piagent(env={**env, "PIAGENT_ENV_FILE": os.devnull})
+    result = start_up(env={**env, "PIAGENT_ENV_FILE": os.devnull})
     assert result.returncode == 2 and says in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
