@@ -1337,9 +1337,9 @@ class OllamaProvider(HTTPProvider):
 
     def request(self, agent: Agent, prompt: Prompt, sampling: Sampling, stream: bool) -> tuple[str, dict[str, Any]]:
         c = self.config
-        body: dict[str, Any] = {"model": agent.model, "stream": stream, "options": ollama_options(c, sampling),
-                                **self.keep_alive}  # a client's own keep_alive, added next, wins
+        body: dict[str, Any] = {"model": agent.model, "stream": stream, "options": ollama_options(c, sampling)}
         body.update((k, sampling.extra[k]) for k in OLLAMA_PASSED_FIELDS if sampling.extra.get(k) is not None)
+        body |= {k: v for k, v in self.keep_alive.items() if k not in body}  # a client's own keep_alive wins
         if c.ollama_api == "generate":
             body.update(system=prompt.system, prompt=render_prompt(prompt))
             return "/api/generate", body

@@ -706,11 +706,11 @@ def test_a_tool_that_timed_out_is_not_called_again_in_the_same_reply(serve, fake
     fake.script = Script(tool_rounds=[[("sdk__slow", {"seconds": 30}), ("sdk__slow", {"seconds": 30})],
                                       [("sdk__slow", {"seconds": 30})]], echo_tools=True)
     server = serve(MCP_SERVERS="sdk", MCP_SDK_COMMAND=f"{PY} {SDK_SERVER} stdio --events {tmp_path / 'events'}",
-                   MCP_SDK_TIMEOUT_S="3", AGENT_GENERAL_TOOLS="sdk.slow", **UNLIMITED)
+                   MCP_SDK_TIMEOUT_S="5", AGENT_GENERAL_TOOLS="sdk.slow", **UNLIMITED)
     wait_until(lambda: httpx.get(f"{server.url}/ready").json()["checks"]["mcp:sdk"]["ok"], timeout=30)
     _, tools = tool_reply(server, "json")
     errors = [t["error"] for t in tools]
-    assert "no answer to tools/call within 3 s" in errors[0], errors
+    assert "no answer to tools/call within 5 s" in errors[0], errors
     assert errors[1:] == ["sdk__slow timed out earlier in this reply; not run again"] * 2, errors
     assert events(tmp_path).count("started slow") == 1
     assert httpx.get(f"{server.url}/ready").json()["checks"]["mcp:sdk"]["ok"]  # the server itself is fine

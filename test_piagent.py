@@ -414,26 +414,42 @@ def run_piagent(*args, env=None, timeout=20) -> subprocess.CompletedProcess:
                           timeout=timeout, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
 
 
-def start_up(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """piagent's start-up as main() in this process, for the tests of how it stops (what it prints and returns; an
-    exception escaping is raised here), which saves starting a Python for each; the test below runs such a stop as
-    a real process. A start-up that went on to serve fails the test after DEADLINE_S, its thread left running."""
+def in_process(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """piagent's main(args) in this process, with the environment plus `env` (PORT a free one unless given): what
+    a process would print on stdout and stderr and exit with, which saves starting a Python each time. stderr also
+    gets what a process would show there before its logging is set up (log records of WARNING and above) and any
+    Python warning. An exception escaping main() is raised here; main() still running after DEADLINE_S (as when it
+    goes on to serve) fails the test, its thread left running."""
     out, err, ended = io.StringIO(), io.StringIO(), {}
 
     def run() -> None:
         try:
-            ended["code"] = piagent.main(list(args), {**os.environ, **(env or {})})
+            ended["code"] = piagent.main(args, {**os.environ, "PORT": str(free_port()), **env})
         except BaseException as exc:  # noqa: BLE001 - handed to the test, which raises it
             ended["raised"] = exc
 
-    with redirect_stdout(out), redirect_stderr(err):
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        thread.join(DEADLINE_S)
+    shown = logging.StreamHandler(err)
+    shown.setLevel(logging.WARNING)
+    logging.getLogger().addHandler(shown)
+    try:
+        with redirect_stdout(out), redirect_stderr(err), warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            thread = threading.Thread(target=run, daemon=True)
+            thread.start()
+            thread.join(DEADLINE_S)
+    finally:
+        logging.getLogger().removeHandler(shown)
     assert ended, f"main() did not return within {DEADLINE_S} s; it printed {out.getvalue() + err.getvalue()!r}"
     if "raised" in ended:
         raise ended["raised"]
+    err.writelines(f"{w.category.__name__}: {w.message}\n" for w in warned)
     return subprocess.CompletedProcess(["piagent", *args], ended["code"], out.getvalue(), err.getvalue())
+
+
+def start_up(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """How piagent's start-up stops (bad settings, env file, memory), in process; the test below runs such a stop
+    as a real process."""
+    return in_process(list(args), env or {})
 
 
 @pytest.mark.parametrize("env", [{"PORT": "abc"}, {"TEMPERATURE": "hot"}, {"PIAGENT_ENV_FILE": "/nonexistent.env"}])
@@ -2890,12 +2906,8 @@ def test_metrics_need_the_key_unless_public(serve_local):
 
 
 def check(env: dict, *args: str) -> subprocess.CompletedProcess:
-    """`piagent --check` run as main() in this process (what it prints and returns), which saves starting a Python
-    for each; the tests of start-up itself (exit codes, stderr, no traceback) run piagent as a process."""
-    out = io.StringIO()
-    with redirect_stdout(out):
-        code = piagent.main(["--check", *args], {**os.environ, "PORT": str(free_port()), **env})
-    return subprocess.CompletedProcess(["piagent", "--check", *args], code, out.getvalue(), "")
+    """`piagent --check`, in process (see in_process); some tests below and in test_mcp.py run it as a process."""
+    return in_process(["--check", *args], env)
 
 
 def test_check_passes_against_a_healthy_upstream_and_masks_secrets(fake):

@@ -1,7 +1,7 @@
 """The chat page at /, in a real browser: Debian's chromium driven by Python Playwright.
 
-piagent runs under uvicorn on a loopback port in front of the fake Ollama. A test that fails saves a screenshot
-of each page it opened in its temp folder (the path is printed), so a person can look at the page.
+piagent runs under uvicorn on a loopback port in front of the fake Ollama. A test that fails (or whose page had a
+script error) saves a screenshot of each page it opened in its temp folder (the path is printed).
 test_readme_screenshot also rewrites docs/page.png (laptop, light + phone, dark), which the README shows.
 Skips without chromium or playwright, except under CI=true, where that is a failure.
 """
@@ -71,7 +71,8 @@ def fake():
 def page_of(browser, fake, tmp_path, request):
     """page_of(viewport=PHONE, dark=False, **env) -> (Playwright page on piagent's /, the LiveServer).
 
-    If the test failed, every page it opened is screenshotted into the test's temp folder (path printed)."""
+    If the test failed, or a page had a script error, every page it opened is screenshotted into the test's temp
+    folder (path printed)."""
     opened = []
 
     def open_page(viewport=PHONE, dark=False, server=None, **env):
@@ -90,7 +91,8 @@ def page_of(browser, fake, tmp_path, request):
     yield open_page
     failed = request.node.stash.get(conftest.CALL_FAILED, True)
     for i, (server, context, page, errors) in enumerate(opened):
-        if failed:
+        page.evaluate("() => new Promise(requestAnimationFrame)")  # one more frame: a late script error shows
+        if failed or errors:
             shot = tmp_path / ("page.png" if i == 0 else f"page-{i + 1}.png")
             page.screenshot(path=str(shot))
             print(f"screenshot: {shot}")
