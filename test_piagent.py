@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import gc
 import importlib
 import importlib.util
 import io
@@ -417,24 +418,29 @@ def run_piagent(*args, env=None, timeout=20) -> subprocess.CompletedProcess:
 def in_process(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     """piagent's main(args) in this process, with the environment plus `env` (PORT a free one unless given): what
     a process would print on stdout and stderr and exit with, which saves starting a Python each time. stderr also
-    gets what a process would show there before its logging is set up (log records of WARNING and above) and any
-    Python warning. An exception escaping main() is raised here; main() still running after DEADLINE_S (as when it
-    goes on to serve) fails the test, its thread left running."""
+    gets what a process would show there before its logging is set up (main()'s log records of WARNING and above)
+    and the Python warnings it would print. An exception escaping main() is raised here; main() still running
+    after DEADLINE_S (as when it goes on to serve) fails the test, its thread left running."""
     out, err, ended = io.StringIO(), io.StringIO(), {}
+    environ = {**os.environ, "PORT": str(free_port()), **env}
 
     def run() -> None:
         try:
-            ended["code"] = piagent.main(args, {**os.environ, "PORT": str(free_port()), **env})
+            ended["code"] = piagent.main(args, environ)
         except BaseException as exc:  # noqa: BLE001 - handed to the test, which raises it
             ended["raised"] = exc
 
     shown = logging.StreamHandler(err)
     shown.setLevel(logging.WARNING)
+    shown.addFilter(lambda record: record.thread == thread.ident)  # not another test's server thread
+    thread = threading.Thread(target=run, daemon=True)
+    gc.collect()  # earlier tests' garbage (an unclosed socket's ResourceWarning) is theirs, not main()'s
     logging.getLogger().addHandler(shown)
     try:
         with redirect_stdout(out), redirect_stderr(err), warnings.catch_warnings(record=True) as warned:
-            warnings.simplefilter("always")
-            thread = threading.Thread(target=run, daemon=True)
+            warnings.simplefilter("always")  # then Python's defaults: what a process would not print either
+            for hidden in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", hidden)
             thread.start()
             thread.join(DEADLINE_S)
     finally:
