@@ -64,12 +64,13 @@ echo "--check passed"
 [ -f "$root/opt/piagent/__pycache__/piagent.cpython-$(python3 -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")').pyc" ] \
   || { echo "no compiled bytecode"; exit 1; }
 
-step "update as README.md's 'To update' says: with piagent stopped, step 3 again, but its piagent.env line"
+step "update as README.md's 'To update' says: with piagent stopped, step 3 again, but its venv and piagent.env lines"
 grep -q "To update: \`sudo systemctl stop piagent\`" "$here/README.md" \
-  && grep -q "repeat step 3 but its \`cp piagent.env\` line" "$here/README.md" \
+  && grep -q "minus its \`python3 -m venv\` and \`cp piagent.env\` lines" "$here/README.md" \
   || { echo "README.md's 'To update' no longer says what this rehearses"; exit 1; }
 echo "# my own settings" >> "$root/etc/piagent/piagent.env"
-grep -v 'cp piagent.env' "$root/install.sh" > "$root/update.sh"
+grep -v -e 'cp piagent.env' -e 'python3 -m venv' "$root/install.sh" > "$root/update.sh"
+grep -q 'pip install' "$root/update.sh" || { cat "$root/update.sh"; echo "no pip line left to update with"; exit 1; }
 (cd "$root/src" && ROOT="$root" PIP_DISABLE_PIP_VERSION_CHECK=1 bash "$root/update.sh") > "$root/update.log" 2>&1 \
   || { tail -n 40 "$root/update.log"; echo "the update failed"; exit 1; }
 grep -q '^✓ agent general' "$root/update.log" || { tail -n 40 "$root/update.log"; echo "--check after the update"; exit 1; }
