@@ -36,6 +36,7 @@ import shlex
 import signal
 import sqlite3
 import sys
+import threading
 import time
 import uuid
 import zoneinfo
@@ -5234,6 +5235,21 @@ def serve(config: Config, env_file: Path | None) -> None:
 
     class Server(uvicorn.Server):
         cut = False
+
+        @contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # a closed terminal (SIGHUP) drains as SIGTERM does, where its default would end replies mid-way with no
+            # clean stop of MCP servers (uvicorn hears only SIGINT and SIGTERM); an ignored one (nohup) stays ignored
+            main_thread = threading.current_thread() is threading.main_thread()
+            own = main_thread and signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
+            if own:
+                signal.signal(signal.SIGHUP, self.handle_exit)
+            try:
+                with super().capture_signals():
+                    yield
+            finally:
+                if own:
+                    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
         def handle_exit(self, sig: int, frame: Any) -> None:
             # first signal: close the gate and start the grace period on the loop, then let uvicorn drain; a second

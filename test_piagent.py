@@ -2663,14 +2663,19 @@ def test_sse_stream_waiting_in_the_queue_reports_its_position(serve, fake):
 # ---------------------------------------------------------------------------
 
 
-def test_sigterm_lets_an_in_flight_stream_finish_and_refuses_new_work(fake):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_or_a_hangup_lets_an_in_flight_stream_finish_and_refuses_new_work(fake, sig):
+    """SIGTERM is systemd's stop; SIGHUP is the terminal piagent runs in closing (an SSH session dropped): both
+    drain. A hangup's default would end piagent mid-reply, with no clean stop of its MCP servers."""
     fake.script = Script(tokens=["A1", "A2"], hold_after=1)
     with piagent_process({"OLLAMA_HOST": fake.url, "SHUTDOWN_GRACE_S": "20"}, capture=True) as (url, proc):
+        assert caught_signals(proc.pid) & {signal.SIGTERM, signal.SIGINT, signal.SIGHUP} == {
+            signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
         client = httpx.Client(timeout=DEADLINE_S)
         with client.stream("POST", f"{url}/chat", json={"message": "a", "stream": True}) as response:
             pieces = response.iter_text()
             assert next(pieces) == "A1"
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
             try:  # the listener closes: a new request is refused, or answered 503 shutting_down
                 late = httpx.post(f"{url}/chat", json={"message": "late"}, timeout=DEADLINE_S)
                 assert late.status_code == 503 and error_of(late)["code"] == "shutting_down"
@@ -2687,6 +2692,23 @@ def assert_stopped_gracefully(proc: subprocess.Popen) -> None:
     assert proc.wait(DEADLINE_S) in (0, -signal.SIGTERM)
     log_text = proc.stdout.read()
     assert "Application shutdown complete" in log_text and "Traceback" not in log_text, log_text
+
+
+def caught_signals(pid: int, field: str = "SigCgt") -> set[int]:
+    """The signals a process has a handler for (SigCgt) or ignores (SigIgn), from /proc/<pid>/status."""
+    mask = next(int(line.split()[1], 16) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                if line.startswith(field + ":"))
+    return {n for n in range(1, 65) if mask >> (n - 1) & 1}
+
+
+def test_under_nohup_a_hangup_stays_ignored(fake):
+    """nohup asks for a hangup to be ignored: piagent leaves it so, and serves on after one."""
+    with piagent_process({"OLLAMA_HOST": fake.url}, capture=True, under=("nohup",)) as (url, proc):
+        assert signal.SIGHUP in caught_signals(proc.pid, "SigIgn")
+        assert signal.SIGHUP not in caught_signals(proc.pid) and signal.SIGTERM in caught_signals(proc.pid)
+        proc.send_signal(signal.SIGHUP)  # an ignored signal is dropped as it is sent: nothing to wait for
+        assert httpx.post(f"{url}/chat", json={"message": "still there?"}, timeout=DEADLINE_S).status_code == 200
+        assert proc.poll() is None
 
 
 def test_ctrl_c_drains_a_second_cuts_the_replies_at_once_and_neither_prints_a_traceback(fake):
@@ -3088,10 +3110,10 @@ def test_json_logs_from_a_real_process_are_one_object_per_line(fake):
 
 
 @contextmanager
-def piagent_process(env: dict, capture: bool = False, script: bool = False):
+def piagent_process(env: dict, capture: bool = False, script: bool = False, under: tuple[str, ...] = ()):
     port = free_port()
     # an unread pipe can fill up and block the process: capture only when the test reads it at the end
-    proc = subprocess.Popen(piagent_command("--port", str(port), script=script), cwd=HERE,
+    proc = subprocess.Popen([*under, *piagent_command("--port", str(port), script=script)], cwd=HERE,
                             env={**os.environ, **env}, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE if capture else subprocess.DEVNULL, stderr=subprocess.STDOUT,
                             text=True)
