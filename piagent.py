@@ -2949,7 +2949,8 @@ class Guards:
             receive = await self._bounded_body(headers, receive)
             if scope["path"] not in self.open_paths and scope["method"] != "OPTIONS":
                 identity = self._authorize(headers, fields)
-                extra_headers.extend(self._limit(identity))
+                if scope["method"] != "GET":  # reads (and HEAD) are free: a page or app polling /ready spends no chat
+                    extra_headers.extend(self._limit(identity))
         except PiagentError as exc:
             return await error_response(scope, exc)(scope, receive, send_with_headers)
         await self.app(scope, receive, send_with_headers)

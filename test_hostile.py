@@ -962,8 +962,8 @@ def test_forwarded_for_is_parsed_as_an_address_and_garbage_means_the_socket_peer
 
 def test_garbage_forwarded_for_cannot_dodge_the_rate_limit(hserve):
     server = hserve(TRUST_PROXY="true", RATE_LIMIT_PER_MIN=5)
-    statuses = [httpx.get(f"{server.url}/agents", headers={"X-Forwarded-For": f"garbage-{i}"},
-                          timeout=DEADLINE).status_code for i in range(6)]
+    statuses = [httpx.post(f"{server.url}/chat", json={"message": "hi"}, headers={"X-Forwarded-For": f"garbage-{i}"},
+                           timeout=DEADLINE).status_code for i in range(6)]
     assert statuses == [200] * 5 + [429], statuses
 
 

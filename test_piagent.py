@@ -2440,37 +2440,44 @@ def test_weak_or_malformed_api_keys_are_a_config_error(value):
 def test_rate_limit_refuses_the_excess_and_refills_with_time(serve_local):
     clock = Clock()
     server = serve_local(clock=clock, RATE_LIMIT_PER_MIN=3)
-    remaining = [server.get("/agents").headers["x-ratelimit-remaining"] for _ in range(3)]
+    remaining = [chat(server, message="hi").headers["x-ratelimit-remaining"] for _ in range(3)]
     assert remaining == ["2", "1", "0"]
-    refused = server.get("/agents")
+    refused = chat(server, message="hi")
     assert refused.status_code == 429 and error_of(refused)["code"] == "rate_limited"
     assert refused.headers["retry-after"] == "20" and refused.headers["x-ratelimit-remaining"] == "0"
+    assert server.delete("/conversations/some-chat").status_code == 429  # what changes things counts too
     clock.now += 19.9
-    assert server.get("/agents").status_code == 429
+    assert chat(server, message="hi").status_code == 429
     clock.now += 20.1  # one token every 20 s at 3 a minute
-    assert server.get("/agents").status_code == 200
+    assert chat(server, message="hi").status_code == 200
 
 
 def test_rate_limit_is_per_key(serve_local):
     server = serve_local(API_KEYS=f"{KEY},{OTHER_KEY}", RATE_LIMIT_PER_MIN=1)
-    assert server.get("/agents", headers={"X-API-Key": KEY}).status_code == 200
-    assert server.get("/agents", headers={"X-API-Key": KEY}).status_code == 429
-    assert server.get("/agents", headers={"X-API-Key": OTHER_KEY}).status_code == 200
+    ask = lambda key: server.post("/chat", json={"message": "hi"}, headers={"X-API-Key": key})  # noqa: E731
+    assert [ask(KEY).status_code, ask(KEY).status_code, ask(OTHER_KEY).status_code] == [200, 429, 200]
 
 
 @pytest.mark.parametrize("trust,separate", [("true", True), ("false", False)])
 def test_forwarded_for_names_the_client_only_behind_a_trusted_proxy(serve_local, trust, separate):
     server = serve_local(RATE_LIMIT_PER_MIN=1, TRUST_PROXY=trust)
-    first = server.get("/agents", headers={"X-Forwarded-For": "10.0.0.1"})
-    second = server.get("/agents", headers={"X-Forwarded-For": "10.0.0.1, 10.0.0.2"})
+    first = server.post("/chat", json={"message": "hi"}, headers={"X-Forwarded-For": "10.0.0.1"})
+    second = server.post("/chat", json={"message": "hi"}, headers={"X-Forwarded-For": "10.0.0.1, 10.0.0.2"})
     assert first.status_code == 200 and (second.status_code == 200) == separate
 
 
-def test_rate_limit_off_and_health_never_limited(serve_local):
+def test_rate_limit_off_and_reads_never_limited(serve_local):
+    """The limit is on what runs the model or changes things; reading is free. The page polls /ready every 3 s while
+    the model warms, and Ollama apps list models often: counted, they spent the chats of whoever had them open."""
     server = serve_local(RATE_LIMIT_PER_MIN=0)
-    assert all(server.get("/agents").status_code == 200 for _ in range(40))
+    assert all(chat(server, message="hi").status_code == 200 for _ in range(40))
     limited = serve_local(RATE_LIMIT_PER_MIN=1)
-    assert all(limited.get("/health").status_code == 200 for _ in range(5))
+    for path in ("/health", "/agents", "/ready", "/v1/models", "/api/tags", "/api/version", "/conversations"):
+        assert all(limited.get(path).status_code == 200 for _ in range(5)), path
+        assert "x-ratelimit-remaining" not in limited.get(path).headers
+    assert all(limited.request("HEAD", "/agents").status_code == 200 for _ in range(3))
+    assert [chat(limited, message="hi").status_code for _ in range(2)] == [200, 429]
+    assert limited.get("/ready").status_code == 200  # and a limited key still reads
 
 
 def test_rate_buckets_stay_bounded_and_idle_ones_are_forgotten():

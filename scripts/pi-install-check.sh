@@ -34,7 +34,7 @@ print("set -euo pipefail")
 for line in block.splitlines():
     if line.startswith("cd ") or "systemctl" in line or "/etc/systemd" in line:
         continue
-    line = re.sub(r"^sudo ", "", line)
+    line = re.sub(r"(^|&& )sudo ", r"\1", line)  # each command's sudo, also after &&
     line = line.replace("/opt/piagent", "$ROOT/opt/piagent").replace("/etc/piagent", "$ROOT/etc/piagent")
     print("echo " + shlex.quote("+ " + line))
     print(line)
@@ -61,6 +61,7 @@ step "run the README's install commands"
   || { tail -n 40 "$root/install.log"; echo "the README's install commands failed"; exit 1; }
 grep -q '^✓ agent general' "$root/install.log" || { tail -n 40 "$root/install.log"; echo "--check did not pass"; exit 1; }
 echo "--check passed"
+[ "$(stat -c %a "$root/etc/piagent/piagent.env")" = 600 ] || { echo "piagent.env (keys go in it) is readable by others"; exit 1; }
 [ -f "$root/opt/piagent/__pycache__/piagent.cpython-$(python3 -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")').pyc" ] \
   || { echo "no compiled bytecode"; exit 1; }
 
