@@ -1093,6 +1093,8 @@ MAX_UPSTREAM_LINE_BYTES = 1 << 20
 MAX_LINES_AFTER_END, AFTER_END_WAIT_S = 8, 1.0
 #: The largest non-streamed upstream body piagent reads.
 MAX_UPSTREAM_BODY_BYTES = 4 << 20
+#: How much of an upstream's error reply piagent reads for its message (an error page may be huge, or endless).
+MAX_UPSTREAM_ERROR_BYTES = 64 << 10
 JSON_KINDS = {str: "a string", int: "a whole number", float: "a number", dict: "an object", list: "a list",
               bool: "true or false"}
 
@@ -1241,7 +1243,12 @@ class HTTPProvider:
                                 f"{self.label}'s own address")
         if status < 400:
             return
-        detail = upstream_error_text(await response.aread(), status)
+        body = b""
+        async for chunk in response.aiter_bytes():
+            body += chunk
+            if len(body) >= MAX_UPSTREAM_ERROR_BYTES:
+                break
+        detail = upstream_error_text(body[:MAX_UPSTREAM_ERROR_BYTES], status)
         if status == 400 and "does not support tools" in detail:
             raise UpstreamError(f"{self.label}: {detail}; give this agent a model with tool calling (see the README) "
                                 f"or remove its AGENT_<NAME>_TOOLS")
@@ -1253,7 +1260,8 @@ class HTTPProvider:
         if status in (401, 403):
             raise UpstreamAuth(f"{self.label} refused the credentials ({detail}); {self.key_hint}")
         if status in (429, 503):
-            retry = response.headers.get("retry-after", str(DEFAULT_RETRY_AFTER_S))
+            retry = response.headers.get("retry-after", "")  # passed on only as plain seconds: never odd bytes
+            retry = retry if re.fullmatch(r"[0-9]{1,5}", retry) else str(DEFAULT_RETRY_AFTER_S)
             raise UpstreamBusy(f"{self.label} is busy ({detail}); retry shortly", {"Retry-After": retry})
         raise UpstreamError(f"{self.label} answered HTTP {status}: {detail}")
 
@@ -1496,8 +1504,9 @@ def sse_event(data: Any, event: str | None = None) -> str:
 class ToolCallParts:
     """Tool calls from OpenAI's streamed fragments: a call's first fragment (by `index`) brings its id and name."""
 
-    def __init__(self) -> None:
+    def __init__(self, label: str) -> None:
         self.parts: dict[int, tuple[list[str], list[str]]] = {}  # index -> ([id, name], argument pieces)
+        self.label = label  # who sent them, for an error naming a field
 
     def feed(self, fragments: Any) -> None:
         for fragment in fragments if isinstance(fragments, list) else []:
@@ -1507,7 +1516,7 @@ class ToolCallParts:
             if not isinstance(index, int):  # some servers leave it out: a new id starts a new call
                 index = len(self.parts) if fragment.get("id") or not self.parts else max(self.parts)
             (head, arguments) = self.parts.setdefault(index, (["", ""], []))
-            function = fragment.get("function") or {}
+            function = typed(fragment.get("function"), dict, "tool_calls[].function", self.label) or {}
             head[0] = head[0] or str(fragment.get("id") or "")  # the first counts (llama.cpp's repeats them)
             head[1] = head[1] or str(function.get("name") or "")
             piece = function.get("arguments")
@@ -1555,7 +1564,7 @@ class OpenAIProvider(HTTPProvider):
 
     def whole(self, data: dict[str, Any], usage: Usage) -> str:
         message = typed(self._choice(data, usage).get("message"), dict, "choices[0].message", self.label) or {}
-        parts = ToolCallParts()
+        parts = ToolCallParts(self.label)
         parts.feed(typed(message.get("tool_calls"), list, "choices[0].message.tool_calls", self.label))
         usage.tool_calls += parts.calls()
         return typed(message.get("content"), str, "choices[0].message.content", self.label) or ""
@@ -1578,7 +1587,7 @@ class OpenAIProvider(HTTPProvider):
             raise UpstreamError(f"{self.label}: {upstream_error_text(event[1].encode(), 200)}")
         delta = typed(self._choice(chunk, usage).get("delta"), dict, "choices[0].delta", self.label) or {}
         calls = typed(delta.get("tool_calls"), list, "choices[0].delta.tool_calls", self.label)
-        reply.setdefault("parts", ToolCallParts()).feed(calls)
+        reply.setdefault("parts", ToolCallParts(self.label)).feed(calls)
         return typed(delta.get("content"), str, "choices[0].delta.content", self.label) or ""
 
     def end(self, reply: dict[str, Any], usage: Usage) -> None:
@@ -3527,7 +3536,8 @@ async def embed(rt: Runtime, model: str, texts: list[str], extra: dict[str, Any]
                 return
             data = await provider.post_json("/embeddings", {"model": model, "input": texts}, model)
             items = [i for i in typed(data.get("data"), list, "data", provider.label) or [] if isinstance(i, dict)]
-            found = [i.get("embedding") for i in sorted(items, key=lambda i: i.get("index") or 0)]
+            order = [typed(i.get("index"), int, "data[].index", provider.label) or 0 for i in items]
+            found = [i.get("embedding") for _, i in sorted(zip(order, items), key=lambda pair: pair[0])]
             used = typed(data.get("usage"), dict, "usage", provider.label) or {}
             yield found, typed(used.get("prompt_tokens"), int, "usage.prompt_tokens", provider.label)
         finally:
@@ -4480,7 +4490,8 @@ def ollama_model(agent: Agent, upstream: Mapping[str, Any], modified_at: str) ->
 def upstream_models(listed: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Ollama's model list ({"models": [...]}) by name, each also under its name without ":latest"."""
     found = {}
-    for entry in listed.get("models") or []:
+    entries = listed.get("models")
+    for entry in entries if isinstance(entries, list) else []:
         if isinstance(entry, dict) and isinstance(entry.get("name"), str):
             found[entry["name"]] = found[entry["name"].removesuffix(":latest")] = entry
     return found
@@ -4577,8 +4588,10 @@ def add_ollama_model_routes(app: FastAPI, rt: Runtime) -> None:
         for agent in (a for a in config.agents if a.model in loaded):
             up = loaded[agent.model]
             context = up.get("context_length") if isinstance(up.get("context_length"), int) else config.ctx_tokens
-            models.append({**ollama_model(agent, up, started), "expires_at": up.get("expires_at") or started,
-                           "size_vram": up.get("size_vram") or 0, "context_length": min(context, config.ctx_tokens)})
+            expires, vram = up.get("expires_at"), up.get("size_vram")
+            models.append({**ollama_model(agent, up, started), "expires_at": expires if isinstance(expires, str) else
+                           started, "size_vram": vram if isinstance(vram, int) else 0,
+                           "context_length": min(context, config.ctx_tokens)})
         return {"models": models}
 
     @app.post("/api/show", **hidden)
@@ -4589,7 +4602,8 @@ def add_ollama_model_routes(app: FastAPI, rt: Runtime) -> None:
             raise InvalidRequest("model is required")
         agent = ollama_agent(config, body.model or body.name)
         shown = await upstream_info(rt, "/api/show", {"model": agent.model})
-        tools = bool(agent.tools) or "tools" in (shown.get("capabilities") or [])
+        can = shown.get("capabilities")
+        tools = bool(agent.tools) or isinstance(can, list) and "tools" in can
         limits = f"num_ctx {config.ctx_tokens}\nnum_predict {config.max_tokens}\ntemperature {config.temperature:g}"
         return {"modelfile": f"FROM {agent.model}\nSYSTEM {json.dumps(agent.system)}\n", "parameters": limits,
                 "template": shown.get("template") if isinstance(shown.get("template"), str) else "{{ .Prompt }}",
@@ -4655,7 +4669,8 @@ def add_conversation_routes(app: FastAPI, rt: Runtime) -> None:
     @app.get("/conversations", response_model=ConversationPage,
              responses=documented(ErrorBody, (*GUARD_STATUSES, 422, 503)))
     async def list_conversations(request: Request, limit: int = Query(20, ge=1, le=MAX_PAGE),
-                                 cursor: float | None = Query(None, description="`next` of the previous page"),
+                                 cursor: float | None = Query(None, description="`next` of the previous page",
+                                                              allow_inf_nan=False),
                                  before: datetime | None = Query(None, description="older form of `cursor`")) -> Any:
         if before is not None:
             cursor = (before if before.tzinfo else before.replace(tzinfo=timezone.utc)).timestamp()

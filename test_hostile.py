@@ -341,6 +341,17 @@ def test_nesting_up_to_64_levels_is_still_accepted(hserve, fake):
     assert response.status_code == 200, response.text
 
 
+@pytest.mark.parametrize("cursor", ["nan", "inf", "-inf", "1e999"])
+def test_a_page_cursor_that_is_no_number_is_422_naming_it(hserve, fake, cursor):
+    # Redis read it as a bound it refused (a 500); the other stores gave an empty page as if it were one
+    server = hserve()
+    served_chat(server, "listed")
+    response = httpx.get(f"{server.url}/conversations", params={"cursor": cursor}, timeout=DEADLINE)
+    assert response.status_code == 422 and "cursor" in error_of(response)["message"], response.text
+    assert statuses_counted(server, "500") == 0
+    assert_whole(server, fake, "listed", [("normal", REPLY)])
+
+
 # ---------------------------------------------------------------------------
 # 3) Broken upstream data: 502 upstream_error naming the field, never a 500, never a stored turn
 # ---------------------------------------------------------------------------
@@ -423,6 +434,122 @@ def test_broken_upstream_data_is_502_naming_the_field_and_stores_nothing(hserve,
                     _assert_upstream_error(chunks[-1]["error"], field)
     assert statuses_counted(server, "500") == 0
     assert_whole(server, fake, cid, None)
+
+
+class CannedTransport(httpx.AsyncBaseTransport):
+    """A real transport to the fake, except that the next requests to a path in `answers` get its canned responses
+    (each a function of the request, used once) instead."""
+
+    def __init__(self, answers: dict[str, list]):
+        self.real, self.answers = httpx.AsyncHTTPTransport(), answers
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        canned = self.answers.get(request.url.path)
+        if canned:
+            return canned.pop(0)(request)
+        return await self.real.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.real.aclose()
+
+
+def _openai_reply(message: dict, delta: dict):
+    """The same odd reply whole (a JSON body) or streamed (SSE), as the request asks."""
+    def answer(request: httpx.Request) -> httpx.Response:
+        if json.loads(request.content).get("stream"):
+            event = {"choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+            return httpx.Response(200, headers={"Content-Type": "text/event-stream"},
+                                  content=f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode())
+        return httpx.Response(200, json={"choices": [{"index": 0, "message": message, "finish_reason": "stop"}]})
+    return answer
+
+
+ODD_OPENAI = {  # name: (path, canned answer, the door's request (path, body), the field the 502 names)
+    "tool-call-function-a-list": ("/v1/chat/completions", _openai_reply(
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": ["x"]}]},
+        {}), ("/chat", {"message": "hi", "conversation_id": "odd"}), "tool_calls[].function"),
+    "streamed-tool-call-function-a-string": ("/v1/chat/completions", _openai_reply(
+        {}, {"tool_calls": [{"index": 0, "id": "c1", "function": "oops"}]}),
+        ("/v1/chat/completions", {"model": "general", "stream": True, "messages": [
+            {"role": "user", "content": "hi"}]}), "tool_calls[].function"),
+    "embedding-index-a-string": ("/v1/embeddings", lambda request: httpx.Response(200, json={"data": [
+        {"index": "1", "embedding": [0.5]}, {"index": 0, "embedding": [0.25]}]}),
+        ("/api/embed", {"model": "general", "input": ["a", "b"]}), "data[].index"),
+}
+
+
+@pytest.mark.parametrize("case", list(ODD_OPENAI))
+def test_odd_fields_from_an_openai_style_upstream_are_502_naming_them(hserve, fake, case):
+    """A tool call whose function is not an object, an embedding's index that is not a number: each was a 500."""
+    path, answer, (door, body), field = ODD_OPENAI[case]
+    transport = CannedTransport({path: [answer]})
+    server = hserve(transport=transport, PROVIDER="openai", OPENAI_BASE_URL=f"{fake.url}/v1")
+    response = post(server, door, body, {"X-Conversation-Id": "odd"} if door.startswith("/v1") else None)
+    if response.status_code == 200:  # streamed: the error is the stream's last event
+        (last,) = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")][-1:]
+        error = last["error"]
+    else:
+        assert response.status_code == 502, (response.status_code, response.text)
+        error = response.json()["error"]
+    assert field in (error if isinstance(error, str) else error["message"]), error
+    assert statuses_counted(server, "500") == 0 and transport.answers[path] == []
+    assert_whole(server, fake, "odd", None)
+
+
+def test_an_upstream_error_page_is_read_only_so_far(hserve, fake):
+    """An upstream that answers an error with an endless body: piagent reads enough for the message and closes it,
+    where it read it whole into memory (hundreds of MiB on a Pi)."""
+    sent = [0]
+
+    async def endless():
+        for _ in range(4096):  # at most 256 MiB, were it all read
+            sent[0] += 65536
+            yield b"x" * 65536
+
+    transport = CannedTransport({"/api/chat": [lambda request: httpx.Response(500, content=endless())]})
+    server = hserve(transport=transport)
+    response = chat(server, message="hi", conversation_id="paged")
+    assert response.status_code == 502 and error_of(response)["code"] == "upstream_error", response.text
+    assert sent[0] <= 1 << 20, f"piagent read {sent[0]} bytes of an error page"
+    assert_whole(server, fake, "paged", None)
+
+
+@pytest.mark.parametrize("retry_after", ["\u20ac", "999999999999", "Wed, 21 Oct 2026 07:28:00 GMT"])
+def test_an_upstream_retry_after_is_passed_on_only_as_plain_seconds(hserve, fake, retry_after):
+    # a non-latin-1 one was a 500 (the header could not be written); a date or a huge number is no use to a client
+    server = hserve()
+    fake.script = Script(status=503, error_text="server busy", retry_after=retry_after)
+    for response in (chat(server, message="hi", conversation_id="busy"),
+                     post(server, "/api/generate", {"model": "general", "prompt": "hi", "stream": False})):
+        assert response.status_code == 503, (response.status_code, response.text)
+        assert response.headers["retry-after"] == str(piagent.DEFAULT_RETRY_AFTER_S)
+    fake.script = Script(status=503, error_text="server busy", retry_after="7")
+    assert chat(server, message="hi", conversation_id="busy").headers["retry-after"] == "7"
+    assert statuses_counted(server, "500") == 0
+    assert_whole(server, fake, "busy", None)
+
+
+ODD_LISTS = {  # Ollama's own answer with a field of the wrong type: piagent answers with what it knows
+    "/api/tags": {"models": 5},
+    "/api/ps": {"models": 1.5},
+    "/api/show": {"capabilities": 5, "template": 7, "details": "big"},
+}
+
+
+@pytest.mark.parametrize("path", list(ODD_LISTS))
+def test_ollamas_model_lists_with_odd_fields_still_answer_with_the_agents(hserve, fake, path):
+    # the routes Home Assistant and Open WebUI call: each was a 500
+    transport = CannedTransport({path: [lambda request: httpx.Response(200, json=ODD_LISTS[path])]})
+    server = hserve(transport=transport)
+    if path == "/api/show":
+        response = post(server, path, {"model": "general"})
+        assert response.status_code == 200 and response.json()["capabilities"] == ["completion"], response.text
+    else:
+        response = httpx.get(f"{server.url}{path}", timeout=DEADLINE)
+        names = [m["name"] for m in response.json()["models"]]
+        assert response.status_code == 200 and names == ([] if path == "/api/ps" else ["general:latest"]), names
+    assert transport.answers[path] == [] and statuses_counted(server, "500") == 0
+    assert_whole(server, fake, "lists", None)
 
 
 def test_json_from_outside_that_python_reads_but_cannot_send_on_is_refused_saying_why():

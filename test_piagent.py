@@ -2020,12 +2020,12 @@ def test_an_unknown_tool_is_refused_by_create_app_too():
 
 
 def test_openai_tool_call_fragments_are_put_together_by_index():
-    parts = piagent.ToolCallParts()
+    parts = piagent.ToolCallParts("the server")
     parts.feed([{"index": 1, "id": "call_b", "type": "function", "function": {"name": "now", "arguments": ""}}])
     parts.feed([{"index": 0, "id": "call_a", "type": "function", "function": {"name": "calc", "arguments": '{"ex'}}])
     parts.feed([{"index": 0, "function": {"arguments": 'pression": "1+1"}'}}, {"index": 1, "function": {"arguments": "{}"}}])
     assert parts.calls() == [ToolCall("call_a", "calc", '{"expression": "1+1"}'), ToolCall("call_b", "now", "{}")]
-    whole = piagent.ToolCallParts()  # a server that leaves out the index and sends each call whole
+    whole = piagent.ToolCallParts("the server")  # a server that leaves out the index and sends each call whole
     whole.feed([{"id": "c1", "function": {"name": "calc", "arguments": '{"expression":"2"}'}}])
     whole.feed([{"id": "c2", "function": {"name": "now", "arguments": "{}"}}])
     assert [(c.id, c.name) for c in whole.calls()] == [("c1", "calc"), ("c2", "now")]
@@ -2286,7 +2286,7 @@ def test_client_tools_are_passed_on_and_the_models_calls_returned_unchanged(serv
             events = [d for _, d in sse_events(response)]
         assert events[-1] == "[DONE]"
         chunks = [json.loads(d) for d in events[:-1]]
-        parts = piagent.ToolCallParts()
+        parts = piagent.ToolCallParts("the server")
         for c in chunks:
             parts.feed(c["choices"][0]["delta"].get("tool_calls"))
         calls = [c.as_message_part() for c in parts.calls()]
