@@ -981,16 +981,20 @@ def stable_window(turns: list[Turn], max_turns: int) -> list[Turn]:
     return [t for t in turns if t.index >= start]
 
 
-def fit_history(history: list[Message], fixed: list[Message], budget_tokens: int) -> tuple[list[Message], int]:
-    """(the newest turns of `history` that fit the budget beside `fixed`, how many older turns were dropped)."""
+def fit_history(history: list[Message], fixed: list[Message], budget_tokens: int,
+                reply_tokens: int = 0) -> tuple[list[Message], int]:
+    """(the newest turns of `history` that fit the budget beside `fixed`, how many older turns were dropped); the
+    budget is what CTX_TOKENS leaves after the `reply_tokens` kept for the reply."""
     fixed_tokens = estimate_tokens(fixed)
     if fixed_tokens > budget_tokens:
         system = estimate_tokens(fixed[:1])  # the agent's system prompt, with its tools' descriptions
-        fix = ("offer the agent fewer tools (AGENT_<NAME>_TOOLS: an MCP server's may be many and long)"
+        fix = ("ask for a shorter reply (the request's max_tokens or num_predict, or MAX_TOKENS)"
+               if reply_tokens > fixed_tokens else
+               "offer the agent fewer tools (AGENT_<NAME>_TOOLS: an MCP server's may be many and long)"
                if system > budget_tokens else "shorten the message")
         raise PromptTooLarge(f"the message needs about {fixed_tokens} tokens with the system prompt and tools (about "
-                             f"{system} of them), more than the {budget_tokens} left of CTX_TOKENS after the reply's "
-                             f"MAX_TOKENS; {fix}, or raise CTX_TOKENS")
+                             f"{system} of them), more than the {budget_tokens} left of CTX_TOKENS after the "
+                             f"{reply_tokens or 'MAX_TOKENS'} kept for the reply; {fix}, or raise CTX_TOKENS")
     kept, dropped = list(history), 0
     while kept and fixed_tokens + estimate_tokens(kept) > budget_tokens:
         # up to the next user message: a turn goes whole, tool calls and their results with it
@@ -2795,7 +2799,8 @@ class Gate:
 
     @property
     def queued(self) -> int:
-        return len(self._waiting)
+        """Requests waiting for the model (a forget, waiting for its conversation only, is not one)."""
+        return sum(t.slot for t in self._waiting)
 
     def changed(self) -> asyncio.Future:
         """A future resolved the next time queue positions change."""
@@ -2810,7 +2815,7 @@ class Gate:
         ticket = Ticket(conversation, slot, asyncio.get_running_loop().create_future())
         if self._may_go(ticket):
             self._grant(ticket)
-        elif ticket.slot and len(self._waiting) >= self.max_queue:
+        elif ticket.slot and self.queued >= self.max_queue:
             raise QueueFull(f"the model is busy and {self.max_queue} requests already wait (MAX_QUEUE); retry shortly",
                             {"Retry-After": str(DEFAULT_RETRY_AFTER_S)})
         else:
@@ -2821,7 +2826,7 @@ class Gate:
         """The ticket's place in the queue (1 = next) each time it changes, until it is granted."""
         shown = 0
         while not ticket.granted:
-            position = self._waiting.index(ticket) + 1
+            position = 1 + sum(t.slot for t in itertools.takewhile(lambda t: t is not ticket, self._waiting))
             if position != shown:
                 shown = position
                 yield position
@@ -3095,7 +3100,8 @@ class Runtime:
 class Exchange:
     """One generation, from its place in the queue to its log fields: `async with Exchange(...) as x`. What it takes
     goes on `held` the moment it is taken (the gate's ticket); the upstream lives inside `events`. Leaving the
-    block by any road stores what a client that left mid-stream was given, then closes `held`, once."""
+    block by any road stores what a stream cut short (the client left, the shutdown grace ended) had given, then
+    closes `held`, once."""
 
     def __init__(self, rt: Runtime, agent: Agent, ask: Ask, sampling: Sampling, conversation_id: str | None,
                  stream: bool, fields: dict[str, Any]):
@@ -3120,7 +3126,7 @@ class Exchange:
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         try:
-            if self.stream and kind in (None, ClientGone):  # a client that left keeps what it received
+            if self.stream and kind in (None, ClientGone, ShuttingDown):  # a stream cut keeps what was received
                 await self.save()
         finally:
             await self.held.aclose()
@@ -3163,7 +3169,8 @@ class Exchange:
         tools = ask.tools or self.rt.toolbox.specs(self.agent.tools)
         fixed = [{"role": "system", "content": self.agent.system + (json.dumps(tools) if tools else "")},
                  *ask.system, {"role": "user", "content": ask.message}, *ask.tail]
-        kept, self.history_truncated = fit_history(ask.history, fixed, config.ctx_tokens - self.sampling.max_tokens)
+        reply = self.sampling.max_tokens
+        kept, self.history_truncated = fit_history(ask.history, fixed, config.ctx_tokens - reply, reply)
         return Prompt(self.agent.system, ask.system + kept, ask.message, ask.tail, ask.tools, ask.tool_choice)
 
     def generate(self, prompt: Prompt) -> AsyncIterator[str | ToolEvent]:

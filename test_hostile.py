@@ -1142,6 +1142,37 @@ def test_turns_on_one_conversation_wait_in_the_bounded_queue_and_the_excess_is_r
     assert_idle(server)
 
 
+def test_forgets_waiting_for_a_busy_conversation_take_no_place_in_the_queue(hserve, fake):
+    """DELETE /conversations/{id} waits for the reply in progress on that conversation, not for the model: three of
+    them took MAX_QUEUE's places, and another user's chat was refused queue_full."""
+    held = Script(tokens=["A1", "A2"], hold_after=1)
+    fake.script = held
+    server = hserve(MAX_CONCURRENT=1, MAX_QUEUE=1, RATE_LIMIT_PER_MIN=0)
+    forgets, other = [], None
+    try:
+        with httpx.stream("POST", f"{server.url}/chat", json={"message": "m0", "stream": True,
+                                                               "conversation_id": "busy"}, timeout=DEADLINE) as first:
+            pieces = first.iter_text()
+            assert next(pieces) == "A1"
+            forgets = [in_background(httpx.delete, f"{server.url}/conversations/busy", timeout=DEADLINE)
+                       for _ in range(3)]
+            wait_until(lambda: len(server.app.state.runtime.gate._waiting) == 3, what="the forgets to wait")
+            assert gauges(server)["piagent_queue_depth"] == 0
+            other = in_background(chat, server, message="mine", conversation_id="other")
+            wait_until(lambda: gauges(server)["piagent_queue_depth"] == 1, what="the other chat to wait")
+            fake.script = Script()
+            held.release.set()
+            assert "".join(pieces) == "A2"
+    finally:
+        held.release.set()
+        for thread, _ in [*forgets, *([other] if other else [])]:
+            thread.join(DEADLINE)
+    assert [r["value"].status_code for _, r in forgets] == [204] * 3
+    assert other[1]["value"].status_code == 200, other[1]["value"].text
+    assert stored(server, "busy") is None and stored(server, "other") == [("mine", REPLY)]
+    assert_whole(server, fake, "busy", None)
+
+
 def test_an_sse_client_waiting_behind_its_own_conversation_gets_a_queued_event(hserve, fake):
     held = Script(tokens=["A1", "A2"], hold_after=1)
     fake.script = held

@@ -1049,6 +1049,8 @@ def test_fit_history_drops_oldest_whole_turns_and_never_the_message():
     tools = [{"role": "system", "content": "tool description " * 300}, {"role": "user", "content": "hi"}]
     with pytest.raises(piagent.PromptTooLarge, match=r"offer the agent fewer tools \(AGENT_<NAME>_TOOLS"):
         piagent.fit_history([], tools, 500)  # the system prompt and tools alone are over the budget
+    with pytest.raises(piagent.PromptTooLarge, match=r"after the 2047 kept for the reply; ask for a shorter reply"):
+        piagent.fit_history(history, fixed, 1, 2047)  # a client asked for nearly all of CTX_TOKENS for its reply
 
 
 def test_history_over_the_budget_is_trimmed_and_said(serve, fake, caplog):
@@ -1077,6 +1079,15 @@ def test_a_message_too_large_for_the_context_is_413_with_the_numbers(serve_local
     assert response.status_code == 413 and error["code"] == "prompt_too_large"
     assert re.search(r"about \d+ tokens", error["message"]) and "56 left" in error["message"]
     assert fake.generations() == []
+
+
+def test_a_reply_that_would_take_the_whole_context_is_413_saying_to_ask_for_less(serve_local, fake):
+    # it said to offer an agent with no tools fewer tools
+    response = serve_local().post("/v1/chat/completions", json={
+        "model": "general", "max_tokens": 2047, "messages": [{"role": "user", "content": "hi"}]})
+    message = response.json()["error"]["message"]
+    assert response.status_code == 413 and "after the 2047 kept for the reply; ask for a shorter reply" in message
+    assert "fewer tools" not in message and fake.generations() == []
 
 
 def test_requests_after_the_window_fills_extend_the_previous_prompt(serve_local, fake):
@@ -2777,11 +2788,13 @@ def test_requests_the_server_cancels_free_everything_and_each_is_one_record_or_a
                 and "returned without completing response" not in r.getMessage()], caplog.text
 
 
-def test_after_the_grace_streams_are_cut_and_waiters_get_503_not_500(fake):
+def test_after_the_grace_streams_are_cut_and_waiters_get_503_not_500(fake, serve_local, tmp_path):
     fake.script = Script(tokens=["A1", "A2"], hold_after=1)  # every generation holds after its first token
-    env = {"OLLAMA_HOST": fake.url, "SHUTDOWN_GRACE_S": "0.5", "MAX_CONCURRENT": "2"}
+    memory = {"MEMORY_BACKEND": "sqlite", "MEMORY_PATH": str(tmp_path / "memory.db")}
+    env = {"OLLAMA_HOST": fake.url, "SHUTDOWN_GRACE_S": "0.5", "MAX_CONCURRENT": "2", **memory}
     with piagent_process(env, capture=True) as (url, proc):
-        with httpx.stream("POST", f"{url}/chat", json={"message": "a", "stream": True}, timeout=DEADLINE_S) as r:
+        with httpx.stream("POST", f"{url}/chat", json={"message": "a", "stream": True, "conversation_id": "cut"},
+                          timeout=DEADLINE_S) as r:
             pieces = r.iter_text()
             assert next(pieces) == "A1"
             waiter, waiter_result = in_background(httpx.post, f"{url}/chat", json={"message": "b"},
@@ -2795,6 +2808,9 @@ def test_after_the_grace_streams_are_cut_and_waiters_get_503_not_500(fake):
         assert error_of(waiter_result["value"])["code"] == "shutting_down"
         wait_until(lambda: len(fake.hangups) == 2, timeout=2.0, what="both upstream requests to be let go")
         assert_stopped_gracefully(proc)
+    # the cut stream keeps what its client was given, as when a client leaves: after a restart, the chat goes on
+    turns = serve_local(**memory).get("/conversations/cut").json()["turns"]
+    assert [(t["user"], t["assistant"]) for t in turns] == [("a", "A1")]
 
 
 # ---------------------------------------------------------------------------
