@@ -1090,6 +1090,17 @@ def has_model(model: str, available: set[str]) -> bool:
     return model in available or (":" not in model and f"{model}:latest" in available)
 
 
+def missing_model(provider: Provider, model: str, available: set[str]) -> str:
+    """The provider's fix for a model it lacks, and the nearest name it has (else a few it has): a near miss such as
+    qwen2.5:3b for qwen2.5:3b-instruct should not send anyone to download gigabytes."""
+    near = difflib.get_close_matches(model, sorted(available), n=1, cutoff=0.6)
+    if near:
+        return f"{provider.not_found(model)}; or did you mean {near[0]}, which it has?"
+    some = sorted(available)[:5]
+    return provider.not_found(model) + (f" (it has {', '.join(some)}{', ...' if len(available) > 5 else ''})"
+                                        if some else "")
+
+
 #: The longest line piagent reads from an upstream stream (a token's chunk is a few hundred bytes).
 MAX_UPSTREAM_LINE_BYTES = 1 << 20
 #: Lines piagent reads after a reply's end (the closing chunk, a trailing [DONE]), and how long it waits for them;
@@ -2677,8 +2688,10 @@ def json_problem(body: bytes) -> str | None:
         value = json.loads(body)
     except RecursionError:
         return f"body: nested deeper than {MAX_JSON_DEPTH} levels"
-    except ValueError:
+    except json.JSONDecodeError:
         return None  # not JSON at all: the route says what is wrong
+    except ValueError:  # JSON, but a whole number past what Python reads
+        return f"body: a number longer than {sys.get_int_max_str_digits()} digits; send shorter numbers"
     # (where, value, depth); `where` is a tuple of keys, joined only for the message: this runs on every body
     stack: list[tuple[tuple, Any, int]] = [((), value, 0)]
     while stack:
@@ -3810,7 +3823,7 @@ async def readiness(rt: Runtime) -> tuple[bool, dict[str, Any]]:
         description, available = await provider.probe()
         checks["upstream"] = {"ok": True, "detail": f"{description} at {provider.base_url}"}
         missing = sorted({a.model for a in config.agents if not has_model(a.model, available)})
-        fix = "; ".join(provider.not_found(m) for m in missing)
+        fix = "; ".join(missing_model(provider, m, available) for m in missing)
         checks["models"] = {"ok": not missing, "detail": fix or "all agents' models are available"}
     except UpstreamFailure as exc:
         checks["upstream"] = {"ok": False, "detail": exc.message}
@@ -4519,6 +4532,7 @@ async def refuse_model_management(request: Request) -> Response:
         model = (sent.get("model") or sent.get("name") or sent.get("source")) if isinstance(sent, dict) else None
     except ValueError:
         model = None
+    model = model if isinstance(model, str) else None  # a name, or no name: never an object's repr
     config = request.app.state.runtime.config
     agent = config.agent(str(model or "").partition(":")[0])  # an agent's name: its model is what to pull
     real = agent.model if agent else model or "<model>"
@@ -5349,7 +5363,7 @@ async def run_checks(config: Config, env_file: Path | None) -> list[tuple[bool, 
             for agent in config.agents:
                 ok = has_model(agent.model, available)
                 results.append((ok, f"agent {agent.name}: model {agent.model}" + (" is available" if ok else ""),
-                                "" if ok else provider.not_found(agent.model)))
+                                "" if ok else missing_model(provider, agent.model, available)))
     try:
         await check_memory(config)
         results.append((True, f"memory: {_memory_description(config)} opens", ""))

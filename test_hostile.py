@@ -315,6 +315,12 @@ DOOR_CASES = {
     # whatever comes before the JSON (a space, a UTF-8 byte order mark), a route may still read it: checked as well
     "v1-content-surrogate-after-a-space": ("/v1/chat/completions", b" " + _v1_body(
         f'[{{"role":"user","content":"x{SURROGATE}"}}]'), "messages.0.content"),
+    # valid JSON that Python will not read (a whole number past 4300 digits): it was "error parsing the body"
+    "chat-number-of-5000-digits": ("/chat", b'{"message":"hi","conversation_id":"door","temperature":' + b"7" * 5000
+                                   + b"}", "body: a number longer than 4300 digits"),
+    "v1-number-of-5000-digits": ("/v1/chat/completions",
+                                 _v1_body('[{"role":"user","content":"hi"}],"seed":' + "7" * 5000),
+                                 "body: a number longer than 4300 digits"),
     "chat-ignored-field-nan-after-a-bom": ("/chat", b'\xef\xbb\xbf{"message":"hi","conversation_id":"door",'
                                                     b'"temperature":NaN}', "temperature"),
 }

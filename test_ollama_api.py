@@ -285,6 +285,8 @@ def test_embed_with_an_openai_upstream_uses_v1_embeddings(serve_openai, upstream
 def test_model_management_is_refused_saying_what_to_do(serve, fake, path):  # noqa: F811
     response = httpx.post(f"{serve().url}{path}", json={"model": "llama3.2"})
     assert response.status_code == 403 and "ollama pull llama3.2" in response.json()["error"]
+    odd = httpx.post(f"{serve().url}{path}", json={"model": {"a": 1}})  # no name: the placeholder, not a repr
+    assert odd.status_code == 403 and "ollama pull <model>" in odd.json()["error"], odd.text
     assert not fake.requests
 
 

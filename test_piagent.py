@@ -3027,7 +3027,19 @@ def test_check_fails_with_the_pull_command_for_a_missing_model(fake):
     result = check({"OLLAMA_HOST": fake.url, "AGENTS": "general,coder", "OLLAMA_MODEL_CODER": "coder:7b"})
     assert result.returncode == 1
     assert "✓ agent general" in result.stdout and "✗ agent coder: model coder:7b — " in result.stdout
-    assert "ollama pull coder:7b" in result.stdout
+    assert "ollama pull coder:7b" in result.stdout and f"(it has {MODEL}, tiny:latest)" in result.stdout
+
+
+@pytest.mark.parametrize("provider", ["ollama", "openai"])
+def test_a_near_miss_model_name_is_answered_with_the_name_the_upstream_has(fake, serve_local, provider):
+    """qwen2.5:3b where qwen2.5:3b-instruct is pulled: `ollama pull qwen2.5:3b` alone sent a new user to download
+    another 2 GB (a new user's finding)."""
+    near = {"PROVIDER": provider, "OPENAI_BASE_URL": f"{fake.url}/v1", "OLLAMA_MODEL_GENERAL": "qwen2.5:3b",
+            "OPENAI_MODEL_GENERAL": "qwen2.5:3b"}
+    result = check({"OLLAMA_HOST": fake.url, **near})
+    assert result.returncode == 1 and f"did you mean {MODEL}, which it has?" in result.stdout, result.stdout
+    models = serve_local(**near).get("/ready").json()["checks"]["models"]
+    assert not models["ok"] and f"did you mean {MODEL}, which it has?" in models["detail"]
 
 
 def test_check_fails_when_the_port_is_taken(fake):
