@@ -727,12 +727,12 @@ class SQLiteStore(CappedStore):
 
     async def recent(self, limit: int, before: float | None, owner: str = "") -> list[Listed]:
         def read() -> list[Listed]:
-            return [Listed(*row) for row in self._db.execute(
-                "SELECT id, agent, last_used, coalesce((SELECT substr(user, 1, ?) FROM turns WHERE conversation_id = "
+            # the preview is cut here: SQLite's substr() stops at a NUL character
+            return [Listed(cid, agent, used, first[:PREVIEW_CHARS]) for cid, agent, used, first in self._db.execute(
+                "SELECT id, agent, last_used, coalesce((SELECT user FROM turns WHERE conversation_id = "
                 "conversations.id ORDER BY seq LIMIT 1), '') FROM conversations WHERE last_used > ? AND last_used < ? "
                 "AND substr(agent, 1, ?) = ? ORDER BY last_used DESC LIMIT ?",
-                (PREVIEW_CHARS, self.clock() - self.ttl_s, math.inf if before is None else before, len(owner), owner,
-                 limit))]
+                (self.clock() - self.ttl_s, math.inf if before is None else before, len(owner), owner, limit))]
 
         return await self._run(read)
 

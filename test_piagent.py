@@ -733,6 +733,11 @@ def test_store_gets_lists_and_deletes_conversations(memory_env, backend):
         await store.append("z", "general", "\u00e9" * 100, "a")  # a preview is cut in characters, not bytes
         await store.append("z", "general", "later", "a")
         (long,) = await store.recent(1, None)
+        clock.now += 1
+        await store.append("nul", "general", "a\x00b", "a")  # SQLite's substr() stopped at the NUL
+        (nul,) = await store.recent(1, None)
+        assert nul.preview == "a\x00b"
+        await store.delete("nul")
         await store.delete("x")
         await store.delete("never-was")
         return got, listed, older, long, await store.get("x"), await store.history("x")
