@@ -2688,8 +2688,8 @@ def json_problem(body: bytes) -> str | None:
         value = json.loads(body)
     except RecursionError:
         return f"body: nested deeper than {MAX_JSON_DEPTH} levels"
-    except json.JSONDecodeError:
-        return None  # not JSON at all: the route says what is wrong
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None  # not JSON (or not UTF-8) at all: the route says what is wrong
     except ValueError:  # JSON, but a whole number past what Python reads
         return f"body: a number longer than {sys.get_int_max_str_digits()} digits; send shorter numbers"
     # (where, value, depth); `where` is a tuple of keys, joined only for the message: this runs on every body
@@ -4425,7 +4425,8 @@ OLLAMA_DETAILS = {"parent_model": "", "format": "gguf", "family": "unknown", "fa
                   "parameter_size": "", "quantization_level": ""}
 #: Ollama's model management, which piagent refuses: (path, methods).
 OLLAMA_MANAGEMENT = (("/api/pull", ["POST"]), ("/api/push", ["POST"]), ("/api/create", ["POST"]),
-                     ("/api/copy", ["POST"]), ("/api/delete", ["DELETE"]), ("/api/blobs/{digest}", ["HEAD", "POST"]))
+                     ("/api/copy", ["POST"]), ("/api/delete", ["DELETE"]),
+                     ("/api/blobs/{digest}", ["GET", "POST"]))  # GET: Guards answer a HEAD as a GET
 M = TypeVar("M", bound=BaseModel)
 
 

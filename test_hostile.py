@@ -315,6 +315,8 @@ DOOR_CASES = {
     # whatever comes before the JSON (a space, a UTF-8 byte order mark), a route may still read it: checked as well
     "v1-content-surrogate-after-a-space": ("/v1/chat/completions", b" " + _v1_body(
         f'[{{"role":"user","content":"x{SURROGATE}"}}]'), "messages.0.content"),
+    # not UTF-8: never taken for the number case below
+    "chat-latin-1-body": ("/chat", b'{"message":"caf\xe9","conversation_id":"door"}', "UTF-8"),
     # valid JSON that Python will not read (a whole number past 4300 digits): it was "error parsing the body"
     "chat-number-of-5000-digits": ("/chat", b'{"message":"hi","conversation_id":"door","temperature":' + b"7" * 5000
                                    + b"}", "body: a number longer than 4300 digits"),

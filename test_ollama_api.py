@@ -304,6 +304,7 @@ def test_the_library_sees_a_refused_pull_and_delete(serve, fake):  # noqa: F811
     with pytest.raises(ollama.ResponseError):
         c.delete("general")
     assert httpx.post(f"{serve().url}/api/blobs/sha256:{'0' * 64}", content=b"x").status_code == 403
+    assert httpx.head(f"{serve().url}/api/blobs/sha256:{'0' * 64}").status_code == 403  # was 405
     assert not fake.requests
 
 
