@@ -1192,6 +1192,16 @@ def external_json(raw: str | bytes, strict: bool = True) -> Any:
     return value
 
 
+async def read_at_most(response: httpx.Response, limit: int) -> bytes:
+    """A body's first `limit` bytes, and one more when it has more: the rest (maybe endless) is never read."""
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) > limit:
+            break
+    return bytes(body[:limit + 1])
+
+
 def typed(value: Any, kind: type, field_name: str, label: str) -> Any:
     """`value` when it is null or of `kind` (bools are not numbers); otherwise UpstreamError naming the field."""
     if value is None or (isinstance(value, kind) and (kind is bool or not isinstance(value, bool))):
@@ -1258,12 +1268,8 @@ class HTTPProvider:
                                 f"{self.label}'s own address")
         if status < 400:
             return
-        body = b""
-        async for chunk in response.aiter_bytes():
-            body += chunk
-            if len(body) >= MAX_UPSTREAM_ERROR_BYTES:
-                break
-        detail = upstream_error_text(body[:MAX_UPSTREAM_ERROR_BYTES], status)
+        head = await read_at_most(response, MAX_UPSTREAM_ERROR_BYTES)
+        detail = upstream_error_text(head[:MAX_UPSTREAM_ERROR_BYTES], status)
         if status == 400 and "does not support tools" in detail:
             raise UpstreamError(f"{self.label}: {detail}; give this agent a model with tool calling (see the README) "
                                 f"or remove its AGENT_<NAME>_TOOLS")
@@ -1310,12 +1316,10 @@ class HTTPProvider:
             async with self.client.stream(method, self.url(path), json=body, headers=self.headers(),
                                           timeout=timeout) as response:
                 await self.raise_for_status(response, model)
-                raw = bytearray()
-                async for chunk in response.aiter_bytes():
-                    raw += chunk
-                    if len(raw) > MAX_UPSTREAM_BODY_BYTES:
-                        raise UpstreamError(f"{self.label} sent a reply larger than {MAX_UPSTREAM_BODY_BYTES >> 20} "
-                                            f"MiB; piagent stopped reading")
+                raw = await read_at_most(response, MAX_UPSTREAM_BODY_BYTES)
+                if len(raw) > MAX_UPSTREAM_BODY_BYTES:
+                    raise UpstreamError(f"{self.label} sent a reply larger than {MAX_UPSTREAM_BODY_BYTES >> 20} "
+                                        f"MiB; piagent stopped reading")
         except httpx.HTTPError as exc:
             raise self.transport_error(exc, started=False) from None
         try:
@@ -2309,12 +2313,10 @@ class HttpTransport:
                         if "method" not in incoming:
                             return incoming
                     raise ConnectionError(f"{self.config.url} ended the stream without an answer")
-                body = bytearray()
-                async for chunk in reply.aiter_bytes():  # a body that never ends must not fill piagent's memory
-                    body += chunk
-                    if len(body) > MCP_MAX_LINE_BYTES:
-                        raise ConnectionError(f"{self.config.url} sent an answer over {MCP_MAX_LINE_BYTES >> 20} MiB")
-                return _http_answer(reply.status_code, bytes(body), self.config.name)
+                body = await read_at_most(reply, MCP_MAX_LINE_BYTES)  # a body that never ends must not fill memory
+                if len(body) > MCP_MAX_LINE_BYTES:
+                    raise ConnectionError(f"{self.config.url} sent an answer over {MCP_MAX_LINE_BYTES >> 20} MiB")
+                return _http_answer(reply.status_code, body, self.config.name)
         except httpx.HTTPError as exc:
             raise ConnectionError(f"cannot reach {self.config.url}: {exc or type(exc).__name__}") from None
 
