@@ -21,6 +21,7 @@ import base64
 import contextlib
 import difflib
 import errno
+import functools
 import hashlib
 import hmac
 import inspect
@@ -55,7 +56,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi import Path as FastAPIPath
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
@@ -2671,6 +2672,8 @@ class McpServer:
 
 #: The ASGI scope key where a request's log fields are gathered (by Guards, the routes and RequestLog).
 LOG_FIELDS_KEY = "piagent.log"
+#: The ASGI scope key where Guards leave a JSON body parsed, so that it is parsed once (read_body validates it).
+BODY_KEY = "piagent.body"
 #: Paths anyone may call without a key or a rate limit (liveness must work for systemd and monitors).
 OPEN_PATHS = frozenset({"/health", "/"})
 #: At most this many rate-limit buckets are kept; the least recently used go first.
@@ -2684,16 +2687,27 @@ AUTH_FAILURES_PER_MIN = 10
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
-def json_problem(body: bytes) -> str | None:
-    """What makes a JSON body unsafe (a lone surrogate, NaN or Infinity, deep nesting), naming where; else None."""
+def json_body(body: bytes) -> tuple[bool, Any]:
+    """(True, the value) of a JSON body, parsed once for every route (read_body); (False, None) when it is not JSON
+    at all (the route says what is wrong). InvalidRequest, naming where, for JSON piagent must not take: a lone
+    surrogate, NaN or Infinity, deep nesting, a whole number past what Python reads."""
     try:
         value = json.loads(body)
     except RecursionError:
-        return f"body: nested deeper than {MAX_JSON_DEPTH} levels"
+        raise InvalidRequest(f"body: nested deeper than {MAX_JSON_DEPTH} levels") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return None  # not JSON (or not UTF-8) at all: the route says what is wrong
-    except ValueError:  # JSON, but a whole number past what Python reads
-        return f"body: a number longer than {sys.get_int_max_str_digits()} digits; send shorter numbers"
+        return False, None
+    except ValueError:
+        raise InvalidRequest(f"body: a number longer than {sys.get_int_max_str_digits()} digits; send shorter "
+                             f"numbers") from None
+    problem = json_problem(value)
+    if problem is not None:
+        raise InvalidRequest(problem)
+    return True, value
+
+
+def json_problem(value: Any) -> str | None:
+    """What makes a JSON value unsafe (a lone surrogate, NaN or Infinity, deep nesting), naming where; else None."""
     # (where, value, depth); `where` is a tuple of keys, joined only for the message: this runs on every body
     stack: list[tuple[tuple, Any, int]] = [((), value, 0)]
     while stack:
@@ -2975,7 +2989,7 @@ class Guards:
             if self.hosts is not None and host_name(headers) not in self.hosts:
                 raise HostNotAllowed(f"this piagent answers only to {', '.join(sorted(self.hosts))}; to reach it by "
                                      f"another name, add that name to ALLOWED_HOSTS (or set API_KEYS)")
-            receive = await self._bounded_body(headers, receive)
+            receive = await self._bounded_body(scope, headers, receive)
             if scope["path"] not in self.open_paths and scope["method"] != "OPTIONS":
                 identity = self._authorize(headers, fields)
                 if scope["method"] != "GET":  # reads (and HEAD) are free: a page or app polling /ready spends no chat
@@ -2984,8 +2998,9 @@ class Guards:
             return await error_response(scope, exc)(scope, receive, send_with_headers)
         await self.app(scope, receive, send_with_headers)
 
-    async def _bounded_body(self, headers: Mapping[str, str], receive: Callable) -> Callable:
-        """Read the body (refusing it past MAX_BODY_BYTES before any parsing), and replay it to the app."""
+    async def _bounded_body(self, scope: dict, headers: Mapping[str, str], receive: Callable) -> Callable:
+        """Read the body (refusing it past MAX_BODY_BYTES before any parsing), parse it if it is JSON (into
+        scope[BODY_KEY]), and replay it to the app."""
         limit = self.config.max_body_bytes
         # Connection: close, or the server would go on reading (and discarding) the rest of a huge body
         too_large = BodyTooLarge(f"the request body is larger than {limit} bytes (MAX_BODY_BYTES)",
@@ -3007,9 +3022,10 @@ class Guards:
         except TimeoutError:
             raise BodyTimeout(f"the request body did not arrive within {self.config.header_timeout_s:g} s "
                               f"(HEADER_TIMEOUT_S): send it whole, at once", {"Connection": "close"}) from None
-        problem = json_problem(body) if body else None  # whatever the first byte (a space, a BOM): a route may parse it
-        if problem is not None:
-            raise InvalidRequest(problem)
+        if body:  # whatever the first byte (a space, a BOM): a route may parse it
+            is_json, value = json_body(body)
+            if is_json:
+                scope[BODY_KEY] = value
         first = [{"type": "http.request", "body": bytes(body), "more_body": False}]
 
         async def replay() -> dict:
@@ -4140,6 +4156,24 @@ def documented(errors: type[BaseModel], statuses: tuple[int, ...],
     return responses
 
 
+def body_doc(model: type[BaseModel]) -> dict[str, Any]:
+    """A route's `openapi_extra` naming `model` as its JSON body, which the route reads with read_body (FastAPI would
+    parse and validate a body parameter again); openapi_with_bodies puts the model among the components."""
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"content": {"application/json": {"schema": ref}}, "required": True}}
+
+
+def openapi_with_bodies(app: FastAPI, models: tuple[type[BaseModel], ...]) -> dict[str, Any]:
+    """FastAPI's OpenAPI document, with the `models` of body_doc among its components."""
+    if app.openapi_schema is None:
+        schemas = FastAPI.openapi(app)["components"]["schemas"]
+        for model in models:
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            for name, part in {**schema.pop("$defs", {}), model.__name__: schema}.items():
+                schemas.setdefault(name, part)
+    return app.openapi_schema
+
+
 #: Statuses any guarded route may answer with, besides its own.
 GUARD_STATUSES = (401, 413, 429)
 #: Statuses a generation may end with (see the README's error table).
@@ -4153,6 +4187,40 @@ def validation_problem(error: Mapping[str, Any]) -> str:
         return f"body is not JSON{at}: {error.get('ctx', {}).get('error', error['msg'])}"
     message = str(error.get("ctx", {}).get("error", error["msg"])) if error["type"] == "value_error" else error["msg"]
     return f"{'.'.join(str(p) for p in error['loc'][1:]) or 'body'}: {message}"
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+async def read_body(request: Request, model: type[M], any_type: bool = False) -> M:
+    """The body as `model`, validated from the JSON Guards parsed (a body is parsed once), with FastAPI's rules and
+    errors: JSON only with a JSON Content-Type. With `any_type`, JSON whatever the type, and the errors of pydantic's
+    JSON reader, as Ollama reads a body (its docs use curl -d)."""
+    kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    json_type = kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+    try:
+        if BODY_KEY in request.scope and (json_type or any_type):
+            try:
+                return model.model_validate(request.scope[BODY_KEY], from_attributes=not any_type)
+            except ValidationError:
+                if not any_type:
+                    raise
+                # pydantic's JSON reader words it, below
+        raw = await request.body()
+        if any_type:
+            return model.model_validate_json(raw or b"null")
+        if not raw:
+            raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required"}])
+        if json_type:
+            json.loads(raw)  # Guards found it is not JSON: this says where, or that it is not UTF-8
+        return model.model_validate(raw, from_attributes=True)  # not an object: the error says so
+    except json.JSONDecodeError as exc:
+        raise RequestValidationError([{"type": "json_invalid", "loc": ("body", exc.pos), "msg": "JSON decode error",
+                                       "ctx": {"error": exc.msg}}]) from None
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+    except UnicodeDecodeError:
+        raise InvalidRequest("body: There was an error parsing the body (send UTF-8 JSON)") from None
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -4227,6 +4295,7 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
     for add in (add_routes, add_openai_routes, add_ollama_routes, add_conversation_routes):
         add(app, rt)
     add_page_route(app, config)  # the one forward reference: the page is data, kept at the end of the file
+    app.openapi = functools.partial(openapi_with_bodies, app, (ChatRequest, OpenAIChatRequest))  # see body_doc
     # added innermost first: RequestLog wraps CORS, which wraps Guards (so preflights need no key)
     app.add_middleware(Guards, config=config, buckets=buckets, clock=clock)
     if config.cors_origins:
@@ -4283,9 +4352,10 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
     async def agents() -> dict[str, Any]:
         return {"agents": [a.name for a in config.agents], "models": {a.name: a.model for a in config.agents}}
 
-    @app.post("/chat", response_model=ChatResponse, responses=documented(
+    @app.post("/chat", response_model=ChatResponse, openapi_extra=body_doc(ChatRequest), responses=documented(
         ErrorBody, GENERATION_STATUSES, ("text/plain", "text/event-stream")))
-    async def chat(body: ChatRequest, request: Request) -> Generation:
+    async def chat(request: Request) -> Generation:
+        body = await read_body(request, ChatRequest)
         agent = find_agent(config, body.agent)
         check_length(config, body.message)
         x = Exchange(rt, agent, Ask([], None, body.message), defaults, body.conversation_id or uuid.uuid4().hex,
@@ -4339,9 +4409,10 @@ def add_openai_routes(app: FastAPI, rt: Runtime) -> None:
         return {"object": "list", "data": [{"id": a.name, "object": "model", "created": created,
                                             "owned_by": "piagent"} for a in config.agents]}
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=documented(
-        OpenAIErrorBody, GENERATION_STATUSES, ("text/event-stream",)))
-    async def completions(body: OpenAIChatRequest, request: Request) -> Generation:
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, openapi_extra=body_doc(OpenAIChatRequest),
+              responses=documented(OpenAIErrorBody, GENERATION_STATUSES, ("text/event-stream",)))
+    async def completions(request: Request) -> Generation:
+        body = await read_body(request, OpenAIChatRequest)
         agent = find_agent(config, body.model)
         max_tokens = body.max_completion_tokens or body.max_tokens or config.max_tokens
         if max_tokens >= config.ctx_tokens:
@@ -4429,17 +4500,6 @@ OLLAMA_DETAILS = {"parent_model": "", "format": "gguf", "family": "unknown", "fa
 OLLAMA_MANAGEMENT = (("/api/pull", ["POST"]), ("/api/push", ["POST"]), ("/api/create", ["POST"]),
                      ("/api/copy", ["POST"]), ("/api/delete", ["DELETE"]),
                      ("/api/blobs/{digest}", ["GET", "POST"]))  # GET: Guards answer a HEAD as a GET
-M = TypeVar("M", bound=BaseModel)
-
-
-async def ollama_body(request: Request, model: type[M]) -> M:
-    """The body as `model`: JSON whatever the Content-Type says, as Ollama reads it (its docs use curl -d)."""
-    try:
-        return model.model_validate_json(await request.body() or b"null")
-    except ValueError as exc:  # pydantic's ValidationError is one
-        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
-
-
 def ollama_agent(config: Config, model: str) -> Agent:
     """The agent an Ollama client names as `model` (`<agent>` or `<agent>:latest`), or Ollama's 404."""
     name, _, tag = model.partition(":")
@@ -4553,7 +4613,7 @@ def add_ollama_routes(app: FastAPI, rt: Runtime) -> None:
     @app.post("/api/chat", **hidden)
     async def ollama_chat(request: Request) -> Response:
         """A chat: the client's messages and tools after the agent's system prompt."""
-        body = await ollama_body(request, OllamaChatRequest)
+        body = await read_body(request, OllamaChatRequest, any_type=True)
         agent = ollama_agent(config, body.model)
         if not body.messages:
             return ollama_loaded(body, chat=True)
@@ -4564,7 +4624,7 @@ def add_ollama_routes(app: FastAPI, rt: Runtime) -> None:
     @app.post("/api/generate", **hidden)
     async def ollama_generate(request: Request) -> Response:
         """A prompt (and the client's `system`, after the agent's) answered by the agent."""
-        body = await ollama_body(request, OllamaGenerateRequest)
+        body = await read_body(request, OllamaGenerateRequest, any_type=True)
         agent = ollama_agent(config, body.model)
         if body.images:
             raise InvalidRequest("piagent's agents read text only: send no images")
@@ -4577,7 +4637,7 @@ def add_ollama_routes(app: FastAPI, rt: Runtime) -> None:
     @app.post("/api/embeddings", **hidden)
     async def ollama_embed(request: Request) -> dict[str, Any]:
         """Embeddings by the agent's model (or EMBED_MODEL); /api/embeddings is the older one, for one prompt."""
-        body, began = await ollama_body(request, OllamaEmbedRequest), time.perf_counter()
+        body, began = await read_body(request, OllamaEmbedRequest, any_type=True), time.perf_counter()
         agent, legacy = ollama_agent(config, body.model), request.url.path.endswith("/embeddings")
         texts = [body.input] if isinstance(body.input, str) else body.input
         texts = ([body.prompt] if body.prompt else []) if legacy else texts
@@ -4621,7 +4681,7 @@ def add_ollama_model_routes(app: FastAPI, rt: Runtime) -> None:
     @app.post("/api/show", **hidden)
     async def ollama_show(request: Request) -> dict[str, Any]:
         """An agent as a model: its model's details, model_info and template, with piagent's prompt and limits."""
-        body = await ollama_body(request, OllamaShowRequest)
+        body = await read_body(request, OllamaShowRequest, any_type=True)
         if not (body.model or body.name):
             raise InvalidRequest("model is required")
         agent = ollama_agent(config, body.model or body.name)
@@ -5449,9 +5509,34 @@ def uvicorn_options(config: Config) -> dict[str, Any]:
     }
 
 
+class OneWriteHead:
+    """A connection's transport that holds a response's head (status line and headers) until its first body bytes,
+    which then leave with it in one write: a stream's client wakes once for its first token, not twice. A head is
+    held to the end of the event loop's turn at most, and never past the connection's close."""
+
+    def __init__(self, transport: asyncio.Transport):
+        self.transport, self.head = transport, b""
+
+    def __getattr__(self, name: str) -> Any:  # everything else is the transport's own
+        return getattr(self.transport, name)
+
+    def write(self, data: bytes) -> None:
+        if not self.head and data.startswith(b"HTTP/"):
+            self.head = data
+            asyncio.get_running_loop().call_soon(self.write, b"")
+        else:
+            data, self.head = self.head + data, b""
+            self.transport.write(data)
+
+    def close(self) -> None:
+        self.write(b"")
+        self.transport.close()
+
+
 def guarded_http(config: Config) -> type:
     """uvicorn's HTTP/1.1 protocol, closing connections beyond MAX_CONNECTIONS (with a 503) and those that send no
-    whole request head within HEADER_TIMEOUT_S of opening or of their last response, so idle ones cannot pile up."""
+    whole request head within HEADER_TIMEOUT_S of opening or of their last response, so idle ones cannot pile up;
+    a response's head leaves with its first body bytes (OneWriteHead)."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     body = json.dumps(error_body("/", 503, "too_many_connections", "piagent has MAX_CONNECTIONS connections open; "
@@ -5464,6 +5549,7 @@ def guarded_http(config: Config) -> type:
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            self.transport = OneWriteHead(transport)  # type: ignore[assignment]
             if len(self.connections) > config.max_connections:
                 transport.write(refusal)
                 transport.close()

@@ -1178,6 +1178,24 @@ def test_stream_writes_each_token_before_the_next_exists(serve, fake):
         assert "".join(pieces) == " second"
 
 
+def data_segments_in(sock: socket.socket) -> int:
+    """How many segments with data this socket has received: Linux's tcp_info.tcpi_data_segs_in."""
+    return int.from_bytes(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 160)[152:156], sys.byteorder)
+
+
+def test_a_response_head_leaves_with_its_first_body_bytes(serve, fake):
+    # one write: a stream's client wakes once for its first token, not for the head and then again for the token
+    fake.script = Script(tokens=["first", " second"], hold_after=1)
+    server = serve()
+    with closing(raw_post(server.port, "/chat", {"message": "x", "stream": True})) as sock:
+        assert read_until(sock, b"first").startswith(b"HTTP/1.1 200 ") and data_segments_in(sock) == 1
+        fake.script.release.set()
+        assert read_until(sock, b"0\r\n\r\n").endswith(b" second\r\n0\r\n\r\n")
+    with closing(socket.create_connection(("127.0.0.1", server.port), timeout=DEADLINE_S)) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert read_until(sock, b'{"status":"ok"}').startswith(b"HTTP/1.1 200 ") and data_segments_in(sock) == 1
+
+
 @pytest.mark.parametrize("provider", ["ollama", "openai"])
 def test_the_upstream_connection_is_reused_across_requests(serve_local, serve_openai_local, fake, provider):
     server = serve_local() if provider == "ollama" else serve_openai_local()
@@ -1294,6 +1312,20 @@ def test_invalid_body_is_422_in_the_error_shape(serve_local, fake, body):
 def test_malformed_or_non_utf8_body_is_422_in_the_error_shape(serve_local, raw):
     response = serve_local().post("/chat", content=raw, headers={"Content-Type": "application/json"})
     assert response.status_code == 422 and error_of(response)["code"] == "invalid_request"
+
+
+def test_the_openapi_document_names_each_json_body_and_every_reference_resolves():
+    # /chat and /v1 read their bodies themselves (parsed once, by the guards): the document must still show them
+    schema = create_app(load_config({}, None)).openapi()
+    components = schema["components"]["schemas"]
+    bodies = {path: ops["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+              for path, ops in schema["paths"].items() if "requestBody" in ops.get("post", {})}
+    assert bodies == {"/chat": "#/components/schemas/ChatRequest",
+                      "/v1/chat/completions": "#/components/schemas/OpenAIChatRequest"}
+    assert {"message", "agent", "conversation_id", "stream"} <= set(components["ChatRequest"]["properties"])
+    assert components["OpenAIChatRequest"]["required"] == ["model", "messages"]
+    refs = set(re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', json.dumps(schema)))
+    assert {"ChatRequest", "OpenAIMessage", "ClientTool"} <= refs <= set(components)
 
 
 def test_unknown_route_and_wrong_method_use_the_error_shape_and_say_what_to_do(serve_local):
