@@ -4196,8 +4196,8 @@ async def read_body(request: Request, model: type[M], any_type: bool = False) ->
     """The body as `model`, validated from the JSON Guards parsed (a body is parsed once), with FastAPI's rules and
     errors: JSON only with a JSON Content-Type. With `any_type`, JSON whatever the type, and the errors of pydantic's
     JSON reader, as Ollama reads a body (its docs use curl -d)."""
-    kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-    json_type = kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+    main, _, sub = request.headers.get("content-type", "").partition(";")[0].strip().lower().partition("/")
+    json_type = main == "application" and "/" not in sub and (sub == "json" or sub.endswith("+json"))
     try:
         if BODY_KEY in request.scope and (json_type or any_type):
             try:
@@ -4205,8 +4205,9 @@ async def read_body(request: Request, model: type[M], any_type: bool = False) ->
             except ValidationError:
                 if not any_type:
                     raise
-                # pydantic's JSON reader words it, below
-        raw = await request.body()
+            raw = json.dumps(request.scope[BODY_KEY]).encode()  # as UTF-8, for pydantic's JSON reader to word it
+        else:
+            raw = await request.body()
         if any_type:
             return model.model_validate_json(raw or b"null")
         if not raw:

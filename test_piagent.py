@@ -1328,6 +1328,30 @@ def test_the_openapi_document_names_each_json_body_and_every_reference_resolves(
     assert {"ChatRequest", "OpenAIMessage", "ClientTool"} <= refs <= set(components)
 
 
+@pytest.mark.parametrize("content_type,read", [("application/json", True), ("Application/JSON; charset=utf-8", True),
+                                               ("application/vnd.api+json", True), ("application/x/y+json", False),
+                                               ("application/json, application/ld+json", False), ("text/json", False)])
+def test_a_body_is_read_as_json_for_a_json_content_type_only_and_once(serve_local, fake, content_type, read):
+    # the guards parse the body once; the routes then read it as FastAPI would have: JSON for one JSON media type
+    server = serve_local()
+    for path, body in (("/chat", {"message": "hi"}), ("/v1/chat/completions", {
+            "model": "general", "messages": [{"role": "user", "content": "hi"}]})):
+        response = server.post(path, content=json.dumps(body).encode(), headers={"Content-Type": content_type})
+        assert response.status_code == (200 if read else 422), (path, response.text)
+        if not read:
+            assert response.json()["error"]["message"].startswith("body: Input should be a valid dictionary")
+    assert len(fake.generations()) == (2 if read else 0)
+
+
+def test_the_ollama_door_reads_json_whatever_its_encoding_and_names_a_wrong_field(serve_local, fake):
+    server = serve_local()
+    for encoded in (lambda text: text.encode("utf-16"), lambda text: b"\xef\xbb\xbf" + text.encode()):
+        wrong = server.post("/api/show", content=encoded(json.dumps({"model": 5})))
+        assert (wrong.status_code, wrong.json()) == (400, {"error": "model: Input should be a valid string"})
+        assert server.post("/api/show", content=encoded(json.dumps({"model": "general"}))).status_code == 200
+    assert fake.generations() == []
+
+
 def test_unknown_route_and_wrong_method_use_the_error_shape_and_say_what_to_do(serve_local):
     server = serve_local()
     missing = error_of(server.get("/nope"))
