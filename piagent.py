@@ -21,7 +21,6 @@ import base64
 import contextlib
 import difflib
 import errno
-import functools
 import hashlib
 import hmac
 import inspect
@@ -4296,7 +4295,7 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
     for add in (add_routes, add_openai_routes, add_ollama_routes, add_conversation_routes):
         add(app, rt)
     add_page_route(app, config)  # the one forward reference: the page is data, kept at the end of the file
-    app.openapi = functools.partial(openapi_with_bodies, app, (ChatRequest, OpenAIChatRequest))  # see body_doc
+    app.openapi = lambda: openapi_with_bodies(app, (ChatRequest, OpenAIChatRequest))  # the bodies of body_doc
     # added innermost first: RequestLog wraps CORS, which wraps Guards (so preflights need no key)
     app.add_middleware(Guards, config=config, buckets=buckets, clock=clock)
     if config.cors_origins:
@@ -5522,12 +5521,13 @@ class OneWriteHead:
         return getattr(self.transport, name)
 
     def write(self, data: bytes) -> None:
-        if not self.head and data.startswith(b"HTTP/"):
+        if self.head:  # a held head goes with these bytes; other writes pass untouched (each token is one)
+            data, self.head = self.head + data, b""
+        elif data.startswith(b"HTTP/"):
             self.head = data
             asyncio.get_running_loop().call_soon(self.write, b"")
-        else:
-            data, self.head = self.head + data, b""
-            self.transport.write(data)
+            return
+        self.transport.write(data)
 
     def close(self) -> None:
         self.write(b"")

@@ -1331,8 +1331,8 @@ def test_the_openapi_document_names_each_json_body_and_every_reference_resolves(
 @pytest.mark.parametrize("content_type,read", [("application/json", True), ("Application/JSON; charset=utf-8", True),
                                                ("application/vnd.api+json", True), ("application/x/y+json", False),
                                                ("application/json, application/ld+json", False), ("text/json", False)])
-def test_a_body_is_read_as_json_for_a_json_content_type_only_and_once(serve_local, fake, content_type, read):
-    # the guards parse the body once; the routes then read it as FastAPI would have: JSON for one JSON media type
+def test_a_body_is_read_as_json_for_one_json_media_type_only(serve_local, fake, content_type, read):
+    # the guards parse the body; the routes then read it as FastAPI would have: JSON for one JSON media type
     server = serve_local()
     for path, body in (("/chat", {"message": "hi"}), ("/v1/chat/completions", {
             "model": "general", "messages": [{"role": "user", "content": "hi"}]})):
