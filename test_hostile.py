@@ -522,6 +522,22 @@ def test_an_upstream_error_page_is_read_only_so_far(hserve, fake):
     assert_whole(server, fake, "paged", None)
 
 
+def test_an_upstreams_cookies_are_not_kept_nor_sent_back(hserve, fake):
+    """An upstream is an API, not a browser session: a cookie one reply sets is not sent with the next request
+    (httpx's cookie jar read every reply's headers, a part of each reply's time to first token)."""
+    done = {"model": MODEL, "created_at": "2026-11-25T00:00:00Z", "message": {"role": "assistant", "content": "hi"},
+            "done": True, "done_reason": "stop"}
+    transport = CannedTransport({"/api/chat": [lambda request: httpx.Response(
+        200, headers={"Content-Type": "application/x-ndjson", "Set-Cookie": "session=s3cret; Path=/"},
+        content=json.dumps(done).encode() + b"\n")]})
+    server = hserve(transport=transport)
+    first = chat(server, message="hi", conversation_id="cookie")
+    assert first.status_code == 200 and first.json()["reply"] == "hi" and transport.answers["/api/chat"] == []
+    assert_whole(server, fake, "cookie", [("hi", "hi")])
+    (sent,) = fake.generations()
+    assert "cookie" not in sent.headers, sent.headers
+
+
 @pytest.mark.parametrize("retry_after", ["\u20ac", "999999999999", "Wed, 21 Oct 2026 07:28:00 GMT"])
 def test_an_upstream_retry_after_is_passed_on_only_as_plain_seconds(hserve, fake, retry_after):
     # a non-latin-1 one was a 500 (the header could not be written); a date or a huge number is no use to a client
