@@ -2694,6 +2694,9 @@ LOG_FIELDS_KEY = "piagent.log"
 BODY_KEY = "piagent.body"
 #: Paths anyone may call without a key or a rate limit (liveness must work for systemd and monitors).
 OPEN_PATHS = frozenset({"/health", "/"})
+#: Requests that only read, though not GET: free of the rate limit as GETs are (Ollama's clients show a model
+#: before they chat with it).
+READ_POSTS = frozenset({"/api/show"})
 #: At most this many rate-limit buckets are kept; the least recently used go first.
 MAX_RATE_BUCKETS = 10_000
 #: What a client may send as X-Request-Id; anything else gets a fresh id.
@@ -3010,8 +3013,8 @@ class Guards:
             receive = await self._bounded_body(scope, headers, receive)
             if scope["path"] not in self.open_paths and scope["method"] != "OPTIONS":
                 identity = self._authorize(headers, fields)
-                if scope["method"] != "GET":  # reads (and HEAD) are free: a page or app polling /ready spends no chat
-                    extra_headers.extend(self._limit(identity))
+                if scope["method"] != "GET" and scope["path"] not in READ_POSTS:  # reads (and HEAD) are free: a
+                    extra_headers.extend(self._limit(identity))  # page or app polling /ready spends no chat
         except PiagentError as exc:
             return await error_response(scope, exc)(scope, receive, send_with_headers)
         await self.app(scope, receive, send_with_headers)

@@ -105,6 +105,18 @@ def test_show_gives_details_model_info_capabilities_and_the_agents_prompt(serve,
     assert info.value.status_code == 404 and info.value.error == "model 'nope' not found"
 
 
+def test_show_is_a_read_free_of_the_rate_limit_as_the_model_list_is(serve, upstream):
+    """Ollama's clients show a model before they chat with it: with 2 chats a minute, 2 chats still go through."""
+    server = serve(RATE_LIMIT_PER_MIN=2)
+    for _ in range(3):
+        assert client(server).show("general").capabilities == ["completion", "tools"]
+        assert client(server).list().models
+    assert [client(server).chat("general", [{"role": "user", "content": "hi"}]).done for _ in range(2)] == [True] * 2
+    with pytest.raises(ollama.ResponseError) as info:
+        client(server).chat("general", [{"role": "user", "content": "hi"}])
+    assert info.value.status_code == 429
+
+
 def test_show_without_an_ollama_upstream_still_has_model_info(serve_openai):  # noqa: F811
     shown = client(serve_openai(AGENT_GENERAL_TOOLS="calc")).show("general:latest")
     assert shown.modelinfo == {} and shown.capabilities == ["completion", "tools"]
