@@ -121,6 +121,13 @@ class FakeOllama:
             self.port = self._server.sockets[0].getsockname()[1]
             ready.set()
             self._loop.run_forever()
+            # stop() cancelled the connections: let them end (bounded), then close the loop, which would otherwise
+            # warn (ResourceWarning) whenever the garbage collector meets it, in whatever test runs then
+            tasks = asyncio.all_tasks(self._loop)
+            if tasks:
+                self._loop.run_until_complete(asyncio.wait(tasks, timeout=5))
+            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+            self._loop.close()
 
         self._thread = threading.Thread(target=run, name="fake-ollama", daemon=True)
         self._thread.start()
