@@ -2694,8 +2694,8 @@ LOG_FIELDS_KEY = "piagent.log"
 BODY_KEY = "piagent.body"
 #: Paths anyone may call without a key or a rate limit (liveness must work for systemd and monitors).
 OPEN_PATHS = frozenset({"/health", "/"})
-#: Requests that only read, though not GET: free of the rate limit as GETs are (Ollama's clients show a model
-#: before they chat with it).
+#: Requests that only read, though not GET: free of the rate limit as GETs are (Ollama's "show model", which its
+#: apps call to describe a model).
 READ_POSTS = frozenset({"/api/show"})
 #: At most this many rate-limit buckets are kept; the least recently used go first.
 MAX_RATE_BUCKETS = 10_000
