@@ -5344,6 +5344,10 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         for ok, what, fix in results:
             print(f"✓ {what}" if ok else f"✗ {what} — {fix}")
         return 0 if all(ok for ok, _, _ in results) else 1
+    _, what, fix, busy = _port_free(config.host, config.port)
+    if busy:  # exit 2, as systemd would restart piagent every 3 s, each start seconds of a Pi's CPU, to no end
+        print(f"piagent: {what}: {fix}", file=sys.stderr)
+        return 2
     try:
         asyncio.run(check_memory(config))
     except StoreError as exc:
@@ -5476,7 +5480,7 @@ async def run_checks(config: Config, env_file: Path | None) -> list[tuple[bool, 
         results.append((True, f"memory: {_memory_description(config)} opens", ""))
     except StoreError as exc:
         results.append((False, f"memory: {_memory_description(config)}", str(exc)))
-    results.append(_port_free(config.host, config.port))
+    results.append(_port_free(config.host, config.port)[:3])
     return results + await check_mcp_servers(config)
 
 
@@ -5500,7 +5504,8 @@ async def check_mcp_servers(config: Config) -> list[tuple[bool, str, str]]:
     return results
 
 
-def _port_free(host: str, port: int) -> tuple[bool, str, str]:
+def _port_free(host: str, port: int) -> tuple[bool, str, str, bool]:
+    """(ok, what was checked, how to fix it, whether another process listens there) for HOST and PORT."""
     import socket
 
     what = f"port {port} on {host}"
@@ -5512,8 +5517,8 @@ def _port_free(host: str, port: int) -> tuple[bool, str, str]:
         busy = exc.errno == errno.EADDRINUSE
         fix = ("is piagent already running (systemctl status piagent)? Or choose another PORT" if busy else
                f"is HOST={host} an address of this machine? (127.0.0.1: this machine only; 0.0.0.0: the LAN too)")
-        return False, what, f"cannot listen there ({exc.strerror}); {fix}"
-    return True, f"{what} is free", ""
+        return False, what, f"cannot listen there ({exc.strerror}); {fix}", busy
+    return True, f"{what} is free", "", False
 
 
 def _memory_description(config: Config) -> str:

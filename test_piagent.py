@@ -466,6 +466,21 @@ def test_start_up_with_bad_config_exits_2_with_one_line_and_no_traceback(env):
     assert result.stderr.startswith("piagent: ")
 
 
+def test_a_port_another_program_listens_on_stops_start_up_with_one_line_and_exit_2():
+    """uvicorn's own bind failure exited 3, which the unit restarted every 3 s for as long as the port stayed taken
+    (each start seconds of a Pi's CPU, beside its model). Now piagent says it once, with the fix, and exits 2,
+    which the unit does not restart."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = start_up(env={"HOST": "127.0.0.1", "PORT": str(port)})
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr == (f"piagent: port {port} on 127.0.0.1: cannot listen there (Address already in use); is "
+                             "piagent already running (systemctl status piagent)? Or choose another PORT\n")
+    assert re.search(r"^RestartPreventExitStatus=2$", (HERE / "piagent.service").read_text(), re.M)
+
+
 @pytest.mark.parametrize("data, told", [
     ("PORT=8000\nAGENT_GENERAL_SYSTEM=Réponds en français\n".encode("latin-1"), "line 2: not UTF-8 text; save"),
     ("MAX_TOKENS=100\n".encode("utf-16"), "starts with a byte-order mark"),
