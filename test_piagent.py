@@ -15,6 +15,7 @@ import gc
 import importlib
 import importlib.util
 import io
+import itertools
 import json
 import logging
 import math
@@ -905,7 +906,10 @@ def test_every_backend_stores_completed_partial_and_no_failed_turns(serve, fake,
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_conversation_api_reads_lists_and_forgets(serve_local, fake, memory_env, backend):
-    server = serve_local(AGENTS="general,coder", **memory_env(backend))
+    # a clock that only moves forward, a millisecond a reading: the newest-first order below then holds whatever
+    # the machine's wall clock does between two chats (a step back, or two readings alike on a coarse clock)
+    readings = itertools.count(time.time(), 0.001)
+    server = serve_local(clock=lambda: next(readings), AGENTS="general,coder", **memory_env(backend))
     chat(server, message="one", conversation_id="first")
     chat(server, message="two", conversation_id="second", agent="coder")
     body = server.get("/conversations/first").json()
