@@ -1219,15 +1219,31 @@ class NoCookies(httpx.Cookies):
         pass
 
 
+class CompressedReply(httpx.DecodingError):
+    """A reply with a compressed body, which piagent asked not to get: it is closed unread."""
+
+
 class UpstreamClient(httpx.AsyncClient):
-    """The providers' HTTP client. It keeps no cookies: an upstream is an API, and httpx reads every reply's headers
+    """The HTTP client for every upstream (providers, MCP servers). It asks for replies uncompressed and refuses any
+    other unread (CompressedReply): httpx would unpack one with no limit, a whole network read at a time, and 200 KB
+    of gzip is 200 MiB of text. It keeps no cookies: an upstream is an API, and httpx reads every reply's headers
     into its cookie jar (~16 us of each reply's time to first token on a PC) with no setting to stop it."""
 
     def __init__(self, **options: Any):
         self.jar = NoCookies()
         super().__init__(**options)
+        self.headers["Accept-Encoding"] = "identity"
 
     cookies = property(lambda self: self.jar, lambda self, value: None)  # httpx's own jar is never set
+
+    async def send(self, request: httpx.Request, **options: Any) -> httpx.Response:
+        response = await super().send(request, **options)
+        encoding = response.headers.get("content-encoding", "")
+        if encoding.strip().lower() not in ("", "identity"):
+            await response.aclose()
+            raise CompressedReply(f"a compressed reply (Content-Encoding: {encoding[:40]!r}), though piagent asks for "
+                                  f"none and does not unpack one", request=request)
+        return response
 
 
 class HTTPProvider:
@@ -1316,6 +1332,8 @@ class HTTPProvider:
                 return UpstreamError(f"{self.label} at {url} stopped sending for {wait:g} s mid-reply")
             return UpstreamTimeout(f"{self.label} at {url} sent nothing for {wait:g} s (UPSTREAM_TIMEOUT_S); "
                                    f"is the model too big for this machine?")
+        if isinstance(exc, CompressedReply):
+            return UpstreamError(f"{self.label} at {url} sent {exc}; is a proxy between them compressing it?")
         return UpstreamError(f"connection to {self.label} at {url} failed: {exc.__class__.__name__}")
 
     async def post_json(self, path: str, body: dict[str, Any], model: str) -> dict[str, Any]:
@@ -2282,6 +2300,12 @@ class StdioTransport:
             os.killpg(self.process.pid, sig)
 
 
+def http_failure(url: str, exc: httpx.HTTPError) -> ConnectionError:
+    """Why a request to an MCP server failed: it could not be reached, or its reply was refused unread."""
+    return ConnectionError(f"{url} sent {exc}" if isinstance(exc, CompressedReply) else
+                           f"cannot reach {url}: {exc or type(exc).__name__}")
+
+
 class HttpTransport:
     """A Streamable HTTP server: one POST per message, answered with JSON or an SSE stream (ref §5, §10)."""
 
@@ -2289,7 +2313,7 @@ class HttpTransport:
                  transport: httpx.AsyncBaseTransport | None = None):
         self.config, self.deliver = config, deliver
         # no read timeout: the list-change stream is quiet for hours; each request has the session's own timeout
-        self.client = httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(config.timeout_s, read=None))
+        self.client = UpstreamClient(transport=transport, timeout=httpx.Timeout(config.timeout_s, read=None))
         self.session_id: str | None = None
         self.version: str | None = None
         self.listen_message: dict[str, Any] | None = None
@@ -2337,7 +2361,7 @@ class HttpTransport:
                     raise ConnectionError(f"{self.config.url} sent an answer over {MCP_MAX_LINE_BYTES >> 20} MiB")
                 return _http_answer(reply.status_code, body, self.config.name)
         except httpx.HTTPError as exc:
-            raise ConnectionError(f"cannot reach {self.config.url}: {exc or type(exc).__name__}") from None
+            raise http_failure(self.config.url, exc) from None
 
     async def notify(self, message: dict[str, Any]) -> None:
         """POST a notification (or an answer to a server's request) within timeout_s; the server owes only 202, and
@@ -2347,7 +2371,7 @@ class HttpTransport:
                                           timeout=self.config.timeout_s):
                 pass
         except httpx.HTTPError as exc:
-            raise ConnectionError(f"cannot reach {self.config.url}: {exc or type(exc).__name__}") from None
+            raise http_failure(self.config.url, exc) from None
 
     async def _lines(self, reply: httpx.Response) -> AsyncIterator[str]:
         """An SSE body's lines (\n or \r\n); one that never ends past MCP_MAX_LINE_BYTES ends the stream."""
@@ -5418,7 +5442,7 @@ def serve(config: Config, env_file: Path | None) -> None:
 async def unreachable(config: Config) -> str | None:
     """Why the upstream cannot be reached (with both fixes), or None when it answers (whatever it says)."""
     timeout = httpx.Timeout(PROBE_TIMEOUT_S, connect=config.upstream_connect_timeout_s)
-    async with httpx.AsyncClient(timeout=timeout) as c:
+    async with UpstreamClient(timeout=timeout) as c:
         try:
             await PROVIDERS[config.provider](c, config).probe()
         except UpstreamFailure as exc:
@@ -5463,7 +5487,7 @@ async def run_checks(config: Config, env_file: Path | None) -> list[tuple[bool, 
     if config.unread:
         results = [(False, f"env file {env_file}: piagent does not read {', '.join(config.unread)}",
                     "fix the name, or remove the line")]
-    async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S) as client:
+    async with UpstreamClient(timeout=PROBE_TIMEOUT_S) as client:
         provider = PROVIDERS[config.provider](client, config)
         try:
             description, available = await provider.probe()

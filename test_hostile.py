@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gzip
 import json
 import os
 import re
@@ -536,6 +537,31 @@ def test_an_upstreams_cookies_are_not_kept_nor_sent_back(hserve, fake):
     assert_whole(server, fake, "cookie", [("hi", "hi")])
     (sent,) = fake.generations()
     assert "cookie" not in sent.headers, sent.headers
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_compressed_upstream_reply_is_refused_unread(hserve, fake, stream):
+    """httpx unpacked a gzip reply with no limit, a whole network read at a time: 200 KB of it (200 MiB of newlines)
+    took piagent to 4.8 GiB and stalled /health for a minute. piagent asks every upstream for replies uncompressed,
+    and a compressed one, however small and well-formed, is closed unread: a 502 naming Content-Encoding."""
+    done = {"model": MODEL, "created_at": "2026-11-25T00:00:00Z", "message": {"role": "assistant", "content": "hi"},
+            "done": True, "done_reason": "stop"}
+    asked = []
+
+    def gzipped(request: httpx.Request) -> httpx.Response:
+        asked.append(request.headers.get("accept-encoding"))
+        return httpx.Response(200, headers={"Content-Type": "application/x-ndjson", "Content-Encoding": "gzip"},
+                              content=gzip.compress(json.dumps(done).encode() + b"\n"))
+
+    transport = CannedTransport({"/api/chat": [gzipped]})
+    server = hserve(transport=transport)
+    refused = chat(server, message="hi", conversation_id="gz", stream=stream)
+    assert asked == ["identity"] and transport.answers["/api/chat"] == []
+    # streamed or not, it failed before the first token: the reply's status says so
+    assert refused.status_code == 502 and error_of(refused)["code"] == "upstream_error", refused.text
+    assert "sent a compressed reply (Content-Encoding: 'gzip')" in error_of(refused)["message"], refused.text
+    assert_whole(server, fake, "gz", None)
+    assert fake.generations()[-1].headers["accept-encoding"] == "identity"
 
 
 @pytest.mark.parametrize("retry_after", ["\u20ac", "999999999999", "Wed, 21 Oct 2026 07:28:00 GMT"])

@@ -353,6 +353,29 @@ def test_an_http_answer_that_never_ends_is_cut_at_the_line_cap_not_read_into_mem
         proc.wait()
 
 
+def test_a_compressed_http_answer_is_refused_unread():
+    """As from a model server (test_hostile.py): httpx would unpack a gzip answer with no limit, a whole network read
+    at a time, and a small one can hold gigabytes. piagent asks for none, and a call answered so fails, unread."""
+    port = free_port()
+    proc = subprocess.Popen([PY, str(BAD_HTTP), str(port), "gzip-answer"], stdin=subprocess.DEVNULL)
+
+    async def scenario():
+        server = McpServer(McpServerConfig("bad", url=f"http://127.0.0.1:{port}/mcp", timeout_s=20))
+        await server.start()
+        try:
+            assert await server.ready(20), server.status()
+            with pytest.raises(ToolError, match=r"sent a compressed reply \(Content-Encoding: 'gzip'\)"):
+                await server.call("x", {})
+        finally:
+            await server.stop()
+    try:
+        wait_until(lambda: listening(port), what="bad_http.py to listen")
+        run(scenario())
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_an_http_server_that_never_takes_the_initialized_notification_fails_its_start_in_time():
     port = free_port()
     proc = subprocess.Popen([PY, str(BAD_HTTP), str(port), "mute-notify"], stdin=subprocess.DEVNULL)

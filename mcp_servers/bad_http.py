@@ -8,10 +8,13 @@ MODE says how it misbehaves:
     endless-line     tools/call is answered as an SSE stream whose first line goes on with no newline (64 MiB)
     endless-event    tools/call is answered as an SSE stream of data lines with no blank line (64 MiB)
     mute-notify      the POST of notifications/initialized is never answered (60 s at most)
+    gzip-answer      tools/call is answered with a gzip-compressed JSON body (Content-Encoding: gzip), whatever the
+                     request's Accept-Encoding said
 Each caps what it sends and how long it waits, so a test can never hang on it.
 """
 
 import asyncio
+import gzip
 import json
 import sys
 
@@ -40,6 +43,13 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, mod
             for _ in range(LIMIT // len(CHUNK)):
                 writer.write(b"data: " + CHUNK + b"\n" if mode == "endless-event" else CHUNK)
                 await writer.drain()
+            return
+        if method == "tools/call" and mode == "gzip-answer":
+            result = {"content": [{"type": "text", "text": "unpacked"}]}
+            body = gzip.compress(json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": result}).encode())
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+                         b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            await writer.drain()
             return
         params = message.get("params") or {}
         result = {"server/discover": None,
