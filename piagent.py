@@ -141,6 +141,7 @@ class BodyTimeout(PiagentError): status, code = 408, "request_timeout"  # noqa: 
 class Unauthorized(PiagentError): status, code = 401, "unauthorized"  # noqa: E701
 class RateLimited(PiagentError): status, code = 429, "rate_limited"  # noqa: E701
 class HostNotAllowed(PiagentError): status, code = 400, "host_not_allowed"  # noqa: E701
+class OriginNotAllowed(PiagentError): status, code = 403, "origin_not_allowed"  # noqa: E701
 class QueueFull(PiagentError): status, code = 503, "queue_full"  # noqa: E701
 class ShuttingDown(PiagentError): status, code = 503, "shutting_down"  # noqa: E701
 class MemoryUnavailable(PiagentError): status, code = 503, "memory_unavailable"  # noqa: E701
@@ -2732,6 +2733,12 @@ AUTH_FAILURES_PER_MIN = 10
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
+def json_media_type(content_type: str) -> bool:
+    """Whether a Content-Type declares JSON: application/json or application/*+json, any case, any parameters."""
+    main, _, sub = content_type.partition(";")[0].strip().lower().partition("/")
+    return main == "application" and "/" not in sub and (sub == "json" or sub.endswith("+json"))
+
+
 def json_body(body: bytes) -> tuple[bool, Any]:
     """(True, the value) of a JSON body, parsed once for every route (read_body); (False, None) when it is not JSON
     at all (the route says what is wrong). InvalidRequest, naming where, for JSON piagent must not take: a lone
@@ -3034,6 +3041,10 @@ class Guards:
             if self.hosts is not None and host_name(headers) not in self.hosts:
                 raise HostNotAllowed(f"this piagent answers only to {', '.join(sorted(self.hosts))}; to reach it by "
                                      f"another name, add that name to ALLOWED_HOSTS (or set API_KEYS)")
+            if scope["method"] == "POST" and (origin := self._unasked_cross_site(headers)) is not None:
+                raise OriginNotAllowed(f"a page at {origin[:100]!r} sent this from another site, and its browser asked "
+                                       f"nobody first (the body is not declared JSON); if that page may use piagent, "
+                                       f"add its origin to CORS_ORIGINS")
             receive = await self._bounded_body(scope, headers, receive)
             if scope["path"] not in self.open_paths and scope["method"] != "OPTIONS":
                 identity = self._authorize(headers, fields)
@@ -3042,6 +3053,17 @@ class Guards:
         except PiagentError as exc:
             return await error_response(scope, exc)(scope, receive, send_with_headers)
         await self.app(scope, receive, send_with_headers)
+
+    def _unasked_cross_site(self, headers: Mapping[str, str]) -> str | None:
+        """The Origin of a POST that another site's page (not in CORS_ORIGINS) made a browser send without asking
+        first (a CORS preflight), else None. A browser sends any page's form or text/plain POST so: JSON is read
+        from such bodies by the Ollama door (Ollama's docs use curl -d), and without keys any web page could have
+        made piagent generate. A request with a JSON Content-Type from elsewhere was asked about (and only
+        CORS_ORIGINS are answered); clients that are not browsers send no Origin."""
+        origin = headers.get("origin")
+        if origin is None or json_media_type(headers.get("content-type", "")) or origin in self.config.cors_origins:
+            return None
+        return None if origin.partition("://")[2].lower() == headers.get("host", "").lower() else origin
 
     async def _bounded_body(self, scope: dict, headers: Mapping[str, str], receive: Callable) -> Callable:
         """Read the body (refusing it past MAX_BODY_BYTES before any parsing), parse it if it is JSON (into
@@ -4241,8 +4263,7 @@ async def read_body(request: Request, model: type[M], any_type: bool = False) ->
     """The body as `model`, validated from the JSON Guards parsed (a body is parsed once), with FastAPI's rules and
     errors: JSON only with a JSON Content-Type. With `any_type`, JSON whatever the type, and the errors of pydantic's
     JSON reader, as Ollama reads a body (its docs use curl -d)."""
-    main, _, sub = request.headers.get("content-type", "").partition(";")[0].strip().lower().partition("/")
-    json_type = main == "application" and "/" not in sub and (sub == "json" or sub.endswith("+json"))
+    json_type = json_media_type(request.headers.get("content-type", ""))
     try:
         if BODY_KEY in request.scope and (json_type or any_type):
             try:

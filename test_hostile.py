@@ -1115,6 +1115,39 @@ def test_allowed_hosts_widens_the_loopback_names(hserve):
     assert httpx.get(f"{server.url}/agents", headers={"Host": "evil.example"}, timeout=DEADLINE).status_code == 400
 
 
+EVIL_PAGE = {"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"}
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/api/chat", {"model": "general", "messages": [{"role": "user", "content": "hi"}], "stream": False}),
+    ("/api/generate", {"model": "general", "prompt": "hi", "stream": False}),
+    ("/chat", {"message": "hi", "conversation_id": "page"}),
+])
+def test_another_sites_page_cannot_make_a_keyless_piagent_generate(hserve, fake, path, body):
+    """A page elsewhere made its visitor's browser POST text/plain JSON to 127.0.0.1: a browser sends such a request
+    without asking (no CORS preflight), the Host is a loopback name, and the Ollama door reads JSON whatever the
+    type (as Ollama does: its docs use curl -d). So any web page could keep the Pi's model busy and fill the queue.
+    Now a POST from another site's page whose body is not declared JSON is refused unless CORS_ORIGINS has it."""
+    server = hserve(MAX_QUEUE=2)
+    text = json.dumps(body).encode()
+    for kind in ("text/plain;charset=UTF-8", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+        refused = post(server, path, raw=text, headers={**EVIL_PAGE, "Content-Type": kind})
+        assert refused.status_code == 403, (kind, refused.status_code, refused.text)
+        message = refused.json()["error"] if path.startswith("/api/") else error_of(refused)["message"]
+        assert "'https://evil.example'" in message and "CORS_ORIGINS" in message, message
+    assert fake.generations() == []
+    assert_idle(server)
+    served = {"Content-Type": "text/plain"}
+    if path.startswith("/api/"):  # the same body from a client that is no browser's page (curl -d), or this page
+        for headers in (served, {**served, "Origin": f"http://127.0.0.1:{server.port}"}):
+            assert post(server, path, raw=text, headers=headers).status_code == 200, headers
+    # declared JSON, a browser would have asked first (a preflight only CORS_ORIGINS are answered): not refused here
+    assert post(server, path, body, headers=EVIL_PAGE).status_code == 200
+    allowed = hserve(CORS_ORIGINS="https://evil.example")
+    assert post(allowed, path, raw=text, headers={**EVIL_PAGE, **served}).status_code != 403
+    assert stored(server, "page") == ([("hi", REPLY)] if path == "/chat" else None)
+
+
 GARBAGE_FORWARDED = ["not-an-ip", '1.2.3.4" key="forged', "999.1.1.1", "a" * 2000, "1.2.3.4 5.6.7.8",
                      "1.2.3.4\tinjected=1", "<script>"]
 

@@ -14,8 +14,12 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import pytest
@@ -509,6 +513,55 @@ def test_ui_off_serves_no_page_only_ollamas_probe(fake):
     with LiveServer(create_app(config)) as server:
         response = httpx.get(server.url + "/", headers={"Accept": "text/html"})
     assert response.headers["content-type"].startswith("text/plain") and response.text == "Ollama is running"
+
+
+@contextmanager
+def site_of(html: str) -> Iterator[str]:
+    """Another site: `html` served at / from another loopback port (so another origin); yields its URL."""
+    body = html.encode()
+
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(DEADLINE_S)
+
+
+def test_another_sites_page_cannot_make_piagent_generate(browser, fake):
+    """test_hostile.py's cross-site attack in a real browser: a page on another origin posts JSON to piagent's Ollama
+    door with fetch's defaults (text/plain, no-cors), which a browser sends without asking first. It reaches
+    piagent, and is refused before the model: before, it was a generation."""
+    config = load_config({"OLLAMA_HOST": fake.url, "WARMUP": "false"})
+    with LiveServer(create_app(config)) as server:
+        call = json.dumps({"model": "general", "prompt": "hi", "stream": False})
+        script = (f"fetch({json.dumps(server.url + '/api/generate')}, {{method: 'POST', mode: 'no-cors', body: "
+                  f"{json.dumps(call)}}}).finally(() => {{ document.getElementById('sent').textContent = 'sent'; }});")
+        with site_of(f'<!doctype html><p id="sent"></p><script>{script}</script>') as elsewhere:
+            context = browser.new_context()
+            try:
+                page = context.new_page()
+                page.goto(elsewhere)
+                expect(page.locator("#sent")).to_have_text("sent")  # piagent has answered the page's request
+            finally:
+                context.close()
+        counted = httpx.get(server.url + "/metrics", timeout=DEADLINE_S).text
+    assert 'piagent_requests_total{route="other",status="403"} 1' in counted, counted  # refused before routing
+    assert fake.generations() == []
 
 
 def test_tool_calls_show_above_the_answer_as_text(page_of, fake):
