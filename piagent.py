@@ -1443,9 +1443,10 @@ class OllamaProvider(HTTPProvider):
         if not isinstance(chunk, dict):
             raise UpstreamError(f"Ollama sent an unexpected line: {line[:80]!r}")
         if chunk.get("error"):
-            raise UpstreamError(f"Ollama: {chunk['error']}")
-        reply["done"] = bool(chunk.get("done"))
-        return self.whole(chunk, usage)
+            raise UpstreamError(f"Ollama: {upstream_error_text(line, 200)}")
+        text = self.whole(chunk, usage)
+        reply["done"] = chunk.get("done") is True  # whole() refused one that is not a boolean
+        return text
 
     def whole(self, chunk: dict[str, Any], usage: Usage) -> str:
         """The text of a chat or generate chunk, every field type-checked; tool calls and final counts go to `usage`."""
@@ -1456,7 +1457,7 @@ class OllamaProvider(HTTPProvider):
             text = typed(message.get("content"), str, "message.content", self.label)
             usage.tool_calls += ollama_tool_calls(typed(message.get("tool_calls"), list, "message.tool_calls",
                                                         self.label) or [])
-        if chunk.get("done"):
+        if typed(chunk.get("done"), bool, "done", self.label):
             usage.model = typed(chunk.get("model"), str, "model", self.label) or usage.model
             usage.done_reason = typed(chunk.get("done_reason"), str, "done_reason", self.label)
             usage.prompt_tokens = typed(chunk.get("prompt_eval_count"), int, "prompt_eval_count", self.label)

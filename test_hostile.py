@@ -564,6 +564,41 @@ def test_a_compressed_upstream_reply_is_refused_unread(hserve, fake, stream):
     assert fake.generations()[-1].headers["accept-encoding"] == "identity"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_done_that_is_not_a_boolean_is_502_naming_it(hserve, fake, stream):
+    """'"done": "false"' was read as true: a stream ended at its first line, and that cut reply was stored and
+    reported whole. done is type-checked like every other field."""
+    line = {"model": MODEL, "created_at": "2026-11-25T00:00:00Z", "message": {"role": "assistant", "content": "Hel"},
+            "done": "false"}
+    rest = {**line, "message": {"role": "assistant", "content": "lo"}, "done": True, "done_reason": "stop"}
+    transport = CannedTransport({"/api/chat": [lambda request: httpx.Response(
+        200, headers={"Content-Type": "application/x-ndjson"},
+        content=b"".join(json.dumps(x).encode() + b"\n" for x in ((line, rest) if stream else (line,))))]})
+    server = hserve(transport=transport)
+    refused = chat(server, message="hi", conversation_id="done", stream=stream)
+    assert refused.status_code == 502 and "sent done as a string, not true or false" in error_of(refused)["message"], \
+        refused.text
+    assert transport.answers["/api/chat"] == []
+    assert_whole(server, fake, "done", None)
+
+
+def test_an_error_line_mid_stream_reaches_the_client_cut_short(hserve, fake):
+    """An upstream's {"error"} line mid-stream went to the client (and the log) whole, up to a 1 MiB line; an error
+    reply's message is cut at 500 characters, and so is this one now."""
+    token = {"model": MODEL, "created_at": "2026-11-25T00:00:00Z", "message": {"role": "assistant", "content": "Hel"},
+             "done": False}
+    transport = CannedTransport({"/api/chat": [lambda request: httpx.Response(
+        200, headers={"Content-Type": "application/x-ndjson"},
+        content=json.dumps(token).encode() + b"\n" + json.dumps({"error": "E" * 300_000}).encode() + b"\n")]})
+    server = hserve(transport=transport)
+    with httpx.stream("POST", f"{server.url}/chat", json={"message": "hi", "stream": True, "conversation_id": "err"},
+                      headers={"Accept": "text/event-stream"}, timeout=DEADLINE) as response:
+        events = sse_events(response)
+    name, data = events[-1]
+    assert name == "error" and 0 < json.loads(data)["error"]["message"].count("E") <= 500, data[:200]
+    assert_whole(server, fake, "err", None)  # a reply the upstream broke off is not stored
+
+
 @pytest.mark.parametrize("retry_after", ["\u20ac", "999999999999", "Wed, 21 Oct 2026 07:28:00 GMT"])
 def test_an_upstream_retry_after_is_passed_on_only_as_plain_seconds(hserve, fake, retry_after):
     # a non-latin-1 one was a 500 (the header could not be written); a date or a huge number is no use to a client
