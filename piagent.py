@@ -3194,6 +3194,8 @@ class Runtime:
     warmup: Warmup
     clock: Callable[[], float]
     streams: int = 0  # streamed responses in progress (a gauge in /metrics)
+    #: Ollama's answers at a model-list path, by (path, model): (reused until, the answer or the call in flight)
+    model_info: dict[tuple[str, str], tuple[float, asyncio.Future]] = field(default_factory=dict)
 
 
 class Exchange:
@@ -3655,20 +3657,33 @@ async def embed(rt: Runtime, model: str, texts: list[str], extra: dict[str, Any]
 
 #: Seconds /api/tags and /api/show wait for the upstream's own model details (Home Assistant allows 5 in all).
 MODEL_INFO_TIMEOUT_S = 2.0
+#: Seconds an answer of Ollama's at /api/tags, /api/ps or /api/show is reused. Those reads are free of the rate
+#: limit, and Ollama reads its model files for each: without this, a flood of them (or an app showing every model
+#: on each page load) made Ollama read them as often, beside the model's own work.
+MODEL_INFO_REUSE_S = 2.0
 
 
 async def upstream_info(rt: Runtime, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What Ollama says at `path` (GET, or POST `body`); {} from another upstream or in no time: lists answer anyway."""
+    """What Ollama says at `path` (GET, or POST `body`); {} from another upstream or in no time: lists answer anyway.
+    One call at a time per path and model: those asking meanwhile, or within MODEL_INFO_REUSE_S, share its answer."""
     provider = rt.provider
     if not isinstance(provider, OllamaProvider):
         return {}
+    key = (path, "" if body is None else str(body.get("model", "")))
+    kept = rt.model_info.get(key)
+    if kept is not None and (not kept[1].done() or rt.clock() < kept[0]):
+        return await asyncio.shield(kept[1])  # shielded: one of them leaving does not cancel the others' answer
+    answer, value = asyncio.get_running_loop().create_future(), None
+    rt.model_info[key] = (math.inf, answer)
     try:
-        async with asyncio.timeout(MODEL_INFO_TIMEOUT_S):
-            if body is None:
-                return await provider.get_json(path)
-            return await provider.post_json(path, body, body.get("model", ""))
-    except (PiagentError, TimeoutError):
-        return {}
+        with contextlib.suppress(PiagentError, TimeoutError):  # a failure is an answer too: {}
+            async with asyncio.timeout(MODEL_INFO_TIMEOUT_S):
+                value = await (provider.get_json(path) if body is None else provider.post_json(path, body, key[1]))
+        value = value or {}
+    finally:  # also when this caller left (value None): the ones waiting get {} now, and the next one asks again
+        answer.set_result(value or {})
+        rt.model_info[key] = (0.0 if value is None else rt.clock() + MODEL_INFO_REUSE_S, answer)
+    return value
 
 
 class Generation(Response):

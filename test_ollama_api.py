@@ -16,6 +16,8 @@ import time
 import httpx
 import pytest
 
+import piagent
+
 from fake_ollama import Script, _json
 from test_piagent import (DEADLINE_S, MODEL, in_background, parse_metrics, raw_post, read_until, sample,
                           wait_until)
@@ -115,6 +117,31 @@ def test_show_is_a_read_free_of_the_rate_limit_as_the_model_list_is(serve, upstr
     with pytest.raises(ollama.ResponseError) as info:
         client(server).chat("general", [{"role": "user", "content": "hi"}])
     assert info.value.status_code == 429
+
+
+def test_model_reads_reach_ollama_once_per_path_and_model_while_an_answer_is_fresh(serve, upstream):
+    """/api/tags, /api/ps and /api/show are free of the rate limit, and each was a call to Ollama, which reads its
+    model files for it: a helper's 600 of them in 1.4 s were 600 calls. Those asking while one call is out, or
+    within MODEL_INFO_REUSE_S of its answer, now share that answer."""
+    now = [1_000_000.0]
+    server = serve(clock=lambda: now[0], AGENTS="general,coder", OLLAMA_MODEL_CODER="tiny")
+
+    async def flood(times: int) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=DEADLINE_S) as c:
+            return await asyncio.gather(*(call for _ in range(times) for call in (
+                c.get("/api/tags"), c.get("/api/ps"), c.post("/api/show", json={"model": "general"}),
+                c.post("/api/show", json={"model": "coder"}))))
+
+    answers = asyncio.run(flood(20))
+    assert [r.status_code for r in answers] == [200] * 80
+    assert len({r.content for r in answers[2::4]}) == 1 and answers[2].json()["capabilities"] == ["completion", "tools"]
+    counts = {path: len(received(upstream, path)) for path in ("/api/tags", "/api/ps", "/api/show")}
+    assert counts == {"/api/tags": 1, "/api/ps": 1, "/api/show": 2}, counts
+    assert sorted(body["model"] for body in received(upstream, "/api/show")) == [MODEL, "tiny"]
+    asyncio.run(flood(1))  # still fresh
+    now[0] += piagent.MODEL_INFO_REUSE_S  # then asked again
+    assert httpx.get(f"{server.url}/api/tags", timeout=DEADLINE_S).json()["models"][0]["details"]["family"] == "qwen2"
+    assert len(received(upstream, "/api/tags")) == 2 and len(received(upstream, "/api/show")) == 2
 
 
 def test_show_without_an_ollama_upstream_still_has_model_info(serve_openai):  # noqa: F811
