@@ -1224,6 +1224,14 @@ class CompressedReply(httpx.DecodingError):
     """A reply with a compressed body, which piagent asked not to get: it is closed unread."""
 
 
+async def refuse_compressed(response: httpx.Response) -> None:
+    """An httpx response hook: it runs before any of the body is read, and httpx closes a reply it refuses."""
+    encoding = response.headers.get("content-encoding", "")
+    if encoding.strip().lower() not in ("", "identity"):
+        raise CompressedReply(f"a compressed reply (Content-Encoding: {encoding[:40]!r}), though piagent asks for none "
+                              f"and does not unpack one", request=response.request)
+
+
 class UpstreamClient(httpx.AsyncClient):
     """The HTTP client for every upstream (providers, MCP servers). It asks for replies uncompressed and refuses any
     other unread (CompressedReply): httpx would unpack one with no limit, a whole network read at a time, and 200 KB
@@ -1232,19 +1240,10 @@ class UpstreamClient(httpx.AsyncClient):
 
     def __init__(self, **options: Any):
         self.jar = NoCookies()
-        super().__init__(**options)
+        super().__init__(**options, event_hooks={"response": [refuse_compressed]})
         self.headers["Accept-Encoding"] = "identity"
 
     cookies = property(lambda self: self.jar, lambda self, value: None)  # httpx's own jar is never set
-
-    async def send(self, request: httpx.Request, **options: Any) -> httpx.Response:
-        response = await super().send(request, **options)
-        encoding = response.headers.get("content-encoding", "")
-        if encoding.strip().lower() not in ("", "identity"):
-            await response.aclose()
-            raise CompressedReply(f"a compressed reply (Content-Encoding: {encoding[:40]!r}), though piagent asks for "
-                                  f"none and does not unpack one", request=request)
-        return response
 
 
 class HTTPProvider:
@@ -1443,7 +1442,7 @@ class OllamaProvider(HTTPProvider):
         if not isinstance(chunk, dict):
             raise UpstreamError(f"Ollama sent an unexpected line: {line[:80]!r}")
         if chunk.get("error"):
-            raise UpstreamError(f"Ollama: {upstream_error_text(line, 200)}")
+            raise UpstreamError(f"Ollama: {str(chunk['error'])[:500]}")  # as an error reply's is cut
         text = self.whole(chunk, usage)
         reply["done"] = chunk.get("done") is True  # whole() refused one that is not a boolean
         return text
@@ -3043,9 +3042,10 @@ class Guards:
                 raise HostNotAllowed(f"this piagent answers only to {', '.join(sorted(self.hosts))}; to reach it by "
                                      f"another name, add that name to ALLOWED_HOSTS (or set API_KEYS)")
             if scope["method"] == "POST" and (origin := self._unasked_cross_site(headers)) is not None:
+                fix = ("if that page may use piagent, add its origin to CORS_ORIGINS" if ORIGIN_PATTERN.match(origin)
+                       else "if it may use piagent, send Content-Type: application/json")  # an extension, an app
                 raise OriginNotAllowed(f"a page at {origin[:100]!r} sent this from another site, and its browser asked "
-                                       f"nobody first (the body is not declared JSON); if that page may use piagent, "
-                                       f"add its origin to CORS_ORIGINS")
+                                       f"nobody first (the body is not declared JSON); {fix}")
             receive = await self._bounded_body(scope, headers, receive)
             if scope["path"] not in self.open_paths and scope["method"] != "OPTIONS":
                 identity = self._authorize(headers, fields)
@@ -3665,13 +3665,14 @@ MODEL_INFO_REUSE_S = 2.0
 
 async def upstream_info(rt: Runtime, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
     """What Ollama says at `path` (GET, or POST `body`); {} from another upstream or in no time: lists answer anyway.
-    One call at a time per path and model: those asking meanwhile, or within MODEL_INFO_REUSE_S, share its answer."""
+    One call at a time per path and model: those asking meanwhile, or within MODEL_INFO_REUSE_S, share its answer
+    (by rt.clock, the wall clock: a step back of it ends the reuse, rather than lengthen it)."""
     provider = rt.provider
     if not isinstance(provider, OllamaProvider):
         return {}
     key = (path, "" if body is None else str(body.get("model", "")))
     kept = rt.model_info.get(key)
-    if kept is not None and (not kept[1].done() or rt.clock() < kept[0]):
+    if kept is not None and (not kept[1].done() or kept[0] - MODEL_INFO_REUSE_S <= rt.clock() < kept[0]):
         return await asyncio.shield(kept[1])  # shielded: one of them leaving does not cancel the others' answer
     answer, value = asyncio.get_running_loop().create_future(), None
     rt.model_info[key] = (math.inf, answer)
@@ -5405,8 +5406,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         for ok, what, fix in results:
             print(f"✓ {what}" if ok else f"✗ {what} — {fix}")
         return 0 if all(ok for ok, _, _ in results) else 1
-    _, what, fix, busy = _port_free(config.host, config.port)
-    if busy:  # exit 2, as systemd would restart piagent every 3 s, each start seconds of a Pi's CPU, to no end
+    _, what, fix, final = _port_free(config.host, config.port)
+    if final:  # exit 2, as systemd would restart piagent every 3 s, each start seconds of a Pi's CPU, to no end
         print(f"piagent: {what}: {fix}", file=sys.stderr)
         return 2
     try:
@@ -5566,7 +5567,8 @@ async def check_mcp_servers(config: Config) -> list[tuple[bool, str, str]]:
 
 
 def _port_free(host: str, port: int) -> tuple[bool, str, str, bool]:
-    """(ok, what was checked, how to fix it, whether another process listens there) for HOST and PORT."""
+    """(ok, what was checked, how to fix it, whether a restart could not fix it) for HOST and PORT. An address not
+    (yet) this machine's may be one at boot, before the network is up; a port taken or forbidden stays so."""
     import socket
 
     what = f"port {port} on {host}"
@@ -5575,10 +5577,12 @@ def _port_free(host: str, port: int) -> tuple[bool, str, str, bool]:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
             sock.bind((host, port))
     except OSError as exc:
-        busy = exc.errno == errno.EADDRINUSE
-        fix = ("is piagent already running (systemctl status piagent)? Or choose another PORT" if busy else
-               f"is HOST={host} an address of this machine? (127.0.0.1: this machine only; 0.0.0.0: the LAN too)")
-        return False, what, f"cannot listen there ({exc.strerror}); {fix}", busy
+        final = {errno.EADDRINUSE: "is piagent already running (systemctl status piagent)? Or choose another PORT",
+                 errno.EACCES: "a port below 1024 needs rights piagent's service does not have: choose PORT=8000 "
+                               "or another from 1024 up"}
+        fix = final.get(exc.errno, f"is HOST={host} an address of this machine? (127.0.0.1: this machine only; "
+                                   f"0.0.0.0: the LAN too)")
+        return False, what, f"cannot listen there ({exc.strerror}); {fix}", exc.errno in final
     return True, f"{what} is free", "", False
 
 

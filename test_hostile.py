@@ -12,6 +12,7 @@ not have been.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import gzip
@@ -562,6 +563,34 @@ def test_a_compressed_upstream_reply_is_refused_unread(hserve, fake, stream):
     assert "sent a compressed reply (Content-Encoding: 'gzip')" in error_of(refused)["message"], refused.text
     assert_whole(server, fake, "gz", None)
     assert fake.generations()[-1].headers["accept-encoding"] == "identity"
+
+
+@pytest.mark.parametrize("streamed", [True, False])
+def test_the_upstream_client_refuses_a_compressed_reply_before_reading_any_of_it(streamed):
+    """Asked without stream=True (as MCP's closing DELETE is), httpx reads a whole reply before handing it over: the
+    refusal must come before that, not after it unpacked the lot."""
+    pulled, asked = [], []
+
+    class Bomb(httpx.AsyncByteStream):
+        async def __aiter__(self):
+            pulled.append("a chunk")
+            yield gzip.compress(b"\n" * (8 << 20))
+
+    def bomb(request: httpx.Request) -> httpx.Response:
+        asked.append(request.headers["accept-encoding"])
+        return httpx.Response(200, headers={"Content-Encoding": "gzip"}, stream=Bomb())
+
+    async def scenario() -> None:
+        async with piagent.UpstreamClient(transport=httpx.MockTransport(bomb)) as client:
+            with pytest.raises(piagent.CompressedReply, match=r"Content-Encoding: 'gzip'"):
+                if streamed:
+                    async with client.stream("POST", "http://127.0.0.1:9/api/chat", json={}):
+                        pass
+                else:
+                    await client.delete("http://127.0.0.1:9/mcp")
+
+    asyncio.run(scenario())
+    assert pulled == [] and asked == ["identity"]
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -1178,9 +1207,15 @@ def test_another_sites_page_cannot_make_a_keyless_piagent_generate(hserve, fake,
             assert post(server, path, raw=text, headers=headers).status_code == 200, headers
     # declared JSON, a browser would have asked first (a preflight only CORS_ORIGINS are answered): not refused here
     assert post(server, path, body, headers=EVIL_PAGE).status_code == 200
-    allowed = hserve(CORS_ORIGINS="https://evil.example")
-    assert post(allowed, path, raw=text, headers={**EVIL_PAGE, **served}).status_code != 403
-    assert stored(server, "page") == ([("hi", REPLY)] if path == "/chat" else None)
+    allowed = hserve(CORS_ORIGINS="https://evil.example")  # /chat reads JSON only when it is declared so
+    assert post(allowed, path, raw=text, headers={**EVIL_PAGE, **served}).status_code == (
+        422 if path == "/chat" else 200)
+    # an extension's or an app's origin cannot be put in CORS_ORIGINS: it is told what it can do instead
+    app = post(server, path, raw=text, headers={"Origin": "chrome-extension://abcdef", **served})
+    message = app.json()["error"] if path.startswith("/api/") else error_of(app)["message"]
+    assert app.status_code == 403 and message.endswith("send Content-Type: application/json"), message
+    assert post(server, path, body, headers={"Origin": "chrome-extension://abcdef"}).status_code == 200
+    assert stored(server, "page") == ([("hi", REPLY), ("hi", REPLY)] if path == "/chat" else None)
 
 
 GARBAGE_FORWARDED = ["not-an-ip", '1.2.3.4" key="forged', "999.1.1.1", "a" * 2000, "1.2.3.4 5.6.7.8",

@@ -142,6 +142,9 @@ def test_model_reads_reach_ollama_once_per_path_and_model_while_an_answer_is_fre
     now[0] += piagent.MODEL_INFO_REUSE_S  # then asked again
     assert httpx.get(f"{server.url}/api/tags", timeout=DEADLINE_S).json()["models"][0]["details"]["family"] == "qwen2"
     assert len(received(upstream, "/api/tags")) == 2 and len(received(upstream, "/api/show")) == 2
+    now[0] -= 3600  # the wall clock stepped back (NTP, or a Pi with no clock set): no answer is kept the longer
+    httpx.get(f"{server.url}/api/tags", timeout=DEADLINE_S).raise_for_status()
+    assert len(received(upstream, "/api/tags")) == 3
 
 
 def test_show_without_an_ollama_upstream_still_has_model_info(serve_openai):  # noqa: F811

@@ -482,6 +482,22 @@ def test_a_port_another_program_listens_on_stops_start_up_with_one_line_and_exit
     assert re.search(r"^RestartPreventExitStatus=2$", (HERE / "piagent.service").read_text(), re.M)
 
 
+def test_a_port_below_1024_without_the_right_to_it_stops_start_up_with_one_line_and_exit_2():
+    """PORT=80 under the unit (a throw-away user, no capabilities) cannot be listened on however often it restarts.
+    The process is run without CAP_NET_BIND_SERVICE as the unit runs it (or as this user, when not root)."""
+    prefix = (["setpriv", "--bounding-set", "-net_bind_service", "--inh-caps", "-net_bind_service"]
+              if os.geteuid() == 0 else [])
+    if prefix and shutil.which("setpriv") is None and os.environ.get("CI") != "true":
+        pytest.skip("setpriv (util-linux) is not installed")
+    result = subprocess.run([*prefix, *piagent_command()], capture_output=True, text=True, cwd=HERE, timeout=20,
+                            env={**os.environ, "HOST": "127.0.0.1", "PORT": "80", "OLLAMA_HOST": "http://127.0.0.1:9"},
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr == ("piagent: port 80 on 127.0.0.1: cannot listen there (Permission denied); a port below "
+                             "1024 needs rights piagent's service does not have: choose PORT=8000 or another from "
+                             "1024 up\n")
+
+
 @pytest.mark.parametrize("data, told", [
     ("PORT=8000\nAGENT_GENERAL_SYSTEM=Réponds en français\n".encode("latin-1"), "line 2: not UTF-8 text; save"),
     ("MAX_TOKENS=100\n".encode("utf-16"), "starts with a byte-order mark"),
