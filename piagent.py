@@ -3045,7 +3045,8 @@ class Guards:
                 fix = ("if that page may use piagent, add its origin to CORS_ORIGINS" if ORIGIN_PATTERN.match(origin)
                        else "if it may use piagent, send Content-Type: application/json")  # an extension, an app
                 raise OriginNotAllowed(f"a page at {origin[:100]!r} sent this from another site, and its browser asked "
-                                       f"nobody first (the body is not declared JSON); {fix}")
+                                       f"nobody first (the body is not declared JSON); {fix}",
+                                       {"Connection": "close"})  # its body is not read: not even to skip it
             receive = await self._bounded_body(scope, headers, receive)
             if scope["path"] not in self.open_paths and scope["method"] != "OPTIONS":
                 identity = self._authorize(headers, fields)
