@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -80,11 +81,12 @@ class FakeOllama:
     """A protocol-faithful stand-in for Ollama, run on its own thread and event loop."""
 
     def __init__(self, models: list[str] | None = None, version: str = "0.12.6", api_key: str | None = None,
-                 no_tools: list[str] = ()):
+                 no_tools: list[str] = (), tls: ssl.SSLContext | None = None):
         self.models = list(models or ["qwen2.5:3b-instruct"])
         self.no_tools = set(no_tools)  # models without the tools capability: a request with tools gets a 400
         self.api_key = api_key  # /v1 only: demand "Authorization: Bearer <key>" like a hosted server
         self.version = version
+        self.tls = tls  # serve https with this server context (as Ollama behind a TLS proxy would)
         self.script = Script()
         self.requests: list[Received] = []
         self.hangups: list[float] = []  # monotonic times at which a client closed mid-response
@@ -98,7 +100,7 @@ class FakeOllama:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def generations(self) -> list[Received]:
         """The generation requests received so far (chat, generate, /v1), not model loads."""
@@ -116,7 +118,7 @@ class FakeOllama:
         def run() -> None:
             self._loop = asyncio.new_event_loop()
             self._server = self._loop.run_until_complete(
-                asyncio.start_server(self._connection, "127.0.0.1", 0)
+                asyncio.start_server(self._connection, "127.0.0.1", 0, ssl=self.tls)
             )
             self.port = self._server.sockets[0].getsockname()[1]
             ready.set()

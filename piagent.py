@@ -35,6 +35,7 @@ import re
 import shlex
 import signal
 import sqlite3
+import ssl
 import sys
 import threading
 import time
@@ -1233,17 +1234,30 @@ async def refuse_compressed(response: httpx.Response) -> None:
 
 
 class UpstreamClient(httpx.AsyncClient):
-    """The HTTP client for every upstream (providers, MCP servers). It asks for replies uncompressed and refuses any
-    other unread (CompressedReply): httpx would unpack one with no limit, a whole network read at a time, and 200 KB
-    of gzip is 200 MiB of text. It keeps no cookies: an upstream is an API, and httpx reads every reply's headers
-    into its cookie jar (~16 us of each reply's time to first token on a PC) with no setting to stop it."""
+    """The HTTP client for every upstream (providers, MCP servers), made for the base `url` it is sent to. It asks for
+    replies uncompressed and refuses any other unread (CompressedReply): httpx would unpack one with no limit, a whole
+    network read at a time, and 200 KB of gzip is 200 MiB of text. It keeps no cookies: an upstream is an API, and
+    httpx reads every reply's headers into its cookie jar (~16 us of each reply's time to first token on a PC) with no
+    setting to stop it. Only an https:// client loads the CA certificates (22 ms a client on a PC, at every start and
+    --check): an http:// one gets a TLS context that trusts nothing, so https would fail, never go unchecked."""
 
-    def __init__(self, **options: Any):
+    def __init__(self, url: str, **options: Any):
         self.jar = NoCookies()
+        if not url.startswith("https://"):
+            options.setdefault("verify", ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
         super().__init__(**options, event_hooks={"response": [refuse_compressed]})
         self.headers["Accept-Encoding"] = "identity"
 
     cookies = property(lambda self: self.jar, lambda self, value: None)  # httpx's own jar is never set
+
+
+def untrusted_certificate(exc: BaseException | None) -> str | None:
+    """Why a server's TLS certificate was refused, when that is what an httpx error comes from."""
+    for _ in range(8):  # httpx's error, httpcore's, then ssl's
+        if exc is None or isinstance(exc, ssl.SSLCertVerificationError):
+            return exc and exc.verify_message
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 class HTTPProvider:
@@ -1324,6 +1338,10 @@ class HTTPProvider:
     def transport_error(self, exc: httpx.HTTPError, started: bool) -> UpstreamFailure:
         """The typed error for a connection that failed or went quiet."""
         url = self.base_url
+        if why := untrusted_certificate(exc):
+            return UpstreamUnavailable(f"{self.label} at {url} sent a TLS certificate piagent does not trust ({why}); "
+                                       f"give it one from a CA this machine trusts, or set SSL_CERT_FILE in "
+                                       f"piagent's environment to its CA's certificate file")
         if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
             return UpstreamUnavailable(f"cannot reach {self.label} at {url}; {self.start_hint}")
         if isinstance(exc, httpx.ReadTimeout):
@@ -1668,6 +1686,11 @@ class OpenAIProvider(HTTPProvider):
 
 #: PROVIDER name -> class, built as cls(httpx.AsyncClient, Config); PROVIDER's choices are its keys.
 PROVIDERS: dict[str, type[HTTPProvider]] = {"ollama": OllamaProvider, "openai": OpenAIProvider}
+
+
+def upstream_url(config: Config) -> str:
+    """The configured provider's base URL, e.g. OLLAMA_HOST's value."""
+    return getattr(config, PROVIDERS[config.provider].url_field)
 
 
 # ---------------------------------------------------------------------------
@@ -2314,7 +2337,8 @@ class HttpTransport:
                  transport: httpx.AsyncBaseTransport | None = None):
         self.config, self.deliver = config, deliver
         # no read timeout: the list-change stream is quiet for hours; each request has the session's own timeout
-        self.client = UpstreamClient(transport=transport, timeout=httpx.Timeout(config.timeout_s, read=None))
+        self.client = UpstreamClient(config.url, transport=transport,
+                                     timeout=httpx.Timeout(config.timeout_s, read=None))
         self.session_id: str | None = None
         self.version: str | None = None
         self.listen_message: dict[str, Any] | None = None
@@ -4366,7 +4390,7 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
     toolbox = Toolbox(TOOLS if tools is None else tools, servers)
     toolbox.check(config)
     timeout = httpx.Timeout(config.upstream_timeout_s, connect=config.upstream_connect_timeout_s)
-    client = UpstreamClient(timeout=timeout, transport=transport)
+    client = UpstreamClient(upstream_url(config), timeout=timeout, transport=transport)
     if store is None and config.enable_memory:
         store = MEMORY_STORES[config.memory_backend](config, clock)
     buckets = TokenBuckets(config.rate_limit_per_min, clock) if config.rate_limit_per_min else None
@@ -5419,7 +5443,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     configure_logging(config, sys.stderr)
     raise_fd_limit()
     log.info("piagent on http://%s:%d -> %s %s, agents: %s, memory: %s", config.host, config.port,
-             config.provider, getattr(config, PROVIDERS[config.provider].url_field),
+             config.provider, upstream_url(config),
              ", ".join(f"{a.name}={a.model}" for a in config.agents), _memory_description(config))
     for warning in startup_warnings(config):
         log.warning(warning)
@@ -5481,7 +5505,7 @@ def serve(config: Config, env_file: Path | None) -> None:
 async def unreachable(config: Config) -> str | None:
     """Why the upstream cannot be reached (with both fixes), or None when it answers (whatever it says)."""
     timeout = httpx.Timeout(PROBE_TIMEOUT_S, connect=config.upstream_connect_timeout_s)
-    async with UpstreamClient(timeout=timeout) as c:
+    async with UpstreamClient(upstream_url(config), timeout=timeout) as c:
         try:
             await PROVIDERS[config.provider](c, config).probe()
         except UpstreamFailure as exc:
@@ -5526,7 +5550,7 @@ async def run_checks(config: Config, env_file: Path | None) -> list[tuple[bool, 
     if config.unread:
         results = [(False, f"env file {env_file}: piagent does not read {', '.join(config.unread)}",
                     "fix the name, or remove the line")]
-    async with UpstreamClient(timeout=PROBE_TIMEOUT_S) as client:
+    async with UpstreamClient(upstream_url(config), timeout=PROBE_TIMEOUT_S) as client:
         provider = PROVIDERS[config.provider](client, config)
         try:
             description, available = await provider.probe()

@@ -21,8 +21,10 @@ import os
 import re
 import resource
 import signal
+import shutil
 import socket
 import sqlite3
+import ssl
 import struct
 import subprocess
 import sys
@@ -581,7 +583,7 @@ def test_the_upstream_client_refuses_a_compressed_reply_before_reading_any_of_it
         return httpx.Response(200, headers={"Content-Encoding": "gzip"}, stream=Bomb())
 
     async def scenario() -> None:
-        async with piagent.UpstreamClient(transport=httpx.MockTransport(bomb)) as client:
+        async with piagent.UpstreamClient("http://127.0.0.1:9", transport=httpx.MockTransport(bomb)) as client:
             with pytest.raises(piagent.CompressedReply, match=r"Content-Encoding: 'gzip'"):
                 if streamed:
                     async with client.stream("POST", "http://127.0.0.1:9/api/chat", json={}):
@@ -591,6 +593,50 @@ def test_the_upstream_client_refuses_a_compressed_reply_before_reading_any_of_it
 
     asyncio.run(scenario())
     assert pulled == [] and asked == ["identity"]
+
+
+def self_signed(tmp_path: Path) -> tuple[Path, ssl.SSLContext]:
+    """A certificate for 127.0.0.1 made with openssl, and a server TLS context presenting it."""
+    openssl = shutil.which("openssl")
+    if openssl is None and os.environ.get("CI") != "true":
+        pytest.skip("openssl is not installed: sudo apt install openssl")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run([openssl or "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                    "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert, key)
+    return cert, server
+
+
+def test_an_https_upstream_is_checked_and_an_http_client_trusts_no_certificate(tmp_path, monkeypatch):
+    """Only a client made for an https:// URL loads the CA certificates (22 ms a client, at each start and --check).
+    An https upstream is still checked against them; one made for http:// trusts nothing, so if it ever met https
+    it would fail, not go unchecked."""
+    cert, server_tls = self_signed(tmp_path)
+    fake = FakeOllama(models=[MODEL], tls=server_tls).start()
+    try:
+        assert fake.url.startswith("https://")
+        config = load_config({"OLLAMA_HOST": fake.url, "WARMUP": "false", "ENABLE_MEMORY": "false"})
+        with LiveServer(create_app(config)) as server:  # the certificate is not trusted
+            refused = chat(server, message="hi")
+            assert refused.status_code == 503, refused.text
+            assert "certificate" in refused.json()["error"]["message"], refused.text
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # httpx's way to trust another CA, read when a client is made
+        with LiveServer(create_app(config)) as server:
+            served = chat(server, message="hi")
+            assert served.status_code == 200 and served.json()["reply"] == REPLY, served.text
+
+        async def through(client_url: str) -> int:
+            async with piagent.UpstreamClient(client_url, timeout=DEADLINE) as client:
+                return (await client.get(f"{fake.url}/api/version")).status_code
+
+        assert asyncio.run(through(fake.url)) == 200
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            asyncio.run(through(fake.url.replace("https://", "http://")))
+        assert len(fake.generations()) == 1  # the refused chat never reached it
+    finally:
+        fake.stop()
 
 
 @pytest.mark.parametrize("stream", [False, True])
