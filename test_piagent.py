@@ -435,7 +435,10 @@ def in_process(args: list[str], env: dict[str, str]) -> subprocess.CompletedProc
     shown.setLevel(logging.WARNING)
     shown.addFilter(lambda record: record.thread == thread.ident)  # not another test's server thread
     thread = threading.Thread(target=run, daemon=True)
-    gc.collect()  # earlier tests' garbage (an unclosed socket's ResourceWarning) is theirs, not main()'s
+    # no collection meanwhile: it would run the finalizers of earlier tests' garbage (an unclosed socket's warning,
+    # "Exception ignored in ...") into what main() printed. Disabling costs nothing; collecting first took 0.3 s.
+    collecting = gc.isenabled()
+    gc.disable()
     logging.getLogger().addHandler(shown)
     try:
         with redirect_stdout(out), redirect_stderr(err), warnings.catch_warnings(record=True) as warned:
@@ -446,6 +449,8 @@ def in_process(args: list[str], env: dict[str, str]) -> subprocess.CompletedProc
             thread.join(DEADLINE_S)
     finally:
         logging.getLogger().removeHandler(shown)
+        if collecting:
+            gc.enable()
     assert ended, f"main() did not return within {DEADLINE_S} s; it printed {out.getvalue() + err.getvalue()!r}"
     if "raised" in ended:
         raise ended["raised"]
