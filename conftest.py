@@ -23,7 +23,7 @@ def _one_default_tls_context() -> None:
     client that then only speaks plain HTTP to 127.0.0.1. The tests (and the apps they run in process) make
     thousands of clients, a third of the suite's CPU, so each test process builds the default context once and
     shares it (an SSLContext is safe to share across threads). Anything but the default is built as before.
-    piagent's own processes are untouched."""
+    piagent's own processes are untouched (and its clients for http:// build no such context anyway)."""
     from httpx._transports import default as transports
 
     build = transports.create_ssl_context
