@@ -1251,12 +1251,13 @@ class UpstreamClient(httpx.AsyncClient):
     cookies = property(lambda self: self.jar, lambda self, value: None)  # httpx's own jar is never set
 
 
-def untrusted_certificate(exc: BaseException | None) -> str | None:
-    """Why a server's TLS certificate was refused, when that is what an httpx error comes from."""
+def untrusted_certificate(server: str, exc: BaseException | None) -> str | None:
+    """What to do when `server` sent a TLS certificate piagent refused, if that is what an httpx error comes from."""
     for _ in range(8):  # httpx's error, httpcore's, then ssl's
-        if exc is None or isinstance(exc, ssl.SSLCertVerificationError):
-            return exc and exc.verify_message
-        exc = exc.__cause__ or exc.__context__
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return (f"{server} sent a TLS certificate piagent does not trust ({exc.verify_message}); give it one from "
+                    f"a CA this machine trusts, or set SSL_CERT_FILE in piagent's environment to its CA's certificate")
+        exc = exc and (exc.__cause__ or exc.__context__)
     return None
 
 
@@ -1338,10 +1339,8 @@ class HTTPProvider:
     def transport_error(self, exc: httpx.HTTPError, started: bool) -> UpstreamFailure:
         """The typed error for a connection that failed or went quiet."""
         url = self.base_url
-        if why := untrusted_certificate(exc):
-            return UpstreamUnavailable(f"{self.label} at {url} sent a TLS certificate piagent does not trust ({why}); "
-                                       f"give it one from a CA this machine trusts, or set SSL_CERT_FILE in "
-                                       f"piagent's environment to its CA's certificate file")
+        if refused := untrusted_certificate(f"{self.label} at {url}", exc):
+            return UpstreamUnavailable(refused)
         if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
             return UpstreamUnavailable(f"cannot reach {self.label} at {url}; {self.start_hint}")
         if isinstance(exc, httpx.ReadTimeout):
@@ -2327,7 +2326,7 @@ class StdioTransport:
 def http_failure(url: str, exc: httpx.HTTPError) -> ConnectionError:
     """Why a request to an MCP server failed: it could not be reached, or its reply was refused unread."""
     return ConnectionError(f"{url} sent {exc}" if isinstance(exc, CompressedReply) else
-                           f"cannot reach {url}: {exc or type(exc).__name__}")
+                           untrusted_certificate(url, exc) or f"cannot reach {url}: {exc or type(exc).__name__}")
 
 
 class HttpTransport:

@@ -617,11 +617,18 @@ def test_an_https_upstream_is_checked_and_an_http_client_trusts_no_certificate(t
     fake = FakeOllama(models=[MODEL], tls=server_tls).start()
     try:
         assert fake.url.startswith("https://")
-        config = load_config({"OLLAMA_HOST": fake.url, "WARMUP": "false", "ENABLE_MEMORY": "false"})
+        config = load_config({"OLLAMA_HOST": fake.url, "WARMUP": "false", "ENABLE_MEMORY": "false",
+                              "MCP_SERVERS": "web", "MCP_WEB_URL": f"{fake.url}/mcp"})
         with LiveServer(create_app(config)) as server:  # the certificate is not trusted
             refused = chat(server, message="hi")
             assert refused.status_code == 503, refused.text
-            assert "certificate" in refused.json()["error"]["message"], refused.text
+            assert "sent a TLS certificate piagent does not trust" in refused.json()["error"]["message"], refused.text
+            assert "SSL_CERT_FILE" in refused.json()["error"]["message"], refused.text
+
+            def mcp_check() -> str:
+                return httpx.get(f"{server.url}/ready").json()["checks"]["mcp:web"]["detail"]
+
+            wait_until(lambda: "sent a TLS certificate piagent does not trust" in mcp_check(), what="the MCP check")
         monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # httpx's way to trust another CA, read when a client is made
         with LiveServer(create_app(config)) as server:
             served = chat(server, message="hi")
