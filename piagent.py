@@ -1865,7 +1865,7 @@ class ToolEvent(NamedTuple):
     call: ToolCall
     result: str | None
     error: str | None
-    timed_out: bool = False  # then the same reply does not call this tool again (each wait holds the model's slot)
+    timed_out: bool = False  # then the same reply calls neither this tool nor its MCP server's others again
 
     def as_message(self) -> Message:
         """The result as the `tool` message the model reads next."""
@@ -1925,6 +1925,10 @@ class Toolbox:
                 raise ConfigError(f"AGENT_{agent.name.upper()}_TOOLS={','.join(agent.tools)!r} is not valid: no tool "
                                   f"named {unknown[0]!r}; piagent has: {', '.join(self.tools)}")
 
+    def holder(self, name: str) -> str:
+        """What a time-out of the model's tool `name` shows to be stuck: its source (an MCP server), or the tool."""
+        return max((s for s in self.sources if name.startswith(f"{s}__")), key=len, default=name)
+
     def specs(self, patterns: tuple[str, ...]) -> tuple[dict[str, Any], ...]:
         """The function specs the model is offered, in the shape both Ollama and OpenAI take."""
         return tuple({"type": "function", "function": {"name": name, "description": tool.description,
@@ -1963,7 +1967,7 @@ class Toolbox:
 async def tool_loop(provider: Provider, toolbox: Toolbox, agent: Agent, prompt: Prompt, sampling: Sampling,
                     usage: Usage, max_rounds: int, stream: bool) -> AsyncIterator[str | ToolEvent]:
     """An agent's reply with its tools run: text pieces, a ToolEvent per call; `usage` sums the rounds' token counts."""
-    specs, counts, slow = toolbox.specs(agent.tools), [0, 0, False], set()  # slow: tools that timed out
+    specs, counts, slow = toolbox.specs(agent.tools), [0, 0, False], set()  # slow: holders (Toolbox.holder) stuck
     for round_number in range(max_rounds + 1):
         offer = specs if round_number < max_rounds else ()  # the last round has no tools: a reply ends in text
         said: list[str] = []
@@ -1984,13 +1988,16 @@ async def tool_loop(provider: Provider, toolbox: Toolbox, agent: Agent, prompt: 
             break
         events = []
         for i, call in enumerate(usage.tool_calls):
+            holder = toolbox.holder(call.name)
             if i >= MAX_TOOL_CALLS_PER_ROUND:
                 event = ToolEvent(call, None, f"more than {MAX_TOOL_CALLS_PER_ROUND} calls at once; not run")
-            elif call.name in slow:  # each wait holds the model's slot: one time-out a reply is enough
-                event = ToolEvent(call, None, f"{call.name} timed out earlier in this reply; not run again")
+            elif holder in slow:  # each wait holds the model's slot: one time-out a reply is enough
+                event = ToolEvent(call, None, f"{call.name} timed out earlier in this reply; not run again"
+                                  if holder == call.name else
+                                  f"{call.name} not run: MCP server {holder} timed out earlier in this reply")
             else:
                 event = await toolbox.run(call, agent.tools)
-            slow.update([call.name] if event.timed_out else [])
+            slow.update([holder] if event.timed_out else [])
             events.append(event)
             yield event
         turn = tool_call_message("".join(said), [e.call.as_message_part() for e in events])
