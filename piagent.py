@@ -2128,7 +2128,8 @@ def mcp_message(raw: str | bytes) -> dict[str, Any] | None:
                 return {"jsonrpc": "2.0", "id": ident, "error": {"code": -32603, "message": f"its answer is "
                                                                  f"unusable: {exc}"}}
         return None
-    return message if isinstance(message, dict) else None
+    # JSON-RPC ids are strings or numbers: one that is a list or object is not a message piagent could answer or match
+    return message if isinstance(message, dict) and not isinstance(message.get("id"), (list, dict)) else None
 
 
 class McpError(Exception):

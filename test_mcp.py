@@ -560,7 +560,8 @@ def test_tools_left_out_and_a_flood_of_list_changes_are_logged_bounded(caplog):
 
 def test_an_answer_piagent_cannot_pass_on_fails_its_call_at_once_and_the_next_call_works():
     """A tools/call answer that is valid JSON but holds a lone surrogate is a tool error naming the field, given
-    when the answer comes (it was skipped as not JSON-RPC, and the call failed only at its time-out)."""
+    when the answer comes (it was skipped as not JSON-RPC, and the call failed only at its time-out); an answer with
+    an id no call can have is skipped."""
     async def scenario():
         server = McpServer(McpServerConfig("odd", (PY, BAD_SERVER, "unusable"), timeout_s=8))
         await server.start()
@@ -571,6 +572,8 @@ def test_an_answer_piagent_cannot_pass_on_fails_its_call_at_once_and_the_next_ca
             with pytest.raises(ToolError, match=r"unusable: result\.structuredContent\.d\.0.* nested deeper than 64"):
                 await server.call("deep", {})
             assert await server.call("asks", {}) == "pinged"  # its ping, params unusable, was answered all the same
+            # an answer whose id is a list is skipped: it took the reader down, and the server ("closed stdout") too
+            assert await server.call("listid", {}) == "fine" and server.status()[0]
             assert await server.call("plain", {}) == "fine"
         finally:
             await server.stop()

@@ -6,10 +6,10 @@
     python bad_server.py noisy LINES -- COMMAND...
         writes LINES lines of garbage to stdout and LINES lines to stderr, then becomes COMMAND (exec).
     python bad_server.py unusable
-        a handshake-era server with tools `odd`, `deep`, `asks` and `plain`: odd's answer is valid JSON that holds
-        a lone surrogate ("\\ud800", which is not text), deep's nests 100 levels; asks first sends the client a
-        ping whose params hold a lone surrogate and answers "pinged" once the client answered it; plain's is
-        "fine".
+        a handshake-era server with tools `odd`, `deep`, `asks`, `listid` and `plain`: odd's answer is valid JSON
+        that holds a lone surrogate ("\\ud800", which is not text), deep's nests 100 levels; asks first sends the
+        client a ping whose params hold a lone surrogate and answers "pinged" once the client answered it; listid
+        first sends an answer whose id is a list, then its own, "fine"; plain's is "fine".
     python bad_server.py chatty
         a handshake-era server listing 50 tools piagent cannot call (taskSupport required) and `flood`, which
         sends 500 notifications/tools/list_changed before it answers "flooded".
@@ -106,9 +106,11 @@ def unusable(argv: list[str]) -> None:
                 if json.loads(reply).get("id") == "p1":
                     break
             return text("pinged")
+        if tool == "listid":
+            send({"id": [1], **text("an answer to no call")})
         return text("\ud800" if tool == "odd" else "fine")  # json.dumps writes it as the escape \ud800
 
-    handshake_server("unusable", plain_tools("odd", "deep", "asks", "plain"), call)
+    handshake_server("unusable", plain_tools("odd", "deep", "asks", "listid", "plain"), call)
 
 
 def chatty(argv: list[str]) -> None:
