@@ -4067,6 +4067,11 @@ def request_record(method: str, path: str, fields: dict[str, Any]) -> dict[str, 
 UNSAFE_IN_LOG = r'[\s"=\\]|[^\x21-\x7e]'
 
 
+def text_log_value(value: Any) -> Any:
+    """A value as a text log writes it: as a JSON string if bare it could end the line or read as another field."""
+    return json.dumps(value) if isinstance(value, str) and re.search(UNSAFE_IN_LOG, value) else value
+
+
 class TextLog(logging.Formatter):
     """Human lines. Example: ... INFO piagent: POST /chat 200 1234ms request_id=ab.. agent=general tokens=40"""
 
@@ -4074,12 +4079,15 @@ class TextLog(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def formatMessage(self, record: logging.LogRecord) -> str:
+        """One line per record, whatever a client or an upstream put in it (a path, an error text)."""
         request = getattr(record, "request", None)
         if request is not None:
-            pairs = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) and re.search(UNSAFE_IN_LOG, v) else v}"
-                             for k, v in request.items() if k in LOG_RECORD_FIELDS)
-            head = f"{request['method']} {request['path']} {request['status']} {request['duration_ms']}ms"
+            pairs = " ".join(f"{k}={text_log_value(v)}" for k, v in request.items() if k in LOG_RECORD_FIELDS)
+            head = (f"{text_log_value(request['method'])} {text_log_value(request['path'])} {request['status']} "
+                    f"{request['duration_ms']}ms")
             record.message = f"{head} {pairs}"
+        else:
+            record.message = re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\x{ord(m[0]):02x}", record.message)
         return super().formatMessage(record)
 
 

@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -933,6 +934,25 @@ def test_a_deliberately_cut_plain_stream_is_not_an_asgi_error_in_the_log(fake):
     output = proc.stdout.read()
     assert "ASGI callable returned without completing response" not in output, output[-2000:]
     assert "Traceback" not in output, output[-2000:]
+
+
+def test_a_text_log_line_cannot_be_forged_by_a_path_or_an_upstream_error(fake):
+    """uvicorn decodes %0a in a path, and an upstream's error text may hold a line break: the text log wrote both
+    as they came, so anyone who could send a request could write log lines of their choosing."""
+    forged = "2026-01-01 00:00:00,000 WARNING piagent: forged"
+    fake.script = Script(mangle=lambda o, kind: {"error": f"boom\n{forged} by the upstream"} if kind == "final" else o)
+    with piagent_process({"OLLAMA_HOST": fake.url, "WARMUP": "false", "LOG_FORMAT": "text"},
+                         capture=True) as (url, proc):
+        assert httpx.get(f"{url}/x%0a{forged.replace(' ', '%20')}%20by%20a%20path", timeout=DEADLINE).status_code == 404
+        with httpx.stream("POST", f"{url}/chat", json={"message": "hi", "stream": True, "conversation_id": "f1"},
+                          timeout=DEADLINE) as response:
+            with contextlib.suppress(httpx.RemoteProtocolError):
+                response.read()
+        fake.script = Script()
+        assert served_chat(SimpleNamespace(url=url), "f2").json()["reply"] == REPLY
+    output = proc.stdout.read()
+    assert "by a path" in output and "by the upstream" in output, output[-3000:]  # both were logged
+    assert not [line for line in output.splitlines() if line.startswith("2026-01-01")], output[-3000:]
 
 
 # ---------------------------------------------------------------------------
