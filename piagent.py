@@ -374,6 +374,12 @@ class _Settings:
         return value.rstrip("/")
 
 
+def without_credentials(url: str) -> str:
+    """A URL as piagent shows it (messages, logs, --check): a user and password in it replaced by ***.
+    Example: "http://me:secret@proxy:8080" -> "http://***@proxy:8080"."""
+    return re.sub(r"(?<=//)[^@/]*@", "***@", url, count=1)
+
+
 # ---------------------------------------------------------------------------
 # Memory: conversation stores (in-process, SQLite, Redis)
 # ---------------------------------------------------------------------------
@@ -803,7 +809,8 @@ class RedisStore(CappedStore):
             await self._redis.ping()
         except Exception as exc:  # redis raises its own ConnectionError, TimeoutError, AuthenticationError...
             await self._redis.aclose()
-            raise StoreError(f"cannot reach Redis at REDIS_URL={self.url} ({exc}); start it or fix REDIS_URL",
+            raise StoreError(f"cannot reach Redis at REDIS_URL={without_credentials(self.url)} ({exc}); start it or "
+                             f"fix REDIS_URL",
                              retry_may_help=True) from None
 
     async def close(self) -> None:
@@ -816,7 +823,8 @@ class RedisStore(CappedStore):
         try:
             return await work
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            raise MemoryUnavailable(f"Redis at {self.url} is unreachable ({exc}); retry when it is back",
+            raise MemoryUnavailable(f"Redis at {without_credentials(self.url)} is unreachable ({exc}); retry when it "
+                                    f"is back",
                                     {"Retry-After": str(DEFAULT_RETRY_AFTER_S)}) from None
 
     async def history(self, conversation_id: str) -> list[Turn]:
@@ -1272,13 +1280,14 @@ class HTTPProvider:
 
     def __init__(self, client: httpx.AsyncClient, config: Config):
         self.client, self.config = client, config
-        self.base_url = getattr(config, self.url_field)
+        self._address = getattr(config, self.url_field)  # what requests go to; base_url is what messages show
+        self.base_url = without_credentials(self._address)
         self._urls: dict[str, httpx.URL] = {}
 
     def url(self, path: str) -> httpx.URL:
         """base_url + path, parsed once: parsing a URL is a measurable part of every request's time to first token."""
         if path not in self._urls:
-            self._urls[path] = httpx.URL(self.base_url + path)
+            self._urls[path] = httpx.URL(self._address + path)
         return self._urls[path]
 
     def headers(self) -> dict[str, str]:
@@ -1324,7 +1333,7 @@ class HTTPProvider:
             raise UpstreamError(f"{self.label}: {detail}; give this agent a model with tool calling (see the README) "
                                 f"or remove its AGENT_<NAME>_TOOLS")
         if status == 404 and not model:  # a probe's path (models, version): the address is wrong, not a model
-            raise UpstreamError(f"{self.label} has nothing at {response.request.url} (404): is "
+            raise UpstreamError(f"{self.label} has nothing at {self.base_url}{response.request.url.path} (404): is "
                                 f"{self.url_field.upper()}={self.base_url} its address{self.url_hint}?")
         if status == 404:  # the wording varies between servers and versions: never parse it
             raise ModelNotFound(self.not_found(model))
@@ -2343,6 +2352,7 @@ class HttpTransport:
     def __init__(self, config: McpServerConfig, deliver: Callable[[dict[str, Any]], None],
                  transport: httpx.AsyncBaseTransport | None = None):
         self.config, self.deliver = config, deliver
+        self.shown = without_credentials(config.url)  # the URL in messages: they reach the model and the client
         # no read timeout: the list-change stream is quiet for hours; each request has the session's own timeout
         self.client = UpstreamClient(config.url, transport=transport,
                                      timeout=httpx.Timeout(config.timeout_s, read=None))
@@ -2380,20 +2390,20 @@ class HttpTransport:
             async with request as reply:
                 if reply.status_code == 404 and sent_session:
                     self.session_id = self.version = None
-                    raise McpSessionLost(f"{self.config.url} forgot the session")
+                    raise McpSessionLost(f"{self.shown} forgot the session")
                 if message["method"] == "initialize":
                     self.session_id = reply.headers.get("mcp-session-id")
                 if reply.is_success and reply.headers.get("content-type", "").startswith("text/event-stream"):
                     async for incoming in self._stream(reply):
                         if "method" not in incoming:
                             return incoming
-                    raise ConnectionError(f"{self.config.url} ended the stream without an answer")
+                    raise ConnectionError(f"{self.shown} ended the stream without an answer")
                 body = await read_at_most(reply, MCP_MAX_LINE_BYTES)  # a body that never ends must not fill memory
                 if len(body) > MCP_MAX_LINE_BYTES:
-                    raise ConnectionError(f"{self.config.url} sent an answer over {MCP_MAX_LINE_BYTES >> 20} MiB")
+                    raise ConnectionError(f"{self.shown} sent an answer over {MCP_MAX_LINE_BYTES >> 20} MiB")
                 return _http_answer(reply.status_code, body, self.config.name)
         except httpx.HTTPError as exc:
-            raise http_failure(self.config.url, exc) from None
+            raise http_failure(self.shown, exc) from None
 
     async def notify(self, message: dict[str, Any]) -> None:
         """POST a notification (or an answer to a server's request) within timeout_s; the server owes only 202, and
@@ -2403,7 +2413,7 @@ class HttpTransport:
                                           timeout=self.config.timeout_s):
                 pass
         except httpx.HTTPError as exc:
-            raise http_failure(self.config.url, exc) from None
+            raise http_failure(self.shown, exc) from None
 
     async def _lines(self, reply: httpx.Response) -> AsyncIterator[str]:
         """An SSE body's lines (\n or \r\n); one that never ends past MCP_MAX_LINE_BYTES ends the stream."""
@@ -2416,7 +2426,7 @@ class HttpTransport:
                 for line in lines:
                     yield line.removesuffix(b"\r").decode("utf-8", "replace")
             if len(pending) > MCP_MAX_LINE_BYTES:
-                raise ConnectionError(f"{self.config.url} sent a line over {MCP_MAX_LINE_BYTES >> 20} MiB")
+                raise ConnectionError(f"{self.shown} sent a line over {MCP_MAX_LINE_BYTES >> 20} MiB")
         if pending:
             yield bytes(pending).removesuffix(b"\r").decode("utf-8", "replace")
 
@@ -2427,7 +2437,7 @@ class HttpTransport:
             try:
                 event = decoder.feed(line)
             except ValueError as exc:
-                raise ConnectionError(f"{self.config.url} sent {exc}") from None
+                raise ConnectionError(f"{self.shown} sent {exc}") from None
             incoming = mcp_message(event[1]) if event is not None and event[0] == "message" else None
             if incoming is None:
                 continue
@@ -5458,7 +5468,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     configure_logging(config, sys.stderr)
     raise_fd_limit()
     log.info("piagent on http://%s:%d -> %s %s, agents: %s, memory: %s", config.host, config.port,
-             config.provider, upstream_url(config),
+             config.provider, without_credentials(upstream_url(config)),
              ", ".join(f"{a.name}={a.model}" for a in config.agents), _memory_description(config))
     for warning in startup_warnings(config):
         log.warning(warning)
@@ -5541,14 +5551,15 @@ def print_settings(config: Config, env_file: Path | None) -> None:
                       f"system prompt {a.system[:60]!r}")
             continue
         if f.name == "mcp_servers":
-            value = ", ".join(f"{m.name}: {shlex.join(m.command) or m.url}" + (" (token set)" if m.token else "")
+            value = ", ".join(f"{m.name}: {shlex.join(m.command) or without_credentials(m.url)}" +
+                              (" (token set)" if m.token else "")
                               for m in value) or "(none)"
         elif f.name == "api_keys":
             value = ", ".join(f"key {key_id(k)}" for k in value) or "(none: no auth)"
         elif f.name == "openai_api_key" and value:
             value = f"(set, {key_id(value)})"
-        elif f.name == "redis_url":
-            value = re.sub(r"//[^@/]*@", "//***@", value)  # a password in the URL
+        elif f.name in ("redis_url", "ollama_host", "openai_base_url"):
+            value = without_credentials(value)
         elif isinstance(value, tuple):
             value = ",".join(value) or "(none)"
         elif isinstance(value, bool):
@@ -5629,7 +5640,7 @@ def _port_free(host: str, port: int) -> tuple[bool, str, str, bool]:
 def _memory_description(config: Config) -> str:
     if not config.enable_memory:
         return "off"
-    where = {"sqlite": config.memory_path, "redis": config.redis_url}.get(config.memory_backend)
+    where = {"sqlite": config.memory_path, "redis": without_credentials(config.redis_url)}.get(config.memory_backend)
     return f"{config.memory_backend} {where}" if where else config.memory_backend
 
 

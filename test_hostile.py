@@ -13,6 +13,7 @@ not have been.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import errno
 import gzip
@@ -40,8 +41,8 @@ import piagent
 from fake_ollama import FakeOllama, Script
 from piagent import create_app, load_config
 from test_piagent import (HERE, KEY, MODEL, OTHER_KEY, LiveServer, RedisServer, find_redis_server, free_port,
-                          in_background, parse_metrics, piagent_command, piagent_process, piagent_records, sample,
-                          wait_until)
+                          in_background, in_process, parse_metrics, piagent_command, piagent_process, piagent_records,
+                          sample, wait_until)
 
 DEADLINE = 5.0  # upper bound for polls and for "is served" in this file
 REPLY = "Hello from the Pi!"  # what the fake's default Script answers
@@ -645,6 +646,36 @@ def test_an_https_upstream_is_checked_and_an_http_client_trusts_no_certificate(t
         assert len(fake.generations()) == 1  # the refused chat never reached it
     finally:
         fake.stop()
+
+
+def test_a_password_in_an_upstream_url_is_used_but_never_shown(fake):
+    """OLLAMA_HOST=http://user:password@proxy is how one reaches an Ollama behind a reverse proxy: the password went
+    into error bodies, /ready (which the page shows), the start-up log and --check. So did one in an MCP server's URL
+    (its errors reach the model and the client) and in REDIS_URL (its 503 reaches the client)."""
+    secret = "s3cret-pw"
+
+    def with_password(url: str) -> str:
+        return url.replace("://", f"://me:{secret}@", 1)
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    env = {"OLLAMA_HOST": with_password(fake.url), "WARMUP": "false", "ENABLE_MEMORY": "false", "MCP_SERVERS": "web",
+           "MCP_WEB_URL": with_password(dead) + "/mcp", "AGENT_GENERAL_TOOLS": "web.*", "PIAGENT_ENV_FILE": ""}
+    with LiveServer(create_app(load_config(env))) as server:  # used: sent as HTTP basic auth
+        assert served_chat(server, "pw1").json()["reply"] == REPLY
+        assert fake.requests[-1].headers["authorization"] == "Basic " + base64.b64encode(f"me:{secret}".encode()).decode()
+    env.update(OLLAMA_HOST=with_password(dead), MEMORY_BACKEND="redis", REDIS_URL=with_password(f"redis://{dead[7:]}/0"))
+    env.update(ENABLE_MEMORY="true")
+    checked = in_process(["--check"], env)
+    assert checked.returncode == 1 and "***@127.0.0.1" in checked.stdout, checked.stdout
+    env.update(ENABLE_MEMORY="false")
+    with piagent_process(env, capture=True) as (url, proc):
+        refused = httpx.post(f"{url}/chat", json={"message": "hi"}, timeout=DEADLINE)
+        assert refused.status_code == 503 and "***@127.0.0.1" in refused.text, refused.text
+        wait_until(lambda: not httpx.get(f"{url}/ready").json()["checks"]["mcp:web"]["ok"], what="the MCP check")
+        ready = httpx.get(f"{url}/ready").text
+    logged = proc.stdout.read()
+    for shown in (checked.stdout + checked.stderr, refused.text, ready, logged):
+        assert secret not in shown, shown[-3000:]
 
 
 @pytest.mark.parametrize("stream", [False, True])
