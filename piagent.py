@@ -1996,10 +1996,13 @@ async def tool_loop(provider: Provider, toolbox: Toolbox, agent: Agent, prompt: 
         if not usage.tool_calls or not offer:
             break
         events = []
-        for i, call in enumerate(usage.tool_calls):
+        # one call past the limit is answered as refused; any after it are dropped, not each made an event for the
+        # client and a message in the next prompt (a broken upstream sent 5,000 in one line)
+        for i, call in enumerate(usage.tool_calls[:MAX_TOOL_CALLS_PER_ROUND + 1]):
             holder = toolbox.holder(call.name)
             if i >= MAX_TOOL_CALLS_PER_ROUND:
-                event = ToolEvent(call, None, f"more than {MAX_TOOL_CALLS_PER_ROUND} calls at once; not run")
+                event = ToolEvent(call, None, f"more than {MAX_TOOL_CALLS_PER_ROUND} calls at once; this one and any "
+                                              f"after it were not run")
             elif holder in slow:  # each wait holds the model's slot: one time-out a reply is enough
                 event = ToolEvent(call, None, f"{call.name} timed out earlier in this reply; not run again"
                                   if holder == call.name else

@@ -2294,6 +2294,21 @@ def test_after_max_tool_rounds_the_model_must_answer_without_tools(serve_tools, 
     assert offered == [True] * rounds + [False] and text == "Done." and len(tools) == rounds
 
 
+def test_a_flood_of_tool_calls_runs_eight_refuses_one_and_drops_the_rest(serve_tools, fake):
+    """A broken upstream sent 5,000 calls in one line: each became an event for the client and a message in the next
+    round's prompt (15,000 events, 3.3 MB bodies). Past MAX_TOOL_CALLS_PER_ROUND, one is refused; the rest are
+    dropped."""
+    limit = piagent.MAX_TOOL_CALLS_PER_ROUND
+    fake.script = Script(tool_rounds=[[("calc", {"expression": f"{n} + 1"}) for n in range(500)]], tokens=["Done"])
+    text, tools = tool_reply(serve_tools(local=True), "json")
+    assert text == "Done" and len(tools) == limit + 1, len(tools)
+    assert [t["result"] for t in tools[:limit]] == [str(n + 1) for n in range(limit)]
+    assert tools[limit]["error"].startswith(f"more than {limit} calls at once"), tools[limit]
+    second = fake.generations()[-1].body["messages"]
+    assert [m["role"] for m in second[-(limit + 2):]] == ["assistant"] + ["tool"] * (limit + 1), second
+    assert len(second[-(limit + 2)]["tool_calls"]) == limit + 1
+
+
 def test_sse_pings_while_the_model_reads_a_tool_result(serve, fake):
     # on a Pi the next round can take many seconds before its first token: the stream must not look dead
     fake.script = Script(tool_rounds=[[("calc", {"expression": "1 + 1"})]], tokens=["Two", "."], hold_after=0)
