@@ -259,6 +259,9 @@ def _env_file_value(value: str, where: str, key: str) -> str:
     if value == "":
         raise ConfigError(f"{where}: {key}= is empty; delete the line to use the default")
     if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+        if value[0] in value[1:-1]:  # systemd's quote ends there, and what follows is read on from it
+            raise ConfigError(f"{where}: {key} has its quote character inside its quotes; use the other quote, or "
+                              f"none (an apostrophe needs no quotes: You're kind)")
         value = value[1:-1]
     elif value[0] in "\"'" or value[-1] in "\"'":
         raise ConfigError(f"{where}: {key} has an unmatched quote; quote the whole value or none of it")

@@ -321,13 +321,16 @@ def test_defaults_are_the_documented_ones():
 
 
 def test_env_file_reads_values_quotes_and_whole_line_comments():
-    text = "# comment\n\nPORT=9000\nAGENT_GENERAL_SYSTEM=\"Be brief # not a comment\"\nOLLAMA_MODEL_GENERAL='tiny'\n"
+    text = ("# comment\n\nPORT=9000\nAGENT_GENERAL_SYSTEM=\"Be brief # not a comment\"\nOLLAMA_MODEL_GENERAL='tiny'\n"
+            "AGENT_CODER_SYSTEM=You're kind. Don't ramble.\nAGENT_HELPER_SYSTEM=\"It's fine\"\n")
     assert parse_env_file(text) == {"PORT": "9000", "AGENT_GENERAL_SYSTEM": "Be brief # not a comment",
-                                    "OLLAMA_MODEL_GENERAL": "tiny"}
+                                    "OLLAMA_MODEL_GENERAL": "tiny", "AGENT_CODER_SYSTEM": "You're kind. Don't ramble.",
+                                    "AGENT_HELPER_SYSTEM": "It's fine"}  # as systemd reads them
 
 
 @pytest.mark.parametrize("line", ["export PORT=1", "PORT = 1", "PORT", "PORT='1", "PORT=", "A=${B}", "A=x\\y",
-                                  "9X=1", "OLLAMA_MODEL_GENERAL=qwen2.5:3b  # the small one"])
+                                  "9X=1", "OLLAMA_MODEL_GENERAL=qwen2.5:3b  # the small one",
+                                  "AGENT_GENERAL_SYSTEM='You're kind. Don't ramble.'", "A='a' 'b'"])
 def test_env_file_line_that_systemd_would_read_differently_is_an_error_naming_the_line(line):
     with pytest.raises(ConfigError, match=r"line 3"):
         parse_env_file(f"# ok\nHOST=127.0.0.1\n{line}\n")
