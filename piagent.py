@@ -3711,28 +3711,47 @@ MODEL_INFO_TIMEOUT_S = 2.0
 MODEL_INFO_REUSE_S = 2.0
 
 
+async def shared(rt: Runtime, key: tuple[str, ...], ask: Callable[[], Awaitable[Any]]) -> Any:
+    """ask(), one call at a time per key: those asking meanwhile, or within MODEL_INFO_REUSE_S of its end, share its
+    answer or its PiagentError (by rt.clock, the wall clock: a step back of it ends the reuse, rather than lengthen
+    it). If the caller asking leaves, those waiting get UpstreamUnavailable, and the next one asks again."""
+    kept = rt.model_info.get(key)
+    if kept is None or (kept[1].done() and not kept[0] - MODEL_INFO_REUSE_S <= rt.clock() < kept[0]):
+        outcome = asyncio.get_running_loop().create_future()  # (answer, None) or (None, failure): never unretrieved
+        rt.model_info[key] = (math.inf, outcome)
+        result: tuple[Any, PiagentError | None] | None = None
+        try:
+            try:
+                result = (await ask(), None)
+            except PiagentError as exc:
+                result = (None, exc)
+        finally:
+            outcome.set_result(result or (None, UpstreamUnavailable("the upstream call was given up; ask again")))
+            rt.model_info[key] = (0.0 if result is None else rt.clock() + MODEL_INFO_REUSE_S, outcome)
+        kept = rt.model_info[key]
+    answer, failure = await asyncio.shield(kept[1])  # shielded: one of them leaving does not cancel the others' answer
+    if failure is not None:
+        raise failure
+    return answer
+
+
 async def upstream_info(rt: Runtime, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What Ollama says at `path` (GET, or POST `body`); {} from another upstream or in no time: lists answer anyway.
-    One call at a time per path and model: those asking meanwhile, or within MODEL_INFO_REUSE_S, share its answer
-    (by rt.clock, the wall clock: a step back of it ends the reuse, rather than lengthen it)."""
+    """What Ollama says at `path` (GET, or POST `body`), shared per path and model; {} from another upstream, on a
+    failure or in no time: the lists answer anyway."""
     provider = rt.provider
     if not isinstance(provider, OllamaProvider):
         return {}
-    key = (path, "" if body is None else str(body.get("model", "")))
-    kept = rt.model_info.get(key)
-    if kept is not None and (not kept[1].done() or kept[0] - MODEL_INFO_REUSE_S <= rt.clock() < kept[0]):
-        return await asyncio.shield(kept[1])  # shielded: one of them leaving does not cancel the others' answer
-    answer, value = asyncio.get_running_loop().create_future(), None
-    rt.model_info[key] = (math.inf, answer)
-    try:
-        with contextlib.suppress(PiagentError, TimeoutError):  # a failure is an answer too: {}
+    model = "" if body is None else str(body.get("model", ""))
+
+    async def ask() -> dict[str, Any]:
+        with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(MODEL_INFO_TIMEOUT_S):
-                value = await (provider.get_json(path) if body is None else provider.post_json(path, body, key[1]))
-        value = value or {}
-    finally:  # also when this caller left (value None): the ones waiting get {} now, and the next one asks again
-        answer.set_result(value or {})
-        rt.model_info[key] = (0.0 if value is None else rt.clock() + MODEL_INFO_REUSE_S, answer)
-    return value
+                return await (provider.get_json(path) if body is None else provider.post_json(path, body, model))
+        return {}
+
+    with contextlib.suppress(PiagentError):
+        return await shared(rt, (path, model), ask) or {}
+    return {}
 
 
 class Generation(Response):
@@ -3970,7 +3989,7 @@ async def readiness(rt: Runtime) -> tuple[bool, dict[str, Any]]:
     checks: dict[str, dict[str, Any]] = {}
     config, provider = rt.config, rt.provider
     try:
-        description, available = await provider.probe()
+        description, available = await shared(rt, ("probe",), provider.probe)  # free of the rate limit, as a poll
         checks["upstream"] = {"ok": True, "detail": f"{description} at {provider.base_url}"}
         missing = sorted({a.model for a in config.agents if not has_model(a.model, available)})
         fix = "; ".join(missing_model(provider, m, available) for m in missing)

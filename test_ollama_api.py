@@ -147,6 +147,26 @@ def test_model_reads_reach_ollama_once_per_path_and_model_while_an_answer_is_fre
     assert len(received(upstream, "/api/tags")) == 3
 
 
+def test_ready_polls_reach_the_upstream_once_while_an_answer_is_fresh(serve, upstream):
+    """/ready is free of the rate limit too, and each poll probed the upstream (Ollama's version and model list): a
+    helper's 300 polls were 300 probes, and a slow one held connections the generations use. They share an answer
+    as the model reads do."""
+    now = [1_000_000.0]
+    server = serve(clock=lambda: now[0])
+
+    async def flood(times: int) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=DEADLINE_S) as c:
+            return await asyncio.gather(*(c.get("/ready") for _ in range(times)))
+
+    answers = asyncio.run(flood(40))
+    assert {r.json()["checks"]["upstream"]["ok"] for r in answers} == {True}, answers[0].text
+    probes = len(received(upstream, "/api/version"))
+    assert probes == 1, probes
+    now[0] += piagent.MODEL_INFO_REUSE_S  # then asked again
+    assert httpx.get(f"{server.url}/ready", timeout=DEADLINE_S).json()["checks"]["models"]["ok"]
+    assert len(received(upstream, "/api/version")) == 2
+
+
 def test_show_without_an_ollama_upstream_still_has_model_info(serve_openai):  # noqa: F811
     shown = client(serve_openai(AGENT_GENERAL_TOOLS="calc")).show("general:latest")
     assert shown.modelinfo == {} and shown.capabilities == ["completion", "tools"]
