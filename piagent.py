@@ -2065,6 +2065,9 @@ MCP_RESTART_MIN_S = 1.0
 MCP_RESTART_MAX_S = 300.0
 #: Seconds before a dropped list-change stream (HTTP) is opened again.
 MCP_LISTEN_RETRY_S = 5.0
+#: After a re-listing of its tools, a server's next is this long away at least: one announcing a change after each
+#: listing had piagent list it ~1,200 times a second, a core's CPU taken from the model.
+MCP_RELIST_PAUSE_S = 1.0
 #: Lines of a server's stderr (and of garbage on its stdout) logged per minute, and the characters kept of each.
 MCP_LOG_LINES_PER_MIN = 20
 MCP_LOG_LINE_CHARS = 300
@@ -2585,6 +2588,7 @@ class McpServer:
                 if not pump.running():
                     raise ConnectionError(getattr(transport, "closed", None) or "the connection ended")
                 await self._relist()
+                await asyncio.sleep(MCP_RELIST_PAUSE_S)  # a pause, not synchronisation: changes meanwhile wait
         except Exception as exc:  # whatever the server did, piagent goes on; status() says why
             self._why = str(exc) or type(exc).__name__
         finally:

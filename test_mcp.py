@@ -510,6 +510,29 @@ def test_program_that_cannot_start_says_why():
     run(scenario())
 
 
+def test_a_server_announcing_a_change_after_every_listing_is_listed_once_a_pause(tmp_path, monkeypatch):
+    """It had piagent list its tools about 1,200 times a second, a core's CPU taken from the model. The first change
+    is listed at once; after that, at most one listing a MCP_RELIST_PAUSE_S (injected: 0.2 s here)."""
+    monkeypatch.setattr(mcp_client, "MCP_RELIST_PAUSE_S", 0.2)
+    listed = tmp_path / "listed"
+
+    def times() -> list[float]:
+        return [float(t) for t in listed.read_text().split()] if listed.exists() else []
+
+    async def scenario():
+        server = McpServer(McpServerConfig("churn", (PY, BAD_SERVER, "churn", str(listed)), timeout_s=10))
+        await server.start()
+        try:
+            assert await server.ready(20)
+            await poll(lambda: len(times()) >= 5)
+            assert server.status() == (True, "1 tools") and await server.call("plain", {}) == "fine"
+        finally:
+            await server.stop()
+    run(scenario())
+    gaps = [later - earlier for earlier, later in zip(times(), times()[1:])]
+    assert min(gaps[1:]) >= 0.19, gaps  # the loop's clock may wake a hair early; 1,200 a second was 0.001 s
+
+
 def test_garbage_on_stdout_is_skipped_and_a_chatty_server_is_logged_bounded(tmp_path, caplog):
     need_sdk()
 

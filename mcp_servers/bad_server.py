@@ -13,6 +13,9 @@
     python bad_server.py chatty
         a handshake-era server listing 50 tools piagent cannot call (taskSupport required) and `flood`, which
         sends 500 notifications/tools/list_changed before it answers "flooded".
+    python bad_server.py churn FILE
+        a handshake-era server with tool `plain` that announces a tool-list change after every tools/list answer,
+        and appends the time (time.monotonic()) of each listing to FILE.
     python bad_server.py deaf
         a handshake-era server with tool `pings`: on it, it sends 200 pings with 512 KiB ids and reads nothing more
         (60 s at most).
@@ -68,9 +71,9 @@ def text(words: str) -> dict:
     return {"result": {"content": [{"type": "text", "text": words}]}}
 
 
-def handshake_server(name: str, tools: list[dict], call, list_changed: bool = False) -> None:
+def handshake_server(name: str, tools: list[dict], call, list_changed: bool = False, after_list=None) -> None:
     """Answer initialize and tools/list as a server of the handshake era would; tools/call's answer is
-    call(tool name) (which may also misbehave, or never return)."""
+    call(tool name) (which may also misbehave, or never return); after_list() runs after each tools/list answer."""
     for line in sys.stdin:
         request = json.loads(line)
         method, params = request.get("method"), request.get("params") or {}
@@ -86,6 +89,8 @@ def handshake_server(name: str, tools: list[dict], call, list_changed: bool = Fa
         else:
             answer = {"error": {"code": -32601, "message": f"no method {method}"}}
         send({"id": request["id"], **answer})
+        if method == "tools/list" and after_list is not None:
+            after_list()
 
 
 def plain_tools(*names: str) -> list[dict]:
@@ -125,6 +130,16 @@ def chatty(argv: list[str]) -> None:
     handshake_server("chatty", tasks + plain_tools("flood"), call, list_changed=True)
 
 
+def churn(argv: list[str]) -> None:
+    """Announce a tool-list change after every listing, and append the time of each listing to the file argv[0]."""
+    def after_list() -> None:
+        with open(argv[0], "a") as times:
+            times.write(f"{time.monotonic()}\n")
+        send({"method": "notifications/tools/list_changed"})
+
+    handshake_server("churn", plain_tools("plain"), lambda tool: text("fine"), list_changed=True, after_list=after_list)
+
+
 def deaf(argv: list[str]) -> None:
     """Ask the client again and again, and never read its answers."""
     def call(tool: str) -> dict:
@@ -151,4 +166,4 @@ def gone(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     {"silent": silent, "noisy": noisy, "unusable": unusable, "gone": gone, "chatty": chatty,
-     "deaf": deaf}[sys.argv[1]](sys.argv[2:])
+     "deaf": deaf, "churn": churn}[sys.argv[1]](sys.argv[2:])
