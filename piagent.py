@@ -1288,7 +1288,8 @@ class HTTPProvider:
         self._urls: dict[str, httpx.URL] = {}
 
     def url(self, path: str) -> httpx.URL:
-        """base_url + path, parsed once: parsing a URL is a measurable part of every request's time to first token."""
+        """The configured address + path (credentials and all), parsed once: parsing a URL is a measurable part of
+        every request's time to first token."""
         if path not in self._urls:
             self._urls[path] = httpx.URL(self._address + path)
         return self._urls[path]
