@@ -48,8 +48,8 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from types import MappingProxyType
-from typing import (Any, AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Literal, Mapping, MutableMapping,
-                    NamedTuple, Protocol, TypeVar)
+from typing import (Annotated, Any, AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Literal, Mapping,
+                    MutableMapping, NamedTuple, Protocol, TypeVar)
 
 import httpx
 from fastapi import FastAPI, Query, Request
@@ -4240,6 +4240,24 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class SchemaFormat(BaseModel):
+    """response_format.json_schema: its schema is what the reply must fit (Ollama's `format`)."""
+
+    model_config = ConfigDict(extra="allow")  # name, strict, ...: OpenAI's, not Ollama's
+    schema_: dict[str, Any] = Field(alias="schema")
+
+
+class ResponseFormat(BaseModel):
+    """A client's response_format: text, any JSON object, or JSON that fits json_schema.schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: SchemaFormat | None = None
+
+
+#: A stop sequence: the reply ends before it (Ollama's options.stop).
+StopText = Annotated[str, Field(min_length=1, max_length=256)]
+
+
 class OpenAIChatRequest(BaseModel):
     """POST /v1/chat/completions body (the fields piagent uses; others are ignored)."""
 
@@ -4251,6 +4269,12 @@ class OpenAIChatRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    seed: int | None = Field(None, ge=-2**63, lt=2**63)
+    stop: Annotated[list[StopText], Field(max_length=4, description="a string, or up to 4")] | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    response_format: ResponseFormat | None = None
     tools: list[ClientTool] | None = Field(None, max_length=64,
                                            description="the client's own tools: their calls come back to the client")
     tool_choice: Literal["none", "auto", "required"] | ToolChoice | None = Field(
@@ -4262,6 +4286,11 @@ class OpenAIChatRequest(BaseModel):
         if value not in (None, 1):
             raise ValueError("piagent gives one choice; leave n out, or send 1")
         return value
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def stop_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
 
 
 # Response shapes, for the OpenAPI schema (/openapi.json) and the fuzz tests that read it.
@@ -4568,6 +4597,21 @@ def split_openai_messages(body: OpenAIChatRequest) -> Ask:
     return Ask(system, history, messages[last].text(), tuple(m.as_message() for m in tail), tools, choice)
 
 
+def openai_sampling(config: Config, body: OpenAIChatRequest) -> Sampling:
+    """A /v1 request's sampling in Ollama's terms, as /api's: max_tokens at most MAX_TOKENS, stop, format, ..."""
+    options = {name: value for name in OPENAI_SAME_OPTIONS if (value := getattr(body, name)) is not None}
+    extra: dict[str, Any] = {"options": options}
+    form = body.response_format
+    if form and form.type == "json_schema" and form.json_schema is None:
+        raise InvalidRequest("response_format.json_schema: send {\"name\": ..., \"schema\": {...}} with "
+                             "type json_schema, or use type json_object")
+    if form and form.type != "text":
+        extra["format"] = form.json_schema.schema_ if form.json_schema and form.type == "json_schema" else "json"
+    asked = body.max_completion_tokens or body.max_tokens or config.max_tokens
+    return Sampling(min(asked, config.max_tokens), config.temperature if body.temperature is None
+                    else body.temperature, extra)
+
+
 def history_exchange(rt: Runtime, agent: Agent, ask: Ask, sampling: Sampling, stream: bool,
                      request: Request) -> Exchange:
     """The exchange of a door whose client sends the history (/v1, /api); memory only with X-Conversation-Id."""
@@ -4600,11 +4644,8 @@ def add_openai_routes(app: FastAPI, rt: Runtime) -> None:
     async def completions(request: Request) -> Generation:
         body = await read_body(request, OpenAIChatRequest)
         agent = find_agent(config, body.model)
-        max_tokens = body.max_completion_tokens or body.max_tokens or config.max_tokens
-        if max_tokens >= config.ctx_tokens:
-            raise InvalidRequest(f"max_tokens={max_tokens} must be below the context size {config.ctx_tokens}")
-        sampling = Sampling(max_tokens, config.temperature if body.temperature is None else body.temperature)
-        x = history_exchange(rt, agent, split_openai_messages(body), sampling, body.stream, request)
+        x = history_exchange(rt, agent, split_openai_messages(body), openai_sampling(config, body), body.stream,
+                             request)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return Generation(x, OpenAIDoor(config.sse_ping_s, agent.name, include_usage))
 

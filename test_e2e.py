@@ -317,6 +317,23 @@ def test_official_openai_sdk_against_piagent(piagent_url, llm):
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text
 
 
+def test_a_v1_stop_sequence_ends_the_real_servers_reply_there(piagent_url, llm):
+    # /v1 dropped `stop`: the model generated on to max_tokens for a client that had asked it to stop
+    ask = {"model": "general", "messages": [{"role": "user", "content": "Count from one to twenty in words."}]}
+    prime(llm)
+    whole = httpx.post(f"{piagent_url}/v1/chat/completions", json=ask, timeout=120).json()
+    text = whole["choices"][0]["message"]["content"]
+    words = text.split()
+    assert len(words) >= 4, text
+    stop = words[len(words) // 2]
+    prime(llm)
+    cut = httpx.post(f"{piagent_url}/v1/chat/completions", json={**ask, "stop": [stop]}, timeout=120).json()
+    reply = cut["choices"][0]["message"]["content"]
+    assert text.startswith(reply) and stop not in reply and len(reply) < len(text), (text, stop, reply)
+    assert cut["choices"][0]["finish_reason"] == "stop" and cut["usage"]["completion_tokens"] < whole["usage"][
+        "completion_tokens"]
+
+
 CALIBRATION_PROMPTS = [
     "Hi",
     "What is the capital of France?",

@@ -1131,7 +1131,7 @@ def test_a_message_too_large_for_the_context_is_413_with_the_numbers(serve_local
 
 def test_a_reply_that_would_take_the_whole_context_is_413_saying_to_ask_for_less(serve_local, fake):
     # it said to offer an agent with no tools fewer tools
-    response = serve_local().post("/v1/chat/completions", json={
+    response = serve_local(MAX_TOKENS=2047).post("/v1/chat/completions", json={
         "model": "general", "max_tokens": 2047, "messages": [{"role": "user", "content": "hi"}]})
     message = response.json()["error"]["message"]
     assert response.status_code == 413 and "after the 2047 kept for the reply; ask for a shorter reply" in message
@@ -1882,8 +1882,48 @@ def test_v1_request_overrides_max_tokens_and_temperature(serve_local, fake):
     assert (second["num_predict"], second["temperature"]) == (44, 0.7)
 
 
+def test_v1_max_tokens_past_max_tokens_is_lowered_to_it_as_on_api(serve_local, fake):
+    # it was refused at CTX_TOKENS or more (a client's default 4096 was a 422) and honoured below: 2,000 tokens
+    # at 2-5 a second kept the Pi busy ten minutes past the operator's MAX_TOKENS
+    server = serve_local(MAX_TOKENS=50)
+    for asked in (4096, 1500, 50):
+        assert v1(server, model="general", max_tokens=asked, messages=[{"role": "user", "content": "hi"}]).is_success
+    assert [g.body["options"]["num_predict"] for g in fake.generations()] == [50, 50, 50]
+
+
+def test_v1_sampling_fields_reach_ollama_in_its_terms(serve_local, fake):
+    # they were dropped: a client's stop sequence was not sent, and the Pi generated on to max_tokens
+    server = serve_local()
+    hi = [{"role": "user", "content": "hi"}]
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}}
+    v1(server, model="general", messages=hi, stop="\n", seed=7, top_p=0.5, presence_penalty=0.5,
+       frequency_penalty=-1, response_format={"type": "json_object"})
+    v1(server, model="general", messages=hi, stop=["END", "##"],
+       response_format={"type": "json_schema", "json_schema": {"name": "place", "schema": schema, "strict": True}})
+    v1(server, model="general", messages=hi, response_format={"type": "text"})
+    first, second, third = (g.body for g in fake.generations())
+    assert {k: first["options"][k] for k in ("stop", "seed", "top_p", "presence_penalty", "frequency_penalty")} == {
+        "stop": ["\n"], "seed": 7, "top_p": 0.5, "presence_penalty": 0.5, "frequency_penalty": -1}
+    assert (first["format"], second["format"], second["options"]["stop"]) == ("json", schema, ["END", "##"])
+    assert "format" not in third and "stop" not in third["options"]
+
+
+def test_v1_sampling_fields_reach_an_openai_upstream_as_sent(serve_openai_local, fake):
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}}
+    v1(serve_openai_local(), model="general", messages=[{"role": "user", "content": "hi"}], stop="END", seed=7,
+       top_p=0.9, response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}})
+    (sent,) = fake.generations()
+    assert {k: sent.body.get(k) for k in ("stop", "seed", "top_p", "response_format")} == {
+        "stop": ["END"], "seed": 7, "top_p": 0.9,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}}
+
+
 @pytest.mark.parametrize("extra", [{"temperature": 2.5}, {"temperature": -1}, {"max_tokens": 0},
-                                   {"max_tokens": 4096}, {"messages": []},
+                                   {"top_p": 1.5}, {"seed": 2**63}, {"stop": ""}, {"stop": ["a"] * 5},
+                                   {"stop": "x" * 257}, {"frequency_penalty": 3}, {"presence_penalty": -2.5},
+                                   {"response_format": {"type": "xml"}}, {"response_format": {"type": "json_schema"}},
+                                   {"response_format": {"type": "json_schema", "json_schema": {"name": "n"}}},
+                                   {"messages": []},
                                    {"messages": [{"role": "assistant", "content": "hi"}]},
                                    {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
                                    {"messages": [{"role": "tool", "content": "x"}]}])
@@ -1930,6 +1970,11 @@ def test_official_openai_sdk_talks_to_piagent(serve, fake):
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "Hello from the Pi!"
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nobody", messages=[{"role": "user", "content": "hi"}])
+    client.chat.completions.create(model="general", messages=[{"role": "user", "content": "hi"}], stop=["END"],
+                                   seed=1, max_tokens=9, response_format={"type": "json_object"})
+    sent = fake.generations()[-1].body
+    assert (sent["options"]["stop"], sent["options"]["seed"], sent["options"]["num_predict"], sent["format"]) == (
+        ["END"], 1, 9, "json")
 
 
 # ---------------------------------------------------------------------------
