@@ -1329,6 +1329,10 @@ class HTTPProvider:
         if response.headers.get("x-piagent"):  # a piagent (this one, or another) would ask itself: no model there
             raise UpstreamError(f"{self.url_field.upper()}={self.base_url} is a piagent, not {self.label}: set it to "
                                 f"{self.label}'s own address")
+        if 300 <= status < 400:  # httpx does not follow them: a POST would not survive most
+            where = without_credentials(response.headers.get("location") or "no address")[:200]
+            raise UpstreamError(f"{self.label} at {self.base_url} redirects to {where} (HTTP {status}); set "
+                                f"{self.url_field.upper()} to the address it should be")
         if status < 400:
             return
         head = await read_at_most(response, MAX_UPSTREAM_ERROR_BYTES)

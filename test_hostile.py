@@ -648,6 +648,24 @@ def test_an_https_upstream_is_checked_and_an_http_client_trusts_no_certificate(t
         fake.stop()
 
 
+def test_an_upstream_that_redirects_says_where_to_rather_than_not_json(hserve, fake):
+    """A proxy sending http to https answers 301: piagent read its body as the reply ("not JSON", or a stream that
+    "ended early"), and /ready said so too, with nothing pointing at the address. httpx does not follow it (a POST
+    would not survive most redirects), so piagent names where it points: a 502, the slot free, nothing stored."""
+    server = hserve()
+    fake.redirect = elsewhere = "https://127.0.0.1:11443/api/chat"
+    told = f"Ollama at {fake.url} redirects to {elsewhere} (HTTP 301); set OLLAMA_HOST to the address it should be"
+    answers = [chat(server, message="hi", conversation_id="moved"), v1(server, stream=True, messages=[
+        {"role": "user", "content": "hi"}]), post(server, "/api/chat", {"model": "general", "messages": [
+            {"role": "user", "content": "hi"}]})]
+    assert [a.status_code for a in answers] == [502, 502, 502], [a.text for a in answers]
+    assert all(told in a.text for a in answers), [a.text for a in answers]
+    wait_until(lambda: told in httpx.get(f"{server.url}/ready").text, what="/ready naming the redirect")
+    fake.redirect = None
+    assert served_chat(server, "moved").json()["reply"] == REPLY
+    assert [m["content"] for m in fake.generations()[-1].body["messages"][1:]] == ["normal"]  # no "hi" kept
+
+
 def test_a_password_in_an_upstream_url_is_used_but_never_shown(fake):
     """OLLAMA_HOST=http://user:password@proxy is how one reaches an Ollama behind a reverse proxy: the password went
     into error bodies, /ready (which the page shows), the start-up log and --check. So did one in an MCP server's URL
