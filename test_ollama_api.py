@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import time
+from typing import Any
 
 import httpx
 import pytest
@@ -165,6 +166,39 @@ def test_ready_polls_reach_the_upstream_once_while_an_answer_is_fresh(serve, ups
     now[0] += piagent.MODEL_INFO_REUSE_S  # then asked again
     assert httpx.get(f"{server.url}/ready", timeout=DEADLINE_S).json()["checks"]["models"]["ok"]
     assert len(received(upstream, "/api/version")) == 2
+
+
+def test_a_shared_call_given_up_by_its_asker_fails_the_waiting_once_and_the_next_asks_again():
+    """shared(): when the caller that asked leaves (cancelled: shutdown, or its own time limit), those waiting on its
+    answer get a typed 503 rather than hang or see a CancelledError, and the next caller asks afresh."""
+    rt = piagent.create_app(piagent.load_config({})).state.runtime
+    key, asked = ("probe",), []
+
+    async def scenario() -> tuple[Any, Any]:
+        started, never = asyncio.Event(), asyncio.Event()
+
+        async def slow() -> str:
+            asked.append("slow")
+            started.set()
+            await never.wait()
+            return "never"
+
+        async def fresh() -> str:
+            asked.append("fresh")
+            return "fresh"
+
+        first = asyncio.create_task(piagent.shared(rt, key, slow))
+        await asyncio.wait_for(started.wait(), DEADLINE_S)
+        waiting = asyncio.create_task(piagent.shared(rt, key, fresh))
+        await asyncio.sleep(0)  # let it start waiting (one loop turn, not a timed wait)
+        first.cancel()
+        outcome = await asyncio.wait_for(asyncio.gather(first, waiting, return_exceptions=True), DEADLINE_S)
+        return outcome, await piagent.shared(rt, key, fresh)
+
+    (first, waiting), after = asyncio.run(scenario())
+    assert isinstance(first, asyncio.CancelledError)
+    assert isinstance(waiting, piagent.UpstreamUnavailable) and "ask again" in str(waiting)
+    assert (after, asked) == ("fresh", ["slow", "fresh"])
 
 
 def test_show_without_an_ollama_upstream_still_has_model_info(serve_openai):  # noqa: F811
