@@ -925,6 +925,7 @@ class Sampling(NamedTuple):
     max_tokens: int
     temperature: float
     # a client's own fields, in Ollama's terms ("options" and OLLAMA_PASSED_FIELDS): providers bound or translate them
+    # (and /v1's response_format.json_schema as sent, "json_schema": an OpenAI upstream gets its name and strict)
     extra: Mapping[str, Any] = MappingProxyType({})
 
 
@@ -955,7 +956,8 @@ def openai_options(extra: Mapping[str, Any]) -> dict[str, Any]:
     if form == "json":
         out["response_format"] = {"type": "json_object"}
     elif isinstance(form, dict):
-        out["response_format"] = {"type": "json_schema", "json_schema": {"name": "reply", "schema": form}}
+        out["response_format"] = {"type": "json_schema", "json_schema": {"name": "reply", "schema": form,
+                                                                         **extra.get("json_schema", {})}}
     return out
 
 
@@ -4269,15 +4271,16 @@ class OpenAIChatRequest(BaseModel):
     messages: list[OpenAIMessage] = Field(min_length=1, max_length=1000)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int | None = Field(None, description="piagent gives one choice: leave n out, or send 1")
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
-    seed: int | None = Field(None, ge=-2**63, lt=2**63)
+    # numbers strictly (as OpenAI): true, "7" or 7.5 are a 422, not quietly 1, 7 or 7
+    n: int | None = Field(None, strict=True, description="piagent gives one choice: leave n out, or send 1")
+    max_tokens: int | None = Field(None, ge=1, strict=True)
+    max_completion_tokens: int | None = Field(None, ge=1, strict=True)
+    temperature: float | None = Field(None, ge=0, le=2, strict=True)
+    top_p: float | None = Field(None, ge=0, le=1, strict=True)
+    seed: int | None = Field(None, ge=-2**63, lt=2**63, strict=True)
     stop: Annotated[list[StopText], Field(max_length=4, description="a string, or up to 4")] | None = None
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2, strict=True)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, strict=True)
     response_format: ResponseFormat | None = None
     tools: list[ClientTool] | None = Field(None, max_length=64,
                                            description="the client's own tools: their calls come back to the client")
@@ -4609,8 +4612,10 @@ def openai_sampling(config: Config, body: OpenAIChatRequest) -> Sampling:
     if form and form.type == "json_schema" and form.json_schema is None:
         raise InvalidRequest("response_format.json_schema: send {\"name\": ..., \"schema\": {...}} with "
                              "type json_schema, or use type json_object")
-    if form and form.type != "text":
-        extra["format"] = form.json_schema.schema_ if form.json_schema and form.type == "json_schema" else "json"
+    if form and form.type == "json_schema" and form.json_schema:  # whole for an OpenAI upstream (name, strict)
+        extra.update(format=form.json_schema.schema_, json_schema=form.json_schema.model_dump(by_alias=True))
+    elif form and form.type == "json_object":
+        extra["format"] = "json"
     asked = body.max_completion_tokens or body.max_tokens or config.max_tokens
     return Sampling(min(asked, config.max_tokens), config.temperature if body.temperature is None
                     else body.temperature, extra)
@@ -5424,6 +5429,16 @@ def _read_mcp_servers(s: _Settings) -> tuple[McpServerConfig, ...]:
     return servers
 
 
+def _read_context(s: _Settings, d: Config) -> dict[str, int]:
+    """CTX_TOKENS, and MAX_TOKENS below it (else every request is a 413 saying a negative number of tokens is left);
+    MAX_TOKENS defaults to half a context smaller than 400."""
+    ctx_tokens = s.integer("CTX_TOKENS", d.ctx_tokens, 128, 1_048_576)
+    max_tokens = s.integer("MAX_TOKENS", min(d.max_tokens, ctx_tokens // 2), 1, 1_048_576)
+    if max_tokens >= ctx_tokens:
+        raise s.fail("MAX_TOKENS", f"fewer than CTX_TOKENS={ctx_tokens}: the reply and the prompt share the context")
+    return {"ctx_tokens": ctx_tokens, "max_tokens": max_tokens}
+
+
 def load_config(environ: Mapping[str, str], env_file: Path | None = None) -> Config:
     """Config from the real environment over the env file over the defaults; a ConfigError names what is wrong."""
     file_values = read_env_file(env_file) if env_file is not None else {}
@@ -5448,8 +5463,7 @@ def load_config(environ: Mapping[str, str], env_file: Path | None = None) -> Con
         write_timeout_s=s.number("WRITE_TIMEOUT_S", d.write_timeout_s, 0.1, 3600),
         max_connections=s.integer("MAX_CONNECTIONS", d.max_connections, 1, 100_000),
         header_timeout_s=s.number("HEADER_TIMEOUT_S", d.header_timeout_s, 0.1, 3600),
-        ctx_tokens=s.integer("CTX_TOKENS", d.ctx_tokens, 128, 1_048_576),
-        max_tokens=s.integer("MAX_TOKENS", d.max_tokens, 1, 1_048_576),
+        **_read_context(s, d),
         temperature=s.number("TEMPERATURE", d.temperature, 0.0, 2.0),
         **_read_memory(s, d),
         host=s.matching("HOST", d.host, HOST_PATTERN, "an address of this machine (127.0.0.1: this machine only; "

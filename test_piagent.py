@@ -362,6 +362,16 @@ def test_bad_value_is_one_error_naming_variable_value_and_expectation(key, value
     assert key in message and repr(value) in message and "expected" in message and "\n" not in message
 
 
+def test_max_tokens_must_leave_room_in_the_context_and_its_default_does():
+    # MAX_TOKENS=5000 with CTX_TOKENS=2048 started, and every request was a 413 saying "-2048 left"
+    with pytest.raises(ConfigError, match=r"MAX_TOKENS='5000' is not valid: expected fewer than CTX_TOKENS=2048"):
+        load_config({"MAX_TOKENS": "5000"})
+    with pytest.raises(ConfigError, match=r"MAX_TOKENS='1024' .* fewer than CTX_TOKENS=1024"):
+        load_config({"MAX_TOKENS": "1024", "CTX_TOKENS": "1024"})
+    assert load_config({"CTX_TOKENS": "128"}).max_tokens == 64  # the default 200 would not fit: half the context
+    assert load_config({"CTX_TOKENS": "4096"}).max_tokens == Config.max_tokens
+
+
 @pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0", "::", "::1", "fe80::1%eth0", "localhost",
                                   "raspberrypi.lan"])
 def test_host_takes_addresses_and_names(host):  # the setting only: nothing here binds
@@ -1911,15 +1921,17 @@ def test_v1_sampling_fields_reach_ollama_in_its_terms(serve_local, fake):
 def test_v1_sampling_fields_reach_an_openai_upstream_as_sent(serve_openai_local, fake):
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}}
     v1(serve_openai_local(), model="general", messages=[{"role": "user", "content": "hi"}], stop="END", seed=7,
-       top_p=0.9, response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}})
+       top_p=0.9, response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema,
+                                                                           "strict": True}})
     (sent,) = fake.generations()
     assert {k: sent.body.get(k) for k in ("stop", "seed", "top_p", "response_format")} == {
         "stop": ["END"], "seed": 7, "top_p": 0.9,
-        "response_format": {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}}
+        "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema, "strict": True}}}
 
 
 @pytest.mark.parametrize("extra", [{"temperature": 2.5}, {"temperature": -1}, {"max_tokens": 0},
-                                   {"top_p": 1.5}, {"seed": 2**63}, {"stop": ""}, {"stop": ["a"] * 5},
+                                   {"top_p": 1.5}, {"seed": 2**63}, {"seed": True}, {"max_tokens": "12"},
+                                   {"temperature": True}, {"top_p": "0.5"}, {"seed": 7.5}, {"stop": ""}, {"stop": ["a"] * 5},
                                    {"stop": "x" * 257}, {"frequency_penalty": 3}, {"presence_penalty": -2.5},
                                    {"response_format": {"type": "xml"}}, {"response_format": {"type": "json_schema"}},
                                    {"response_format": {"type": "json_schema", "json_schema": {"name": "n"}}},
