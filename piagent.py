@@ -322,28 +322,27 @@ class _Settings:
     def text(self, key: str, default: str | None) -> str | None:
         return self.raw(key) or default
 
+    def parsed(self, key: str, default: T, expected: str, parse: Callable[[str], T | None]) -> T:
+        """parse(value), or the default when unset; an error saying `expected` if parse gives None or ValueError."""
+        value = self.raw(key)
+        if value is None:
+            return default
+        with contextlib.suppress(ValueError):  # not a number at all: the same error as one out of range
+            if (result := parse(value)) is not None:
+                return result
+        raise self.fail(key, expected)
+
     def matching(self, key: str, default: str | None, pattern: re.Pattern, expected: str) -> str | None:
         """The value if it matches `pattern` (else an error saying `expected`), or the default when unset."""
-        value = self.raw(key)
-        if value is not None and not pattern.match(value):
-            raise self.fail(key, expected)
-        return default if value is None else value
+        return self.parsed(key, default, expected, lambda v: v if pattern.match(v) else None)
 
     def choice(self, key: str, default: str, options: tuple[str, ...]) -> str:
-        value = self.raw(key)
-        if value is None:
-            return default
-        if value.lower() not in options:
-            raise self.fail(key, "one of " + ", ".join(options))
-        return value.lower()
+        return self.parsed(key, default, "one of " + ", ".join(options),
+                           lambda v: v.lower() if v.lower() in options else None)
 
     def integer(self, key: str, default: int, low: int, high: int) -> int:
-        value = self.raw(key)
-        if value is None:
-            return default
-        if not re.fullmatch(r"-?\d+", value) or not low <= int(value) <= high:
-            raise self.fail(key, f"a whole number from {low} to {high}")
-        return int(value)
+        return self.parsed(key, default, f"a whole number from {low} to {high}",
+                           lambda v: int(v) if re.fullmatch(r"-?\d+", v) and low <= int(v) <= high else None)
 
     def items(self, key: str, pattern: re.Pattern, expected: str) -> tuple[str, ...]:
         """A comma-separated list, each item matching `pattern`; empty or unset -> ()."""
@@ -353,21 +352,12 @@ class _Settings:
         return items
 
     def number(self, key: str, default: float, low: float, high: float) -> float:
-        value = self.raw(key)
-        if value is None:
-            return default
-        with contextlib.suppress(ValueError):  # not a number at all: the same error as one out of range
-            if low <= (number := float(value)) <= high:
-                return number
-        raise self.fail(key, f"a number from {low:g} to {high:g}")
+        return self.parsed(key, default, f"a number from {low:g} to {high:g}",
+                           lambda v: n if low <= (n := float(v)) <= high else None)
 
     def boolean(self, key: str, default: bool) -> bool:
-        value = self.raw(key)
-        if value is None:
-            return default
-        if value.lower() not in ("true", "false", "1", "0"):
-            raise self.fail(key, "true, false, 1 or 0")
-        return value.lower() in ("true", "1")
+        return self.parsed(key, default, "true, false, 1 or 0",
+                           lambda v: {"true": True, "1": True, "false": False, "0": False}.get(v.lower()))
 
     def url(self, key: str, default: str) -> str:
         value = self.text(key, default)
@@ -563,6 +553,8 @@ def sqlite_problem(exc: sqlite3.Error | OSError, path: Path) -> str:
 SQLITE_RESERVE_BYTES = 64 << 10
 #: Seconds between /ready's write probes of the SQLite file (a write: not on every poll of a monitor).
 SQLITE_PROBE_S = 30.0
+#: A conversation's turns, oldest first.
+SQLITE_TURNS = "SELECT user, assistant, created_at, number FROM turns WHERE conversation_id = ? ORDER BY seq"
 SQLITE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
     id TEXT PRIMARY KEY, agent TEXT NOT NULL, last_used REAL NOT NULL);
@@ -664,9 +656,7 @@ class SQLiteStore(CappedStore):
         def read(db: sqlite3.Connection, now: float) -> list[Turn]:
             if db.execute("UPDATE conversations SET last_used = ? WHERE id = ?", (now, conversation_id)).rowcount == 0:
                 return []
-            rows = db.execute("SELECT user, assistant, created_at, number FROM turns WHERE conversation_id = ? "
-                              "ORDER BY seq", (conversation_id,))
-            return [Turn(*row) for row in rows]
+            return [Turn(*row) for row in db.execute(SQLITE_TURNS, (conversation_id,))]
 
         return await self._run(self._transaction, read)
 
@@ -691,8 +681,7 @@ class SQLiteStore(CappedStore):
                                    (conversation_id, self.clock() - self.ttl_s)).fetchone()
             if row is None:
                 return None
-            turns = self._db.execute("SELECT user, assistant, created_at, number FROM turns WHERE conversation_id = ? "
-                                     "ORDER BY seq", (conversation_id,))
+            turns = self._db.execute(SQLITE_TURNS, (conversation_id,))
             return Conversation(conversation_id, row[0], row[1], [Turn(*t) for t in turns])
 
         return await self._run(read)
@@ -1903,12 +1892,17 @@ class ToolSource(Protocol):
     """Tools that come and go while piagent runs (an MCP server): `name` prefixes them in AGENT_<NAME>_TOOLS."""
 
     name: str
+    calls: int  # tool calls made, and of those failed (for /metrics)
+    failures: int
 
     def tools(self) -> Mapping[str, Tool]:
         """Its tools now, by their own names."""
 
     async def settled(self) -> None:
         """Return once it is not starting: up, or failed (bounded by its own time-out)."""
+
+    def status(self) -> tuple[bool, str]:
+        """(usable, "3 tools" or why not), for /ready."""
 
 
 class Toolbox:
@@ -2225,8 +2219,6 @@ async def _lines(stream: asyncio.StreamReader) -> AsyncIterator[bytes]:
 
 class StdioTransport:
     """A server run as a child in its own process group, with newline-delimited JSON-RPC on stdin/stdout (ref §4)."""
-
-    version: str | None = None  # the negotiated handshake version (only HTTP sends it)
 
     def __init__(self, name: str, argv: tuple[str, ...], deliver: Callable[[dict[str, Any]], None]):
         self.name, self.argv, self.deliver = name, argv, deliver
@@ -3073,8 +3065,7 @@ class Guards:
         self.hosts = LOOPBACK_NAMES | set(config.allowed_hosts) if (
             not config.api_keys and config.host in LOOPBACK_NAMES) else None
         # the page itself holds no data (it asks for the key), and a public /metrics is the operator's choice
-        self.open_paths = OPEN_PATHS | {p for p, on in (("/", config.enable_ui), ("/metrics", config.metrics_public))
-                                         if on}
+        self.open_paths = OPEN_PATHS | ({"/metrics"} if config.metrics_public else set())
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -3624,10 +3615,9 @@ OLLAMA_API_VERSION = "0.12.6"
 OLLAMA_PROBE_TEXT = "Ollama is running"
 
 
-def ollama_time(epoch_s: float | None = None) -> str:
-    """RFC 3339 in UTC with a Z, as Ollama writes created_at. Example: 0 -> "1970-01-01T00:00:00.000000Z\""""
-    moment = datetime.fromtimestamp(time.time() if epoch_s is None else epoch_s, timezone.utc)
-    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+def ollama_time() -> str:
+    """Now, in RFC 3339 in UTC with a Z, as Ollama writes created_at: "1970-01-01T00:00:00.000000Z"."""
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def ollama_tool_call(call: dict[str, Any], index: int) -> dict[str, Any]:
@@ -3689,7 +3679,7 @@ async def embed(rt: Runtime, model: str, texts: list[str], extra: dict[str, Any]
     """(one vector per text, prompt tokens) from the upstream, in a slot of the gate; only Ollama takes `extra`.
     Run as an exchange's events are (Relay): a client that leaves, in line or mid-call, stops it and frees the slot."""
     provider = rt.provider
-    if not isinstance(provider, HTTPProvider):
+    if not isinstance(provider, HTTPProvider):  # a provider of another kind would say how it embeds
         raise InvalidRequest(f"PROVIDER={provider.name} has no embeddings")
 
     async def vectors() -> AsyncIterator[tuple[list[Any], int | None]]:
@@ -3961,12 +3951,12 @@ class Warmup:
     def __init__(self) -> None:
         self.state = "off"  # off | warming | done (only with WARMUP)
         self.problems: list[str] = []
-        self._task = Background("warmup")
+        self.task = Background("warmup")  # stop() it to cancel the warm-up
 
     def start(self, provider: Provider, models: list[str]) -> None:
         """Begin in the background, so that /health answers at once however slow the model server is."""
         self.state = "warming"
-        self._task.start(self._run(provider, models))
+        self.task.start(self._run(provider, models))
 
     async def _run(self, provider: Provider, models: list[str]) -> None:
         try:
@@ -3990,9 +3980,6 @@ class Warmup:
                     log.warning("could not load %s: %s", model, exc.message)
         finally:
             self.state = "done"
-
-    async def stop(self) -> None:
-        await self._task.stop()
 
 
 async def readiness(rt: Runtime) -> tuple[bool, dict[str, Any]]:
@@ -4460,8 +4447,6 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if exc.status_code == 400:  # FastAPI's "error parsing the body" (e.g. not UTF-8): a bad body, like bad JSON
-            return error_response(request.scope, InvalidRequest(f"body: {exc.detail} (send UTF-8 JSON)"))
         detail = {404: f"there is nothing at {request.url.path}; the API is in the README (POST /chat, ...)",
                   405: f"{request.method} is not allowed on {request.url.path}; use "
                        f"{(exc.headers or {}).get('Allow', 'another method')}"}.get(exc.status_code, str(exc.detail))
@@ -4506,7 +4491,7 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
             finally:
                 loop.set_exception_handler(handler)
                 await asyncio.gather(*(server.stop() for server in servers))  # no child outlives piagent
-                await rt.warmup.stop()
+                await rt.warmup.task.stop()
                 if rt.store is not None:
                     await rt.store.close()
 
@@ -4514,7 +4499,7 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
                   telemetry={"tracing": False, "metrics": False, "logs": False})
     app.state.runtime = rt
     install_error_handlers(app)
-    for add in (add_routes, add_openai_routes, add_ollama_routes, add_conversation_routes):
+    for add in (add_routes, add_openai_routes, add_ollama_model_routes, add_ollama_routes, add_conversation_routes):
         add(app, rt)
     add_page_route(app, config)  # the one forward reference: the page is data, kept at the end of the file
     app.openapi = lambda: openapi_with_bodies(app, (ChatRequest, OpenAIChatRequest))  # the bodies of body_doc
@@ -4844,7 +4829,6 @@ async def refuse_model_management(request: Request) -> Response:
 def add_ollama_routes(app: FastAPI, rt: Runtime) -> None:
     """Attach Ollama's API (/api/...), its agents as models; out of /openapi.json: Ollama documents its own API."""
     config, hidden = rt.config, {"include_in_schema": False}
-    add_ollama_model_routes(app, rt)
 
     @post(app, "/api/chat", **hidden)
     async def ollama_chat(request: Request) -> Response:
