@@ -354,7 +354,7 @@ def test_env_file_location_from_piagent_env_file(tmp_path):
                                        ("OLLAMA_KEEP_ALIVE", "forever"), ("AGENTS", "general,general"),
                                        ("LOG_LEVEL", "loud"), ("OLLAMA_API", "completions"),
                                        ("HOST", "127.0.0.1   # local only"), ("HOST", "http://127.0.0.1"),
-                                       ("HOST", "[::1]")])
+                                       ("HOST", "[::1]"), ("PORT", "9" * 5000)])  # past int()'s 4,300 digits
 def test_bad_value_is_one_error_naming_variable_value_and_expectation(key, value):
     with pytest.raises(ConfigError) as info:
         load_config({key: value})
