@@ -88,7 +88,7 @@ class FakeOllama:
         self.version = version
         self.tls = tls  # serve https with this server context (as Ollama behind a TLS proxy would)
         self.script = Script()
-        self.redirect: str | None = None  # answer every request 301 to this URL (as a proxy sending http to https)
+        self.redirect: str | None = None  # answer every request 301 to the same path there (http to https, say)
         self.requests: list[Received] = []
         self.hangups: list[float] = []  # monotonic times at which a client closed mid-response
         self.tokens_sent = 0
@@ -170,7 +170,7 @@ class FakeOllama:
         """Answer one request; False means the connection is finished."""
         self.requests.append(req)
         if self.redirect:
-            writer.write(_head(301, "text/html", 0)[:-2] + f"Location: {self.redirect}\r\n\r\n".encode())
+            writer.write(_head(301, "text/html", 0)[:-2] + f"Location: {self.redirect}{req.path}\r\n\r\n".encode())
             await writer.drain()
             return True
         routes = {

@@ -1322,8 +1322,10 @@ class HTTPProvider:
                                 f"{self.label}'s own address")
         if 300 <= status < 400:  # httpx does not follow them: a POST would not survive most
             where = without_credentials(response.headers.get("location") or "no address")[:200]
+            added = response.request.url.path.removeprefix(httpx.URL(self._address).path.rstrip("/"))
+            base = where.split("?")[0].removesuffix(added) if added and where.split("?")[0].endswith(added) else ""
             raise UpstreamError(f"{self.label} at {self.base_url} redirects to {where} (HTTP {status}); set "
-                                f"{self.url_field.upper()} to the address it should be")
+                                f"{self.url_field.upper()}={base or '<the address it should be>'}")
         if status < 400:
             return
         head = await read_at_most(response, MAX_UPSTREAM_ERROR_BYTES)
@@ -2219,6 +2221,8 @@ async def _lines(stream: asyncio.StreamReader) -> AsyncIterator[bytes]:
 
 class StdioTransport:
     """A server run as a child in its own process group, with newline-delimited JSON-RPC on stdin/stdout (ref §4)."""
+
+    version: str | None = None  # the negotiated handshake version (only HTTP sends it)
 
     def __init__(self, name: str, argv: tuple[str, ...], deliver: Callable[[dict[str, Any]], None]):
         self.name, self.argv, self.deliver = name, argv, deliver
@@ -3178,9 +3182,17 @@ class Guards:
         return [(b"x-ratelimit-remaining", str(left).encode())]
 
 
+#: Fewer tokens than this left for the prompt (CTX_TOKENS - MAX_TOKENS) is a start-up warning: a system prompt and a
+#: question alone take about as many.
+MIN_PROMPT_ROOM_TOKENS = 256
+
+
 def startup_warnings(config: Config) -> list[str]:
     """What an operator must hear at start-up. Example: HOST=0.0.0.0 with no API_KEYS -> one loud warning."""
     warnings = [f"the env file sets {name}, which piagent does not read" for name in config.unread]
+    if (room := config.ctx_tokens - config.max_tokens) < MIN_PROMPT_ROOM_TOKENS:
+        warnings.append(f"MAX_TOKENS={config.max_tokens} leaves {room} tokens of CTX_TOKENS={config.ctx_tokens} for "
+                        f"the prompt: most requests will be refused as too large; lower MAX_TOKENS")
     if config.host not in LOOPBACK_NAMES and not config.api_keys:
         warnings.append(f"!!! piagent listens on {config.host} with NO API_KEYS: anyone who can reach this "
                         f"machine can use the model. Set API_KEYS (see README, 'Safe on the LAN'). !!!")
@@ -4258,14 +4270,14 @@ class OpenAIChatRequest(BaseModel):
     messages: list[OpenAIMessage] = Field(min_length=1, max_length=1000)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    # numbers strictly (as OpenAI): true, "7" or 7.5 are a 422, not quietly 1, 7 or 7
+    # numbers strictly, as OpenAI takes them: true, "7" or 4096.0 are a 422, not quietly 1, 7 or 4096
     n: int | None = Field(None, strict=True, description="piagent gives one choice: leave n out, or send 1")
     max_tokens: int | None = Field(None, ge=1, strict=True)
     max_completion_tokens: int | None = Field(None, ge=1, strict=True)
     temperature: float | None = Field(None, ge=0, le=2, strict=True)
     top_p: float | None = Field(None, ge=0, le=1, strict=True)
     seed: int | None = Field(None, ge=-2**63, lt=2**63, strict=True)
-    stop: Annotated[list[StopText], Field(max_length=4, description="a string, or up to 4")] | None = None
+    stop: Annotated[list[StopText], Field(max_length=16, description="a string, or up to 16")] | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2, strict=True)
     frequency_penalty: float | None = Field(None, ge=-2, le=2, strict=True)
     response_format: ResponseFormat | None = None
@@ -4284,7 +4296,7 @@ class OpenAIChatRequest(BaseModel):
     @field_validator("stop", mode="before")
     @classmethod
     def stop_list(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
+        return [value] if isinstance(value, str) else None if value == [] else value
 
 
 # Response shapes, for the OpenAPI schema (/openapi.json) and the fuzz tests that read it.

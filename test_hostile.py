@@ -653,14 +653,19 @@ def test_an_upstream_that_redirects_says_where_to_rather_than_not_json(hserve, f
     "ended early"), and /ready said so too, with nothing pointing at the address. httpx does not follow it (a POST
     would not survive most redirects), so piagent names where it points: a 502, the slot free, nothing stored."""
     server = hserve()
-    fake.redirect = elsewhere = "https://127.0.0.1:11443/api/chat"
-    told = f"Ollama at {fake.url} redirects to {elsewhere} (HTTP 301); set OLLAMA_HOST to the address it should be"
+    fake.redirect = elsewhere = "https://127.0.0.1:11443"
+    told = (f"Ollama at {fake.url} redirects to {elsewhere}/api/chat (HTTP 301); set OLLAMA_HOST={elsewhere}"
+            .replace("(", r"\(").replace(")", r"\)"))
     answers = [chat(server, message="hi", conversation_id="moved"), v1(server, stream=True, messages=[
         {"role": "user", "content": "hi"}]), post(server, "/api/chat", {"model": "general", "messages": [
             {"role": "user", "content": "hi"}]})]
     assert [a.status_code for a in answers] == [502, 502, 502], [a.text for a in answers]
-    assert all(told in a.text for a in answers), [a.text for a in answers]
-    wait_until(lambda: told in httpx.get(f"{server.url}/ready").text, what="/ready naming the redirect")
+    assert all(re.search(told + r"\W", a.text) for a in answers), [a.text for a in answers]
+    wait_until(lambda: f"redirects to {elsewhere}/api/version (HTTP 301); set OLLAMA_HOST={elsewhere}\"" in
+               httpx.get(f"{server.url}/ready").text, what="/ready naming the redirect")
+    # OPENAI_BASE_URL keeps its path (/v1): only the part piagent added (/chat/completions) is taken off
+    behind = hserve(PROVIDER="openai", OPENAI_BASE_URL=f"{fake.url}/v1", OPENAI_MODEL_GENERAL=MODEL)
+    assert f"set OPENAI_BASE_URL={elsewhere}/v1\"" in chat(behind, message="hi").text
     fake.redirect = None
     assert served_chat(server, "moved").json()["reply"] == REPLY
     assert [m["content"] for m in fake.generations()[-1].body["messages"][1:]] == ["normal"]  # no "hi" kept

@@ -370,6 +370,10 @@ def test_max_tokens_must_leave_room_in_the_context_and_its_default_does():
         load_config({"MAX_TOKENS": "1024", "CTX_TOKENS": "1024"})
     assert load_config({"CTX_TOKENS": "128"}).max_tokens == 64  # the default 200 would not fit: half the context
     assert load_config({"CTX_TOKENS": "4096"}).max_tokens == Config.max_tokens
+    # below it but leaving the prompt almost nothing: it starts (a client may ask for less), with a warning
+    (warning,) = piagent.startup_warnings(load_config({"MAX_TOKENS": "1900"}))
+    assert warning.startswith("MAX_TOKENS=1900 leaves 148 tokens of CTX_TOKENS=2048 for the prompt"), warning
+    assert piagent.startup_warnings(load_config({"MAX_TOKENS": "1792"})) == []
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0", "::", "::1", "fe80::1%eth0", "localhost",
@@ -1910,7 +1914,7 @@ def test_v1_sampling_fields_reach_ollama_in_its_terms(serve_local, fake):
        frequency_penalty=-1, response_format={"type": "json_object"})
     v1(server, model="general", messages=hi, stop=["END", "##"],
        response_format={"type": "json_schema", "json_schema": {"name": "place", "schema": schema, "strict": True}})
-    v1(server, model="general", messages=hi, response_format={"type": "text"})
+    v1(server, model="general", messages=hi, response_format={"type": "text"}, stop=[])
     first, second, third = (g.body for g in fake.generations())
     assert {k: first["options"][k] for k in ("stop", "seed", "top_p", "presence_penalty", "frequency_penalty")} == {
         "stop": ["\n"], "seed": 7, "top_p": 0.5, "presence_penalty": 0.5, "frequency_penalty": -1}
@@ -1931,7 +1935,7 @@ def test_v1_sampling_fields_reach_an_openai_upstream_as_sent(serve_openai_local,
 
 @pytest.mark.parametrize("extra", [{"temperature": 2.5}, {"temperature": -1}, {"max_tokens": 0},
                                    {"top_p": 1.5}, {"seed": 2**63}, {"seed": True}, {"max_tokens": "12"},
-                                   {"temperature": True}, {"top_p": "0.5"}, {"seed": 7.5}, {"stop": ""}, {"stop": ["a"] * 5},
+                                   {"temperature": True}, {"top_p": "0.5"}, {"max_tokens": 12.0}, {"stop": ""}, {"stop": ["a"] * 17},
                                    {"stop": "x" * 257}, {"frequency_penalty": 3}, {"presence_penalty": -2.5},
                                    {"response_format": {"type": "xml"}}, {"response_format": {"type": "json_schema"}},
                                    {"response_format": {"type": "json_schema", "json_schema": {"name": "n"}}},
@@ -1943,6 +1947,7 @@ def test_v1_invalid_request_is_422_in_openai_error_shape(serve_local, fake, extr
     body = {"model": "general", "messages": [{"role": "user", "content": "hi"}], **extra}
     response = v1(serve_local(), **body)
     assert response.status_code == 422 and openai_error_of(response)["type"] == "invalid_request_error"
+    assert next(iter(extra)).removesuffix("s") in openai_error_of(response)["message"]  # the field (or "message")
     assert fake.generations() == []
 
 
