@@ -4606,10 +4606,11 @@ def openai_sampling(config: Config, body: OpenAIChatRequest) -> Sampling:
     options = {name: value for name in OPENAI_SAME_OPTIONS if (value := getattr(body, name)) is not None}
     extra: dict[str, Any] = {"options": options}
     form = body.response_format
-    if form and form.type == "json_schema" and form.json_schema is None:
-        raise InvalidRequest("response_format.json_schema: send {\"name\": ..., \"schema\": {...}} with "
-                             "type json_schema, or use type json_object")
-    if form and form.type == "json_schema" and form.json_schema:  # whole for an OpenAI upstream (name, strict)
+    if form and form.type == "json_schema":
+        if form.json_schema is None:
+            raise InvalidRequest("response_format.json_schema: send {\"name\": ..., \"schema\": {...}} with "
+                                 "type json_schema, or use type json_object")
+        # the schema is Ollama's format; json_schema goes whole to an OpenAI upstream (its name and strict)
         extra.update(format=form.json_schema.schema_, json_schema=form.json_schema.model_dump(by_alias=True))
     elif form and form.type == "json_object":
         extra["format"] = "json"

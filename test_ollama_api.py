@@ -187,10 +187,14 @@ def test_a_shared_call_given_up_by_its_asker_fails_the_waiting_once_and_the_next
             asked.append("fresh")
             return "fresh"
 
-        first = asyncio.create_task(piagent.shared(rt, key, slow))
+        async def wait_on_it() -> str:
+            entered.set()  # nothing between this and shared()'s wait on the answer yields to the loop
+            return await piagent.shared(rt, key, fresh)
+
+        first, entered = asyncio.create_task(piagent.shared(rt, key, slow)), asyncio.Event()
         await asyncio.wait_for(started.wait(), DEADLINE_S)
-        waiting = asyncio.create_task(piagent.shared(rt, key, fresh))
-        await asyncio.sleep(0)  # let it start waiting (one loop turn, not a timed wait)
+        waiting = asyncio.create_task(wait_on_it())
+        await asyncio.wait_for(entered.wait(), DEADLINE_S)
         first.cancel()
         outcome = await asyncio.wait_for(asyncio.gather(first, waiting, return_exceptions=True), DEADLINE_S)
         return outcome, await piagent.shared(rt, key, fresh)
