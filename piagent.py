@@ -153,6 +153,19 @@ class UpstreamTimeout(UpstreamFailure): status, code = 504, "upstream_timeout"  
 class ModelNotFound(UpstreamFailure): status, code = 502, "model_not_found"  # noqa: E701
 class UpstreamAuth(UpstreamFailure): status, code = 502, "upstream_auth"  # noqa: E701
 class UpstreamError(UpstreamFailure): status, code = 502, "upstream_error"  # noqa: E701
+class RequestRefused(UpstreamFailure): status, code = 400, "request_refused"  # noqa: E701
+
+
+class UpstreamRefused(UpstreamError):
+    """The upstream's HTTP 400: a 502 unless the client asked for what it refused (Exchange.events tells)."""
+
+    def __init__(self, message: str, refused: str, tools: bool):
+        super().__init__(message)
+        self.refused, self.tools = refused, tools  # the upstream's words; whether they are about tools
+
+    def theirs(self, remedy: str) -> RequestRefused:
+        """The same refusal as the client's own 400, when it was the client's field."""
+        return RequestRefused(f"{self.refused}; {remedy}")
 
 
 #: Seconds a client is told to wait when the model or the memory is busy and no better figure is known.
@@ -1330,9 +1343,11 @@ class HTTPProvider:
             return
         head = await read_at_most(response, MAX_UPSTREAM_ERROR_BYTES)
         detail = upstream_error_text(head[:MAX_UPSTREAM_ERROR_BYTES], status)
-        if status == 400 and "does not support tools" in detail:
-            raise UpstreamError(f"{self.label}: {detail}; give this agent a model with tool calling (see the README) "
-                                f"or remove its AGENT_<NAME>_TOOLS")
+        if status == 400:  # whose field it refused, a client's or piagent's own, only the exchange knows
+            tools = "does not support tools" in detail
+            raise UpstreamRefused(f"{self.label}: {detail}; give this agent a model with tool calling (see the README) "
+                                  f"or remove its AGENT_<NAME>_TOOLS" if tools else
+                                  f"{self.label} answered HTTP {status}: {detail}", f"{self.label}: {detail}", tools)
         if status == 404 and not model:  # a probe's path (models, version): the address is wrong, not a model
             raise UpstreamError(f"{self.label} has nothing at {self.base_url}{response.request.url.path} (404): is "
                                 f"{self.url_field.upper()}={self.base_url} its address{self.url_hint}?")
@@ -3306,16 +3321,24 @@ class Exchange:
         self.generating_at = time.perf_counter()
         prompt = await self.prompt()
         room = max(MIN_REPLY_CAP_CHARS, REPLY_CHARS_PER_TOKEN * self.sampling.max_tokens)
-        async with aclosing(self.generate(prompt)) as pieces:
-            async for item in pieces:
-                ticket.active_at = time.monotonic()
-                if isinstance(item, str):
-                    item, room = item[:room], room - len(item)
-                    if room < 0:
-                        self.usage.done_reason = self.capped = "length"
-                        yield item
-                        return  # leaving `aclosing` closes the upstream request
-                yield item
+        try:
+            async with aclosing(self.generate(prompt)) as pieces:
+                async for item in pieces:
+                    ticket.active_at = time.monotonic()
+                    if isinstance(item, str):
+                        item, room = item[:room], room - len(item)
+                        if room < 0:
+                            self.usage.done_reason = self.capped = "length"
+                            yield item
+                            return  # leaving `aclosing` closes the upstream request
+                    yield item
+        except UpstreamRefused as exc:  # a client's own tools or settings: its to change, and not worth a retry
+            if exc.tools and self.ask.tools:
+                raise exc.theirs("send it without tools, or to an agent whose model calls tools") from None
+            if not exc.tools and (self.ask.tools or any(v not in (None, "", {}) for v in self.sampling.extra.values())):
+                raise exc.theirs("change what this request asks of the model (its tools, format, think or options) "
+                                 "and send it again") from None
+            raise
 
     async def prompt(self) -> Prompt:
         """The prompt with as much history as fits CTX_TOKENS after the reply's tokens (and the tool specs: the template
@@ -3694,16 +3717,22 @@ async def embed(rt: Runtime, model: str, texts: list[str], extra: dict[str, Any]
     if not isinstance(provider, HTTPProvider):  # a provider of another kind would say how it embeds
         raise InvalidRequest(f"PROVIDER={provider.name} has no embeddings")
 
+    async def post(path: str, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return await provider.post_json(path, body, model)
+        except UpstreamRefused as exc:  # the input and its settings are all the client's
+            raise exc.theirs("change its input or options and send it again") from None
+
     async def vectors() -> AsyncIterator[tuple[list[Any], int | None]]:
         ticket = rt.gate.enter(None)
         try:
             await ticket.future
             if isinstance(provider, OllamaProvider):
-                data = await provider.post_json("/api/embed", {**extra, "model": model, "input": texts}, model)
+                data = await post("/api/embed", {**extra, "model": model, "input": texts})
                 found = typed(data.get("embeddings"), list, "embeddings", provider.label) or []
                 yield found, typed(data.get("prompt_eval_count"), int, "prompt_eval_count", provider.label)
                 return
-            data = await provider.post_json("/embeddings", {"model": model, "input": texts}, model)
+            data = await post("/embeddings", {"model": model, "input": texts})
             items = [i for i in typed(data.get("data"), list, "data", provider.label) or [] if isinstance(i, dict)]
             order = [typed(i.get("index"), int, "data[].index", provider.label) or 0 for i in items]
             found = [i.get("embedding") for _, i in sorted(zip(order, items), key=lambda pair: pair[0])]
@@ -4719,7 +4748,7 @@ class OllamaEmbedRequest(BaseModel):
     """POST /api/embed; /api/embeddings (the older one) sends `prompt` instead of `input`."""
 
     model: str = Field(min_length=1, max_length=128)
-    input: str | list[str] = Field(default_factory=list, max_length=256)
+    input: str | Annotated[list[str], Field(max_length=256)] = Field(default_factory=list)  # 256 texts, any length
     prompt: str | None = None
     truncate: bool | None = None
     dimensions: int | None = Field(None, ge=1)

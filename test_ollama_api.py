@@ -376,6 +376,16 @@ def test_an_embed_whose_client_leaves_frees_its_place_in_line_and_its_call_upstr
     assert client(server).embed("general", "next").embeddings == [VECTOR]
 
 
+def test_an_embed_of_one_long_text_is_sent_whole_and_of_too_many_texts_is_a_400(serve, upstream):
+    server = serve()
+    paragraph = "The Pi sits next to the router. " * 60  # 1,920 characters: a RAG chunk, one text
+    assert client(server).embed("general", paragraph).embeddings == [VECTOR]  # was refused as "1920 items"
+    assert received(upstream, "/api/embed")[-1]["input"] == [paragraph]
+    with pytest.raises(ollama.ResponseError) as info:
+        client(server).embed("general", ["a"] * 257)
+    assert info.value.status_code == 400 and "input" in info.value.error and "256" in info.value.error
+    assert len(received(upstream, "/api/embed")) == 1
+
 def test_embed_with_an_openai_upstream_uses_v1_embeddings(serve_openai, upstream):
     assert client(serve_openai()).embed("general", "a").embeddings == [VECTOR]
     assert received(upstream, "/v1/embeddings") == [{"model": MODEL, "input": ["a"]}]
@@ -418,6 +428,37 @@ def test_a_key_goes_through_headers_and_errors_are_ollamas_shape(serve, fake):  
     assert httpx.get(f"{server.url}/api/tags", headers={"X-API-Key": "a-long-test-key"}).status_code == 200
     bad = httpx.post(f"{server.url}/api/chat", json={"messages": []}, headers={"X-API-Key": "a-long-test-key"})
     assert bad.status_code == 400 and set(bad.json()) == {"error"} and "model" in bad.json()["error"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_think_the_model_refuses_is_ollamas_own_400_not_a_502(serve, fake, stream):  # noqa: F811
+    fake.script = Script(status=400, error_text=f'"{MODEL}" does not support thinking')
+    server = serve()
+    with pytest.raises(ollama.ResponseError) as info:
+        list(client(server).chat("general", messages=[{"role": "user", "content": "hi"}], think=True, stream=True)) \
+            if stream else client(server).chat("general", messages=[{"role": "user", "content": "hi"}], think=True)
+    assert info.value.status_code == 400 and "does not support thinking" in info.value.error
+    fake.script = Script()
+    assert client(server).chat("general", messages=[{"role": "user", "content": "hi"}]).message.content
+
+
+def test_an_embed_input_the_upstream_refuses_is_a_400_and_frees_the_slot(serve, upstream):
+    inner = upstream._dispatch
+
+    async def dispatch(req, reader, writer):  # Ollama's answer to an over-long input with truncate: false
+        if req.path == "/api/embed" and (req.body or {}).get("truncate") is False:
+            upstream.requests.append(req)
+            writer.write(_json(400, {"error": "the input length exceeds the context length"}))
+            await writer.drain()
+            return True
+        return await inner(req, reader, writer)
+
+    upstream._dispatch = dispatch
+    server = serve(MAX_CONCURRENT=1, MAX_QUEUE=0)
+    with pytest.raises(ollama.ResponseError) as info:
+        client(server).embed("general", "a" * 3000, truncate=False)
+    assert info.value.status_code == 400 and "exceeds the context length" in info.value.error
+    assert client(server).embed("general", "short").embeddings == [VECTOR]  # the only slot is free
 
 
 def test_unknown_model_is_ollamas_404(serve, fake):  # noqa: F811

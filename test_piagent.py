@@ -1994,6 +1994,40 @@ def test_official_openai_sdk_talks_to_piagent(serve, fake):
         ["END"], 1, 9, "json")
 
 
+
+def test_an_upstream_400_on_the_clients_own_settings_is_a_400_the_sdk_does_not_retry(serve, fake):
+    openai = pytest.importorskip("openai") if os.environ.get("CI") != "true" else __import__("openai")
+    server = serve()
+    fake.script = Script(status=400, error_text="invalid JSON schema in format")
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="anything")  # 2 retries, by default
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="general", messages=[{"role": "user", "content": "hi"}],
+                                       response_format={"type": "json_object"})
+    message = info.value.message
+    assert "invalid JSON schema in format" in message and "change what this request asks" in message
+    assert len(fake.generations()) == 1  # a 502 was asked again twice: the same refusal, three times
+    # without a setting of the client's, the same refusal is piagent's request: a 502, as it was
+    response = v1(server, model="general", messages=[{"role": "user", "content": "hi"}])
+    assert response.status_code == 502 and openai_error_of(response)["code"] == "upstream_error"
+    fake.script = Script()
+    assert v1(server, model="general", messages=[{"role": "user", "content": "hi"}]).status_code == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_clients_own_tools_refused_by_the_model_are_a_400_that_names_them(serve, fake, stream):
+    fake.no_tools = {MODEL}
+    server = serve(AGENT_GENERAL_TOOLS="calc")
+    response = v1(server, model="general", stream=stream, messages=[{"role": "user", "content": "hi"}],
+                  tools=[{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}])
+    error = openai_error_of(response)
+    assert (response.status_code, error["type"], error["code"]) == (400, "invalid_request_error", "request_refused")
+    assert "does not support tools" in error["message"] and "send it without tools" in error["message"]
+    assert "AGENT_<NAME>_TOOLS" not in error["message"]  # the operator's remedy, not this client's
+    assert v1(server, model="general", messages=[{"role": "user", "content": "hi"}]).status_code == 502  # its own
+    fake.no_tools = set()
+    assert chat(server, message="hi").status_code == 200
+
+
 # ---------------------------------------------------------------------------
 # Tools: calc and now, on their own
 # ---------------------------------------------------------------------------
