@@ -2802,6 +2802,14 @@ AUTH_FAILURES_PER_MIN = 10
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
+def on_loopback(host: str) -> bool:
+    """Whether HOST reaches this machine only: localhost or a loopback address. Example: "127.0.0.2" -> True."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name, or an address with a zone
+        return False
+
+
 def json_media_type(content_type: str) -> bool:
     """Whether a Content-Type declares JSON: application/json or application/*+json, any case, any parameters."""
     main, _, sub = content_type.partition(";")[0].strip().lower().partition("/")
@@ -3081,8 +3089,8 @@ class Guards:
         self.app, self.config, self.buckets = app, config, buckets
         self.failures = TokenBuckets(AUTH_FAILURES_PER_MIN, clock)
         # a keyless server on loopback trusts whoever reaches it, so only loopback names may reach it
-        self.hosts = LOOPBACK_NAMES | set(config.allowed_hosts) if (
-            not config.api_keys and config.host in LOOPBACK_NAMES) else None
+        self.hosts = LOOPBACK_NAMES | {config.host} | set(config.allowed_hosts) if (
+            not config.api_keys and on_loopback(config.host)) else None
         # the page itself holds no data (it asks for the key), and a public /metrics is the operator's choice
         self.open_paths = OPEN_PATHS | ({"/metrics"} if config.metrics_public else set())
 
@@ -3208,7 +3216,7 @@ def startup_warnings(config: Config) -> list[str]:
     if (room := config.ctx_tokens - config.max_tokens) < MIN_PROMPT_ROOM_TOKENS:
         warnings.append(f"MAX_TOKENS={config.max_tokens} leaves {room} tokens of CTX_TOKENS={config.ctx_tokens} for "
                         f"the prompt: most requests will be refused as too large; lower MAX_TOKENS")
-    if config.host not in LOOPBACK_NAMES and not config.api_keys:
+    if not on_loopback(config.host) and not config.api_keys:
         warnings.append(f"!!! piagent listens on {config.host} with NO API_KEYS: anyone who can reach this "
                         f"machine can use the model. Set API_KEYS (see README, 'Safe on the LAN'). !!!")
     return warnings
@@ -5570,6 +5578,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
             log.removeFilter(said_twice)  # main() leaves no trace in the process (the tests run --check in one)
         for ok, what, fix in results:
             print(f"✓ {what}" if ok else f"✗ {what} — {fix}")
+        for warning in startup_warnings(config):  # what start-up would warn of: no ✗, but worth reading first
+            print(f"⚠ {warning}")
         return 0 if all(ok for ok, _, _ in results) else 1
     _, what, fix, final = _port_free(config.host, config.port)
     if final:  # exit 2, as systemd would restart piagent every 3 s, each start seconds of a Pi's CPU, to no end

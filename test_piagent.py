@@ -2670,6 +2670,14 @@ def test_non_loopback_host_without_keys_warns_loudly():
     assert piagent.startup_warnings(load_config({"HOST": "0.0.0.0"}))[0].startswith("!!!")
     assert piagent.startup_warnings(load_config({"HOST": "0.0.0.0", "API_KEYS": KEY})) == []
     assert piagent.startup_warnings(load_config({})) == []
+    assert piagent.startup_warnings(load_config({"HOST": "127.0.0.2"})) == []  # loopback too: this machine only
+
+
+def test_a_keyless_server_on_any_loopback_address_refuses_a_foreign_host_header(serve_local):
+    server = serve_local(HOST="127.0.0.2")  # in process: nothing binds it
+    refused = server.get("/agents", headers={"Host": "evil.example"})
+    assert refused.status_code == 400 and error_of(refused)["code"] == "host_not_allowed"
+    assert server.get("/agents", headers={"Host": "127.0.0.2:8000"}).status_code == 200
 
 
 @pytest.mark.parametrize("value", ["short", "has space-in-it", "*", "a,b"])
@@ -3206,6 +3214,12 @@ def test_check_passes_against_a_healthy_upstream_and_masks_secrets(fake):
                       f"✓ agent general: model {MODEL} is available", "✓ memory: memory opens",
                       checks[-1]] and checks[-1].startswith("✓ port ")
     assert fake.generations() == []  # checking never generates
+
+
+def test_check_ends_with_what_start_up_would_warn_of_without_failing(fake):
+    result = check({"OLLAMA_HOST": fake.url, "MAX_TOKENS": "1900"})
+    assert result.returncode == 0, result.stdout
+    assert result.stdout.splitlines()[-1].startswith("⚠ MAX_TOKENS=1900 leaves 148 tokens of CTX_TOKENS=2048")
 
 
 def test_check_fails_with_the_fix_when_the_upstream_is_stopped(dead_port):
