@@ -2428,7 +2428,9 @@ class HttpTransport:
                 body = await read_at_most(reply, MCP_MAX_LINE_BYTES)  # a body that never ends must not fill memory
                 if len(body) > MCP_MAX_LINE_BYTES:
                     raise ConnectionError(f"{self.shown} sent an answer over {MCP_MAX_LINE_BYTES >> 20} MiB")
-                return _http_answer(reply.status_code, body, self.config.name)
+                where = reply.headers.get("location") if reply.is_redirect else None  # not followed: see below
+                return _http_answer(reply.status_code, body, self.config.name,
+                                    where and without_credentials(str(reply.url.join(where)))[:200])
         except httpx.HTTPError as exc:
             raise http_failure(self.shown, exc) from None
 
@@ -2520,14 +2522,16 @@ def _header_value(text: str) -> str:
     return f"=?base64?{base64.b64encode(text.encode()).decode()}?="
 
 
-def _http_answer(status: int, body: bytes, name: str) -> dict[str, Any]:
-    """The JSON-RPC answer in an HTTP reply; if there is none, an error naming the HTTP status."""
+def _http_answer(status: int, body: bytes, name: str, redirect: str | None = None) -> dict[str, Any]:
+    """The JSON-RPC answer in an HTTP reply; if there is none, an error naming the HTTP status (and, for a redirect,
+    the URL to set: the SDK's servers send /mcp/ to /mcp; following would send the token wherever it points)."""
     answer = mcp_message(body) or {}
     if status < 300 and ("result" in answer or "error" in answer):
         return answer
     error = answer["error"] if "error" in answer else {"message": body[:200].decode("utf-8", "replace") or "no body"}
     error = error if isinstance(error, dict) else {"message": str(error)}
     hint = f"; check MCP_{name.upper()}_TOKEN" if status in (401, 403) else ""
+    hint = f"; it redirects to {redirect}: set MCP_{name.upper()}_URL={redirect}" if redirect else hint
     return {"error": {**error, "message": f"HTTP {status}: {error.get('message')}{hint}"}}
 
 

@@ -320,6 +320,23 @@ def test_http_token_is_sent_and_a_wrong_one_is_named(http_server):
     run(scenario())
 
 
+def test_an_http_url_the_server_redirects_says_which_url_to_set(http_server):
+    """The SDK's server answers /mcp/ (a trailing slash, easily typed) with 307 to /mcp; it said only "HTTP 307"."""
+    async def scenario():
+        server = McpServer(McpServerConfig("web", url=f"{http_server}/", timeout_s=10))
+        good = McpServer(McpServerConfig("web", url=http_server, timeout_s=10))
+        for each in (server, good):
+            await each.start()
+        try:
+            assert not await server.ready(20)
+            assert f"redirects to {http_server}: set MCP_WEB_URL={http_server}" in server.status()[1], server.status()
+            assert await good.ready(20) and await good.call("add", {"a": 1, "b": 1}) == "2"  # the URL it names works
+        finally:
+            await server.stop()
+            await good.stop()
+    run(scenario())
+
+
 BAD_HTTP = HERE / "mcp_servers" / "bad_http.py"
 
 
