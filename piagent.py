@@ -226,7 +226,7 @@ class Config:
     rate_limit_per_min: int = 30  # per key (or per client address without keys); 0 = off
     trust_proxy: bool = False  # take the client address from X-Forwarded-For (only behind your own proxy)
     max_body_bytes: int = 65_536  # larger bodies are refused before parsing
-    max_message_chars: int = 4000  # longer messages are refused: a Pi cannot read a novel per request
+    max_message_chars: int = 4000  # a longer newest user message is refused: a Pi cannot read a novel per request
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API; empty = no CORS headers
     allowed_hosts: tuple[str, ...] = ()  # Host names a keyless server on loopback answers to, besides loopback
     max_concurrent: int = 1  # generations at once: a Pi runs one well
@@ -4664,8 +4664,7 @@ def history_exchange(rt: Runtime, agent: Agent, ask: Ask, sampling: Sampling, st
                      request: Request) -> Exchange:
     """The exchange of a door whose client sends the history (/v1, /api); memory only with X-Conversation-Id."""
     config = rt.config
-    for m in [*ask.system, *ask.history, {"content": ask.message}, *ask.tail]:
-        check_length(config, m.get("content") or "")
+    check_length(config, ask.message)  # what a person typed: an app's system prompt and tool results may be long
     conversation_id = request.headers.get("x-conversation-id")
     if conversation_id is not None and not re.fullmatch(CONVERSATION_ID_PATTERN, conversation_id):
         raise InvalidRequest(f"X-Conversation-Id must match {CONVERSATION_ID_PATTERN}")
@@ -4760,7 +4759,7 @@ class OllamaEmbedRequest(BaseModel):
     """POST /api/embed; /api/embeddings (the older one) sends `prompt` instead of `input`."""
 
     model: str = Field(min_length=1, max_length=128)
-    input: str | Annotated[list[str], Field(max_length=256)] = Field(default_factory=list)  # 256 texts, any length
+    input: str | list[str] = Field(default_factory=list)  # as many, as long as MAX_BODY_BYTES allows, as Ollama
     prompt: str | None = None
     truncate: bool | None = None
     dimensions: int | None = Field(None, ge=1)
@@ -4915,8 +4914,6 @@ def add_ollama_routes(app: FastAPI, rt: Runtime) -> None:
         agent, legacy = ollama_agent(config, body.model), request.url.path.endswith("/embeddings")
         texts = [body.input] if isinstance(body.input, str) else body.input
         texts = ([body.prompt] if body.prompt else []) if legacy else texts
-        for text in texts:
-            check_length(config, text)
         model = config.embed_model or agent.model
         vectors, tokens = await embed(rt, model, texts, embed_fields(config, body), request.receive) if texts else (
             [], None)

@@ -376,15 +376,18 @@ def test_an_embed_whose_client_leaves_frees_its_place_in_line_and_its_call_upstr
     assert client(server).embed("general", "next").embeddings == [VECTOR]
 
 
-def test_an_embed_of_one_long_text_is_sent_whole_and_of_too_many_texts_is_a_400(serve, upstream):
-    server = serve()
+def test_an_embed_takes_long_texts_and_many_as_ollama_does_within_the_body_limit(serve, upstream):
+    server = serve(MAX_MESSAGE_CHARS=100)  # what a person types; a document's chunks are not that
     paragraph = "The Pi sits next to the router. " * 60  # 1,920 characters: a RAG chunk, one text
     assert client(server).embed("general", paragraph).embeddings == [VECTOR]  # was refused as "1920 items"
     assert received(upstream, "/api/embed")[-1]["input"] == [paragraph]
+    chunks = [f"chunk {i}" for i in range(300)]  # LangChain sends a whole document's chunks at once
+    assert client(server).embed("general", chunks).embeddings == [VECTOR] * 300  # was a 400 past 256
+    assert received(upstream, "/api/embed")[-1]["input"] == chunks
     with pytest.raises(ollama.ResponseError) as info:
-        client(server).embed("general", ["a"] * 257)
-    assert info.value.status_code == 400 and "input" in info.value.error and "256" in info.value.error
-    assert len(received(upstream, "/api/embed")) == 1
+        client(server).embed("general", ["x" * 1000] * 70)  # 70 KB: over MAX_BODY_BYTES
+    assert info.value.status_code == 413 and "MAX_BODY_BYTES" in info.value.error
+    assert len(received(upstream, "/api/embed")) == 2
 
 def test_embed_with_an_openai_upstream_uses_v1_embeddings(serve_openai, upstream):
     assert client(serve_openai()).embed("general", "a").embeddings == [VECTOR]
@@ -459,6 +462,24 @@ def test_an_embed_input_the_upstream_refuses_is_a_400_and_frees_the_slot(serve, 
         client(server).embed("general", "a" * 3000, truncate=False)
     assert info.value.status_code == 400 and "exceeds the context length" in info.value.error
     assert client(server).embed("general", "short").embeddings == [VECTOR]  # the only slot is free
+
+
+def test_an_apps_long_system_prompt_and_tool_results_are_bounded_by_the_context_not_max_message_chars(serve, fake):  # noqa: F811,E501
+    """Home Assistant's system prompt lists the house (thousands of characters) and its tools answer at length:
+    each was a 413 past MAX_MESSAGE_CHARS, which bounds what a person types, the newest user message."""
+    server, house = serve(MAX_MESSAGE_CHARS=100, CTX_TOKENS=8192), "light.kitchen: on\n" * 300  # 5,400 characters
+    call = {"function": {"name": "GetLiveContext", "arguments": {}}}
+    messages = [{"role": "system", "content": house}, {"role": "user", "content": "lights?"},
+                {"role": "assistant", "content": "", "tool_calls": [call]}, {"role": "tool", "content": house}]
+    assert client(server).chat("general", messages=messages, tools=[WEATHER]).message.content
+    assert [m["content"] for m in fake.generations()[-1].body["messages"]].count(house) == 2  # whole, both
+    with pytest.raises(ollama.ResponseError) as info:
+        client(server).chat("general", messages=[{"role": "user", "content": "x" * 101}])
+    assert info.value.status_code == 413 and "MAX_MESSAGE_CHARS" in info.value.error
+    with pytest.raises(ollama.ResponseError) as info:  # past the context: refused, with the setting to raise
+        client(serve(CTX_TOKENS=1024)).chat("general", messages=messages)
+    assert info.value.status_code == 413 and "CTX_TOKENS" in info.value.error
+    assert len(fake.generations()) == 1
 
 
 def test_unknown_model_is_ollamas_404(serve, fake):  # noqa: F811
