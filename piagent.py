@@ -57,7 +57,7 @@ from fastapi import Path as FastAPIPath
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
@@ -4711,10 +4711,46 @@ class OllamaToolCall(BaseModel):
     function: OllamaFunction
 
 
-class OllamaMessage(BaseModel):
+class OllamaFunctionSpec(BaseModel):
+    """A client tool's function in Ollama's dialect: any name a call may carry back (MCP bridges send "fs.read")."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class OllamaTool(BaseModel):
+    """A client tool as Ollama takes it: `type` may be left out; as many as MAX_BODY_BYTES holds."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function"]
+    function: OllamaFunctionSpec
+
+    @model_validator(mode="before")
+    @classmethod
+    def _function_by_default(cls, data: Any) -> Any:  # kept when dumped: an OpenAI upstream needs it
+        return {"type": "function", **data} if isinstance(data, dict) and data.get("type") is None else data
+
+
+class GoBody(BaseModel):
+    """A body read as Ollama's Go server reads it: a field sent as null is a field not sent."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: Any) -> Any:
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+class OllamaMessage(GoBody):
     """One message of an Ollama chat request (the libraries leave out an empty content)."""
 
     role: Literal["system", "user", "assistant", "tool"]
+
+    @field_validator("role", mode="before")
+    @classmethod
+    def _lower(cls, role: Any) -> Any:  # Ollama lower-cases it: "User" is a user
+        return role.lower() if isinstance(role, str) else role
     content: str = ""
     images: list[str] | None = None
     tool_calls: list[OllamaToolCall] | None = Field(None, max_length=64)
@@ -4722,7 +4758,7 @@ class OllamaMessage(BaseModel):
     tool_call_id: str | None = Field(None, max_length=128)
 
 
-class OllamaAsk(BaseModel):
+class OllamaAsk(GoBody):
     """What /api/chat and /api/generate share (fields piagent does not use, such as truncate, are ignored)."""
 
     model: str = Field(min_length=1, max_length=128, description="an agent: <agent> or <agent>:latest")
@@ -4737,25 +4773,28 @@ class OllamaChatRequest(OllamaAsk):
     """POST /api/chat body."""
 
     messages: list[OllamaMessage] = Field(default_factory=list, max_length=1000)
-    tools: list[ClientTool] | None = Field(None, max_length=64)
+    tools: list[OllamaTool] | None = None
 
 
 class OllamaGenerateRequest(OllamaAsk):
-    """POST /api/generate body (raw, template, suffix and context are ignored)."""
+    """POST /api/generate body (context is ignored; suffix, raw and template are refused, see its route)."""
 
     prompt: str = ""
     system: str | None = None
     images: list[str] | None = None
+    suffix: str = ""
+    raw: bool = False
+    template: str = ""
 
 
-class OllamaShowRequest(BaseModel):
+class OllamaShowRequest(GoBody):
     """POST /api/show body."""
 
     model: str = Field("", max_length=128)
     name: str = Field("", max_length=128)  # the old name of `model`
 
 
-class OllamaEmbedRequest(BaseModel):
+class OllamaEmbedRequest(GoBody):
     """POST /api/embed; /api/embeddings (the older one) sends `prompt` instead of `input`."""
 
     model: str = Field(min_length=1, max_length=128)
@@ -4901,6 +4940,9 @@ def add_ollama_routes(app: FastAPI, rt: Runtime) -> None:
         agent = ollama_agent(config, body.model)
         if body.images:
             raise InvalidRequest("piagent's agents read text only: send no images")
+        if own := [name for name in ("suffix", "raw", "template") if getattr(body, name)]:  # not to be dropped unsaid
+            raise InvalidRequest(f"{', '.join(own)}: an agent answers a prompt in its own chat template, so an "
+                                 f"editor's fill-in-the-middle or a raw prompt is not for it; send those to Ollama")
         if not body.prompt:
             return ollama_loaded(body, chat=False)
         system = [{"role": "system", "content": body.system}] if body.system else []

@@ -482,6 +482,45 @@ def test_an_apps_long_system_prompt_and_tool_results_are_bounded_by_the_context_
     assert len(fake.generations()) == 1
 
 
+def test_nulls_and_a_capitalised_role_are_read_as_ollamas_go_server_reads_them(serve, upstream):
+    """A null is a field not sent (stream null streams, content null is empty) and roles are lower-cased, as
+    Ollama's encoding/json decode does; each was a 400."""
+    url = serve().url
+    chat = httpx.post(f"{url}/api/chat", timeout=DEADLINE_S, json={
+        "model": "general", "stream": None, "format": None, "messages": [
+            {"role": "User", "content": "hi"}, {"role": "assistant", "content": None}, {"role": "USER", "content": "and?"}]})
+    assert chat.status_code == 200 and chat.headers["content-type"] == "application/x-ndjson", chat.text
+    assert [m["role"] for m in upstream.generations()[-1].body["messages"]][-3:] == ["user", "assistant", "user"]
+    loaded = httpx.post(f"{url}/api/generate", json={"model": "general", "prompt": None, "stream": False})
+    assert loaded.status_code == 200 and loaded.json()["done_reason"] == "load"
+    embedded = httpx.post(f"{url}/api/embed", json={"model": "general", "input": None})
+    assert embedded.status_code == 200 and embedded.json()["embeddings"] == []
+    assert httpx.post(f"{url}/api/chat", json={"model": None, "messages": []}).status_code == 400  # still required
+
+
+def test_client_tools_on_api_chat_follow_ollamas_rules_not_openais(serve, fake):  # noqa: F811
+    """Dotted names (MCP bridges), no "type", long descriptions and more than 64 tools (Home Assistant, a script
+    each) are Ollama's to take; each was a 400 under /v1's rules."""
+    tools = [{"function": {"name": f"house.script_{i}", "description": "d" * 5000 if i == 0 else "a script",
+                           "parameters": {"type": "object"}}} for i in range(80)]
+    reply = client(serve(MAX_BODY_BYTES=200_000, CTX_TOKENS=16384)).chat("general", messages=[{"role": "user", "content": "hi"}],
+                                                       tools=tools)
+    assert reply.message.content == "Hello from the Pi!"
+    sent = fake.generations()[-1].body["tools"]
+    assert len(sent) == 80 and sent[0] == {"type": "function", **tools[0]}
+
+
+@pytest.mark.parametrize("fields", [{"suffix": "\nprint(add(1, 2))\n"}, {"raw": True}, {"template": "{{ .Prompt }}"}])
+def test_fill_in_the_middle_and_raw_prompts_are_refused_not_dropped_unsaid(serve, fake, fields):  # noqa: F811
+    """An editor's autocomplete (suffix) got a chat reply to the prefix alone, with the suffix dropped unsaid."""
+    server = serve()
+    with pytest.raises(ollama.ResponseError) as info:
+        client(server).generate("general", "def add(a, b):\n    ", **fields)
+    assert info.value.status_code == 400 and next(iter(fields)) in info.value.error and "Ollama" in info.value.error
+    assert fake.generations() == []
+    assert client(server).generate("general", "hi").response == "Hello from the Pi!"
+
+
 def test_unknown_model_is_ollamas_404(serve, fake):  # noqa: F811
     with pytest.raises(ollama.ResponseError) as info:
         client(serve()).chat("nope:7b", messages=[{"role": "user", "content": "hi"}])
