@@ -48,8 +48,8 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from types import MappingProxyType
-from typing import (Annotated, Any, AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Literal, Mapping,
-                    MutableMapping, NamedTuple, Protocol, TypeVar)
+from typing import (Annotated, Any, AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator, Literal,
+                    Mapping, MutableMapping, NamedTuple, Protocol, TypeVar)
 
 import httpx
 from fastapi import FastAPI, Query, Request
@@ -153,7 +153,7 @@ class UpstreamTimeout(UpstreamFailure): status, code = 504, "upstream_timeout"  
 class ModelNotFound(UpstreamFailure): status, code = 502, "model_not_found"  # noqa: E701
 class UpstreamAuth(UpstreamFailure): status, code = 502, "upstream_auth"  # noqa: E701
 class UpstreamError(UpstreamFailure): status, code = 502, "upstream_error"  # noqa: E701
-class RequestRefused(UpstreamFailure): status, code = 400, "request_refused"  # noqa: E701
+class RequestRefused(PiagentError): status, code = 400, "request_refused"  # noqa: E701
 
 
 class UpstreamRefused(UpstreamError):
@@ -162,6 +162,13 @@ class UpstreamRefused(UpstreamError):
     def __init__(self, message: str, refused: str, tools: bool):
         super().__init__(message)
         self.refused, self.tools = refused, tools  # the upstream's words; whether they are about tools
+
+    def names(self, fields: Iterable[str]) -> list[str]:
+        """Those of `fields` (a client's own) the refusal's words name; none when they say what the model cannot do
+        (`"m" does not support chat`: the operator's model), but thinking or tools, which a client asks for."""
+        words = self.refused.lower()
+        capability = "does not support" in words and not re.search(r"does not support (thinking|tools)", words)
+        return [] if capability else [f for f in fields if f.lower() in words]
 
     def theirs(self, remedy: str) -> RequestRefused:
         """The same refusal as the client's own 400, when it was the client's field."""
@@ -933,6 +940,8 @@ class Sampling(NamedTuple):
 
 #: The fields of Sampling.extra an Ollama request takes as they are (its "options" are merged by ollama_options).
 OLLAMA_PASSED_FIELDS = ("keep_alive", "format", "think")
+#: Ollama options piagent sets itself (a client's only within the ceilings): an upstream refusing them is not the client's.
+PIAGENT_OPTIONS = ("num_ctx", "num_predict", "temperature")
 #: Ollama options an OpenAI-style request has under the same name (num_predict and temperature go by Sampling).
 OPENAI_SAME_OPTIONS = ("top_p", "seed", "stop", "presence_penalty", "frequency_penalty")
 
@@ -3345,12 +3354,18 @@ class Exchange:
                             return  # leaving `aclosing` closes the upstream request
                     yield item
         except UpstreamRefused as exc:  # a client's own tools or settings: its to change, and not worth a retry
-            if exc.tools and self.ask.tools:
-                raise exc.theirs("send it without tools, or to an agent whose model calls tools") from None
-            if not exc.tools and (self.ask.tools or any(v not in (None, "", {}) for v in self.sampling.extra.values())):
-                raise exc.theirs("change what this request asks of the model (its tools, format, think or options) "
-                                 "and send it again") from None
+            if exc.tools and self.ask.tools:  # without them, the agent's own would go (to the same model)
+                raise exc.theirs("send it to an agent whose model calls tools" + (
+                    "" if self.agent.tools else ", or without tools")) from None
+            if not exc.tools and (named := exc.names(self.client_fields())):
+                raise exc.theirs(f"change its {', '.join(named)} and send it again") from None
             raise
+
+    def client_fields(self) -> list[str]:
+        """The fields of the client's own that could be refused: not keep_alive, nor the options piagent sets."""
+        extra, fields = self.sampling.extra, ["think", "format", "schema"]
+        options = [k for k, v in (extra.get("options") or {}).items() if k not in PIAGENT_OPTIONS and v is not None]
+        return [f for f in fields if extra.get("json_schema" if f == "schema" else f) not in (None, "", False)] + options
 
     async def prompt(self) -> Prompt:
         """The prompt with as much history as fits CTX_TOKENS after the reply's tokens (and the tool specs: the template
@@ -3732,8 +3747,10 @@ async def embed(rt: Runtime, model: str, texts: list[str], extra: dict[str, Any]
     async def post(path: str, body: dict[str, Any]) -> dict[str, Any]:
         try:
             return await provider.post_json(path, body, model)
-        except UpstreamRefused as exc:  # the input and its settings are all the client's
-            raise exc.theirs("change its input or options and send it again") from None
+        except UpstreamRefused as exc:  # the input and its settings are the client's, what the model can do is not
+            if exc.names(["input", "truncate", "dimensions", "option"]):
+                raise exc.theirs("change its input or options and send it again") from None
+            raise
 
     async def vectors() -> AsyncIterator[tuple[list[Any], int | None]]:
         ticket = rt.gate.enter(None)
@@ -3895,7 +3912,7 @@ class Generation(Response):
 LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 #: Error codes that mean the upstream failed (counted in piagent_upstream_errors_total).
 UPSTREAM_CODES = frozenset({"upstream_unavailable", "model_not_found", "upstream_auth", "upstream_busy",
-                            "upstream_timeout", "upstream_error"})
+                            "upstream_timeout", "upstream_error", "request_refused"})
 
 
 class Histogram:

@@ -445,6 +445,21 @@ def test_a_think_the_model_refuses_is_ollamas_own_400_not_a_502(serve, fake, str
     assert client(server).chat("general", messages=[{"role": "user", "content": "hi"}]).message.content
 
 
+def test_a_refusal_of_what_the_model_cannot_do_stays_the_operators_502_whatever_the_client_sent(serve, fake):  # noqa: F811,E501
+    """Home Assistant always sends keep_alive, options.num_ctx and think: false; none of them is why an agent whose
+    model is embedding-only is refused, and the fix (the agent's model) is the operator's."""
+    fake.script = Script(status=400, error_text=f'"{MODEL}" does not support chat')
+    server = serve()
+    with pytest.raises(ollama.ResponseError) as info:
+        client(server).chat("general", messages=[{"role": "user", "content": "hi"}], keep_alive="5m", think=False,
+                            options={"num_ctx": 8192, "temperature": 0.1})
+    assert info.value.status_code == 502 and "does not support chat" in info.value.error
+    metrics = parse_metrics(httpx.get(f"{server.url}/metrics").text)
+    assert sample(metrics, "piagent_upstream_errors_total", "piagent_upstream_errors", code="upstream_error") == 1
+    fake.script = Script()
+    assert client(server).chat("general", messages=[{"role": "user", "content": "hi"}]).message.content
+
+
 def test_an_embed_input_the_upstream_refuses_is_a_400_and_frees_the_slot(serve, upstream):
     inner = upstream._dispatch
 

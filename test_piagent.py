@@ -2004,10 +2004,13 @@ def test_an_upstream_400_on_the_clients_own_settings_is_a_400_the_sdk_does_not_r
         client.chat.completions.create(model="general", messages=[{"role": "user", "content": "hi"}],
                                        response_format={"type": "json_object"})
     message = info.value.message
-    assert "invalid JSON schema in format" in message and "change what this request asks" in message
+    assert "invalid JSON schema in format" in message and "change its format and send it again" in message
     assert len(fake.generations()) == 1  # a 502 was asked again twice: the same refusal, three times
     # without a setting of the client's, the same refusal is piagent's request: a 502, as it was
     response = v1(server, model="general", messages=[{"role": "user", "content": "hi"}])
+    assert response.status_code == 502 and openai_error_of(response)["code"] == "upstream_error"
+    # a setting of the client's that the refusal does not name is not why: still piagent's (or its operator's)
+    response = v1(server, model="general", messages=[{"role": "user", "content": "hi"}], seed=7, stop=["END"])
     assert response.status_code == 502 and openai_error_of(response)["code"] == "upstream_error"
     fake.script = Script()
     assert v1(server, model="general", messages=[{"role": "user", "content": "hi"}]).status_code == 200
@@ -2021,8 +2024,9 @@ def test_the_clients_own_tools_refused_by_the_model_are_a_400_that_names_them(se
                   tools=[{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}])
     error = openai_error_of(response)
     assert (response.status_code, error["type"], error["code"]) == (400, "invalid_request_error", "request_refused")
-    assert "does not support tools" in error["message"] and "send it without tools" in error["message"]
+    assert "does not support tools" in error["message"] and "to an agent whose model calls tools" in error["message"]
     assert "AGENT_<NAME>_TOOLS" not in error["message"]  # the operator's remedy, not this client's
+    assert "without tools" not in error["message"]  # then the agent's own tools would go to the same model
     assert v1(server, model="general", messages=[{"role": "user", "content": "hi"}]).status_code == 502  # its own
     fake.no_tools = set()
     assert chat(server, message="hi").status_code == 200
