@@ -940,7 +940,7 @@ class Sampling(NamedTuple):
 
 #: The fields of Sampling.extra an Ollama request takes as they are (its "options" are merged by ollama_options).
 OLLAMA_PASSED_FIELDS = ("keep_alive", "format", "think")
-#: Ollama options piagent sets itself (a client's only within the ceilings): an upstream refusing them is not the client's.
+#: Ollama options piagent sets itself (a client's only within the ceilings): their refusal is not the client's.
 PIAGENT_OPTIONS = ("num_ctx", "num_predict", "temperature")
 #: Ollama options an OpenAI-style request has under the same name (num_predict and temperature go by Sampling).
 OPENAI_SAME_OPTIONS = ("top_p", "seed", "stop", "presence_penalty", "frequency_penalty")
@@ -3365,7 +3365,8 @@ class Exchange:
         """The fields of the client's own that could be refused: not keep_alive, nor the options piagent sets."""
         extra, fields = self.sampling.extra, ["think", "format", "schema"]
         options = [k for k, v in (extra.get("options") or {}).items() if k not in PIAGENT_OPTIONS and v is not None]
-        return [f for f in fields if extra.get("json_schema" if f == "schema" else f) not in (None, "", False)] + options
+        given = [f for f in fields if extra.get("json_schema" if f == "schema" else f) not in (None, "", False)]
+        return given + options
 
     async def prompt(self) -> Prompt:
         """The prompt with as much history as fits CTX_TOKENS after the reply's tokens (and the tool specs: the template
