@@ -4729,26 +4729,22 @@ class OllamaToolCall(BaseModel):
     function: OllamaFunction
 
 
-class OllamaFunctionSpec(BaseModel):
+class OllamaFunctionSpec(FunctionSpec):
     """A client tool's function in Ollama's dialect: any name a call may carry back (MCP bridges send "fs.read")."""
 
-    model_config = ConfigDict(extra="allow")
     name: str = Field(min_length=1, max_length=64)
     description: str | None = None
-    parameters: dict[str, Any] | None = None
 
 
-class OllamaTool(BaseModel):
+class OllamaTool(ClientTool):
     """A client tool as Ollama takes it: `type` may be left out; as many as MAX_BODY_BYTES holds."""
 
-    model_config = ConfigDict(extra="allow")
-    type: Literal["function"]
     function: OllamaFunctionSpec
 
     @model_validator(mode="before")
     @classmethod
     def _function_by_default(cls, data: Any) -> Any:  # kept when dumped: an OpenAI upstream needs it
-        return {"type": "function", **data} if isinstance(data, dict) and data.get("type") is None else data
+        return {**data, "type": "function"} if isinstance(data, dict) and data.get("type") is None else data
 
 
 class GoBody(BaseModel):
@@ -4764,16 +4760,16 @@ class OllamaMessage(GoBody):
     """One message of an Ollama chat request (the libraries leave out an empty content)."""
 
     role: Literal["system", "user", "assistant", "tool"]
-
-    @field_validator("role", mode="before")
-    @classmethod
-    def _lower(cls, role: Any) -> Any:  # Ollama lower-cases it: "User" is a user
-        return role.lower() if isinstance(role, str) else role
     content: str = ""
     images: list[str] | None = None
     tool_calls: list[OllamaToolCall] | None = Field(None, max_length=64)
     tool_name: str | None = Field(None, max_length=64)
     tool_call_id: str | None = Field(None, max_length=128)
+
+    @field_validator("role", mode="before")
+    @classmethod
+    def _lower(cls, role: Any) -> Any:  # Ollama lower-cases it: "User" is a user
+        return role.lower() if isinstance(role, str) else role
 
 
 class OllamaAsk(GoBody):

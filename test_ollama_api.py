@@ -518,11 +518,12 @@ def test_client_tools_on_api_chat_follow_ollamas_rules_not_openais(serve, fake):
     each) are Ollama's to take; each was a 400 under /v1's rules."""
     tools = [{"function": {"name": f"house.script_{i}", "description": "d" * 5000 if i == 0 else "a script",
                            "parameters": {"type": "object"}}} for i in range(80)]
+    tools[1]["type"] = None  # as not sent
     reply = client(serve(MAX_BODY_BYTES=200_000, CTX_TOKENS=16384)).chat("general", messages=[{"role": "user", "content": "hi"}],
                                                        tools=tools)
     assert reply.message.content == "Hello from the Pi!"
     sent = fake.generations()[-1].body["tools"]
-    assert len(sent) == 80 and sent[0] == {"type": "function", **tools[0]}
+    assert len(sent) == 80 and sent[0] == {"type": "function", **tools[0]} and sent[1]["type"] == "function"
 
 
 @pytest.mark.parametrize("fields", [{"suffix": "\nprint(add(1, 2))\n"}, {"raw": True}, {"template": "{{ .Prompt }}"}])
